@@ -1,0 +1,77 @@
+package etcdstore
+
+import "time"
+
+// EventKind says what an Event reports.
+type EventKind int
+
+// Event kinds.
+const (
+	// EventWaiting: another host's attempt holds the build lock. Host, PID,
+	// Since and LogDir name it. Sent when the wait starts and whenever the
+	// attempt changes.
+	EventWaiting EventKind = iota + 1
+	// EventLockDelay: the previous attempt died; waiting Elapsed before its
+	// leftovers are moved aside.
+	EventLockDelay
+	// EventBuilding: this store holds the lock and runs the builder.
+	EventBuilding
+	// EventCacheHit: the package came from the remote cache.
+	EventCacheHit
+	// EventPublished: the package is available (Size, Digest, Elapsed).
+	EventPublished
+	// EventFailed: an attempt failed (Err; Host and LogDir of the attempt).
+	EventFailed
+	// EventRemoved: TryRemove or Prune removed the package.
+	EventRemoved
+	// EventLeaseLost: the store's lease is in doubt or gone (Err says why);
+	// builds were cancelled and references are being taken again.
+	EventLeaseLost
+	// EventLeaseRestored: a new lease is in place.
+	EventLeaseRestored
+	// EventRefLost: a reference could not be taken again after a lease loss
+	// because the package is gone. Whoever used it should stop.
+	EventRefLost
+	// EventCacheUploadFailed: uploading a published package to the remote
+	// cache failed (Err). The build itself succeeded.
+	EventCacheUploadFailed
+)
+
+var kindNames = map[EventKind]string{
+	EventWaiting: "waiting", EventLockDelay: "lock-delay", EventBuilding: "building",
+	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
+	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
+	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed",
+}
+
+func (k EventKind) String() string {
+	if s, ok := kindNames[k]; ok {
+		return s
+	}
+	return "unknown"
+}
+
+// Event is one step of progress, sent to the WithEvents hook.
+type Event struct {
+	Kind    EventKind
+	ID      string    // package; empty for lease events
+	Time    time.Time // when the event happened
+	Host    string    // host of the attempt or holder concerned
+	PID     int
+	Since   time.Time     // when the attempt started
+	LogDir  string        // logs of the attempt
+	Elapsed time.Duration // build time, or the lock delay
+	Size    int64
+	Digest  string
+	Err     error
+}
+
+func (s *Store) emit(e Event) {
+	if s.opt.events == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now()
+	}
+	s.opt.events(e)
+}

@@ -1,0 +1,251 @@
+package etcdstore
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
+)
+
+// State of a package.
+type State string
+
+// Package states.
+const (
+	StateAvailable State = "available" // published
+	StateBuilding  State = "building"  // an attempt holds the lock
+	StateFailed    State = "failed"    // the last attempt failed; its builder is still alive
+	StateAbsent    State = "absent"    // none of the above
+)
+
+// Info describes one package.
+type Info struct {
+	ID        string         `json:"id"`
+	State     State          `json:"state"`
+	OutputDir string         `json:"output_dir"`
+	LogDir    string         `json:"log_dir"`
+	Package   *PackageRecord `json:"package,omitempty"` // when available
+	Build     *BuildRecord   `json:"build,omitempty"`   // attempt in progress or last failure
+	Refs      []RefInfo      `json:"refs"`
+	ATime     time.Time      `json:"atime,omitzero"`
+}
+
+// RefInfo is one reference to a package.
+type RefInfo struct {
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Since   time.Time `json:"since"`
+	Purpose string    `json:"purpose,omitempty"`
+	Lease   string    `json:"lease"`
+}
+
+// Inspect describes package id from one consistent read.
+func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
+	if err := core.ValidateID(id); err != nil {
+		return Info{}, fmt.Errorf("etcdstore: inspect: %w", err)
+	}
+	cctx, cancel := s.opCtx(ctx)
+	defer cancel()
+	resp, err := s.cli.Txn(cctx).Then(
+		clientv3.OpGet(s.availKey(id)),
+		clientv3.OpGet(s.buildKey(id)),
+		clientv3.OpGet(s.atimeKey(id)),
+		clientv3.OpGet(s.refPrefix(id), clientv3.WithPrefix()),
+	).Commit()
+	if err != nil {
+		return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
+	}
+	info := Info{ID: id, State: StateAbsent, OutputDir: s.outputDir(id), LogDir: s.logDir(id), Refs: []RefInfo{}}
+	r := func(i int) []*kv { return kvsOf(resp.Responses[i].GetResponseRange().Kvs) }
+	if kvs := r(0); len(kvs) > 0 {
+		if info.Package, err = decode[PackageRecord](kvs[0].Value); err != nil {
+			return Info{}, err
+		}
+		info.State = StateAvailable
+	}
+	if kvs := r(1); len(kvs) > 0 {
+		if info.Build, err = decode[BuildRecord](kvs[0].Value); err != nil {
+			return Info{}, err
+		}
+		if info.State == StateAbsent {
+			info.State = StateBuilding
+			if info.Build.State == BuildFailed {
+				info.State = StateFailed
+			}
+		}
+	}
+	if kvs := r(2); len(kvs) > 0 {
+		info.ATime = parseNanos(kvs[0].Value)
+	}
+	for _, kv := range r(3) {
+		info.Refs = append(info.Refs, s.refInfo(id, kv))
+	}
+	return info, nil
+}
+
+type kv struct {
+	Key, Value  []byte
+	ModRevision int64
+}
+
+func kvsOf[T interface {
+	GetKey() []byte
+	GetValue() []byte
+	GetModRevision() int64
+}](in []T) []*kv {
+	out := make([]*kv, len(in))
+	for i, x := range in {
+		out[i] = &kv{Key: x.GetKey(), Value: x.GetValue(), ModRevision: x.GetModRevision()}
+	}
+	return out
+}
+
+func (s *Store) refInfo(id string, kv *kv) RefInfo {
+	rest := strings.TrimPrefix(string(kv.Key), s.refPrefix(id))
+	lease, _, _ := strings.Cut(rest, "/")
+	ri := RefInfo{Lease: lease}
+	if rec, err := decode[refRecord](kv.Value); err == nil {
+		ri.Host, ri.PID, ri.Since, ri.Purpose = rec.Host, rec.PID, rec.Since, rec.Purpose
+	}
+	return ri
+}
+
+// Summary is one line of List.
+type Summary struct {
+	ID      string         `json:"id"`
+	State   State          `json:"state"`
+	Package *PackageRecord `json:"package,omitempty"`
+	Build   *BuildRecord   `json:"build,omitempty"`
+	Refs    int            `json:"refs"`
+	ATime   time.Time      `json:"atime,omitzero"`
+	atimeRev int64
+}
+
+// List returns every package that is available, building or failed,
+// sorted by ID. It reads page by page, so memory grows with the number of
+// packages, not with one huge response.
+func (s *Store) List(ctx context.Context) ([]Summary, error) {
+	byID := map[string]*Summary{}
+	get := func(id string) *Summary {
+		if x := byID[id]; x != nil {
+			return x
+		}
+		x := &Summary{ID: id, State: StateAbsent}
+		byID[id] = x
+		return x
+	}
+	err := s.scan(ctx, "avail/", false, func(id string, k *kv) error {
+		p, err := decode[PackageRecord](k.Value)
+		if err != nil {
+			return err
+		}
+		x := get(id)
+		x.Package, x.State = p, StateAvailable
+		return nil
+	})
+	if err == nil {
+		err = s.scan(ctx, "build/", false, func(id string, k *kv) error {
+			b, err := decode[BuildRecord](k.Value)
+			if err != nil {
+				return err
+			}
+			x := get(id)
+			x.Build = b
+			if x.State == StateAbsent {
+				x.State = StateBuilding
+				if b.State == BuildFailed {
+					x.State = StateFailed
+				}
+			}
+			return nil
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "atime/", false, func(id string, k *kv) error {
+			if x := byID[id]; x != nil {
+				x.ATime, x.atimeRev = parseNanos(k.Value), k.ModRevision
+			}
+			return nil
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "ref/", true, func(rest string, _ *kv) error {
+			id, _, _ := strings.Cut(rest, "/")
+			if x := byID[id]; x != nil {
+				x.Refs++
+			}
+			return nil
+		})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: list: %w", err)
+	}
+	out := make([]Summary, 0, len(byID))
+	for _, x := range byID {
+		out = append(out, *x)
+	}
+	sortSummaries(out)
+	return out, nil
+}
+
+const pageSize = 1000
+
+// scan calls fn for every key under P/<kind>, a page at a time, with the
+// key's remainder after the kind.
+func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(rest string, k *kv) error) error {
+	pfx := s.opt.prefix + kind
+	end := clientv3.GetPrefixRangeEnd(pfx)
+	from := pfx
+	var rev int64
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(pageSize)}
+		if keysOnly {
+			opts = append(opts, clientv3.WithKeysOnly())
+		}
+		if rev > 0 {
+			opts = append(opts, clientv3.WithRev(rev)) // one consistent snapshot
+		}
+		cctx, cancel := s.opCtx(ctx)
+		resp, err := s.cli.Get(cctx, from, opts...)
+		cancel()
+		if err != nil {
+			return err
+		}
+		rev = resp.Header.Revision
+		for _, k := range kvsOf(resp.Kvs) {
+			if err := fn(strings.TrimPrefix(string(k.Key), pfx), k); err != nil {
+				return err
+			}
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return nil
+		}
+		from = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+// Verify recomputes the digest of a published package and compares it with
+// the one recorded at publish. It returns an error wrapping
+// ErrDigestMismatch if the tree changed, core.ErrPackageNotExist if the
+// package is not available.
+func (s *Store) Verify(ctx context.Context, id string) error {
+	info, err := s.Inspect(ctx, id)
+	if err != nil {
+		return err
+	}
+	if info.Package == nil {
+		return fmt.Errorf("etcdstore: verify %q: %w", id, core.ErrPackageNotExist)
+	}
+	got, _, err := TreeDigest(info.OutputDir)
+	if err != nil {
+		return fmt.Errorf("etcdstore: verify %q: %w", id, err)
+	}
+	if got != info.Package.Digest {
+		return fmt.Errorf("%w: %q: recorded %s, tree has %s", ErrDigestMismatch, id, info.Package.Digest, got)
+	}
+	return nil
+}

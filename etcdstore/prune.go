@@ -1,0 +1,218 @@
+package etcdstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/granary-build/granary/core"
+)
+
+// DefaultPruneGrace is the grace period Prune uses when PruneOptions.Grace
+// is zero.
+const DefaultPruneGrace = 10 * time.Minute
+
+// PruneOptions says what Prune may remove. A package is a candidate when it
+// is older than OlderThan (by last access), or while the store is above
+// TargetBytes; candidates go oldest first. Nothing used or published within
+// the grace period, and nothing referenced, is ever removed.
+type PruneOptions struct {
+	OlderThan   time.Duration // 0: age alone selects nothing
+	TargetBytes int64         // 0: no size target
+	MaxRemovals int           // 0: no cap
+	// Grace protects recent packages and recent orphan directories; zero
+	// means DefaultPruneGrace, negative means none.
+	Grace  time.Duration
+	DryRun bool // report what would be removed; change nothing
+}
+
+// PrunedPackage is one package Prune removed (or would remove).
+type PrunedPackage struct {
+	ID    string    `json:"id"`
+	Size  int64     `json:"size"`
+	ATime time.Time `json:"atime"`
+}
+
+// PruneReport says what a sweep did.
+type PruneReport struct {
+	DryRun       bool            `json:"dry_run"`
+	Packages     int             `json:"packages"`      // available when the sweep started
+	TotalBytes   int64           `json:"total_bytes"`   // their size
+	Removed      []PrunedPackage `json:"removed"`       // removed (or, in a dry run, would be)
+	FreedBytes   int64           `json:"freed_bytes"`   // their size
+	InUse        []string        `json:"in_use"`        // candidates kept: referenced, building or touched
+	Orphans      []string        `json:"orphans"`       // directories without a package, moved to trash
+	TrashEntries int             `json:"trash_entries"` // old trash entries deleted
+}
+
+// Prune removes packages as opts says, oldest access first, each with
+// TryRemove's guarantees plus one more: a package touched since the sweep
+// listed it is kept. It also moves orphan directories (a tree with no
+// package, older than the grace period) to the trash and deletes old trash.
+// One collector runs at a time across the cluster; a second concurrent
+// Prune returns ErrCollectorBusy.
+func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, error) {
+	rep := PruneReport{DryRun: opts.DryRun, Removed: []PrunedPackage{}, InUse: []string{}, Orphans: []string{}}
+	grace := opts.Grace
+	if grace == 0 {
+		grace = DefaultPruneGrace
+	} else if grace < 0 {
+		grace = 0
+	}
+	ss, err := s.session(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+	}
+	gc := s.newLock(ss, s.opt.prefix+"gc/")
+	ok, err := gc.tryLock(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+	}
+	if !ok {
+		return rep, ErrCollectorBusy
+	}
+	defer gc.release()
+
+	all, err := s.List(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+	}
+	now := time.Now()
+	var avail []Summary
+	known := make(map[string]bool, len(all))
+	for _, p := range all {
+		known[p.ID] = true
+		if p.Package != nil {
+			avail = append(avail, p)
+			rep.TotalBytes += p.Package.Size
+		}
+	}
+	rep.Packages = len(avail)
+	lastUse := func(p Summary) time.Time {
+		if p.ATime.After(p.Package.BuiltAt) {
+			return p.ATime
+		}
+		return p.Package.BuiltAt
+	}
+	slices.SortStableFunc(avail, func(a, b Summary) int { return lastUse(a).Compare(lastUse(b)) })
+
+	remaining := rep.TotalBytes
+	for _, p := range avail {
+		if opts.MaxRemovals > 0 && len(rep.Removed) >= opts.MaxRemovals {
+			break
+		}
+		age := now.Sub(lastUse(p))
+		old := opts.OlderThan > 0 && age > opts.OlderThan
+		big := opts.TargetBytes > 0 && remaining > opts.TargetBytes
+		if (!old && !big) || age < grace {
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			return rep, err
+		}
+		pp := PrunedPackage{ID: p.ID, Size: p.Package.Size, ATime: lastUse(p)}
+		if opts.DryRun {
+			if p.Refs > 0 || p.Build != nil {
+				rep.InUse = append(rep.InUse, p.ID)
+				continue
+			}
+			rep.Removed = append(rep.Removed, pp)
+			rep.FreedBytes += pp.Size
+			remaining -= pp.Size
+			continue
+		}
+		removed, err := s.tryRemove(ctx, p.ID, p.atimeRev)
+		switch {
+		case err != nil && !errors.Is(err, core.ErrPackageNotExist):
+			return rep, fmt.Errorf("etcdstore: prune %q: %w", p.ID, err)
+		case removed:
+			rep.Removed = append(rep.Removed, pp)
+			rep.FreedBytes += pp.Size
+			remaining -= pp.Size
+		case err == nil:
+			rep.InUse = append(rep.InUse, p.ID)
+		}
+	}
+	if err := s.sweepDirs(ctx, known, grace, &rep); err != nil {
+		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+	}
+	return rep, nil
+}
+
+
+// sweepDirs moves orphan package directories to the trash and deletes old
+// trash entries.
+func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time.Duration, rep *PruneReport) error {
+	entries, err := os.ReadDir(s.pkgsDir())
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		id := e.Name()
+		if known[id] || !old(e, grace) {
+			continue
+		}
+		ok, err := s.sweepOrphan(ctx, id, rep.DryRun)
+		if err != nil {
+			return err
+		}
+		if ok {
+			rep.Orphans = append(rep.Orphans, id)
+		}
+	}
+	if rep.DryRun {
+		return nil
+	}
+	trash, err := os.ReadDir(s.trashDir())
+	if err != nil {
+		return err
+	}
+	for _, e := range trash {
+		if old(e, grace) {
+			if err := removeTree(s.trashDir() + "/" + e.Name()); err == nil {
+				rep.TrashEntries++
+			}
+		}
+	}
+	return nil
+}
+
+// sweepOrphan moves an orphan directory aside while holding the package's
+// lock and after checking, under it, that the package is still absent.
+func (s *Store) sweepOrphan(ctx context.Context, id string, dryRun bool) (bool, error) {
+	unlock, ok := s.tryLockLocal(id)
+	if !ok {
+		return false, nil
+	}
+	defer unlock()
+	ss, err := s.session(ctx)
+	if err != nil {
+		return false, err
+	}
+	l := s.newLock(ss, s.lockPrefix(id))
+	if ok, err := l.tryLock(ctx); !ok || err != nil {
+		return false, err
+	}
+	defer l.release()
+	st, err := s.readState(ctx, id)
+	if err != nil || st.avail != nil || st.build != nil {
+		return false, err
+	}
+	if dryRun {
+		return true, nil
+	}
+	return true, s.moveToTrash(s.pkgDir(id))
+}
+
+func old(e os.DirEntry, grace time.Duration) bool {
+	info, err := e.Info()
+	return err == nil && time.Since(info.ModTime()) >= grace
+}
+
+func sortSummaries(xs []Summary) {
+	slices.SortFunc(xs, func(a, b Summary) int { return strings.Compare(a.ID, b.ID) })
+}

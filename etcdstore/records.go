@@ -1,0 +1,124 @@
+package etcdstore
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/granary-build/granary/core"
+)
+
+// PackageRecord is the value of P/avail/<id>: what was published.
+type PackageRecord struct {
+	BuiltBy      string    `json:"built_by"`
+	PID          int       `json:"pid"`
+	BuiltAt      time.Time `json:"built_at"`
+	BuildSeconds float64   `json:"build_seconds"`
+	Size         int64     `json:"size"`   // bytes of regular files
+	Digest       string    `json:"digest"` // "sha256:…" over the tree, see TreeDigest
+	FromCache    bool      `json:"from_cache,omitempty"`
+	Attempt      int64     `json:"attempt"` // lock revision of the attempt that published
+}
+
+// Build attempt states.
+const (
+	BuildRunning = "building"
+	BuildFailed  = "failed"
+)
+
+// BuildRecord is the value of P/build/<id>, kept on the builder's lease: the
+// attempt in progress, or the last one that failed.
+type BuildRecord struct {
+	State   string    `json:"state"`
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Started time.Time `json:"started"`
+	LogDir  string    `json:"log_dir"`
+	Attempt int64     `json:"attempt"`
+	Error   string    `json:"error,omitempty"`
+}
+
+// refRecord is the value of a reference key.
+type refRecord struct {
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Since   time.Time `json:"since"`
+	Purpose string    `json:"purpose,omitempty"`
+}
+
+func mustJSON(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // only our own plain structs are marshalled
+	}
+	return string(b)
+}
+
+func decode[T any](b []byte) (*T, error) {
+	v := new(T)
+	if err := json.Unmarshal(b, v); err != nil {
+		return nil, fmt.Errorf("corrupt record %q: %w", b, err)
+	}
+	return v, nil
+}
+
+func formatNanos(t time.Time) string { return strconv.FormatInt(t.UnixNano(), 10) }
+
+func parseNanos(b []byte) time.Time {
+	n, err := strconv.ParseInt(string(b), 10, 64)
+	if err != nil {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
+}
+
+var (
+	// ErrClosed is returned by operations on a closed Store.
+	ErrClosed = errors.New("etcdstore: store is closed")
+
+	// ErrLeaseLost is the cause of a builder's context cancellation when the
+	// store's lease is in doubt or gone, and is wrapped by the error of a
+	// Build whose attempt it ended.
+	ErrLeaseLost = errors.New("etcdstore: lease lost")
+
+	// ErrFenced is wrapped by the error of a Build whose attempt lost the
+	// build lock before it could publish. Its tree was left to the attempt
+	// that took over.
+	ErrFenced = errors.New("etcdstore: build lock lost before publishing")
+
+	// ErrNoRef is returned by DecRef when this store holds no reference to
+	// the package.
+	ErrNoRef = errors.New("etcdstore: no reference held")
+
+	// ErrForeignCluster is returned by New when the root is bound to another
+	// etcd cluster or prefix.
+	ErrForeignCluster = errors.New("etcdstore: root bound to another etcd cluster")
+
+	// ErrCollectorBusy is returned by Prune when another collector is
+	// sweeping.
+	ErrCollectorBusy = errors.New("etcdstore: another collector is running")
+
+	// ErrDigestMismatch is returned by Verify when a tree changed after it
+	// was published.
+	ErrDigestMismatch = errors.New("etcdstore: digest mismatch")
+)
+
+// BuildError is the error of a failed build attempt. It wraps
+// core.ErrBuildFailed and the builder's own error (for callers on another
+// host, an error carrying its message).
+type BuildError struct {
+	ID     string
+	Host   string // host that ran the attempt
+	PID    int
+	LogDir string
+	Err    error
+}
+
+func (e *BuildError) Error() string {
+	return fmt.Sprintf("etcdstore: build %q failed on %s (pid %d; logs in %s): %v", e.ID, e.Host, e.PID, e.LogDir, e.Err)
+}
+
+// Unwrap returns core.ErrBuildFailed and the cause.
+func (e *BuildError) Unwrap() []error { return []error{core.ErrBuildFailed, e.Err} }
