@@ -1,0 +1,36 @@
+package etcdstore_test
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/client/pkg/v3/testutil"
+
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/etcdtest"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		os.Exit(childMain())
+	}
+	testutil.MustTestMainWithLeakDetection(m)
+}
+
+// testTTL is the shortest TTL the store accepts: expiry tests wait for it.
+const testTTL = 3 * time.Second
+
+// newStore opens a store on its own client of srv, closed at cleanup.
+func newStore(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstore.Option) *etcdstore.Store {
+	t.Helper()
+	cli := srv.Client(t)
+	opts = append([]etcdstore.Option{etcdstore.WithTTL(testTTL), etcdstore.WithLockDelay(200 * time.Millisecond)}, opts...)
+	s, err := etcdstore.New(context.Background(), cli, root, opts...)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { s.Close(); cli.Close() })
+	return s
+}
