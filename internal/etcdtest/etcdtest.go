@@ -31,6 +31,8 @@ type Server struct {
 	mu      sync.Mutex
 	clients []*clientv3.Client
 	closed  bool
+
+	stopOnce sync.Once
 }
 
 // Start runs an embedded etcd for the life of t. The server and every
@@ -131,9 +133,17 @@ func (s *Server) Close() {
 	for _, c := range clients {
 		c.Close() // closing twice is harmless: the test may have killed it
 	}
-	s.etcd.Close()
-	<-s.etcd.Err()
+	s.Stop()
 	os.RemoveAll(s.Dir)
+}
+
+// Stop stops the server but leaves its clients open, as an etcd that went
+// away would: their calls then fail by deadline. Safe to call twice.
+func (s *Server) Stop() {
+	s.stopOnce.Do(func() {
+		s.etcd.Close()
+		<-s.etcd.Err()
+	})
 }
 
 // Healthy reports whether the server answers a read within d.
