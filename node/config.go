@@ -1,0 +1,282 @@
+package node
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// Config is everything a node, or a CLI command acting as one host, needs.
+// Start from DefaultConfig, apply the environment with FromEnv and flags with
+// RegisterFlags, then call Validate (New does).
+type Config struct {
+	// Root is the shared package root (NFS in production). Default
+	// $XDG_DATA_HOME/granary, else ~/.local/share/granary.
+	Root string
+	// StateDir is host-local state: the embedded etcd's data and socket, the
+	// local node's lock, info and log. Never on the shared root. Default
+	// $XDG_STATE_HOME/granary, else ~/.local/state/granary.
+	StateDir string
+
+	// Endpoints are the etcd members. Empty means the embedded default: a
+	// single-member etcd in StateDir, listening on a unix socket.
+	Endpoints []string
+	// Prefix is the etcd key prefix (etcdstore.DefaultPrefix).
+	Prefix string
+	// TTL is the lease TTL of stores and of the node registration.
+	TTL time.Duration
+
+	// CACert, Cert and Key enable TLS (etcdctl's --cacert, --cert, --key).
+	CACert, Cert, Key string
+	// User and Password authenticate to etcd. The password comes from
+	// GRANARY_PASSWORD or PasswordFile, never from a flag alone.
+	User, Password string
+	// PasswordFile holds the password (trailing newline ignored).
+	PasswordFile string
+
+	// Name names this host in records and in P/node/<name>. Default
+	// os.Hostname().
+	Name string
+
+	// ListenMetrics is the address of /metrics, /healthz and /readyz; empty
+	// disables the HTTP server.
+	ListenMetrics string
+
+	// GCInterval is how often the node prunes; 0 disables the GC loop.
+	GCInterval time.Duration
+	// GC says what each sweep removes.
+	GC etcdstore.PruneOptions
+
+	// IdleTimeout makes an embedded node exit after this long without any
+	// other lease (client) in its etcd; 0 means never.
+	IdleTimeout time.Duration
+
+	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
+	// fetch and the first keep-alive.
+	OpTimeout   time.Duration
+	DialTimeout time.Duration
+}
+
+// Defaults.
+const (
+	DefaultGCInterval  = 10 * time.Minute
+	DefaultIdleTimeout = 15 * time.Minute
+	// MaxSocketPath is the longest unix socket path accepted (the kernel
+	// limit is 107 bytes; we keep a margin).
+	MaxSocketPath = 100
+)
+
+// DefaultConfig returns the defaults: embedded etcd, XDG directories, the
+// etcdstore defaults, GC every 10 minutes of what was unused for 30 days.
+// It reads only the XDG and HOME environment variables.
+func DefaultConfig() Config {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "localhost"
+	}
+	return Config{
+		Root:        xdgDir("XDG_DATA_HOME", ".local/share"),
+		StateDir:    xdgDir("XDG_STATE_HOME", ".local/state"),
+		Prefix:      etcdstore.DefaultPrefix,
+		TTL:         etcdstore.DefaultTTL,
+		Name:        host,
+		GCInterval:  DefaultGCInterval,
+		GC:          etcdstore.PruneOptions{OlderThan: 30 * 24 * time.Hour, MaxRemovals: 100},
+		IdleTimeout: DefaultIdleTimeout,
+		OpTimeout:   etcdstore.DefaultOpTimeout,
+		DialTimeout: 5 * time.Second,
+	}
+}
+
+func xdgDir(env, fallback string) string {
+	if d := os.Getenv(env); d != "" && filepath.IsAbs(d) {
+		return filepath.Join(d, "granary")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil || home == "" {
+		return "" // Validate reports it
+	}
+	return filepath.Join(home, fallback, "granary")
+}
+
+// Environment variables read by FromEnv.
+const (
+	EnvRoot         = "GRANARY_ROOT"
+	EnvStateDir     = "GRANARY_STATE_DIR"
+	EnvEndpoints    = "GRANARY_ENDPOINTS"
+	EnvPrefix       = "GRANARY_PREFIX"
+	EnvTTL          = "GRANARY_TTL"
+	EnvCACert       = "GRANARY_CACERT"
+	EnvCert         = "GRANARY_CERT"
+	EnvKey          = "GRANARY_KEY"
+	EnvUser         = "GRANARY_USER"
+	EnvPassword     = "GRANARY_PASSWORD"
+	EnvPasswordFile = "GRANARY_PASSWORD_FILE"
+	EnvHost         = "GRANARY_HOST"
+)
+
+// FromEnv applies the GRANARY_* variables that getenv returns non-empty.
+// A malformed value is an error.
+func (c *Config) FromEnv(getenv func(string) string) error {
+	set := func(dst *string, name string) {
+		if v := getenv(name); v != "" {
+			*dst = v
+		}
+	}
+	set(&c.Root, EnvRoot)
+	set(&c.StateDir, EnvStateDir)
+	set(&c.Prefix, EnvPrefix)
+	set(&c.CACert, EnvCACert)
+	set(&c.Cert, EnvCert)
+	set(&c.Key, EnvKey)
+	set(&c.User, EnvUser)
+	set(&c.Password, EnvPassword)
+	set(&c.PasswordFile, EnvPasswordFile)
+	set(&c.Name, EnvHost)
+	if v := getenv(EnvEndpoints); v != "" {
+		c.Endpoints = splitList(v)
+	}
+	if v := getenv(EnvTTL); v != "" {
+		d, err := parseSeconds(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvTTL, v, err)
+		}
+		c.TTL = d
+	}
+	return nil
+}
+
+// parseSeconds accepts a duration ("15s") or a bare number of seconds.
+func parseSeconds(s string) (time.Duration, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return time.Duration(n) * time.Second, nil
+	}
+	return time.ParseDuration(s)
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, e := range strings.Split(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// RegisterFlags binds the connection flags (etcdctl's names where they
+// exist) to c. Their defaults are c's current values, so call it after
+// FromEnv.
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.Root, "root", c.Root, "shared package root ($"+EnvRoot+")")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "host-local state directory ($"+EnvStateDir+")")
+	fs.Func("endpoints", "comma-separated etcd endpoints; none: the local embedded node ($"+EnvEndpoints+")", func(s string) error {
+		c.Endpoints = splitList(s)
+		return nil
+	})
+	fs.StringVar(&c.Prefix, "prefix", c.Prefix, "etcd key prefix ($"+EnvPrefix+")")
+	fs.Func("ttl", fmt.Sprintf("lease TTL, whole seconds (default %v) ($%s)", c.TTL, EnvTTL), func(s string) error {
+		d, err := parseSeconds(s)
+		if err == nil {
+			c.TTL = d
+		}
+		return err
+	})
+	fs.StringVar(&c.CACert, "cacert", c.CACert, "CA bundle to verify etcd's certificate ($"+EnvCACert+")")
+	fs.StringVar(&c.Cert, "cert", c.Cert, "client certificate for etcd ($"+EnvCert+")")
+	fs.StringVar(&c.Key, "key", c.Key, "client key for etcd ($"+EnvKey+")")
+	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
+	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
+	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
+}
+
+// RegisterNodeFlags binds the flags only `serve` needs.
+func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.ListenMetrics, "listen-metrics", c.ListenMetrics, "address for /metrics, /healthz, /readyz (empty: off)")
+	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
+	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
+	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client (0: never)")
+}
+
+// Embedded reports whether c uses the embedded etcd (no endpoints).
+func (c *Config) Embedded() bool { return len(c.Endpoints) == 0 }
+
+// SocketPath is the embedded etcd's client socket in StateDir.
+func (c *Config) SocketPath() string { return filepath.Join(c.StateDir, "etcd.sock") }
+
+// LocalEndpoint is the client URL of the embedded etcd.
+func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }
+
+// Validate reports the first bad value, and reads the password file.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Root == "" {
+		bad("no shared root: set --root or $%s (no home directory to default to)", EnvRoot)
+	}
+	if c.StateDir == "" {
+		bad("no state directory: set --state-dir or $%s (no home directory to default to)", EnvStateDir)
+	} else if !filepath.IsAbs(c.StateDir) {
+		bad("state directory %q must be an absolute path", c.StateDir)
+	}
+	if c.Embedded() && c.StateDir != "" && len(c.SocketPath()) >= MaxSocketPath {
+		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
+			c.SocketPath(), len(c.SocketPath()), MaxSocketPath, EnvStateDir)
+	}
+	if c.Root != "" && c.StateDir != "" {
+		r, _ := filepath.Abs(c.Root)
+		s, _ := filepath.Abs(c.StateDir)
+		if r == s || strings.HasPrefix(s, r+string(filepath.Separator)) {
+			bad("state directory %s is inside the shared root %s: etcd data must stay host-local", s, r)
+		}
+	}
+	for _, e := range c.Endpoints {
+		if !strings.Contains(e, "://") {
+			if _, _, err := net.SplitHostPort(e); err != nil {
+				bad("endpoint %q: want host:port or a URL (http://, https://, unix://)", e)
+			}
+		}
+	}
+	if !strings.HasPrefix(c.Prefix, "/") || !strings.HasSuffix(c.Prefix, "/") {
+		bad("prefix %q must start and end with '/'", c.Prefix)
+	}
+	if c.TTL < etcdstore.MinTTL || c.TTL%time.Second != 0 {
+		bad("TTL %v must be whole seconds and at least %v", c.TTL, etcdstore.MinTTL)
+	}
+	if (c.Cert == "") != (c.Key == "") {
+		bad("--cert and --key go together")
+	}
+	if c.Password != "" && c.PasswordFile != "" {
+		bad("password given both in $%s and in a file; use one", EnvPassword)
+	}
+	if c.PasswordFile != "" {
+		b, err := os.ReadFile(c.PasswordFile)
+		if err != nil {
+			bad("password file: %v", err)
+		} else {
+			c.Password = strings.TrimRight(string(b), "\r\n")
+		}
+	}
+	if c.Password != "" && c.User == "" {
+		bad("a password without --user")
+	}
+	if c.Name == "" {
+		bad("empty host name")
+	}
+	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
+		bad("negative interval, or non-positive timeout")
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("granary: bad configuration: %w", errors.Join(errs...))
+	}
+	return nil
+}

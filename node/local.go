@@ -1,0 +1,79 @@
+package node
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// Local describes the local node of a state directory, as written to
+// <state>/node.json when it is ready.
+type Local struct {
+	PID      int       `json:"pid"`
+	Socket   string    `json:"socket"`
+	StateDir string    `json:"state_dir"`
+	Root     string    `json:"root"`
+	Metrics  string    `json:"metrics,omitempty"`
+	Started  time.Time `json:"started"`
+}
+
+// Files in the state directory.
+const (
+	infoFile = "node.json"
+	// LockFile is held (flock) by the running local node for its lifetime.
+	LockFile = "node.lock"
+	// StartLockFile serialises the CLI's auto-start of the local node.
+	StartLockFile = "start.lock"
+	// LogFile receives the output of an auto-started node.
+	LogFile = "node.log"
+)
+
+// ErrNoLocalNode is returned by ReadLocal when no local node serves the
+// state directory.
+var ErrNoLocalNode = errors.New("granary: no local node is running")
+
+// ErrUnreachable wraps a failure to reach etcd.
+var ErrUnreachable = errors.New("granary: cannot reach etcd")
+
+// ReadLocal returns the local node of stateDir if its socket accepts
+// connections, and ErrNoLocalNode otherwise.
+func ReadLocal(stateDir string) (Local, error) {
+	var l Local
+	b, err := os.ReadFile(filepath.Join(stateDir, infoFile))
+	if err != nil {
+		return l, fmt.Errorf("%w (state dir %s)", ErrNoLocalNode, stateDir)
+	}
+	if err := json.Unmarshal(b, &l); err != nil {
+		return l, fmt.Errorf("%w (state dir %s: corrupt %s)", ErrNoLocalNode, stateDir, infoFile)
+	}
+	if !SocketAlive(l.Socket) {
+		return l, fmt.Errorf("%w (state dir %s; stale %s of pid %d)", ErrNoLocalNode, stateDir, infoFile, l.PID)
+	}
+	return l, nil
+}
+
+// SocketAlive reports whether a server accepts connections on the unix
+// socket path.
+func SocketAlive(path string) bool {
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+func writeLocal(l Local) error {
+	b, _ := json.MarshalIndent(l, "", "  ")
+	tmp := filepath.Join(l.StateDir, infoFile+".tmp")
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(l.StateDir, infoFile))
+}
+
+func removeLocal(stateDir string) { os.Remove(filepath.Join(stateDir, infoFile)) }

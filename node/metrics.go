@@ -1,0 +1,170 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// metrics are the node's Prometheus series, on a registry of its own.
+type metrics struct {
+	reg *prometheus.Registry
+
+	builds       *prometheus.CounterVec
+	buildSeconds prometheus.Histogram
+	waitSeconds  prometheus.Histogram
+	gcSweeps     *prometheus.CounterVec
+	gcRemovals   prometheus.Counter
+	gcBytes      prometheus.Counter
+	leaseLosses  prometheus.Counter
+
+	mu      sync.Mutex
+	waiting map[string]time.Time // package → start of a wait seen in Node.Build
+}
+
+func newMetrics(n *Node) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry(), waiting: map[string]time.Time{}}
+	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "granary_builds_total", Help: "Build attempts finished by this node's store, by result (built, failed, cache_hit).",
+	}, []string{"result"})
+	m.buildSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "granary_build_duration_seconds", Help: "Duration of builds this node's store ran and published.",
+		Buckets: prometheus.ExponentialBuckets(0.1, 4, 10),
+	})
+	m.waitSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "granary_wait_duration_seconds", Help: "Time Node.Build spent waiting for another host's build.",
+		Buckets: prometheus.ExponentialBuckets(0.1, 4, 10),
+	})
+	m.gcSweeps = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "granary_gc_sweeps_total", Help: "GC sweeps by result (ok, busy: another collector ran, error).",
+	}, []string{"result"})
+	m.gcRemovals = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_gc_removals_total", Help: "Packages removed by this node's GC.",
+	})
+	m.gcBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_gc_removed_bytes_total", Help: "Bytes of packages removed by this node's GC.",
+	})
+	m.leaseLosses = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_lease_losses_total", Help: "Store and registration leases this node lost.",
+	})
+	for _, r := range []string{"built", "failed", "cache_hit"} {
+		m.builds.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "busy", "error"} {
+		m.gcSweeps.WithLabelValues(r)
+	}
+	count := func(kind string) func() float64 {
+		return func() float64 {
+			if n.cli == nil {
+				return 0
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			resp, err := n.cli.Get(ctx, n.cfg.Prefix+kind, clientv3.WithPrefix(), clientv3.WithCountOnly())
+			if err != nil {
+				return -1
+			}
+			return float64(resp.Count)
+		}
+	}
+	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.leaseLosses,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
+		}, count("ref/")),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "granary_builds_in_progress", Help: "Build records (running or failed attempts) cluster-wide at scrape time.",
+		}, count("build/")),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "granary_packages_available", Help: "Published packages cluster-wide at scrape time.",
+		}, count("avail/")),
+	)
+	return m
+}
+
+// event is the store's WithEvents hook: it must not block.
+func (m *metrics) event(e etcdstore.Event) {
+	switch e.Kind {
+	case etcdstore.EventPublished:
+		m.builds.WithLabelValues("built").Inc()
+		m.buildSeconds.Observe(e.Elapsed.Seconds())
+	case etcdstore.EventFailed:
+		m.builds.WithLabelValues("failed").Inc()
+	case etcdstore.EventCacheHit:
+		m.builds.WithLabelValues("cache_hit").Inc()
+	case etcdstore.EventLeaseLost:
+		m.leaseLosses.Inc()
+	case etcdstore.EventWaiting:
+		m.mu.Lock()
+		if t, ok := m.waiting[e.ID]; ok && t.IsZero() {
+			m.waiting[e.ID] = e.Time
+		}
+		m.mu.Unlock()
+	}
+}
+
+// startCall marks a Node.Build call for id; done observes how long it
+// waited on another host, if it did.
+func (m *metrics) startCall(id string) (done func()) {
+	m.mu.Lock()
+	if _, ok := m.waiting[id]; !ok {
+		m.waiting[id] = time.Time{}
+	}
+	m.mu.Unlock()
+	return func() {
+		m.mu.Lock()
+		t := m.waiting[id]
+		delete(m.waiting, id)
+		m.mu.Unlock()
+		if !t.IsZero() {
+			m.waitSeconds.Observe(time.Since(t).Seconds())
+		}
+	}
+}
+
+func (m *metrics) sweep(rep etcdstore.PruneReport, err error) {
+	switch {
+	case errors.Is(err, etcdstore.ErrCollectorBusy):
+		m.gcSweeps.WithLabelValues("busy").Inc()
+		return
+	case err != nil:
+		m.gcSweeps.WithLabelValues("error").Inc()
+	default:
+		m.gcSweeps.WithLabelValues("ok").Inc()
+	}
+	if !rep.DryRun {
+		m.gcRemovals.Add(float64(len(rep.Removed)))
+		m.gcBytes.Add(float64(rep.FreedBytes))
+	}
+}
+
+// handler serves /metrics, /healthz (the process runs) and /readyz (etcd
+// answers and the store holds a lease).
+func (n *Node) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(n.m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(r.Context()), 2*time.Second)
+		defer cancel()
+		if _, err := n.cli.Get(ctx, "health", clientv3.WithCountOnly()); err != nil {
+			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		if n.store.Lease() == 0 {
+			http.Error(w, "no store lease (being re-established)", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ok\n"))
+	})
+	return mux
+}

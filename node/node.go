@@ -1,0 +1,445 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	"github.com/gofrs/flock"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// Version is reported in the node's registration.
+const Version = "0.1.0"
+
+// ErrNodeRunning is returned by New when another local node holds the state
+// directory.
+var ErrNodeRunning = errors.New("granary: a local node already runs for this state directory")
+
+// errIdle ends Run when an embedded node has had no client for IdleTimeout.
+var errIdle = errors.New("idle")
+
+// Registration is the value of P/node/<name>, on the node's own lease.
+type Registration struct {
+	Name    string    `json:"name"`
+	Version string    `json:"version"`
+	PID     int       `json:"pid"`
+	Address string    `json:"address,omitempty"` // metrics/health address
+	Root    string    `json:"root"`
+	Started time.Time `json:"started"`
+}
+
+// Node is one host's membership of a Granary cluster: an etcd client (and,
+// with no endpoints, the embedded etcd it talks to), an etcdstore.Store, a
+// registration key on its own lease, the GC loop, and metrics and health
+// over HTTP. Make one with New, then call Run exactly once.
+type Node struct {
+	cfg     Config
+	log     *slog.Logger
+	started time.Time
+
+	emb   *Embedded    // nil with endpoints
+	flock *flock.Flock // embedded: held for the node's lifetime
+
+	cli   *clientv3.Client
+	store *etcdstore.Store
+	m     *metrics
+
+	ln  net.Listener // nil without ListenMetrics
+	srv *http.Server
+
+	reg *registration // set by Run
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New prepares a node: validates cfg; with no endpoints, takes the state
+// directory's lock (ErrNodeRunning if another node has it) and starts the
+// embedded etcd; dials etcd; opens the store on cfg.Root (refusing a root
+// bound to another cluster with etcdstore.ErrForeignCluster); listens on
+// ListenMetrics; and, embedded, writes node.json so clients find it. Nothing runs in the background until Run. If Run is never
+// called, the caller must Close the node.
+func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	n := &Node{cfg: cfg, log: log, started: time.Now()}
+	n.m = newMetrics(n)
+	defer func() {
+		if err != nil {
+			n.Close()
+		}
+	}()
+	if cfg.Embedded() {
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("granary: state directory: %w", err)
+		}
+		n.flock = flock.New(filepath.Join(cfg.StateDir, LockFile))
+		ok, err := n.flock.TryLock()
+		if err != nil {
+			return nil, fmt.Errorf("granary: lock state directory: %w", err)
+		}
+		if !ok {
+			n.flock = nil
+			return nil, fmt.Errorf("%w (%s)", ErrNodeRunning, cfg.StateDir)
+		}
+		if n.emb, err = StartEmbedded(ctx, cfg.StateDir); err != nil {
+			return nil, err
+		}
+	}
+	if n.cli, err = Dial(ctx, &n.cfg); err != nil {
+		return nil, err
+	}
+	n.store, err = etcdstore.New(ctx, n.cli, cfg.Root, cfg.StoreOptions(log, etcdstore.WithEvents(n.m.event), etcdstore.WithPurpose("granary node"))...)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.ListenMetrics != "" {
+		if n.ln, err = net.Listen("tcp", cfg.ListenMetrics); err != nil {
+			return nil, fmt.Errorf("granary: metrics listener: %w", err)
+		}
+		n.srv = &http.Server{Handler: n.handler(), ReadHeaderTimeout: 5 * time.Second}
+	}
+	if n.emb != nil {
+		// Clients find the node by this file (ReadLocal): write it last.
+		l := Local{PID: os.Getpid(), Socket: cfg.SocketPath(), StateDir: cfg.StateDir, Root: n.store.Root(), Metrics: n.MetricsAddr(), Started: n.started}
+		if err := writeLocal(l); err != nil {
+			return nil, fmt.Errorf("granary: write node info: %w", err)
+		}
+	}
+	return n, nil
+}
+
+// Store returns the node's store. Builds and references taken through it
+// are counted in the node's metrics and end with the node.
+func (n *Node) Store() *etcdstore.Store { return n.store }
+
+// Client returns the node's etcd client.
+func (n *Node) Client() *clientv3.Client { return n.cli }
+
+// Config returns the node's validated configuration.
+func (n *Node) Config() Config { return n.cfg }
+
+// MetricsAddr returns the address the HTTP server listens on, or "".
+func (n *Node) MetricsAddr() string {
+	if n.ln == nil {
+		return ""
+	}
+	return n.ln.Addr().String()
+}
+
+// Build is the store's BuildContext, timed in the node's metrics (build and
+// wait durations).
+func (n *Node) Build(ctx context.Context, id string, builder func(context.Context) error) error {
+	done := n.m.startCall(id)
+	err := n.store.Handle(id).BuildContext(ctx, builder)
+	done()
+	return err
+}
+
+// Run serves until ctx ends, the embedded etcd stops, or (embedded only)
+// no client has used the node for IdleTimeout. It runs the GC loop, the
+// registration P/node/<name> on its own lease, and the HTTP server. It then
+// shuts down in this order:
+//
+//  1. stop the GC loop and the idle watch (a sweep in progress is cancelled
+//     and waited for);
+//  2. close the store: builds running in this process are cancelled and
+//     cannot publish, and the store's lease is revoked, so its references
+//     and locks drop at once rather than after the TTL;
+//  3. revoke the registration lease, so P/node/<name> disappears;
+//  4. stop the HTTP server;
+//  5. close the etcd client;
+//  6. embedded: remove node.json, stop etcd, release the state lock.
+//
+// Run returns nil after a requested or idle stop, and the reason otherwise.
+func (n *Node) Run(ctx context.Context) error {
+	rctx, stop := context.WithCancelCause(ctx)
+	var wg sync.WaitGroup
+	goRun := func(fn func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(rctx); err != nil {
+				stop(err)
+			}
+		}()
+	}
+	reg := &registration{n: n}
+	n.reg = reg
+	goRun(reg.run)
+	if n.cfg.GCInterval > 0 {
+		goRun(n.gcLoop)
+	}
+	if n.emb != nil {
+		if n.cfg.IdleTimeout > 0 {
+			goRun(n.idleWatch)
+		}
+		goRun(func(ctx context.Context) error {
+			select {
+			case <-n.emb.Done():
+				return errors.New("granary: embedded etcd stopped")
+			case <-ctx.Done():
+				return nil
+			}
+		})
+	}
+	httpErr := make(chan error, 1)
+	if n.srv != nil {
+		go func() { httpErr <- n.srv.Serve(n.ln) }()
+	}
+	n.log.Info("node running", "name", n.cfg.Name, "root", n.store.Root(), "endpoints", n.cli.Endpoints(), "metrics", n.MetricsAddr())
+
+	select {
+	case <-rctx.Done():
+	case err := <-httpErr:
+		stop(fmt.Errorf("granary: metrics server: %w", err))
+	}
+	cause := context.Cause(rctx)
+	stop(nil)
+	// 1. GC loop, idle watch, registration keeper (it does not revoke).
+	wg.Wait()
+	// 2.–6.
+	err := n.shutdown(reg)
+	switch {
+	case errors.Is(cause, errIdle):
+		n.log.Info("node idle; exiting", "idle", n.cfg.IdleTimeout)
+		return err
+	case errors.Is(cause, context.Canceled) && ctx.Err() != nil:
+		return err
+	default:
+		return errors.Join(cause, err)
+	}
+}
+
+func (n *Node) shutdown(reg *registration) error {
+	var errs []error
+	// 2. The store: builds cancelled, its lease revoked.
+	if err := n.store.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	// 3. The registration.
+	if err := reg.revoke(n.cfg.OpTimeout); err != nil {
+		errs = append(errs, err)
+	}
+	// 4. HTTP.
+	if n.srv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		n.srv.Shutdown(ctx) //nolint:errcheck // shutting down anyway
+		cancel()
+	}
+	// 5., 6.
+	if err := n.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Close releases what New acquired (store, listener, client, embedded etcd,
+// state lock), in reverse order. Run calls it; call it yourself only if Run
+// is never called. It is idempotent.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		var errs []error
+		if n.store != nil {
+			if err := n.store.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if n.ln != nil {
+			n.ln.Close()
+		}
+		if n.cli != nil {
+			if err := n.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
+				errs = append(errs, err)
+			}
+		}
+		if n.emb != nil {
+			removeLocal(n.cfg.StateDir)
+			n.emb.Close()
+		}
+		if n.flock != nil {
+			n.flock.Unlock()
+		}
+		n.closeErr = errors.Join(errs...)
+	})
+	return n.closeErr
+}
+
+// gcLoop prunes every GCInterval. ErrCollectorBusy (another host is
+// sweeping) is normal.
+func (n *Node) gcLoop(ctx context.Context) error {
+	t := time.NewTicker(n.cfg.GCInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		n.GC(ctx) //nolint:errcheck // logged and counted
+	}
+}
+
+// GC runs one sweep with the configured options and records it in the
+// metrics. It returns etcdstore.ErrCollectorBusy when another collector runs.
+func (n *Node) GC(ctx context.Context) (etcdstore.PruneReport, error) {
+	rep, err := n.store.Prune(ctx, n.cfg.GC)
+	n.m.sweep(rep, err)
+	switch {
+	case errors.Is(err, etcdstore.ErrCollectorBusy):
+		n.log.Debug("gc: another collector is sweeping")
+	case err != nil && ctx.Err() == nil:
+		n.log.Warn("gc sweep failed", "err", err)
+	case err == nil && (len(rep.Removed) > 0 || len(rep.Orphans) > 0):
+		n.log.Info("gc sweep", "removed", len(rep.Removed), "freed_bytes", rep.FreedBytes, "orphans", len(rep.Orphans), "in_use", len(rep.InUse))
+	}
+	return rep, err
+}
+
+// idleWatch ends Run once no lease other than the node's own has existed for
+// IdleTimeout: every CLI command holds a store lease while it runs, and a
+// crashed one's lease outlives it by the TTL.
+func (n *Node) idleWatch(ctx context.Context) error {
+	every := min(n.cfg.IdleTimeout/4, 10*time.Second)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	last := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, n.cfg.OpTimeout)
+		resp, err := n.cli.Leases(cctx)
+		cancel()
+		if err != nil {
+			last = time.Now() // unsure: count as busy
+			continue
+		}
+		own := map[clientv3.LeaseID]bool{n.store.Lease(): true, 0: true}
+		for _, l := range resp.Leases {
+			if !own[l.ID] && l.ID != n.reg.current() {
+				last = time.Now()
+				break
+			}
+		}
+		if time.Since(last) >= n.cfg.IdleTimeout {
+			return errIdle
+		}
+	}
+}
+
+// registration keeps P/node/<name> on its own lease, making a new lease
+// (with back-off) if the old one is lost.
+type registration struct {
+	n     *Node
+	mu    sync.Mutex
+	lease clientv3.LeaseID
+}
+
+func (r *registration) current() clientv3.LeaseID {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.lease
+}
+
+func (r *registration) key() string { return r.n.cfg.Prefix + "node/" + r.n.cfg.Name }
+
+func (r *registration) run(ctx context.Context) error {
+	b := backoff.WithContext(backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(200*time.Millisecond),
+		backoff.WithMaxInterval(5*time.Second),
+		backoff.WithMaxElapsedTime(0)), ctx)
+	for {
+		ka, err := r.register(ctx)
+		if err == nil {
+			b.Reset()
+			for range ka { // drain acknowledgements until the lease ends
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			r.n.m.leaseLosses.Inc()
+			r.n.log.Warn("node registration lease lost; registering again")
+		} else if ctx.Err() == nil {
+			r.n.log.Warn("cannot register node", "err", err)
+		}
+		d := b.NextBackOff()
+		if d == backoff.Stop {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(d):
+		}
+	}
+}
+
+func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeepAliveResponse, error) {
+	n := r.n
+	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), n.cfg.OpTimeout)
+	defer cancel()
+	grant, err := n.cli.Grant(cctx, int64(n.cfg.TTL/time.Second))
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	r.lease = grant.ID
+	r.mu.Unlock()
+	val, _ := json.Marshal(Registration{Name: n.cfg.Name, Version: Version, PID: os.Getpid(), Address: n.MetricsAddr(), Root: n.store.Root(), Started: n.started})
+	if _, err := n.cli.Put(cctx, r.key(), string(val), clientv3.WithLease(grant.ID)); err != nil {
+		return nil, err
+	}
+	// The keep-alive ends with ctx (Run's), not with cctx.
+	return n.cli.KeepAlive(ctx, grant.ID)
+}
+
+// revoke drops the registration at once.
+func (r *registration) revoke(timeout time.Duration) error {
+	r.mu.Lock()
+	id := r.lease
+	r.mu.Unlock()
+	if id == 0 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if _, err := r.n.cli.Revoke(ctx, id); err != nil {
+		return fmt.Errorf("granary: revoke node registration (it expires within %v): %w", r.n.cfg.TTL, err)
+	}
+	return nil
+}
+
+// ReadRegistrations lists the live nodes registered under prefix.
+func ReadRegistrations(ctx context.Context, cli *clientv3.Client, prefix string) ([]Registration, error) {
+	resp, err := cli.Get(ctx, prefix+"node/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Registration, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		var r Registration
+		if json.Unmarshal(kv.Value, &r) == nil {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,324 @@
+package node_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/client/pkg/v3/testutil"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/etcdtest"
+	"github.com/granary-build/granary/node"
+)
+
+func TestMain(m *testing.M) { testutil.MustTestMainWithLeakDetection(m) }
+
+// testConfig is a node of srv with a fresh root and state directory.
+func testConfig(t *testing.T, srv *etcdtest.Server, root string) node.Config {
+	t.Helper()
+	cfg := node.DefaultConfig()
+	cfg.Endpoints = []string{srv.Endpoint}
+	cfg.Root = root
+	cfg.StateDir = t.TempDir()
+	cfg.Name = "node-a"
+	cfg.GCInterval = 0
+	cfg.IdleTimeout = 0
+	return cfg
+}
+
+// startNode runs n until the returned stop is called; stop returns Run's
+// error. Cleanup stops it too.
+func startNode(t *testing.T, cfg node.Config) (*node.Node, func() error) {
+	t.Helper()
+	n, err := node.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatalf("node.New: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- n.Run(ctx) }()
+	var stopped bool
+	var runErr error
+	stop := func() error {
+		if !stopped {
+			stopped = true
+			cancel()
+			runErr = <-done
+		}
+		return runErr
+	}
+	t.Cleanup(func() { stop() })
+	return n, stop
+}
+
+// observer is a store of another host on srv.
+func observer(t *testing.T, srv *etcdtest.Server, root string) *etcdstore.Store {
+	t.Helper()
+	cli := srv.Client(t)
+	s, err := etcdstore.New(context.Background(), cli, root, etcdstore.WithHost("observer"), etcdstore.WithTTL(3*time.Second))
+	if err != nil {
+		t.Fatalf("etcdstore.New: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func writeFile(name, data string) func(ctx context.Context) error {
+	return func(ctx context.Context) error { return os.WriteFile(name, []byte(data), 0o644) }
+}
+
+func build(t *testing.T, s *etcdstore.Store, id string) {
+	t.Helper()
+	h := s.Handle(id)
+	if err := h.BuildContext(context.Background(), writeFile(filepath.Join(h.OutputDirectory(), "f"), id)); err != nil {
+		t.Fatalf("build %s: %v", id, err)
+	}
+}
+
+func TestShutdownRevokesLease(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	n, stop := startNode(t, cfg)
+	obs := observer(t, srv, root)
+
+	h := n.Store().Handle("pkg")
+	if err := n.Build(context.Background(), "pkg", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+		t.Fatalf("Build: %v", err)
+	}
+	if err := h.IncRefContext(context.Background()); err != nil {
+		t.Fatalf("IncRef: %v", err)
+	}
+	info, err := obs.Inspect(context.Background(), "pkg")
+	if err != nil || len(info.Refs) != 1 {
+		t.Fatalf("before shutdown: refs = %v, err %v; want 1 ref", info.Refs, err)
+	}
+	if ok, err := obs.Handle("pkg").TryRemoveContext(context.Background()); ok || err != nil {
+		t.Fatalf("TryRemove while the node holds a ref = %v, %v; want false, nil", ok, err)
+	}
+	regs, err := node.ReadRegistrations(context.Background(), obs.Client(), cfg.Prefix)
+	if err != nil || len(regs) != 1 || regs[0].Name != "node-a" {
+		t.Fatalf("registrations = %+v, %v; want node-a", regs, err)
+	}
+
+	if err := stop(); err != nil {
+		t.Fatalf("Run = %v, want nil after cancel", err)
+	}
+
+	// The TTL is 15s; nothing waits for it: the refs must be gone now.
+	info, err = obs.Inspect(context.Background(), "pkg")
+	if err != nil || len(info.Refs) != 0 {
+		t.Fatalf("after shutdown: refs = %v, err %v; want none", info.Refs, err)
+	}
+	regs, err = node.ReadRegistrations(context.Background(), obs.Client(), cfg.Prefix)
+	if err != nil || len(regs) != 0 {
+		t.Fatalf("registrations after shutdown = %+v, %v; want none", regs, err)
+	}
+	if ok, err := obs.Handle("pkg").TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Fatalf("TryRemove after shutdown = %v, %v; want true, nil", ok, err)
+	}
+}
+
+func TestMetricsAndHealth(t *testing.T) {
+	srv := etcdtest.Start(t)
+	cfg := testConfig(t, srv, t.TempDir())
+	cfg.ListenMetrics = "127.0.0.1:0"
+	n, _ := startNode(t, cfg)
+	h := n.Store().Handle("m")
+	if err := n.Build(context.Background(), "m", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+		t.Fatalf("Build: %v", err)
+	}
+	if _, err := n.GC(context.Background()); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+
+	get := func(path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + n.MetricsAddr() + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if code, body := get(p); code != http.StatusOK {
+			t.Errorf("GET %s = %d %q, want 200", p, code, body)
+		}
+	}
+	code, body := get("/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("GET /metrics = %d", code)
+	}
+	for _, want := range []string{
+		`granary_builds_total{result="built"} 1`,
+		`granary_builds_total{result="failed"} 0`,
+		"granary_build_duration_seconds_count 1",
+		"granary_wait_duration_seconds_count 0",
+		"granary_refs_held 0",
+		"granary_packages_available 1",
+		"granary_builds_in_progress 0",
+		`granary_gc_sweeps_total{result="ok"} 1`,
+		"granary_gc_removals_total 0",
+		"granary_gc_removed_bytes_total 0",
+		"granary_lease_losses_total 0",
+	} {
+		if !strings.Contains(body, want+"\n") {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("/metrics:\n%s", body)
+	}
+}
+
+func TestGCLoopRemovesUnusedSparesReferenced(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	obs := observer(t, srv, root)
+	build(t, obs, "old")
+	build(t, obs, "held")
+	if err := obs.Handle("held").IncRefContext(context.Background()); err != nil {
+		t.Fatalf("IncRef: %v", err)
+	}
+	cli := obs.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cur, err := cli.Get(ctx, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wch := cli.Watch(ctx, etcdstore.DefaultPrefix+"avail/old", clientv3.WithRev(cur.Header.Revision+1), clientv3.WithFilterPut())
+
+	cfg := testConfig(t, srv, root)
+	cfg.GCInterval = 50 * time.Millisecond
+	cfg.GC = etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1}
+	startNode(t, cfg)
+
+	select {
+	case wr := <-wch:
+		if err := wr.Err(); err != nil {
+			t.Fatalf("watch: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the GC loop did not remove the unreferenced package")
+	}
+	if info, err := obs.Inspect(context.Background(), "old"); err != nil || info.State != etcdstore.StateAbsent {
+		t.Errorf("old: state %v, err %v; want absent", info.State, err)
+	}
+	if _, err := os.Stat(obs.Handle("old").OutputDirectory()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("old: directory still there (%v)", err)
+	}
+	// The loop has swept at least once more by the time "old" is gone; the
+	// referenced package must have survived every sweep.
+	info, err := obs.Inspect(context.Background(), "held")
+	if err != nil || info.State != etcdstore.StateAvailable {
+		t.Fatalf("held: state %v, err %v; want available", info.State, err)
+	}
+	if _, err := os.Stat(filepath.Join(obs.Handle("held").OutputDirectory(), "f")); err != nil {
+		t.Fatalf("held: %v", err)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	base := func() node.Config {
+		c := node.DefaultConfig()
+		c.Root = "/srv/granary"
+		c.StateDir = "/var/lib/granary"
+		return c
+	}
+	tests := []struct {
+		name string
+		mod  func(*node.Config)
+		want string // "" = valid
+	}{
+		{"defaults", func(*node.Config) {}, ""},
+		{"endpoints", func(c *node.Config) { c.Endpoints = []string{"https://e1:2379", "e2:2379"} }, ""},
+		{"bad endpoint", func(c *node.Config) { c.Endpoints = []string{"e1"} }, `endpoint "e1"`},
+		{"short ttl", func(c *node.Config) { c.TTL = time.Second }, "TTL 1s"},
+		{"bad prefix", func(c *node.Config) { c.Prefix = "granary" }, "prefix"},
+		{"cert without key", func(c *node.Config) { c.Cert = "c.pem" }, "--cert and --key"},
+		{"password without user", func(c *node.Config) { c.Password = "x" }, "without --user"},
+		{"state inside root", func(c *node.Config) { c.StateDir = "/srv/granary/state" }, "inside the shared root"},
+		{"long socket", func(c *node.Config) { c.StateDir = "/" + strings.Repeat("s", 100) }, "too long for a unix socket"},
+		{"relative state", func(c *node.Config) { c.StateDir = "state" }, "absolute"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := base()
+			tt.mod(&c)
+			err := c.Validate()
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("Validate = %v, want nil", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("Validate = %v, want error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestFromEnv(t *testing.T) {
+	env := map[string]string{
+		"GRANARY_ROOT": "/r", "GRANARY_ENDPOINTS": "a:1, b:2", "GRANARY_TTL": "7",
+		"GRANARY_PREFIX": "/p/", "GRANARY_USER": "u", "GRANARY_PASSWORD": "pw", "GRANARY_HOST": "h",
+	}
+	c := node.DefaultConfig()
+	if err := c.FromEnv(func(k string) string { return env[k] }); err != nil {
+		t.Fatal(err)
+	}
+	if c.Root != "/r" || strings.Join(c.Endpoints, "|") != "a:1|b:2" || c.TTL != 7*time.Second ||
+		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" {
+		t.Fatalf("FromEnv gave %+v", c)
+	}
+	if err := c.FromEnv(func(k string) string {
+		if k == "GRANARY_TTL" {
+			return "soon"
+		}
+		return ""
+	}); err == nil {
+		t.Fatal("FromEnv accepted GRANARY_TTL=soon")
+	}
+}
+
+func TestEmbeddedNode(t *testing.T) {
+	state, err := os.MkdirTemp("", "gn") // short: the socket path is limited
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	cfg := node.DefaultConfig()
+	cfg.Root = t.TempDir()
+	cfg.StateDir = state
+	cfg.GCInterval = 0
+	n, stop := startNode(t, cfg)
+	if n.Client().Endpoints()[0] != "unix://"+filepath.Join(state, "etcd.sock") {
+		t.Errorf("endpoint %v, want the state dir socket", n.Client().Endpoints())
+	}
+
+	l, err := node.ReadLocal(state)
+	if err != nil {
+		t.Fatalf("ReadLocal: %v", err)
+	}
+	if l.PID != os.Getpid() || l.Socket != cfg.SocketPath() {
+		t.Errorf("Local = %+v", l)
+	}
+	if _, err := node.New(context.Background(), cfg, nil); !errors.Is(err, node.ErrNodeRunning) {
+		t.Errorf("second node on the state dir: err = %v, want ErrNodeRunning", err)
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("Run = %v", err)
+	}
+	if _, err := node.ReadLocal(state); !errors.Is(err, node.ErrNoLocalNode) {
+		t.Errorf("after stop: ReadLocal err = %v, want ErrNoLocalNode", err)
+	}
+}
