@@ -121,6 +121,7 @@ const (
 	EnvPassword     = "GRANARY_PASSWORD"
 	EnvPasswordFile = "GRANARY_PASSWORD_FILE"
 	EnvHost         = "GRANARY_HOST"
+	EnvIdleTimeout  = "GRANARY_IDLE_TIMEOUT"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -143,6 +144,13 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.Name, EnvHost)
 	if v := getenv(EnvEndpoints); v != "" {
 		c.Endpoints = splitList(v)
+	}
+	if v := getenv(EnvIdleTimeout); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvIdleTimeout, v, err)
+		}
+		c.IdleTimeout = d
 	}
 	if v := getenv(EnvTTL); v != "" {
 		d, err := parseSeconds(v)
@@ -196,6 +204,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
 	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
 	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
+	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
+	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
 // RegisterNodeFlags binds the flags only `serve` needs.
@@ -204,7 +214,6 @@ func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
 	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
-	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client (0: never)")
 }
 
 // Embedded reports whether c uses the embedded etcd (no endpoints).

@@ -1,0 +1,292 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/node"
+)
+
+// Exit codes.
+const (
+	ExitOK       = 0 // success
+	ExitError    = 1 // any other failure
+	ExitUsage    = 2 // bad command line or configuration
+	ExitNotExist = 3 // the package does not exist
+)
+
+// ExitErr carries an exit code. A nil Err means the reason was already
+// printed (or there is none to print, as when `run` passes on its child's
+// code).
+type ExitErr struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitErr) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+
+// Unwrap returns the reason.
+func (e *ExitErr) Unwrap() error { return e.Err }
+
+// ErrUsage is wrapped by every command-line error.
+var ErrUsage = errors.New("usage")
+
+// ExitCode maps an error of Run to the process exit code: 0 for nil, an
+// ExitErr's own code, 2 for usage and configuration errors, 3 when a
+// package does not exist, 1 otherwise.
+func ExitCode(err error) int {
+	var ee *ExitErr
+	switch {
+	case err == nil:
+		return ExitOK
+	case errors.As(err, &ee):
+		return ee.Code
+	case errors.Is(err, ErrUsage), errors.Is(err, core.ErrInvalidID):
+		return ExitUsage
+	case errors.Is(err, core.ErrPackageNotExist):
+		return ExitNotExist
+	}
+	return ExitError
+}
+
+// Message is what main prints for err ("" for nothing): one line, starting
+// with "granary".
+func Message(err error) string {
+	var ee *ExitErr
+	if err == nil || (errors.As(err, &ee) && ee.Err == nil) {
+		return ""
+	}
+	msg := err.Error()
+	if !strings.HasPrefix(msg, "granary") {
+		msg = "granary: " + msg
+	}
+	return msg
+}
+
+// usageErr is a command-line error of command cmd.
+func usageErr(cmd string, format string, args ...any) error {
+	c := commands[cmd]
+	msg := fmt.Sprintf(format, args...)
+	if c != nil {
+		msg += fmt.Sprintf("\nusage: granary %s %s\n(run 'granary %s -h' for its flags)", cmd, c.usage, cmd)
+	}
+	return &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary %s: %s", cmd, msg)}
+}
+
+// env is one invocation's I/O.
+type env struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+	getenv         func(string) string
+}
+
+type command struct {
+	usage string
+	short string
+	run   func(ctx context.Context, e *env, args []string) error
+}
+
+var commands map[string]*command
+
+func init() {
+	commands = map[string]*command{
+		"serve":   {"[flags]", "run a node in the foreground", cmdServe},
+		"build":   {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
+		"run":     {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
+		"ls":      {"[flags]", "list packages", cmdLs},
+		"inspect": {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
+		"rm":      {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
+		"gc":      {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
+		"status":  {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
+		"verify":  {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
+		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
+		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+	}
+}
+
+const topUsage = `granary: a package store shared by the hosts of a build farm
+
+usage: granary COMMAND [flags] [ARGS]
+
+commands:
+%s
+With no --endpoints (or $GRANARY_ENDPOINTS), commands use the local node,
+an embedded etcd started on first use in $XDG_STATE_HOME/granary.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
+'granary run' exits with its command's code.
+`
+
+func usage() string {
+	var b strings.Builder
+	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "node", "serve", "demo"} {
+		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
+	}
+	return fmt.Sprintf(topUsage, b.String())
+}
+
+// Run runs the granary command line args (without the program name). It
+// blocks until the command is done or ctx ends (but `run` waits for its
+// child, to which signals are forwarded). Map its error to an exit code
+// with ExitCode and to a message with Message.
+func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	e := &env{stdin: stdin, stdout: stdout, stderr: stderr, getenv: os.Getenv}
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage())
+		return &ExitErr{Code: ExitUsage}
+	}
+	switch args[0] {
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage())
+		return nil
+	}
+	c := commands[args[0]]
+	if c == nil {
+		return &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: unknown command %q (run 'granary help')", args[0])}
+	}
+	return c.run(ctx, e, args[1:])
+}
+
+// flags is a command's flag set with the connection flags bound to cfg.
+type flags struct {
+	*flag.FlagSet
+	name string
+	cfg  node.Config
+	json bool
+}
+
+func (e *env) newFlags(name string, withJSON bool) (*flags, error) {
+	f := &flags{FlagSet: flag.NewFlagSet("granary "+name, flag.ContinueOnError), name: name}
+	f.SetOutput(io.Discard)
+	f.cfg = node.DefaultConfig()
+	if err := f.cfg.FromEnv(e.getenv); err != nil {
+		return nil, &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: %w", err)}
+	}
+	f.cfg.RegisterFlags(f.FlagSet)
+	if withJSON {
+		f.BoolVar(&f.json, "json", false, "print data as JSON")
+	}
+	return f, nil
+}
+
+// parse parses flags that may appear anywhere before a "--"; it returns the
+// positional arguments and, after "--", the command.
+func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
+	before := args
+	for i, a := range args {
+		if a == "--" {
+			before, cmd = args[:i], args[i+1:]
+			break
+		}
+	}
+	for {
+		if err := f.Parse(before); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				fmt.Fprintf(e.stdout, "usage: granary %s %s\n\n%s.\n\nflags:\n", f.name, commands[f.name].usage, commands[f.name].short)
+				f.SetOutput(e.stdout)
+				f.PrintDefaults()
+				return nil, nil, &ExitErr{Code: ExitOK}
+			}
+			return nil, nil, usageErr(f.name, "%v", err)
+		}
+		rest := f.Args()
+		if len(rest) == 0 {
+			return pos, cmd, nil
+		}
+		pos = append(pos, rest[0])
+		before = rest[1:]
+	}
+}
+
+// parseID parses a command that takes exactly one package ID.
+func (e *env) parseID(f *flags, args []string) (string, error) {
+	pos, cmd, err := e.parse(f, args)
+	if err != nil {
+		return "", err
+	}
+	if len(pos) != 1 || cmd != nil {
+		return "", usageErr(f.name, "want exactly one package ID, got %d argument(s)", len(pos)+len(cmd))
+	}
+	return pos[0], checkID(pos[0])
+}
+
+// parseIDCmd parses ID -- CMD [ARGS...].
+func (e *env) parseIDCmd(f *flags, args []string) (string, []string, error) {
+	pos, cmd, err := e.parse(f, args)
+	if err != nil {
+		return "", nil, err
+	}
+	if len(pos) == 0 {
+		return "", nil, usageErr(f.name, "missing package ID")
+	}
+	if cmd == nil && len(pos) > 1 {
+		cmd = pos[1:] // "granary build ID CMD" without "--"
+	} else if len(pos) > 1 {
+		return "", nil, usageErr(f.name, "unexpected %q before \"--\"", pos[1])
+	}
+	if len(cmd) == 0 {
+		return "", nil, usageErr(f.name, "missing command after \"--\"")
+	}
+	return pos[0], cmd, checkID(pos[0])
+}
+
+func checkID(id string) error {
+	if err := core.ValidateID(id); err != nil {
+		return &ExitErr{Code: ExitUsage, Err: err}
+	}
+	return nil
+}
+
+// conn is a command's connection: its client and its store (its own lease).
+type conn struct {
+	cli   *clientv3.Client
+	store *etcdstore.Store
+	cfg   node.Config
+}
+
+// connect validates cfg, makes sure a local node runs when there are no
+// endpoints (starting one if needed), and opens a store on cfg.Root.
+func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Option) (*conn, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, &ExitErr{Code: ExitUsage, Err: err}
+	}
+	if cfg.Embedded() {
+		if err := e.ensureLocalNode(ctx, cfg); err != nil {
+			return nil, err
+		}
+	}
+	cli, err := node.Dial(ctx, &cfg)
+	if err != nil {
+		if errors.Is(err, node.ErrUnreachable) && !cfg.Embedded() {
+			err = fmt.Errorf("%w\n(check --endpoints / $%s, TLS and credentials)", err, node.EnvEndpoints)
+		}
+		return nil, err
+	}
+	s, err := etcdstore.New(ctx, cli, cfg.Root, cfg.StoreOptions(nil, opts...)...)
+	if err != nil {
+		cli.Close()
+		return nil, err
+	}
+	return &conn{cli: cli, store: s, cfg: cfg}, nil
+}
+
+// Close releases the store's lease (dropping its references at once) and
+// the client.
+func (c *conn) Close() {
+	c.store.Close()
+	c.cli.Close()
+}

@@ -1,0 +1,376 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/node"
+)
+
+func (e *env) open(ctx context.Context, f *flags) (*conn, error) {
+	return e.connect(ctx, f.cfg, etcdstore.WithPurpose("granary "+f.name))
+}
+
+func noArgs(e *env, f *flags, args []string) error {
+	pos, cmd, err := e.parse(f, args)
+	if err != nil {
+		return err
+	}
+	if len(pos)+len(cmd) > 0 {
+		return usageErr(f.name, "unexpected argument %q", append(pos, cmd...)[0])
+	}
+	return nil
+}
+
+func cmdLs(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("ls", true)
+	if err != nil {
+		return err
+	}
+	if err := noArgs(e, f, args); err != nil {
+		return err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	list, err := c.store.List(ctx)
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return writeJSON(e.stdout, list)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATE\tSIZE\tREFS\tLAST USED\tBUILT BY")
+	for _, p := range list {
+		size, by := "-", "-"
+		if p.Package != nil {
+			size, by = human(p.Package.Size), p.Package.BuiltBy
+		} else if p.Build != nil {
+			by = p.Build.Host
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", p.ID, p.State, size, p.Refs, ago(p.ATime), by)
+	}
+	return tw.Flush()
+}
+
+func cmdInspect(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("inspect", true)
+	if err != nil {
+		return err
+	}
+	id, err := e.parseID(f, args)
+	if err != nil {
+		return err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	info, err := c.store.Inspect(ctx, id)
+	if err != nil {
+		return err
+	}
+	if f.json {
+		if err := writeJSON(e.stdout, info); err != nil {
+			return err
+		}
+	} else {
+		printInfo(e, info)
+	}
+	if info.State == etcdstore.StateAbsent {
+		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist", id)}
+	}
+	return nil
+}
+
+func printInfo(e *env, info etcdstore.Info) {
+	w := e.stdout
+	fmt.Fprintf(w, "id:      %s\nstate:   %s\n", info.ID, info.State)
+	if p := info.Package; p != nil {
+		fmt.Fprintf(w, "built:   by %s (pid %d) at %s in %.1fs\nsize:    %s (%d bytes)\ndigest:  %s\n",
+			p.BuiltBy, p.PID, p.BuiltAt.Format(time.RFC3339), p.BuildSeconds, human(p.Size), p.Size, p.Digest)
+	}
+	if b := info.Build; b != nil {
+		fmt.Fprintf(w, "attempt: %s on %s (pid %d) since %s\n", b.State, b.Host, b.PID, b.Started.Format(time.RFC3339))
+		if b.Error != "" {
+			fmt.Fprintf(w, "error:   %s\n", b.Error)
+		}
+	}
+	if !info.ATime.IsZero() {
+		fmt.Fprintf(w, "used:    %s (%s)\n", info.ATime.Format(time.RFC3339), ago(info.ATime))
+	}
+	fmt.Fprintf(w, "path:    %s\nlogs:    %s\nrefs:    %d\n", info.OutputDir, info.LogDir, len(info.Refs))
+	for _, r := range info.Refs {
+		fmt.Fprintf(w, "  - %s\n", holder(r))
+	}
+}
+
+func holder(r etcdstore.RefInfo) string {
+	s := fmt.Sprintf("%s pid %d since %s (lease %s)", r.Host, r.PID, r.Since.Format(time.RFC3339), r.Lease)
+	if r.Purpose != "" {
+		s += ": " + r.Purpose
+	}
+	return s
+}
+
+func cmdRm(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("rm", false)
+	if err != nil {
+		return err
+	}
+	id, err := e.parseID(f, args)
+	if err != nil {
+		return err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ok, err := c.store.Handle(id).TryRemoveContext(ctx)
+	switch {
+	case errors.Is(err, core.ErrPackageNotExist):
+		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: rm: package %q does not exist", id)}
+	case err != nil:
+		return err
+	case ok:
+		fmt.Fprintf(e.stderr, "granary: removed %s\n", id)
+		return nil
+	}
+	info, err := c.store.Inspect(ctx, id)
+	if err != nil {
+		return fmt.Errorf("granary: rm %s refused: in use (and cannot say by whom: %w)", id, err)
+	}
+	var why strings.Builder
+	switch {
+	case len(info.Refs) > 0:
+		fmt.Fprintf(&why, "referenced by %d holder(s):", len(info.Refs))
+		for _, r := range info.Refs {
+			fmt.Fprintf(&why, "\n  - %s", holder(r))
+		}
+	case info.Build != nil && info.Build.State == etcdstore.BuildRunning:
+		fmt.Fprintf(&why, "being built on %s (pid %d)", info.Build.Host, info.Build.PID)
+	default:
+		why.WriteString("its lock is held by a build or removal in progress; try again")
+	}
+	return fmt.Errorf("granary: rm %s refused: %s", id, why.String())
+}
+
+func cmdGC(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("gc", true)
+	if err != nil {
+		return err
+	}
+	var opts etcdstore.PruneOptions
+	var target string
+	f.DurationVar(&opts.OlderThan, "older-than", 0, "remove packages unused for longer than this")
+	f.StringVar(&target, "target-size", "", "remove oldest first until the store is at most this big (e.g. 50G)")
+	f.BoolVar(&opts.DryRun, "dry-run", false, "say what would be removed; remove nothing")
+	f.DurationVar(&opts.Grace, "grace", 0, "never remove what was used or made within this long (default 10m; negative: none)")
+	f.IntVar(&opts.MaxRemovals, "max", 0, "remove at most this many packages (0: no cap)")
+	if err := noArgs(e, f, args); err != nil {
+		return err
+	}
+	if target != "" {
+		if opts.TargetBytes, err = parseSize(target); err != nil {
+			return usageErr("gc", "--target-size %q: %v", target, err)
+		}
+	}
+	if opts.OlderThan == 0 && opts.TargetBytes == 0 {
+		return usageErr("gc", "give --older-than or --target-size (or both)")
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	rep, err := c.store.Prune(ctx, opts)
+	if errors.Is(err, etcdstore.ErrCollectorBusy) {
+		return fmt.Errorf("granary: gc: another collector is sweeping; try again later")
+	}
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return writeJSON(e.stdout, rep)
+	}
+	verb := "removed"
+	if rep.DryRun {
+		verb = "would remove"
+	}
+	for _, p := range rep.Removed {
+		fmt.Fprintf(e.stdout, "%s %s (%s, last used %s)\n", verb, p.ID, human(p.Size), ago(p.ATime))
+	}
+	for _, id := range rep.InUse {
+		fmt.Fprintf(e.stdout, "kept %s (in use)\n", id)
+	}
+	for _, id := range rep.Orphans {
+		fmt.Fprintf(e.stdout, "%s orphan directory %s\n", verb, id)
+	}
+	fmt.Fprintf(e.stdout, "gc: %s %d of %d packages, %s of %s\n", verb, len(rep.Removed), rep.Packages, human(rep.FreedBytes), human(rep.TotalBytes))
+	return nil
+}
+
+type status struct {
+	Nodes    []node.Registration `json:"nodes"`
+	Building []etcdstore.Summary `json:"building"`
+	Failed   []etcdstore.Summary `json:"failed"`
+	Packages int                 `json:"packages"`
+	Bytes    int64               `json:"bytes"`
+	Refs     int                 `json:"refs"`
+	Root     string              `json:"root"`
+	Prefix   string              `json:"prefix"`
+	Local    *node.Local         `json:"local_node,omitempty"`
+}
+
+func cmdStatus(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("status", true)
+	if err != nil {
+		return err
+	}
+	if err := noArgs(e, f, args); err != nil {
+		return err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	st := status{Building: []etcdstore.Summary{}, Failed: []etcdstore.Summary{}, Root: c.store.Root(), Prefix: c.store.Prefix()}
+	if st.Nodes, err = node.ReadRegistrations(ctx, c.cli, c.cfg.Prefix); err != nil {
+		return err
+	}
+	list, err := c.store.List(ctx)
+	if err != nil {
+		return err
+	}
+	for _, p := range list {
+		switch p.State {
+		case etcdstore.StateAvailable:
+			st.Packages++
+			st.Bytes += p.Package.Size
+		case etcdstore.StateBuilding:
+			st.Building = append(st.Building, p)
+		case etcdstore.StateFailed:
+			st.Failed = append(st.Failed, p)
+		}
+		st.Refs += p.Refs
+	}
+	if c.cfg.Embedded() {
+		if l, err := node.ReadLocal(c.cfg.StateDir); err == nil {
+			st.Local = &l
+		}
+	}
+	if f.json {
+		return writeJSON(e.stdout, st)
+	}
+	w := e.stdout
+	fmt.Fprintf(w, "root %s, prefix %s, etcd %s\n", st.Root, st.Prefix, strings.Join(c.cli.Endpoints(), ","))
+	fmt.Fprintf(w, "nodes: %d\n", len(st.Nodes))
+	for _, n := range st.Nodes {
+		fmt.Fprintf(w, "  - %s pid %d, up %s, version %s\n", n.Name, n.PID, time.Since(n.Started).Round(time.Second), n.Version)
+	}
+	fmt.Fprintf(w, "builds in progress: %d\n", len(st.Building))
+	for _, b := range st.Building {
+		fmt.Fprintf(w, "  - %s on %s pid %d for %s\n", b.ID, b.Build.Host, b.Build.PID, time.Since(b.Build.Started).Round(time.Second))
+	}
+	if len(st.Failed) > 0 {
+		fmt.Fprintf(w, "failed attempts: %d\n", len(st.Failed))
+		for _, b := range st.Failed {
+			fmt.Fprintf(w, "  - %s on %s: %s\n", b.ID, b.Build.Host, b.Build.Error)
+		}
+	}
+	fmt.Fprintf(w, "packages: %d (%s), references: %d\n", st.Packages, human(st.Bytes), st.Refs)
+	return nil
+}
+
+func cmdVerify(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("verify", true)
+	if err != nil {
+		return err
+	}
+	id, err := e.parseID(f, args)
+	if err != nil {
+		return err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	verr := c.store.Verify(ctx, id)
+	if errors.Is(verr, core.ErrPackageNotExist) {
+		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: verify: package %q does not exist", id)}
+	}
+	if f.json {
+		res := struct {
+			ID    string `json:"id"`
+			OK    bool   `json:"ok"`
+			Error string `json:"error,omitempty"`
+		}{ID: id, OK: verr == nil}
+		if verr != nil {
+			res.Error = verr.Error()
+		}
+		if err := writeJSON(e.stdout, res); err != nil {
+			return err
+		}
+		if verr != nil {
+			return &ExitErr{Code: ExitError}
+		}
+		return nil
+	}
+	if verr != nil {
+		return verr
+	}
+	fmt.Fprintf(e.stdout, "%s: ok\n", id)
+	return nil
+}
+
+// human formats a byte count.
+func human(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// parseSize reads 123, 10K, 5M, 2G, 1T (powers of 1024, optional "B"/"iB").
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSuffix(strings.TrimSuffix(strings.ToUpper(strings.TrimSpace(s)), "B"), "I")
+	mult := int64(1)
+	if t != "" {
+		if i := strings.IndexByte("KMGTP", t[len(t)-1]); i >= 0 {
+			mult = int64(1) << (10 * (i + 1))
+			t = t[:len(t)-1]
+		}
+	}
+	n, err := strconv.ParseFloat(t, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("want a size such as 500M or 20G")
+	}
+	return int64(n * float64(mult)), nil
+}
+
+func ago(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return time.Since(t).Round(time.Second).String() + " ago"
+}

@@ -1,0 +1,207 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/gofrs/flock"
+
+	"github.com/granary-build/granary/node"
+)
+
+// startTimeout bounds how long the CLI waits for a node it started.
+const startTimeout = 60 * time.Second
+
+// ensureLocalNode returns once a local node serves cfg.StateDir, starting
+// one in the background if there is none. The start lock makes concurrent
+// first uses start exactly one node: the first starts it and waits until it
+// is ready; the others wait for the lock and then find it running.
+func (e *env) ensureLocalNode(ctx context.Context, cfg node.Config) error {
+	if _, err := node.ReadLocal(cfg.StateDir); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("granary: state directory: %w", err)
+	}
+	lctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	fl := flock.New(filepath.Join(cfg.StateDir, node.StartLockFile))
+	if ok, err := fl.TryLockContext(lctx, 20*time.Millisecond); !ok || err != nil {
+		return fmt.Errorf("granary: waiting for another command to start the local node (lock %s): %w", fl.Path(), err)
+	}
+	defer fl.Unlock()
+	if _, err := node.ReadLocal(cfg.StateDir); err == nil {
+		return nil // started while we waited for the lock
+	}
+	return startNode(lctx, cfg)
+}
+
+// startNode re-executes this program as `granary serve` in a new session,
+// detached, logging to <state>/node.log, and waits until it is ready.
+func startNode(ctx context.Context, cfg node.Config) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("granary: cannot find own executable to start the local node: %w", err)
+	}
+	logPath := filepath.Join(cfg.StateDir, node.LogFile)
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("granary: node log: %w", err)
+	}
+	defer logf.Close()
+	off, _ := logf.Seek(0, 2)
+	cmd := &exec.Cmd{
+		Path: exe,
+		Args: []string{"granary", "serve",
+			"--root", cfg.Root, "--state-dir", cfg.StateDir, "--prefix", cfg.Prefix,
+			"--ttl", strconv.Itoa(int(cfg.TTL / time.Second)), "--host", cfg.Name,
+			"--idle-timeout", cfg.IdleTimeout.String()},
+		Env:         append(os.Environ(), node.EnvEndpoints+"="),
+		Stdout:      logf,
+		Stderr:      logf,
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("granary: start local node: %w", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	// Readiness is node.json plus a socket that accepts; the node writes the
+	// file only once etcd serves and its store is open.
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if _, err := node.ReadLocal(cfg.StateDir); err == nil {
+			return nil
+		}
+		select {
+		case err := <-exited:
+			if _, rerr := node.ReadLocal(cfg.StateDir); rerr == nil {
+				return nil // another node won the state directory
+			}
+			return fmt.Errorf("granary: the local node exited (%v) before it was ready:\n%s(log: %s)", err, logTail(logPath, off), logPath)
+		case <-ctx.Done():
+			cmd.Process.Kill()
+			return fmt.Errorf("granary: the local node was not ready after %v (log: %s): %w", startTimeout, logPath, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// logTail returns what the log got after offset off, at most 2 KiB.
+func logTail(path string, off int64) string {
+	b, err := os.ReadFile(path)
+	if err != nil || int64(len(b)) < off {
+		return ""
+	}
+	b = b[off:]
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	return string(bytes.TrimLeft(b, "\n"))
+}
+
+func cmdServe(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("serve", false)
+	if err != nil {
+		return err
+	}
+	f.cfg.RegisterNodeFlags(f.FlagSet)
+	if pos, cmd, err := e.parse(f, args); err != nil {
+		return err
+	} else if len(pos)+len(cmd) > 0 {
+		return usageErr("serve", "unexpected argument %q", append(pos, cmd...)[0])
+	}
+	if err := f.cfg.Validate(); err != nil {
+		return &ExitErr{Code: ExitUsage, Err: err}
+	}
+	log := slog.New(slog.NewTextHandler(e.stderr, nil))
+	n, err := node.New(ctx, f.cfg, log)
+	if err != nil {
+		return err
+	}
+	return n.Run(ctx)
+}
+
+func cmdNode(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 || (args[0] != "status" && args[0] != "stop") {
+		return usageErr("node", "want 'status' or 'stop'")
+	}
+	sub := args[0]
+	f, err := e.newFlags("node", sub == "status")
+	if err != nil {
+		return err
+	}
+	if pos, cmd, err := e.parse(f, args[1:]); err != nil {
+		return err
+	} else if len(pos)+len(cmd) > 0 {
+		return usageErr("node", "unexpected argument %q", append(pos, cmd...)[0])
+	}
+	if f.cfg.StateDir == "" {
+		return &ExitErr{Code: ExitUsage, Err: errors.New("granary: no state directory (set --state-dir or $GRANARY_STATE_DIR)")}
+	}
+	l, err := node.ReadLocal(f.cfg.StateDir)
+	if sub == "stop" {
+		if err != nil {
+			fmt.Fprintf(e.stderr, "granary: no local node is running (state dir %s)\n", f.cfg.StateDir)
+			return nil
+		}
+		return stopLocal(ctx, e, f.cfg.StateDir, l)
+	}
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return writeJSON(e.stdout, struct {
+			node.Local
+			Uptime string `json:"uptime"`
+		}{l, time.Since(l.Started).Round(time.Second).String()})
+	}
+	fmt.Fprintf(e.stdout, "local node running\n  pid:       %d\n  socket:    %s\n  state dir: %s\n  root:      %s\n  uptime:    %s\n",
+		l.PID, l.Socket, l.StateDir, l.Root, time.Since(l.Started).Round(time.Second))
+	if l.Metrics != "" {
+		fmt.Fprintf(e.stdout, "  metrics:   http://%s/metrics\n", l.Metrics)
+	}
+	return nil
+}
+
+// stopLocal sends the node SIGTERM and waits until it has released the
+// state directory's lock, which it does last.
+func stopLocal(ctx context.Context, e *env, stateDir string, l node.Local) error {
+	p, err := os.FindProcess(l.PID)
+	if err == nil {
+		err = p.Signal(syscall.SIGTERM)
+	}
+	if err != nil {
+		return fmt.Errorf("granary: stop local node pid %d: %w", l.PID, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	fl := flock.New(filepath.Join(stateDir, node.LockFile))
+	if ok, err := fl.TryLockContext(ctx, 20*time.Millisecond); !ok || err != nil {
+		return fmt.Errorf("granary: local node pid %d did not stop: %w", l.PID, err)
+	}
+	fl.Unlock()
+	fmt.Fprintf(e.stderr, "granary: stopped local node (pid %d)\n", l.PID)
+	return nil
+}
+
+func writeJSON(w interface{ Write([]byte) (int, error) }, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}

@@ -1,0 +1,104 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// forwarded are the signals `run` passes on to its command.
+var forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
+
+func cmdRun(ctx context.Context, e *env, args []string) error {
+	f, err := e.newFlags("run", false)
+	if err != nil {
+		return err
+	}
+	id, argv, err := e.parseIDCmd(f, args)
+	if err != nil {
+		return err
+	}
+	lost := make(chan etcdstore.Event, 1)
+	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose(fmt.Sprintf("granary run %s", argv[0])),
+		etcdstore.WithEvents(func(ev etcdstore.Event) {
+			if ev.Kind == etcdstore.EventRefLost && ev.ID == id {
+				select {
+				case lost <- ev:
+				default:
+				}
+			}
+		}))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	h := c.store.Handle(id)
+	if err := h.IncRefContext(ctx); err != nil {
+		if errors.Is(err, core.ErrPackageNotExist) {
+			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist; build it first: granary build %s -- CMD", id, id)}
+		}
+		return err
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), f.cfg.OpTimeout)
+		defer cancel()
+		h.DecRefContext(dctx) //nolint:errcheck // Close revokes the lease anyway
+	}()
+
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, forwarded...)
+	defer signal.Stop(sigs)
+
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), EnvPkg+"="+h.OutputDirectory())
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
+	if err := cmd.Start(); err != nil {
+		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", argv[0], err)}
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+
+	var refLost bool
+	var kill <-chan time.Time
+	for {
+		select {
+		case s := <-sigs:
+			cmd.Process.Signal(s) //nolint:errcheck // it may have exited
+		case ev := <-lost:
+			refLost = true
+			fmt.Fprintf(e.stderr, "granary: the reference to %s was lost (%v); the package may be gone: stopping %s\n", id, ev.Err, argv[0])
+			cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck
+			kill = time.After(10 * time.Second)
+		case <-kill:
+			cmd.Process.Kill() //nolint:errcheck
+		case err := <-waited:
+			if refLost {
+				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: its reference to %s was lost", argv[0], id)}
+			}
+			return childExit(err)
+		}
+	}
+}
+
+// childExit passes on a child's exit: its code, or 128+signal.
+func childExit(err error) error {
+	if err == nil {
+		return nil
+	}
+	var xe *exec.ExitError
+	if !errors.As(err, &xe) {
+		return err
+	}
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return &ExitErr{Code: 128 + int(ws.Signal())}
+	}
+	return &ExitErr{Code: xe.ExitCode()}
+}
