@@ -322,3 +322,32 @@ func TestEmbeddedNode(t *testing.T) {
 		t.Errorf("after stop: ReadLocal err = %v, want ErrNoLocalNode", err)
 	}
 }
+
+func TestEmbeddedNodeExitsWhenIdle(t *testing.T) {
+	state, err := os.MkdirTemp("", "gn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	cfg := node.DefaultConfig()
+	cfg.Root = t.TempDir()
+	cfg.StateDir = state
+	cfg.GCInterval = 0
+	cfg.IdleTimeout = 400 * time.Millisecond
+	n, err := node.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nothing but the node's own leases: Run must end by itself, cleanly.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := n.Run(ctx); err != nil {
+		t.Fatalf("Run = %v, want nil after the idle period", err)
+	}
+	if ctx.Err() != nil {
+		t.Fatal("Run ended only because the test gave up: the idle exit did not happen")
+	}
+	if _, err := node.ReadLocal(state); !errors.Is(err, node.ErrNoLocalNode) {
+		t.Errorf("after idle exit: ReadLocal err = %v, want ErrNoLocalNode", err)
+	}
+}

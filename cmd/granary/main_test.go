@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/rogpeppe/go-internal/testscript"
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/node"
 )
@@ -54,6 +57,7 @@ func TestScripts(t *testing.T) {
 			"etcd":     cmdEtcd,
 			"exitcode": cmdExitcode,
 			"waitfile": cmdWaitfile,
+			"steal":    cmdSteal,
 		},
 	})
 }
@@ -93,21 +97,51 @@ func cmdExitcode(ts *testscript.TestScript, neg bool, args []string) {
 	}
 }
 
-// waitfile FILE waits until FILE exists (a background command's signal
-// that it reached a point), watching with inotify-free polling of the
-// directory is avoided: the background process creates the file before it
-// blocks, and we wait on the process tree's progress with a bounded loop.
+// waitfile FILE waits, at most 60 s, until FILE exists: a background
+// command creates it to say it reached a point (for example, holds its
+// reference). Another process's progress cannot be watched from the script,
+// so this is a bounded poll of the file system, in one place.
 func cmdWaitfile(ts *testscript.TestScript, neg bool, args []string) {
-	if len(args) != 1 {
+	if neg || len(args) != 1 {
 		ts.Fatalf("usage: waitfile FILE")
 	}
-	path := ts.MkAbs(args[0])
-	// The script cannot block on another process otherwise; sh's own
-	// polling keeps this in one place and bounded.
-	err := ts.Exec("sh", "-c", `i=0; while [ ! -e "$1" ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 1; sleep 0.05; done`, "sh", path)
+	err := ts.Exec("sh", "-c", `i=0; while [ ! -e "$1" ]; do i=$((i+1)); [ $i -gt 1200 ] && exit 1; sleep 0.05; done`, "sh", ts.MkAbs(args[0]))
 	if err != nil {
 		ts.Fatalf("%s did not appear within 60s", args[0])
 	}
+}
+
+// steal ID makes the holders of package ID lose it: it revokes the lease of
+// every reference to ID and removes the package before the holders notice
+// (they learn of a revoked lease only at their next keep-alive, TTL/3
+// later). If a holder was quicker and took its reference again, it tries
+// again, at most 20 times.
+func cmdSteal(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 1 {
+		ts.Fatalf("usage: steal ID")
+	}
+	ctx := context.Background()
+	cli, err := clientv3.New(etcdtest.ClientConfig(ts.Getenv("ETCD")))
+	ts.Check(err)
+	defer cli.Close()
+	s, err := etcdstore.New(ctx, cli, ts.Getenv("GRANARY_ROOT"), etcdstore.WithHost("thief"))
+	ts.Check(err)
+	defer s.Close()
+	for range 20 {
+		info, err := s.Inspect(ctx, args[0])
+		ts.Check(err)
+		for _, r := range info.Refs {
+			id, err := strconv.ParseInt(r.Lease, 16, 64)
+			ts.Check(err)
+			cli.Revoke(ctx, clientv3.LeaseID(id)) //nolint:errcheck // may be gone already
+		}
+		ok, err := s.Handle(args[0]).TryRemoveContext(ctx)
+		ts.Check(err)
+		if ok {
+			return
+		}
+	}
+	ts.Fatalf("could not remove %s from under its holders", args[0])
 }
 
 // stopLeftoverNode ends a local node a failed script did not stop.

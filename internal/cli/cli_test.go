@@ -1,0 +1,61 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/granary-build/granary/core"
+)
+
+func TestExitCode(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want int
+	}{
+		{"nil", nil, 0},
+		{"plain", errors.New("boom"), 1},
+		{"not exist", fmt.Errorf("x: %w", core.ErrPackageNotExist), 3},
+		{"invalid id", fmt.Errorf("x: %w", core.ErrInvalidID), 2},
+		{"usage", usageErr("ls", "bad"), 2},
+		{"child code", &ExitErr{Code: 42}, 42},
+		{"wrapped exit", fmt.Errorf("ctx: %w", &ExitErr{Code: 7, Err: errors.New("x")}), 7},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := ExitCode(tt.err); got != tt.want {
+				t.Errorf("ExitCode(%v) = %d, want %d", tt.err, got, tt.want)
+			}
+		})
+	}
+	if m := Message(&ExitErr{Code: 3}); m != "" {
+		t.Errorf("Message of a silent ExitErr = %q, want empty", m)
+	}
+	if m := Message(errors.New("boom")); m != "granary: boom" {
+		t.Errorf("Message = %q, want the granary prefix", m)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"1024", 1024, true},
+		{"10K", 10 << 10, true},
+		{"1.5G", 3 << 29, true},
+		{"20GiB", 20 << 30, true},
+		{"2tb", 2 << 40, true},
+		{"", 0, false},
+		{"-1G", 0, false},
+		{"ten", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := parseSize(tt.in)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d, ok=%v", tt.in, got, err, tt.want, tt.ok)
+		}
+	}
+}
