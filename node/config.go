@@ -56,7 +56,9 @@ type Config struct {
 	GC etcdstore.PruneOptions
 
 	// IdleTimeout makes an embedded node exit after this long without any
-	// other lease (client) in its etcd; 0 means never.
+	// other lease (client) in its etcd; 0 (the default) means never. The CLI
+	// starts its background node with DefaultIdleTimeout unless told
+	// otherwise.
 	IdleTimeout time.Duration
 
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
@@ -67,7 +69,8 @@ type Config struct {
 
 // Defaults.
 const (
-	DefaultGCInterval  = 10 * time.Minute
+	DefaultGCInterval = 10 * time.Minute
+	// DefaultIdleTimeout is the idle period of a node the CLI starts.
 	DefaultIdleTimeout = 15 * time.Minute
 	// MaxSocketPath is the longest unix socket path accepted (the kernel
 	// limit is 107 bytes; we keep a margin).
@@ -90,7 +93,6 @@ func DefaultConfig() Config {
 		Name:        host,
 		GCInterval:  DefaultGCInterval,
 		GC:          etcdstore.PruneOptions{OlderThan: 30 * 24 * time.Hour, MaxRemovals: 100},
-		IdleTimeout: DefaultIdleTimeout,
 		OpTimeout:   etcdstore.DefaultOpTimeout,
 		DialTimeout: 5 * time.Second,
 	}

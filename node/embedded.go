@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"net/url"
 	"os"
@@ -41,6 +42,12 @@ func StartEmbedded(ctx context.Context, dir string) (*Embedded, error) {
 	cfg.ListenPeerUrls = []url.URL{peer}
 	cfg.AdvertisePeerUrls = []url.URL{peer}
 	cfg.InitialCluster = cfg.Name + "=" + peer.String()
+	// The cluster ID derives from the member's name, URLs and this token.
+	// Without a random token every host's embedded etcd (and a state dir
+	// wiped and made again) would get the same cluster ID, and the shared
+	// root's binding could not tell two clusters apart. The token only
+	// matters when the data directory is created; later starts keep the ID.
+	cfg.InitialClusterToken = "granary-" + rand.Text()
 	cfg.AutoCompactionMode = embed.CompactorModePeriodic
 	cfg.AutoCompactionRetention = "1h"
 	// One member on one host: a short election keeps start-up quick.

@@ -52,6 +52,8 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		var xe *exec.ExitError
 		switch {
+		case ctx.Err() != nil:
+			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
 		case errors.As(err, &xe) && ran:
 			return &ExitErr{Code: max(xe.ExitCode(), 1), Err: fmt.Errorf("granary: build %q failed: %s: %v (log: %s)", id, argv[0], xe, logPath)}
 		case ran && logPath != "":

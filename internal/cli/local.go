@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -49,6 +50,10 @@ func (e *env) ensureLocalNode(ctx context.Context, cfg node.Config) error {
 // startNode re-executes this program as `granary serve` in a new session,
 // detached, logging to <state>/node.log, and waits until it is ready.
 func startNode(ctx context.Context, cfg node.Config) error {
+	idle := cfg.IdleTimeout
+	if idle == 0 {
+		idle = node.DefaultIdleTimeout
+	}
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("granary: cannot find own executable to start the local node: %w", err)
@@ -65,7 +70,7 @@ func startNode(ctx context.Context, cfg node.Config) error {
 		Args: []string{"granary", "serve",
 			"--root", cfg.Root, "--state-dir", cfg.StateDir, "--prefix", cfg.Prefix,
 			"--ttl", strconv.Itoa(int(cfg.TTL / time.Second)), "--host", cfg.Name,
-			"--idle-timeout", cfg.IdleTimeout.String()},
+			"--idle-timeout", idle.String()},
 		Env:         append(os.Environ(), node.EnvEndpoints+"="),
 		Stdout:      logf,
 		Stderr:      logf,
@@ -90,7 +95,13 @@ func startNode(ctx context.Context, cfg node.Config) error {
 			if _, rerr := node.ReadLocal(cfg.StateDir); rerr == nil {
 				return nil // another node won the state directory
 			}
-			return fmt.Errorf("granary: the local node exited (%v) before it was ready:\n%s(log: %s)", err, logTail(logPath, off), logPath)
+			tail := logTail(logPath, off)
+			hint := ""
+			if strings.Contains(tail, "root bound to another etcd cluster") {
+				hint = fmt.Sprintf("\nthe shared root %s belongs to another etcd cluster than the local node's (in %s): "+
+					"pass --endpoints of the cluster that owns it, or --root for another root", cfg.Root, cfg.StateDir)
+			}
+			return fmt.Errorf("granary: the local node exited (%v) before it was ready:\n%s(log: %s)%s", err, tail, logPath, hint)
 		case <-ctx.Done():
 			cmd.Process.Kill()
 			return fmt.Errorf("granary: the local node was not ready after %v (log: %s): %w", startTimeout, logPath, ctx.Err())
