@@ -413,7 +413,7 @@ func (s *Store) publish(ctx context.Context, l *lock, id string, buildRev int64,
 			clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", buildRev), // and our attempt record stands
 		).
 		Then(
-			clientv3.OpPut(s.availKey(id), val),            // available, for good (no lease)
+			clientv3.OpPut(s.availKey(id), val),              // available, for good (no lease)
 			clientv3.OpPut(s.atimeKey(id), formatNanos(now)), // fresh packages are not pruned first
 			clientv3.OpDelete(s.buildKey(id)),                // the attempt is over
 			l.releaseOp(),                                    // and so is our hold on the lock

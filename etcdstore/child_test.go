@@ -1,3 +1,5 @@
 package etcdstore_test
+
 const childEnv = "GRANARY_TEST_CHILD"
+
 func childMain() int { return 0 }

@@ -116,12 +116,12 @@ func (s *Store) refInfo(id string, kv *kv) RefInfo {
 
 // Summary is one line of List.
 type Summary struct {
-	ID      string         `json:"id"`
-	State   State          `json:"state"`
-	Package *PackageRecord `json:"package,omitempty"`
-	Build   *BuildRecord   `json:"build,omitempty"`
-	Refs    int            `json:"refs"`
-	ATime   time.Time      `json:"atime,omitzero"`
+	ID       string         `json:"id"`
+	State    State          `json:"state"`
+	Package  *PackageRecord `json:"package,omitempty"`
+	Build    *BuildRecord   `json:"build,omitempty"`
+	Refs     int            `json:"refs"`
+	ATime    time.Time      `json:"atime,omitzero"`
 	atimeRev int64
 }
 

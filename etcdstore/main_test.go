@@ -6,7 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"strings"
+
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -34,3 +37,7 @@ func newStore(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstore
 	t.Cleanup(func() { s.Close(); cli.Close() })
 	return s
 }
+
+func clientv3New(cfg clientv3.Config) (*clientv3.Client, error) { return clientv3.New(cfg) }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -143,7 +143,6 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	return rep, nil
 }
 
-
 // sweepDirs moves orphan package directories to the trash and deletes old
 // trash entries.
 func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time.Duration, rep *PruneReport) error {

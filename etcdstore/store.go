@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -40,6 +41,8 @@ type Store struct {
 	closed  bool
 	sess    *session      // nil while a new lease is being made
 	ready   chan struct{} // closed when sess is set or the store closes
+	sessErr error         // why the last attempt at a new lease failed
+	retired []clientv3.LeaseID // leases given up on but not yet revoked
 	flights map[string]*flight
 	locals  map[string]*localLock
 	refs    map[string][]*ref // by package ID, newest last
@@ -153,11 +156,18 @@ func (s *Store) Close() error {
 
 	s.cancel()
 	s.wg.Wait()
-	if sess == nil {
-		return nil
+	s.mu.Lock()
+	leases := s.retired
+	s.mu.Unlock()
+	if sess != nil {
+		sess.end(ErrClosed)
+		leases = append(leases, sess.id)
 	}
-	sess.end(ErrClosed)
-	return s.revoke(sess.id)
+	var errs []error
+	for _, id := range leases {
+		errs = append(errs, s.revoke(id))
+	}
+	return errors.Join(errs...)
 }
 
 func (s *Store) revoke(id clientv3.LeaseID) error {
@@ -246,6 +256,7 @@ func (s *Store) install(ss *session) bool {
 		return false
 	}
 	s.sess = ss
+	s.sessErr = nil
 	close(s.ready)
 	s.mu.Unlock()
 	return true
@@ -292,6 +303,7 @@ func (s *Store) lost(ss *session, why error) {
 	}
 	s.sess = nil
 	s.ready = make(chan struct{})
+	s.retired = append(s.retired, ss.id)
 	s.mu.Unlock()
 
 	cause := fmt.Errorf("%w: %v", ErrLeaseLost, why)
@@ -315,6 +327,9 @@ func (s *Store) reestablish(old *session) {
 		ss, err = s.newSession(s.ctx)
 		return err
 	}, b, func(err error, next time.Duration) {
+		s.mu.Lock()
+		s.sessErr = err
+		s.mu.Unlock()
 		s.opt.logger.Warn("cannot make a new etcd lease yet", "err", err, "retry_in", next)
 	})
 	if err != nil {
@@ -330,14 +345,21 @@ func (s *Store) reestablish(old *session) {
 	// its lock keys and the references we just took again do not linger.
 	if err := s.revoke(old.id); err != nil {
 		s.opt.logger.Debug("old lease not revoked; it will expire", "err", err)
+		return
 	}
+	s.mu.Lock()
+	s.retired = slices.DeleteFunc(s.retired, func(id clientv3.LeaseID) bool { return id == old.id })
+	s.mu.Unlock()
 }
 
-// session returns the current lease, waiting while a new one is made.
+// session returns the current lease. While a new one is being made it
+// waits, for at most the operation timeout, so that no call hangs while
+// etcd is away.
 func (s *Store) session(ctx context.Context) (*session, error) {
+	var deadline <-chan time.Time
 	for {
 		s.mu.Lock()
-		closed, ss, ready := s.closed, s.sess, s.ready
+		closed, ss, ready, lastErr := s.closed, s.sess, s.ready, s.sessErr
 		s.mu.Unlock()
 		if closed {
 			return nil, ErrClosed
@@ -345,19 +367,24 @@ func (s *Store) session(ctx context.Context) (*session, error) {
 		if ss != nil && ss.ctx.Err() == nil {
 			return ss, nil
 		}
+		if deadline == nil {
+			t := time.NewTimer(s.opt.opTimeout)
+			defer t.Stop()
+			deadline = t.C
+		}
 		if ss != nil {
-			// The guard has not retired it yet; wait for it to.
-			select {
-			case <-ctx.Done():
-				return nil, fmt.Errorf("waiting for a new etcd lease: %w", ctx.Err())
-			case <-time.After(10 * time.Millisecond):
-			}
-			continue
+			ready = nil // the guard has not retired it yet; poll briefly
 		}
 		select {
 		case <-ready:
+		case <-time.After(10 * time.Millisecond):
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for a new etcd lease: %w", ctx.Err())
+			return nil, fmt.Errorf("%w: waiting for a new lease: %w", ErrLeaseLost, ctx.Err())
+		case <-deadline:
+			if lastErr == nil {
+				lastErr = errors.New("still trying")
+			}
+			return nil, fmt.Errorf("%w: no new lease within %v (last attempt: %v)", ErrLeaseLost, s.opt.opTimeout, lastErr)
 		}
 	}
 }

@@ -32,6 +32,7 @@ type ExitErr struct {
 	Err  error
 }
 
+// Error returns the reason, or the exit status when there is none.
 func (e *ExitErr) Error() string {
 	if e.Err == nil {
 		return fmt.Sprintf("exit status %d", e.Code)
