@@ -61,6 +61,10 @@ type Config struct {
 	// otherwise.
 	IdleTimeout time.Duration
 
+	// Events, if set, receives the node store's events (after the node's
+	// metrics have seen them). It must not block.
+	Events func(etcdstore.Event)
+
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
 	OpTimeout   time.Duration

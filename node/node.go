@@ -105,7 +105,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if n.cli, err = Dial(ctx, &n.cfg); err != nil {
 		return nil, err
 	}
-	n.store, err = etcdstore.New(ctx, n.cli, cfg.Root, cfg.StoreOptions(log, etcdstore.WithEvents(n.m.event), etcdstore.WithPurpose("granary node"))...)
+	n.store, err = etcdstore.New(ctx, n.cli, cfg.Root, cfg.StoreOptions(log, etcdstore.WithEvents(n.event), etcdstore.WithPurpose("granary node"))...)
 	if err != nil {
 		return nil, err
 	}
@@ -123,6 +123,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 		}
 	}
 	return n, nil
+}
+
+func (n *Node) event(e etcdstore.Event) {
+	n.m.event(e)
+	if n.cfg.Events != nil {
+		n.cfg.Events(e)
+	}
 }
 
 // Store returns the node's store. Builds and references taken through it

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
-	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -190,24 +189,28 @@ func TestGCLoopRemovesUnusedSparesReferenced(t *testing.T) {
 	if err := obs.Handle("held").IncRefContext(context.Background()); err != nil {
 		t.Fatalf("IncRef: %v", err)
 	}
-	cli := obs.Client()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cur, err := cli.Get(ctx, "x")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wch := cli.Watch(ctx, etcdstore.DefaultPrefix+"avail/old", clientv3.WithRev(cur.Header.Revision+1), clientv3.WithFilterPut())
-
+	removed := make(chan string, 10)
 	cfg := testConfig(t, srv, root)
 	cfg.GCInterval = 50 * time.Millisecond
 	cfg.GC = etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1}
+	cfg.Events = func(e etcdstore.Event) {
+		if e.Kind == etcdstore.EventRemoved {
+			select {
+			case removed <- e.ID:
+			default:
+			}
+		}
+	}
 	startNode(t, cfg)
 
+	// EventRemoved comes once the package is gone from etcd and its tree
+	// is in the trash.
 	select {
-	case wr := <-wch:
-		if err := wr.Err(); err != nil {
-			t.Fatalf("watch: %v", err)
+	case id := <-removed:
+		if id != "old" {
+			t.Fatalf("the GC loop removed %q, want only \"old\"", id)
 		}
 	case <-ctx.Done():
 		t.Fatal("the GC loop did not remove the unreferenced package")

@@ -1,7 +1,3 @@
-// Command granary is the command line of Granary, a package store shared by
-// the hosts of a build farm. All of its logic is in internal/cli; main only
-// wires signals and maps errors to exit codes (0 ok, 1 error, 2 usage, 3
-// package does not exist; `granary run` exits with its command's code).
 package main
 
 import (
