@@ -39,9 +39,9 @@ type Store struct {
 
 	mu      sync.Mutex
 	closed  bool
-	sess    *session      // nil while a new lease is being made
-	ready   chan struct{} // closed when sess is set or the store closes
-	sessErr error         // why the last attempt at a new lease failed
+	sess    *session           // nil while a new lease is being made
+	ready   chan struct{}      // closed when sess is set or the store closes
+	sessErr error              // why the last attempt at a new lease failed
 	retired []clientv3.LeaseID // leases given up on but not yet revoked
 	flights map[string]*flight
 	locals  map[string]*localLock
