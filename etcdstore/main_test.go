@@ -25,6 +25,25 @@ func TestMain(m *testing.M) {
 // testTTL is the shortest TTL the store accepts: expiry tests wait for it.
 const testTTL = 3 * time.Second
 
+// newStoreB is newStore for benchmarks.
+func newStoreB(b *testing.B, srv *etcdtest.Server) *etcdstore.Store {
+	b.Helper()
+	cli := srv.Client(b)
+	s, err := etcdstore.New(context.Background(), cli, b.TempDir(), etcdstore.WithTTL(testTTL))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close(); cli.Close() })
+	return s
+}
+
+func buildB(b *testing.B, s *etcdstore.Store, id string) {
+	b.Helper()
+	if err := s.Handle(id).Build(func() error { return nil }); err != nil {
+		b.Fatal(err)
+	}
+}
+
 // newStore opens a store on its own client of srv, closed at cleanup.
 func newStore(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstore.Option) *etcdstore.Store {
 	t.Helper()

@@ -1,0 +1,96 @@
+package etcdstore_test
+
+import (
+	"context"
+	"strconv"
+	"sync/atomic"
+	"testing"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/internal/etcdtest"
+)
+
+// The hot paths next to a raw etcd baseline on the same embedded server:
+//
+//	go test -run '^$' -bench . -benchtime 2000x ./etcdstore/
+
+// BenchmarkRawPut is the baseline: one Put, one Raft write.
+func BenchmarkRawPut(b *testing.B) {
+	srv := etcdtest.Start(b)
+	cli := srv.Client(b)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		if _, err := cli.Put(ctx, "/raw/"+strconv.Itoa(i%64), "x"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkRawTxnPair is the baseline for IncRef+DecRef: the same two
+// writes (a guarded Txn putting two keys, then a Delete) on plain keys.
+func BenchmarkRawTxnPair(b *testing.B) {
+	srv := etcdtest.Start(b)
+	cli := srv.Client(b)
+	ctx := context.Background()
+	cli.Put(ctx, "/raw/avail", "x")
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		k := "/raw/ref/" + strconv.Itoa(i)
+		if _, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision("/raw/avail"), ">", 0)).
+			Then(clientv3.OpPut(k, "x"), clientv3.OpPut("/raw/atime", "1")).Commit(); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := cli.Delete(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkIncRefDecRef takes and releases a reference on a published
+// package.
+func BenchmarkIncRefDecRef(b *testing.B) {
+	srv := etcdtest.Start(b)
+	s := newStoreB(b, srv)
+	buildB(b, s, "hot")
+	h := s.Handle("hot")
+	b.ResetTimer()
+	for b.Loop() {
+		if err := h.IncRef(); err != nil {
+			b.Fatal(err)
+		}
+		if err := h.DecRef(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkBuildAvailable is Build on a published package: the fast path.
+func BenchmarkBuildAvailable(b *testing.B) {
+	srv := etcdtest.Start(b)
+	s := newStoreB(b, srv)
+	buildB(b, s, "ready")
+	h := s.Handle("ready")
+	b.ResetTimer()
+	for b.Loop() {
+		if err := h.Build(func() error { b.Fatal("builder ran"); return nil }); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkBuildDistinct builds a new trivial package per iteration:
+// lock, record, seal, publish.
+func BenchmarkBuildDistinct(b *testing.B) {
+	srv := etcdtest.Start(b)
+	s := newStoreB(b, srv)
+	var n atomic.Int64
+	b.ResetTimer()
+	for b.Loop() {
+		id := "distinct-" + strconv.FormatInt(n.Add(1), 10)
+		if err := s.Handle(id).Build(func() error { return nil }); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
