@@ -146,6 +146,10 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdNode(ctx context.Context, e *env, args []string) error {
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		fmt.Fprintf(e.stdout, "usage: granary node status [--json] | granary node stop\n\n%s.\n", commands["node"].short)
+		return nil
+	}
 	if len(args) == 0 || (args[0] != "status" && args[0] != "stop") {
 		return usageErr("node", "want 'status' or 'stop'")
 	}
