@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
@@ -60,7 +61,7 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 		return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
 	}
 	info := Info{ID: id, State: StateAbsent, OutputDir: s.outputDir(id), LogDir: s.logDir(id), Refs: []RefInfo{}}
-	r := func(i int) []*kv { return kvsOf(resp.Responses[i].GetResponseRange().Kvs) }
+	r := func(i int) []*mvccpb.KeyValue { return resp.Responses[i].GetResponseRange().Kvs }
 	if kvs := r(0); len(kvs) > 0 {
 		if info.Package, err = decode[PackageRecord](kvs[0].Value); err != nil {
 			return Info{}, err
@@ -87,24 +88,7 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 	return info, nil
 }
 
-type kv struct {
-	Key, Value  []byte
-	ModRevision int64
-}
-
-func kvsOf[T interface {
-	GetKey() []byte
-	GetValue() []byte
-	GetModRevision() int64
-}](in []T) []*kv {
-	out := make([]*kv, len(in))
-	for i, x := range in {
-		out[i] = &kv{Key: x.GetKey(), Value: x.GetValue(), ModRevision: x.GetModRevision()}
-	}
-	return out
-}
-
-func (s *Store) refInfo(id string, kv *kv) RefInfo {
+func (s *Store) refInfo(id string, kv *mvccpb.KeyValue) RefInfo {
 	rest := strings.TrimPrefix(string(kv.Key), s.refPrefix(id))
 	lease, _, _ := strings.Cut(rest, "/")
 	ri := RefInfo{Lease: lease}
@@ -138,7 +122,7 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		byID[id] = x
 		return x
 	}
-	err := s.scan(ctx, "avail/", false, func(id string, k *kv) error {
+	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
 		p, err := decode[PackageRecord](k.Value)
 		if err != nil {
 			return err
@@ -148,7 +132,7 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		return nil
 	})
 	if err == nil {
-		err = s.scan(ctx, "build/", false, func(id string, k *kv) error {
+		err = s.scan(ctx, "build/", false, func(id string, k *mvccpb.KeyValue) error {
 			b, err := decode[BuildRecord](k.Value)
 			if err != nil {
 				return err
@@ -165,7 +149,7 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		})
 	}
 	if err == nil {
-		err = s.scan(ctx, "atime/", false, func(id string, k *kv) error {
+		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
 			if x := byID[id]; x != nil {
 				x.ATime, x.atimeRev = parseNanos(k.Value), k.ModRevision
 			}
@@ -173,7 +157,7 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		})
 	}
 	if err == nil {
-		err = s.scan(ctx, "ref/", true, func(rest string, _ *kv) error {
+		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
 			id, _, _ := strings.Cut(rest, "/")
 			if x := byID[id]; x != nil {
 				x.Refs++
@@ -196,7 +180,7 @@ const pageSize = 1000
 
 // scan calls fn for every key under P/<kind>, a page at a time, with the
 // key's remainder after the kind.
-func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(rest string, k *kv) error) error {
+func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(rest string, k *mvccpb.KeyValue) error) error {
 	pfx := s.opt.prefix + kind
 	end := clientv3.GetPrefixRangeEnd(pfx)
 	from := pfx
@@ -216,7 +200,7 @@ func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(re
 			return err
 		}
 		rev = resp.Header.Revision
-		for _, k := range kvsOf(resp.Kvs) {
+		for _, k := range resp.Kvs {
 			if err := fn(strings.TrimPrefix(string(k.Key), pfx), k); err != nil {
 				return err
 			}

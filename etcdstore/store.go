@@ -372,12 +372,15 @@ func (s *Store) session(ctx context.Context) (*session, error) {
 			defer t.Stop()
 			deadline = t.C
 		}
+		var retry <-chan time.Time
 		if ss != nil {
-			ready = nil // the guard has not retired it yet; poll briefly
+			// The lease is cancelled but the guard has not retired it yet
+			// (a moment's race): look again shortly.
+			ready, retry = nil, time.After(10*time.Millisecond)
 		}
 		select {
 		case <-ready:
-		case <-time.After(10 * time.Millisecond):
+		case <-retry:
 		case <-ctx.Done():
 			return nil, fmt.Errorf("%w: waiting for a new lease: %w", ErrLeaseLost, ctx.Err())
 		case <-deadline:
