@@ -55,12 +55,16 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 	}
 	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.OpTimeout)
 	defer cancel()
-	if _, err := cli.Get(cctx, "health", clientv3.WithCountOnly()); err != nil {
+	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
 		cli.Close()
 		return nil, fmt.Errorf("%w: %v within %v: %v", ErrUnreachable, eps, c.OpTimeout, err)
 	}
 	return cli, nil
 }
+
+// healthKey is the key read to check that etcd answers: under the prefix,
+// so a user whose etcd role covers only the prefix may read it.
+func (c *Config) healthKey() string { return c.Prefix + "health" }
 
 // StoreOptions are the etcdstore options c implies, followed by extra.
 func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []etcdstore.Option {

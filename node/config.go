@@ -220,6 +220,8 @@ func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
 	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
+	fs.DurationVar(&c.GC.Grace, "gc-grace", c.GC.Grace, "never prune what was used this recently (0: etcdstore's default, negative: none)")
+	fs.IntVar(&c.GC.MaxRemovals, "gc-max", c.GC.MaxRemovals, "most packages removed per sweep (0: no limit)")
 }
 
 // Embedded reports whether c uses the embedded etcd (no endpoints).

@@ -156,7 +156,7 @@ func (n *Node) handler() http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(r.Context()), 2*time.Second)
 		defer cancel()
-		if _, err := n.cli.Get(ctx, "health", clientv3.WithCountOnly()); err != nil {
+		if _, err := n.cli.Get(ctx, n.cfg.healthKey(), clientv3.WithCountOnly()); err != nil {
 			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}
