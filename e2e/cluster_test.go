@@ -298,3 +298,20 @@ func (c *cluster) dockerDo(verb, service string, extra ...string) {
 
 // network is the project's default network.
 func (c *cluster) network() string { return c.project + "_default" }
+
+// killMatching sends SIGTERM to the processes in service's container whose
+// command line is pattern or starts with pattern and a space (busybox has
+// no pkill), and returns how many it signalled.
+func (c *cluster) killMatching(service, pattern string) int {
+	c.t.Helper()
+	ps := c.exec(context.Background(), service, "ps", "-o", "pid,args")
+	n := 0
+	for _, line := range strings.Split(ps.out, "\n")[1:] {
+		pid, args, ok := strings.Cut(strings.TrimSpace(line), " ")
+		if ok && (args == pattern || strings.HasPrefix(args, pattern+" ")) {
+			c.exec(context.Background(), service, "kill", pid)
+			n++
+		}
+	}
+	return n
+}

@@ -206,7 +206,9 @@ func TestPartition(t *testing.T) {
 		t.Fatalf("run of the kept package ended: %s", r)
 	default:
 	}
-	c.sh("worker3", "pkill -f 'sleep 1002'")
+	if c.killMatching("worker3", "sleep 1002") != 1 {
+		t.Fatalf("the command of run kept is not running")
+	}
 	c.wait(keptRun, takeover, "run of the kept package after its command was killed")
 	logs, _ := c.compose(t.Context(), "logs", "--no-color", "worker3")
 	if !strings.Contains(logs, "lease lost") {
@@ -286,7 +288,7 @@ func TestGCUnderLoad(t *testing.T) {
 		})
 	}
 	// Load: reference churn on a held package and builds of new ones.
-	c.sh("worker1", `(while true; do granary run held-a -- true; granary build "load-$$-$RANDOM" -- true; done) >/dev/null 2>&1 &`)
+	c.sh("worker1", `(while true; do granary run held-a -- true; granary build "load-$RANDOM" -- true; done) >/dev/null 2>&1 &`)
 
 	gc := c.background("worker3", "serve", "--host", "gc3", "--state-dir", "/tmp/gc3", "--listen-metrics", "",
 		"--gc-interval", "1s", "--gc-older-than", "1s", "--gc-grace", "-1ns", "--gc-max", "0")
@@ -302,13 +304,13 @@ func TestGCUnderLoad(t *testing.T) {
 			c.must("worker2", "verify", id)
 		}
 	}
-	c.sh("worker3", "pkill -f 'host gc3'")
-	c.sh("worker1", "pkill -f 'while true'; pkill sh")
+	c.killMatching("worker3", "granary serve --host gc3")
+	c.killMatching("worker1", "sh -c (while true;")
 	if r := c.wait(gc, takeover, "the GC node"); r.code != 0 {
 		t.Logf("GC node: %s", r)
 	}
-	c.sh("worker2", "pkill -f 'sleep 1003'")
-	c.sh("worker3", "pkill -f 'sleep 1003'")
+	c.killMatching("worker2", "sleep 1003")
+	c.killMatching("worker3", "sleep 1003")
 	for _, ch := range []<-chan result{holdA, holdB} {
 		c.wait(ch, takeover, "a holder after its command was killed")
 	}

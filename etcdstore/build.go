@@ -331,8 +331,14 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 		s.emit(Event{Kind: EventBuilding, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir})
 		bctx, stop := mergeCancel(ctx, ss.ctx)
 		err = runBuilder(bctx, builder)
-		if err == nil && bctx.Err() != nil {
-			err = context.Cause(bctx) // the builder ignored its cancellation
+		switch cause := context.Cause(bctx); {
+		case cause == nil:
+		case err == nil:
+			err = cause // the builder ignored its cancellation
+		case !errors.Is(err, cause):
+			// Say why the builder was stopped ("signal: killed" alone
+			// does not tell a lost lease from a crash).
+			err = fmt.Errorf("%w (builder stopped: %w)", err, cause)
 		}
 		stop()
 		if err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -181,6 +182,9 @@ func TestLeaseLostNeverPublishes(t *testing.T) {
 				t.Fatal("zombie Build = nil, want an error: it lost its lease")
 			}
 			t.Logf("zombie Build: %v", err)
+			if !errors.Is(err, etcdstore.ErrLeaseLost) && !errors.Is(err, etcdstore.ErrFenced) {
+				t.Errorf("zombie Build error says neither lost lease nor fencing: %v", err)
+			}
 			info, ierr := other.Inspect(context.Background(), "contested")
 			if ierr != nil || info.Package == nil || info.Package.BuiltBy != "other" {
 				t.Fatalf("published package = %+v, %v; want the takeover's", info.Package, ierr)
@@ -306,4 +310,31 @@ func TestForeignClusterRefused(t *testing.T) {
 	if !errors.Is(err, etcdstore.ErrForeignCluster) {
 		t.Fatalf("New with another prefix = %v, want ErrForeignCluster", err)
 	}
+}
+
+// TestBuilderStoppedByLeaseLoss: a builder that honours its cancellation
+// fails with its own error ("signal: killed"), and Build says why it was
+// stopped.
+func TestBuilderStoppedByLeaseLoss(t *testing.T) {
+	srv := etcdtest.Start(t)
+	s := newStore(t, srv, t.TempDir(), etcdstore.WithHost("victim"))
+	h := s.Handle("stopped")
+	started := make(chan struct{})
+	errc := make(chan error, 1)
+	go func() {
+		errc <- h.BuildContext(context.Background(), func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done()
+			return errors.New("sh: signal: killed")
+		})
+	}()
+	<-started
+	if _, err := srv.Client(t).Revoke(context.Background(), s.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	err := <-errc
+	if !errors.Is(err, etcdstore.ErrLeaseLost) || !strings.Contains(err.Error(), "signal: killed") {
+		t.Fatalf("Build = %v; want the builder's error and the lost lease", err)
+	}
+	t.Log(err)
 }

@@ -54,6 +54,9 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 		switch {
 		case ctx.Err() != nil:
 			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
+		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
+			// Not the builder's fault: say why it was stopped or refused.
+			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
 		case errors.As(err, &xe) && ran:
 			return &ExitErr{Code: max(xe.ExitCode(), 1), Err: fmt.Errorf("granary: build %q failed: %s: %v (log: %s)", id, argv[0], xe, logPath)}
 		case ran && logPath != "":
