@@ -2,10 +2,15 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/url"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -57,9 +62,69 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 	defer cancel()
 	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
 		cli.Close()
-		return nil, fmt.Errorf("%w: %v within %v: %v", ErrUnreachable, eps, c.OpTimeout, err)
+		if errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrUserNotFound) ||
+			errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrInvalidAuthToken) {
+			who := "the client certificate's CN"
+			if c.User != "" {
+				who = fmt.Sprintf("user %q", c.User)
+			}
+			return nil, fmt.Errorf("%w: etcd at %v refused %s read access to the prefix %q: %v (etcd auth: the user needs a role with read-write on the prefix)",
+				ErrPermission, eps, who, c.Prefix, err)
+		}
+		why := err.Error()
+		if d := diagnose(eps, cc.TLS); d != "" {
+			why += "; " + d
+		}
+		return nil, fmt.Errorf("%w: %v within %v: %s", ErrUnreachable, eps, c.OpTimeout, why)
 	}
 	return cli, nil
+}
+
+// ErrPermission means etcd answered but refused the credentials.
+var ErrPermission = errors.New("granary: etcd refused access")
+
+// diagnose looks for the cause that gRPC hides behind "context deadline
+// exceeded": it dials the first endpoint itself and, with TLS, completes a
+// handshake and waits briefly for the server's alert (TLS 1.3 servers reject
+// a client certificate after the client's handshake has finished). It
+// returns "" when it finds nothing wrong.
+func diagnose(eps []string, tc *tls.Config) string {
+	if len(eps) == 0 {
+		return ""
+	}
+	u, err := url.Parse(eps[0])
+	if err != nil || u.Host == "" || u.Scheme == "unix" || u.Scheme == "unixs" {
+		return ""
+	}
+	const timeout = 2 * time.Second
+	conn, err := net.DialTimeout("tcp", u.Host, timeout)
+	if err != nil {
+		return fmt.Sprintf("%s: %v", eps[0], err)
+	}
+	defer conn.Close()
+	if tc == nil {
+		return ""
+	}
+	tc = tc.Clone()
+	if tc.ServerName == "" {
+		tc.ServerName = u.Hostname()
+	}
+	tlsConn := tls.Client(conn, tc)
+	tlsConn.SetDeadline(time.Now().Add(timeout))
+	if err := tlsConn.Handshake(); err != nil {
+		return fmt.Sprintf("%s: TLS handshake: %v", eps[0], err)
+	}
+	// An HTTP/2 server waits for our preface: a timeout here means the
+	// handshake was accepted.
+	tlsConn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	var b [1]byte
+	if _, err := tlsConn.Read(b[:]); err != nil {
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			return fmt.Sprintf("%s: TLS: %v (etcd wants a client certificate signed by a CA it trusts: --cert, --key)", eps[0], err)
+		}
+	}
+	return ""
 }
 
 // healthKey is the key read to check that etcd answers: under the prefix,

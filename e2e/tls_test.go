@@ -1,0 +1,74 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// TestTLSAuth: over client TLS with etcd auth (the certificate's CN is the
+// user), build-once and references work; clients without a certificate,
+// with one from another CA, or with one whose CN is no etcd user are
+// refused with a clear error.
+func TestTLSAuth(t *testing.T) {
+	certs := t.TempDir()
+	if err := WriteCerts(certs); err != nil {
+		t.Fatal(err)
+	}
+	c := newCluster(t, clusterOpts{
+		files: []string{filepath.Join(repoRoot, "docker-compose.tls.yml")},
+		env:   []string{"GRANARY_CERTS=" + certs},
+		only:  []string{"etcd1", "etcd2", "etcd3"},
+	})
+	port, err := c.compose(context.Background(), "port", "etcd1", "2379")
+	if err != nil {
+		t.Fatalf("compose port: %v %s", err, port)
+	}
+	if err := EnableAuth(context.Background(), "https://"+strings.TrimSpace(port), certs, etcdstore.DefaultPrefix); err != nil {
+		t.Fatal(err)
+	}
+	c.up()
+
+	buildOnce(t, c, "tls-once", 4)
+
+	holder := c.background("worker2", "run", "tls-once", "--", "sleep", "1004")
+	c.eventually(takeover, "worker2's reference", func() (bool, string) {
+		hosts := c.refHosts("worker1", "tls-once")
+		return slices.Equal(hosts, []string{"worker2"}), fmt.Sprint(hosts)
+	})
+	if r := c.granary("worker1", "rm", "tls-once"); r.code == 0 {
+		t.Fatalf("rm under a reference succeeded: %s", r)
+	}
+	c.killMatching("worker2", "sleep 1004")
+	c.wait(holder, takeover, "run after its command was killed")
+	c.must("worker1", "rm", "tls-once")
+
+	for _, bad := range []struct {
+		name string
+		env  []string
+		want string // in the error
+	}{
+		{"no client certificate", []string{"GRANARY_CERT=", "GRANARY_KEY="}, "certificate"},
+		{"certificate from another CA", []string{"GRANARY_CERT=/certs/rogue.pem", "GRANARY_KEY=/certs/rogue-key.pem"}, "certificate"},
+		{"CN that is no etcd user", []string{"GRANARY_CERT=/certs/intruder.pem", "GRANARY_KEY=/certs/intruder-key.pem"}, "refused the client certificate's CN read access"},
+	} {
+		args := append([]string{"env"}, bad.env...)
+		args = append(args, "granary", "serve", "--host", "intruder", "--state-dir", "/tmp/intruder", "--listen-metrics", "")
+		ctx, cancel := context.WithTimeout(context.Background(), takeover)
+		r := c.exec(ctx, "worker3", args...)
+		cancel()
+		t.Logf("%s: %s", bad.name, r)
+		if r.code == 0 || r.code == -1 {
+			t.Errorf("%s: a node started: %s", bad.name, r)
+		} else if !strings.Contains(r.out, bad.want) {
+			t.Errorf("%s: error does not mention %q: %s", bad.name, bad.want, r)
+		}
+	}
+}
