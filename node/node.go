@@ -367,7 +367,14 @@ func (r *registration) current() clientv3.LeaseID {
 	return r.lease
 }
 
-func (r *registration) key() string { return r.n.cfg.Prefix + "node/" + r.n.cfg.Name }
+// key is P/node/<name>/<lease>: two nodes started with the same name (a
+// copied configuration, a restart while the old registration lingers) each
+// keep their own record instead of overwriting the other's.
+func (r *registration) key(lease clientv3.LeaseID) string {
+	return fmt.Sprintf("%s%x", r.namePrefix(), int64(lease))
+}
+
+func (r *registration) namePrefix() string { return r.n.cfg.Prefix + "node/" + r.n.cfg.Name + "/" }
 
 func (r *registration) run(ctx context.Context) error {
 	b := backoff.WithContext(backoff.NewExponentialBackOff(
@@ -412,8 +419,19 @@ func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeep
 	r.lease = grant.ID
 	r.mu.Unlock()
 	val, _ := json.Marshal(Registration{Name: n.cfg.Name, Version: Version, PID: os.Getpid(), Address: n.MetricsAddr(), Root: n.store.Root(), Started: n.started})
-	if _, err := n.cli.Put(cctx, r.key(), string(val), clientv3.WithLease(grant.ID)); err != nil {
+	resp, err := n.cli.Txn(cctx).Then(
+		clientv3.OpGet(r.namePrefix(), clientv3.WithPrefix()),
+		clientv3.OpPut(r.key(grant.ID), string(val), clientv3.WithLease(grant.ID)),
+	).Commit()
+	if err != nil {
 		return nil, err
+	}
+	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
+		var other Registration
+		if json.Unmarshal(kv.Value, &other) == nil && other.PID != os.Getpid() {
+			n.log.Warn("another live node has the same name; builds and references will not tell them apart",
+				"name", n.cfg.Name, "other_pid", other.PID, "other_started", other.Started, "hint", "give each node its own --host")
+		}
 	}
 	// The keep-alive ends with ctx (Run's), not with cctx.
 	return n.cli.KeepAlive(ctx, grant.ID)

@@ -354,3 +354,34 @@ func TestEmbeddedNodeExitsWhenIdle(t *testing.T) {
 		t.Errorf("after idle exit: ReadLocal err = %v, want ErrNoLocalNode", err)
 	}
 }
+
+// TestSameNameNodes: two nodes started with the same name keep separate
+// registrations; stopping one leaves the other's.
+func TestSameNameNodes(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	_, stopA := startNode(t, testConfig(t, srv, root))
+	_, stopB := startNode(t, testConfig(t, srv, root))
+	obs := observer(t, srv, root)
+	count := func(want int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			regs, err := node.ReadRegistrations(context.Background(), obs.Client(), etcdstore.DefaultPrefix)
+			if err == nil && len(regs) == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("registrations = %+v, %v; want %d", regs, err, want)
+			}
+		}
+	}
+	count(2)
+	if err := stopA(); err != nil {
+		t.Fatal(err)
+	}
+	count(1)
+	if err := stopB(); err != nil {
+		t.Fatal(err)
+	}
+	count(0)
+}
