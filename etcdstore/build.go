@@ -451,7 +451,7 @@ func (s *Store) failed(ctx context.Context, ss *session, l *lock, id string, rec
 	// Tell the waiters this attempt failed, unless it was merely abandoned
 	// (every caller cancelled): then they should simply try themselves.
 	tell := clientv3.OpPut(s.buildKey(id), mustJSON(rec), clientv3.WithLease(ss.id))
-	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) {
+	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, ErrAbandon) {
 		tell = clientv3.OpDelete(s.buildKey(id))
 	}
 	cctx, cancel := s.opCtx(context.WithoutCancel(ctx))
@@ -508,7 +508,10 @@ func (s *Store) storeCache(id string, pkg PackageRecord) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := c.Store(s.ctx, id, s.outputDir(id), pkg); err != nil {
+		// Not s.ctx: Close waits for the upload instead of cutting it
+		// short, so a short-lived store (one CLI command) still fills the
+		// cache. The cache's own deadlines bound it.
+		if err := c.Store(context.Background(), id, s.outputDir(id), pkg); err != nil {
 			s.opt.logger.Warn("remote cache upload failed", "id", id, "err", err)
 			s.emit(Event{Kind: EventCacheUploadFailed, ID: id, Err: err})
 		}
