@@ -511,9 +511,12 @@ func (s *Store) storeCache(id string, pkg PackageRecord) {
 		// Not s.ctx: Close waits for the upload instead of cutting it
 		// short, so a short-lived store (one CLI command) still fills the
 		// cache. The cache's own deadlines bound it.
+		start := time.Now()
 		if err := c.Store(context.Background(), id, s.outputDir(id), pkg); err != nil {
 			s.opt.logger.Warn("remote cache upload failed", "id", id, "err", err)
 			s.emit(Event{Kind: EventCacheUploadFailed, ID: id, Err: err})
+			return
 		}
+		s.emit(Event{Kind: EventCacheStored, ID: id, Elapsed: time.Since(start), Size: pkg.Size, Digest: pkg.Digest})
 	}()
 }

@@ -35,13 +35,16 @@ const (
 	// EventCacheUploadFailed: uploading a published package to the remote
 	// cache failed (Err). The build itself succeeded.
 	EventCacheUploadFailed
+	// EventCacheStored: a published package was uploaded to the remote
+	// cache (Elapsed: how long the upload took).
+	EventCacheStored
 )
 
 var kindNames = map[EventKind]string{
 	EventWaiting: "waiting", EventLockDelay: "lock-delay", EventBuilding: "building",
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
-	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed",
+	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
 }
 
 func (k EventKind) String() string {
