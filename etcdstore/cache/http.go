@@ -163,6 +163,22 @@ func (w *watched) Close() error {
 	return err
 }
 
+// touching wraps an upload body: each read resets the watchdog.
+type touching struct {
+	rc io.ReadCloser
+	r  *request
+}
+
+func (t *touching) Read(p []byte) (int, error) {
+	n, err := t.rc.Read(p)
+	if n > 0 {
+		t.r.touch()
+	}
+	return n, err
+}
+
+func (t *touching) Close() error { return t.rc.Close() }
+
 // do runs method on name with retries. body, if not nil, makes a fresh body
 // for each attempt. On success (2xx) the response is returned with a
 // watched body that the caller must close; 404 is errNotFound.
@@ -180,9 +196,11 @@ func (h *httpBackend) do(ctx context.Context, method, name string, body func() i
 			return backoff.Permanent(err)
 		}
 		if body != nil {
-			req.Body = &watched{rc: body(), r: r}
+			// The client closes the request body once sent: that must not
+			// end the request, so the body only resets the watchdog.
+			req.Body = &touching{rc: body(), r: r}
 			req.ContentLength = size
-			req.GetBody = func() (io.ReadCloser, error) { return &watched{rc: body(), r: r}, nil }
+			req.GetBody = func() (io.ReadCloser, error) { return &touching{rc: body(), r: r}, nil }
 		}
 		switch {
 		case h.o.token != "":
