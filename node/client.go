@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // ClientConfig turns c into an etcd client configuration for endpoints:
@@ -60,6 +61,20 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 		return nil, fmt.Errorf("%w: %v within %v: %v", ErrUnreachable, eps, c.OpTimeout, err)
 	}
 	return cli, nil
+}
+
+// OpenCache opens the remote cache c.Cache names (with c.CacheToken), or
+// returns nil, nil when there is none. It does no network I/O. The caller
+// must Close it after the stores that use it.
+func (c *Config) OpenCache() (*cache.Remote, error) {
+	if c.Cache == "" {
+		return nil, nil
+	}
+	var opts []cache.Option
+	if c.CacheToken != "" {
+		opts = append(opts, cache.WithBearerToken(c.CacheToken))
+	}
+	return cache.Open(c.Cache, opts...)
 }
 
 // StoreOptions are the etcdstore options c implies, followed by extra.
