@@ -484,6 +484,7 @@ func (s *Store) fetchCache(ctx context.Context, id string) bool {
 		if err != nil {
 			s.opt.logger.Warn("remote cache fetch failed; building instead", "id", id, "err", err)
 		}
+		s.emit(Event{Kind: EventCacheMiss, ID: id, Host: s.opt.host, PID: s.pid, Err: err})
 		// Whatever a failed fetch left behind must not mix with the build.
 		if err := s.moveToTrash(s.outputDir(id)); err == nil {
 			os.MkdirAll(s.outputDir(id), 0o755) //nolint:errcheck // the builder reports a missing directory

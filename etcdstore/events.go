@@ -38,6 +38,9 @@ const (
 	// EventCacheStored: a published package was uploaded to the remote
 	// cache (Elapsed: how long the upload took).
 	EventCacheStored
+	// EventCacheMiss: the remote cache did not provide the package, so the
+	// builder runs. Err is nil for a plain miss, else why the fetch failed.
+	EventCacheMiss
 )
 
 var kindNames = map[EventKind]string{
@@ -45,6 +48,7 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
+	EventCacheMiss: "cache-miss",
 }
 
 func (k EventKind) String() string {
