@@ -139,31 +139,9 @@ func (r *request) err(err error) error {
 	return err
 }
 
-// watched wraps a body so that each read resets the watchdog, and closing it
-// ends the request.
-type watched struct {
-	rc io.ReadCloser
-	r  *request
-}
-
-func (w *watched) Read(p []byte) (int, error) {
-	n, err := w.rc.Read(p)
-	if n > 0 {
-		w.r.touch()
-	}
-	if err != nil && err != io.EOF {
-		err = w.r.err(err)
-	}
-	return n, err
-}
-
-func (w *watched) Close() error {
-	err := w.rc.Close()
-	w.r.end()
-	return err
-}
-
-// touching wraps an upload body: each read resets the watchdog.
+// touching wraps a body so that each read resets the watchdog; the
+// request goes on when it is closed. For uploads: the client closes the
+// request body once sent, long before the answer.
 type touching struct {
 	rc io.ReadCloser
 	r  *request
@@ -174,10 +152,22 @@ func (t *touching) Read(p []byte) (int, error) {
 	if n > 0 {
 		t.r.touch()
 	}
+	if err != nil && err != io.EOF {
+		err = t.r.err(err)
+	}
 	return n, err
 }
 
 func (t *touching) Close() error { return t.rc.Close() }
+
+// watched is a response body: closing it ends the request.
+type watched struct{ touching }
+
+func (w *watched) Close() error {
+	err := w.rc.Close()
+	w.r.end()
+	return err
+}
 
 // do runs method on name with retries. body, if not nil, makes a fresh body
 // for each attempt. On success (2xx) the response is returned with a
@@ -196,8 +186,6 @@ func (h *httpBackend) do(ctx context.Context, method, name string, body func() i
 			return backoff.Permanent(err)
 		}
 		if body != nil {
-			// The client closes the request body once sent: that must not
-			// end the request, so the body only resets the watchdog.
 			req.Body = &touching{rc: body(), r: r}
 			req.ContentLength = size
 			req.GetBody = func() (io.ReadCloser, error) { return &touching{rc: body(), r: r}, nil }
@@ -217,7 +205,7 @@ func (h *httpBackend) do(ctx context.Context, method, name string, body func() i
 			return r.err(err) // connection error or timeout: transient
 		}
 		r.touch()
-		res.Body = &watched{rc: res.Body, r: r}
+		res.Body = &watched{touching{rc: res.Body, r: r}}
 		switch {
 		case res.StatusCode >= 200 && res.StatusCode < 300:
 			resp = res

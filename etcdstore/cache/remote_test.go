@@ -182,21 +182,27 @@ func TestDir(t *testing.T) {
 	})
 }
 
-func TestDirReadOnlyUploadFails(t *testing.T) {
+// unwritableDir returns a directory cache whose directory was then
+// replaced by a file: every write fails, as on a read-only mount, even for
+// root (which a read-only mode would not stop).
+func unwritableDir(t *testing.T) *cache.Remote {
+	t.Helper()
 	base := t.TempDir()
 	r, err := cache.NewDir(base)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Replace the directory by a file: every write fails, as it would on a
-	// read-only mount, even for root.
 	if err := os.Remove(base); err != nil {
 		t.Fatal(err)
 	}
 	writeFile(t, base, "")
+	return r
+}
+
+func TestDirReadOnlyUploadFails(t *testing.T) {
+	r := unwritableDir(t)
 	src, rec := published(t)
-	err = r.Store(context.Background(), "pkg", src, rec)
-	if err == nil {
+	if err := r.Store(context.Background(), "pkg", src, rec); err == nil {
 		t.Fatal("Store into an unwritable cache succeeded")
 	}
 	if st := r.Stats(); st.UploadFailures != 1 {

@@ -187,17 +187,7 @@ func TestStoreWithDirCache(t *testing.T) {
 	}
 
 	t.Run("upload failure does not fail the build", func(t *testing.T) {
-		bad := t.TempDir()
-		broken, err := cache.NewDir(bad)
-		if err != nil {
-			t.Fatal(err)
-		}
-		// Replace the directory by a file: every write fails, even as root.
-		if err := os.Remove(bad); err != nil {
-			t.Fatal(err)
-		}
-		writeFile(t, bad, "")
-		c := newHost(t, broken)
+		c := newHost(t, unwritableDir(t))
 		c.build(t, "pkg", deterministic(c, "pkg"))
 		e := c.ev.wait(t, etcdstore.EventCacheUploadFailed, "pkg")
 		t.Logf("upload failed as it should: %v", e.Err)
