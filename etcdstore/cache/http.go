@@ -199,8 +199,12 @@ func (h *httpBackend) do(ctx context.Context, method, name string, body func() i
 		res, err := h.client.Do(req)
 		if err != nil {
 			r.end()
-			if ctx.Err() != nil {
+			var certErr *tls.CertificateVerificationError
+			switch {
+			case ctx.Err() != nil:
 				return backoff.Permanent(ctx.Err())
+			case errors.As(err, &certErr):
+				return backoff.Permanent(err) // trying again will not help
 			}
 			return r.err(err) // connection error or timeout: transient
 		}

@@ -2,7 +2,14 @@ package cache_test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -55,13 +62,24 @@ http {
 		location /ro/ { }
 		location /flaky/ { return 503; }
 	}
+	server {
+		listen 127.0.0.1:{{tlsport}} ssl;
+		ssl_certificate {{dir}}/server.pem;
+		ssl_certificate_key {{dir}}/server-key.pem;
+		root {{dir}}/www;
+		location /cache/ {
+			dav_methods PUT DELETE;
+			create_full_put_path on;
+		}
+	}
 }
 `
 
 // nginx is a real nginx serving a temporary directory.
 type nginx struct {
-	url string // http://127.0.0.1:port
-	dir string // its root is dir/www
+	url    string // http://127.0.0.1:port
+	tlsURL string // https://127.0.0.1:port, certificate for 127.0.0.1 signed by dir/ca.pem
+	dir    string // its root is dir/www
 }
 
 // startNginx runs nginx (Debian's nginx package has the WebDAV module) on a
@@ -81,13 +99,9 @@ func startNginx(t *testing.T) *nginx {
 		}
 	}
 	writeFile(t, filepath.Join(dir, "htpasswd"), "granary:{PLAIN}open-sesame\n")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	conf := strings.NewReplacer("{{dir}}", dir, "{{port}}", fmt.Sprint(port)).Replace(nginxConf)
+	writeCerts(t, dir)
+	port, tlsPort := freePort(t), freePort(t)
+	conf := strings.NewReplacer("{{dir}}", dir, "{{port}}", fmt.Sprint(port), "{{tlsport}}", fmt.Sprint(tlsPort)).Replace(nginxConf)
 	writeFile(t, filepath.Join(dir, "nginx.conf"), conf)
 	cmd := exec.Command(bin, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -123,7 +137,56 @@ func startNginx(t *testing.T) *nginx {
 			t.Fatalf("nginx did not accept on port %d within 15s", port)
 		}
 	}
-	return &nginx{url: fmt.Sprintf("http://127.0.0.1:%d", port), dir: dir}
+	return &nginx{url: fmt.Sprintf("http://127.0.0.1:%d", port), tlsURL: fmt.Sprintf("https://127.0.0.1:%d", tlsPort), dir: dir}
+}
+
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// writeCerts makes a CA (dir/ca.pem) and a server certificate for
+// 127.0.0.1 that it signed (dir/server.pem, dir/server-key.pem).
+func writeCerts(t *testing.T, dir string) {
+	t.Helper()
+	key := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	caKey, srvKey := key(), key()
+	now := time.Now()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "granary test CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(time.Hour), IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caTmpl, &srvKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, block := range map[string]*pem.Block{
+		"ca.pem":         {Type: "CERTIFICATE", Bytes: caDER},
+		"server.pem":     {Type: "CERTIFICATE", Bytes: srvDER},
+		"server-key.pem": {Type: "EC PRIVATE KEY", Bytes: keyDER},
+	} {
+		writeFile(t, filepath.Join(dir, name), string(pem.EncodeToMemory(block)))
+	}
 }
 
 // requests counts the requests with method to path prefix in the access log.
@@ -149,6 +212,39 @@ func TestHTTPNginx(t *testing.T) {
 	n := startNginx(t)
 	r := openHTTP(t, n.url+"/cache/granary", cache.WithTempDir(t.TempDir()))
 	exerciseRemote(t, r, filepath.Join(n.dir, "www", "cache", "granary"))
+}
+
+func TestHTTPSNginx(t *testing.T) {
+	n := startNginx(t)
+	ctx := context.Background()
+	src, rec := published(t)
+	for _, tc := range []struct {
+		name string
+		opts []cache.Option
+		ok   bool
+	}{
+		{"trusted CA file", []cache.Option{cache.WithCAFile(filepath.Join(n.dir, "ca.pem"))}, true},
+		{"insecure", []cache.Option{cache.WithInsecureSkipVerify()}, true},
+		{"unknown CA", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := openHTTP(t, n.tlsURL+"/cache/", append(tc.opts, cache.WithTempDir(t.TempDir()))...)
+			start := time.Now()
+			err := r.Store(ctx, "pkg", src, rec)
+			if (err == nil) != tc.ok {
+				t.Fatalf("Store over HTTPS = %v, want ok=%v", err, tc.ok)
+			}
+			if err != nil {
+				if d := time.Since(start); d > 2*time.Second {
+					t.Errorf("a certificate error took %v: it must not be retried", d)
+				}
+				return
+			}
+			if ok, err := r.Fetch(ctx, "pkg", t.TempDir()); !ok || err != nil {
+				t.Errorf("Fetch over HTTPS = %v, %v; want a hit", ok, err)
+			}
+		})
+	}
 }
 
 func TestHTTPAuth(t *testing.T) {
