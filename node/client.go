@@ -63,7 +63,8 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 	return cli, nil
 }
 
-// OpenCache opens the remote cache c.Cache names (with c.CacheToken), or
+// OpenCache opens the remote cache c.Cache names (with c.CacheToken and
+// c.CacheCACert), or
 // returns nil, nil when there is none. It does no network I/O. The caller
 // must Close it after the stores that use it.
 func (c *Config) OpenCache() (*cache.Remote, error) {
@@ -73,6 +74,9 @@ func (c *Config) OpenCache() (*cache.Remote, error) {
 	var opts []cache.Option
 	if c.CacheToken != "" {
 		opts = append(opts, cache.WithBearerToken(c.CacheToken))
+	}
+	if c.CacheCACert != "" {
+		opts = append(opts, cache.WithCAFile(c.CacheCACert))
 	}
 	return cache.Open(c.Cache, opts...)
 }

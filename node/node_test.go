@@ -309,7 +309,8 @@ func TestConfigValidate(t *testing.T) {
 		{"http cache", func(c *node.Config) { c.Cache = "https://cache.example/granary/" }, ""},
 		{"cache scheme", func(c *node.Config) { c.Cache = "s3://bucket/x" }, `unsupported scheme "s3"`},
 		{"cache dir missing", func(c *node.Config) { c.Cache = "file:///definitely/not/there" }, "cache: directory"},
-		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "GRANARY_CACHE_TOKEN set without a cache URL"},
+		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "GRANARY_CACHE_TOKEN or --cache-cacert set without a cache URL"},
+		{"cache CA missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheCACert = "/no/such/ca.pem" }, "cache: CA file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -330,14 +331,14 @@ func TestFromEnv(t *testing.T) {
 	env := map[string]string{
 		"GRANARY_ROOT": "/r", "GRANARY_ENDPOINTS": "a:1, b:2", "GRANARY_TTL": "7",
 		"GRANARY_PREFIX": "/p/", "GRANARY_USER": "u", "GRANARY_PASSWORD": "pw", "GRANARY_HOST": "h",
-		"GRANARY_CACHE": "https://c/", "GRANARY_CACHE_TOKEN": "tok",
+		"GRANARY_CACHE": "https://c/", "GRANARY_CACHE_TOKEN": "tok", "GRANARY_CACHE_CACERT": "/ca.pem",
 	}
 	c := node.DefaultConfig()
 	if err := c.FromEnv(func(k string) string { return env[k] }); err != nil {
 		t.Fatal(err)
 	}
 	if c.Root != "/r" || strings.Join(c.Endpoints, "|") != "a:1|b:2" || c.TTL != 7*time.Second ||
-		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" || c.Cache != "https://c/" || c.CacheToken != "tok" {
+		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" || c.Cache != "https://c/" || c.CacheToken != "tok" || c.CacheCACert != "/ca.pem" {
 		t.Fatalf("FromEnv gave %+v", c)
 	}
 	if err := c.FromEnv(func(k string) string {
