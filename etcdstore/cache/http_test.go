@@ -189,13 +189,22 @@ func writeCerts(t *testing.T, dir string) {
 	}
 }
 
-// requests counts the requests with method to path prefix in the access log.
-func (n *nginx) requests(t *testing.T, method, prefix string) int {
-	b, err := os.ReadFile(filepath.Join(n.dir, "access.log"))
-	if err != nil {
-		t.Fatal(err)
+// requests counts the requests with method to path prefix in the access
+// log, waiting (at most 5s) until there are at least want: nginx logs a
+// request just after it sent the answer, so the client can be quicker.
+func (n *nginx) requests(t *testing.T, method, prefix string, want int) int {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, err := os.ReadFile(filepath.Join(n.dir, "access.log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Count(string(b), `"`+method+" "+prefix)
+		if got >= want || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	return strings.Count(string(b), `"`+method+" "+prefix)
 }
 
 func openHTTP(t *testing.T, url string, opts ...cache.Option) *cache.Remote {
@@ -298,7 +307,7 @@ func TestHTTPErrorsAndRetries(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "405") {
 			t.Fatalf("Store to a location without PUT = %v, want a 405 error", err)
 		}
-		if got := n.requests(t, "PUT", "/ro/"); got != 1 {
+		if got := n.requests(t, "PUT", "/ro/", 1); got != 1 {
 			t.Errorf("%d PUT requests, want 1 (a 4xx is final)", got)
 		}
 	})
@@ -308,7 +317,7 @@ func TestHTTPErrorsAndRetries(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "503") {
 			t.Fatalf("Fetch from a 503 location = %v, want a 503 error", err)
 		}
-		if got := n.requests(t, "GET", "/flaky/"); got != 3 {
+		if got := n.requests(t, "GET", "/flaky/", 3); got != 3 {
 			t.Errorf("%d GET requests, want 3 (first try and 2 retries)", got)
 		}
 	})
