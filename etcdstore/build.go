@@ -495,7 +495,10 @@ func (s *Store) fetchCache(ctx context.Context, id string) bool {
 	return true
 }
 
-// storeCache uploads a freshly built package in the background.
+// storeCache uploads a freshly built package in the background, holding a
+// reference while the tree is read so that no host removes it meanwhile
+// (if the store is closing already, it uploads without one). The event
+// comes after the reference is released.
 func (s *Store) storeCache(id string, pkg PackageRecord) {
 	c := s.opt.cache
 	if c == nil || pkg.FromCache {
@@ -509,15 +512,22 @@ func (s *Store) storeCache(id string, pkg PackageRecord) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		h := s.Handle(id)
+		held := h.IncRefContext(s.ctx) == nil
 		// Not s.ctx: Close waits for the upload instead of cutting it
 		// short, so a short-lived store (one CLI command) still fills the
 		// cache. The cache's own deadlines bound it.
 		start := time.Now()
-		if err := c.Store(context.Background(), id, s.outputDir(id), pkg); err != nil {
+		err := c.Store(context.Background(), id, s.outputDir(id), pkg)
+		elapsed := time.Since(start)
+		if held {
+			h.DecRefContext(context.Background()) //nolint:errcheck // a failure is retried in the background; Close revokes the lease anyway
+		}
+		if err != nil {
 			s.opt.logger.Warn("remote cache upload failed", "id", id, "err", err)
 			s.emit(Event{Kind: EventCacheUploadFailed, ID: id, Err: err})
 			return
 		}
-		s.emit(Event{Kind: EventCacheStored, ID: id, Elapsed: time.Since(start), Size: pkg.Size, Digest: pkg.Digest})
+		s.emit(Event{Kind: EventCacheStored, ID: id, Elapsed: elapsed, Size: pkg.Size, Digest: pkg.Digest})
 	}()
 }
