@@ -324,9 +324,11 @@ func TestHTTPErrorsAndRetries(t *testing.T) {
 }
 
 // hangingServer accepts connections and, for each, reads the start of the
-// request, writes prefix (if any) and then never answers again. It is a real socket, standing in for a server that
-// hangs.
-func hangingServer(t *testing.T, prefix string) string {
+// request, writes prefix (if any) and then never answers again. It is a real
+// socket, standing in for a server that hangs. The channel gets a value for
+// each connection accepted (dropped if nobody takes it).
+func hangingServer(t *testing.T, prefix string) (string, <-chan struct{}) {
+	accepted := make(chan struct{}, 1)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -345,6 +347,10 @@ func hangingServer(t *testing.T, prefix string) string {
 			mu.Lock()
 			conns = append(conns, c)
 			mu.Unlock()
+			select {
+			case accepted <- struct{}{}:
+			default:
+			}
 			if prefix == "" {
 				continue
 			}
@@ -365,7 +371,7 @@ func hangingServer(t *testing.T, prefix string) string {
 		mu.Unlock()
 		wg.Wait()
 	})
-	return "http://" + ln.Addr().String() + "/"
+	return "http://" + ln.Addr().String() + "/", accepted
 }
 
 func TestHTTPHangingServerHitsDeadline(t *testing.T) {
@@ -378,7 +384,8 @@ func TestHTTPHangingServerHitsDeadline(t *testing.T) {
 		{"headers then silence", "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n{\"id\":"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := openHTTP(t, hangingServer(t, tc.prefix), cache.WithTimeout(300*time.Millisecond), cache.WithRetries(1))
+			url, _ := hangingServer(t, tc.prefix)
+			r := openHTTP(t, url, cache.WithTimeout(300*time.Millisecond), cache.WithRetries(1))
 			start := time.Now()
 			_, err := r.Fetch(context.Background(), "pkg", t.TempDir())
 			if err == nil {

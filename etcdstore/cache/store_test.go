@@ -260,4 +260,24 @@ func TestStoreWithNginxCache(t *testing.T) {
 	}
 }
 
+func TestStoreHoldsReferenceWhileUploading(t *testing.T) {
+	url, accepted := hangingServer(t, "")
+	rc := openHTTP(t, url, cache.WithTimeout(2*time.Second), cache.WithRetries(0), cache.WithTempDir(t.TempDir()))
+	h := newHost(t, rc)
+	ctx := context.Background()
+	h.build(t, "up", deterministic(h, "up"))
+	select {
+	case <-accepted: // the upload is under way (its reference is taken before it packs)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the upload did not start within 30s")
+	}
+	if ok, err := h.store.Handle("up").TryRemoveContext(ctx); ok || err != nil {
+		t.Fatalf("TryRemove during the upload = %v, %v; want false, nil (in use)", ok, err)
+	}
+	h.ev.wait(t, etcdstore.EventCacheUploadFailed, "up") // the server never answers
+	if ok, err := h.store.Handle("up").TryRemoveContext(ctx); !ok || err != nil {
+		t.Fatalf("TryRemove after the upload = %v, %v; want true, nil", ok, err)
+	}
+}
+
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
