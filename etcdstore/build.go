@@ -457,7 +457,7 @@ func (s *Store) failed(ctx context.Context, ss *session, l *lock, id string, rec
 	// Tell the waiters this attempt failed, unless it was merely abandoned
 	// (every caller cancelled): then they should simply try themselves.
 	tell := clientv3.OpPut(s.buildKey(id), mustJSON(rec), clientv3.WithLease(ss.id))
-	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) {
+	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, ErrAbandon) {
 		tell = clientv3.OpDelete(s.buildKey(id))
 	}
 	cctx, cancel := s.opCtx(context.WithoutCancel(ctx))
@@ -490,6 +490,7 @@ func (s *Store) fetchCache(ctx context.Context, id string) bool {
 		if err != nil {
 			s.opt.logger.Warn("remote cache fetch failed; building instead", "id", id, "err", err)
 		}
+		s.emit(Event{Kind: EventCacheMiss, ID: id, Host: s.opt.host, PID: s.pid, Err: err})
 		// Whatever a failed fetch left behind must not mix with the build.
 		if err := s.moveToTrash(s.outputDir(id)); err == nil {
 			os.MkdirAll(s.outputDir(id), 0o755) //nolint:errcheck // the builder reports a missing directory
@@ -500,7 +501,10 @@ func (s *Store) fetchCache(ctx context.Context, id string) bool {
 	return true
 }
 
-// storeCache uploads a freshly built package in the background.
+// storeCache uploads a freshly built package in the background, holding a
+// reference while the tree is read so that no host removes it meanwhile
+// (if the store is closing already, it uploads without one). The event
+// comes after the reference is released.
 func (s *Store) storeCache(id string, pkg PackageRecord) {
 	c := s.opt.cache
 	if c == nil || pkg.FromCache {
@@ -514,9 +518,22 @@ func (s *Store) storeCache(id string, pkg PackageRecord) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := c.Store(s.ctx, id, s.outputDir(id), pkg); err != nil {
+		h := s.Handle(id)
+		held := h.IncRefContext(s.ctx) == nil
+		// Not s.ctx: Close waits for the upload instead of cutting it
+		// short, so a short-lived store (one CLI command) still fills the
+		// cache. The cache's own deadlines bound it.
+		start := time.Now()
+		err := c.Store(context.Background(), id, s.outputDir(id), pkg)
+		elapsed := time.Since(start)
+		if held {
+			h.DecRefContext(context.Background()) //nolint:errcheck // a failure is retried in the background; Close revokes the lease anyway
+		}
+		if err != nil {
 			s.opt.logger.Warn("remote cache upload failed", "id", id, "err", err)
 			s.emit(Event{Kind: EventCacheUploadFailed, ID: id, Err: err})
+			return
 		}
+		s.emit(Event{Kind: EventCacheStored, ID: id, Elapsed: elapsed, Size: pkg.Size, Digest: pkg.Digest})
 	}()
 }

@@ -35,13 +35,20 @@ const (
 	// EventCacheUploadFailed: uploading a published package to the remote
 	// cache failed (Err). The build itself succeeded.
 	EventCacheUploadFailed
+	// EventCacheStored: a published package was uploaded to the remote
+	// cache (Elapsed: how long the upload took).
+	EventCacheStored
+	// EventCacheMiss: the remote cache did not provide the package, so the
+	// builder runs. Err is nil for a plain miss, else why the fetch failed.
+	EventCacheMiss
 )
 
 var kindNames = map[EventKind]string{
 	EventWaiting: "waiting", EventLockDelay: "lock-delay", EventBuilding: "building",
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
-	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed",
+	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
+	EventCacheMiss: "cache-miss",
 }
 
 func (k EventKind) String() string {

@@ -103,6 +103,13 @@ var (
 	// ErrDigestMismatch is returned by Verify when a tree changed after it
 	// was published.
 	ErrDigestMismatch = errors.New("etcdstore: digest mismatch")
+
+	// ErrAbandon, wrapped by a builder's error, gives the attempt up as if
+	// every caller had cancelled: nothing is published, the partial tree
+	// goes to the trash, and hosts waiting on the attempt try themselves
+	// instead of failing with it. For builders that only look (a fetch
+	// from the remote cache that missed), not for real build failures.
+	ErrAbandon = errors.New("etcdstore: attempt abandoned")
 )
 
 // BuildError is the error of a failed build attempt. It wraps

@@ -132,7 +132,9 @@ func (s *Store) Handle(id string) *Handle {
 //  1. new operations fail with ErrClosed;
 //  2. running builds are cancelled (they cannot publish after this) and
 //     Close waits for their builders to return;
-//  3. background work (lease renewal, clean-up of trash) stops;
+//  3. background work (lease renewal, clean-up of trash) stops, and
+//     uploads to the remote cache that are under way finish (each bounded
+//     by the cache's own deadlines);
 //  4. the lease is revoked, so this store's references and locks drop at
 //     once instead of after the TTL.
 //

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // ClientConfig turns c into an etcd client configuration for endpoints:
@@ -130,6 +131,23 @@ func diagnose(eps []string, tc *tls.Config) string {
 // healthKey is the key read to check that etcd answers: under the prefix,
 // so a user whose etcd role covers only the prefix may read it.
 func (c *Config) healthKey() string { return c.Prefix + "health" }
+
+// OpenCache opens the remote cache c.Cache names (with c.CacheToken and
+// c.CacheCACert), or returns nil, nil when there is none. It does no network I/O. The caller
+// must Close it after the stores that use it.
+func (c *Config) OpenCache() (*cache.Remote, error) {
+	if c.Cache == "" {
+		return nil, nil
+	}
+	var opts []cache.Option
+	if c.CacheToken != "" {
+		opts = append(opts, cache.WithBearerToken(c.CacheToken))
+	}
+	if c.CacheCACert != "" {
+		opts = append(opts, cache.WithCAFile(c.CacheCACert))
+	}
+	return cache.Open(c.Cache, opts...)
+}
 
 // StoreOptions are the etcdstore options c implies, followed by extra.
 func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []etcdstore.Option {

@@ -46,6 +46,18 @@ type Config struct {
 	// os.Hostname().
 	Name string
 
+	// Cache is the URL of a remote cache of published packages
+	// (etcdstore/cache.Open: http://, https://, file:///path); empty: none.
+	// Builds check it before running a builder and fill it after
+	// publishing.
+	Cache string
+	// CacheToken is a bearer token for an HTTP cache, from
+	// GRANARY_CACHE_TOKEN only (never a flag). Basic auth goes in the URL.
+	CacheToken string
+	// CacheCACert is a CA bundle to verify an HTTPS cache (default: the
+	// system's).
+	CacheCACert string
+
 	// ListenMetrics is the address of /metrics, /healthz and /readyz; empty
 	// disables the HTTP server.
 	ListenMetrics string
@@ -128,6 +140,9 @@ const (
 	EnvPasswordFile = "GRANARY_PASSWORD_FILE"
 	EnvHost         = "GRANARY_HOST"
 	EnvIdleTimeout  = "GRANARY_IDLE_TIMEOUT"
+	EnvCache        = "GRANARY_CACHE"
+	EnvCacheToken   = "GRANARY_CACHE_TOKEN"
+	EnvCacheCACert  = "GRANARY_CACHE_CACERT"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -148,6 +163,9 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.Password, EnvPassword)
 	set(&c.PasswordFile, EnvPasswordFile)
 	set(&c.Name, EnvHost)
+	set(&c.Cache, EnvCache)
+	set(&c.CacheToken, EnvCacheToken)
+	set(&c.CacheCACert, EnvCacheCACert)
 	if v := getenv(EnvEndpoints); v != "" {
 		c.Endpoints = splitList(v)
 	}
@@ -210,6 +228,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
 	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
 	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
+	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
+	fs.StringVar(&c.CacheCACert, "cache-cacert", c.CacheCACert, "CA bundle to verify an HTTPS cache ($"+EnvCacheCACert+")")
 	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
@@ -288,6 +308,16 @@ func (c *Config) Validate() error {
 	}
 	if c.Name == "" {
 		bad("empty host name")
+	}
+	if (c.CacheToken != "" || c.CacheCACert != "") && c.Cache == "" {
+		bad("$%s or --cache-cacert set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	}
+	if c.Cache != "" {
+		if r, err := c.OpenCache(); err != nil {
+			bad("%v", err)
+		} else {
+			r.Close()
+		}
 	}
 	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
 		bad("negative interval, or non-positive timeout")

@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // metrics are the node's Prometheus series, on a registry of its own.
@@ -87,6 +88,34 @@ func newMetrics(n *Node) *metrics {
 		}, count("avail/")),
 	)
 	return m
+}
+
+// registerCache adds the remote cache's counters, read at scrape time.
+func (m *metrics) registerCache(c *cache.Remote) {
+	counter := func(name, help string, get func(cache.Stats) int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help},
+			func() float64 { return float64(get(c.Stats())) })
+	}
+	bytes := func(dir string, get func(cache.Stats) int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "granary_cache_bytes_total", Help: "Bytes moved to (up) or from (down) the remote cache by this node's store.",
+			ConstLabels: prometheus.Labels{"direction": dir},
+		}, func() float64 { return float64(get(c.Stats())) })
+	}
+	m.reg.MustRegister(
+		counter("granary_cache_hits_total", "Packages this node's store got from the remote cache instead of building.",
+			func(s cache.Stats) int64 { return s.Hits }),
+		counter("granary_cache_misses_total", "Remote cache lookups that found no entry.",
+			func(s cache.Stats) int64 { return s.Misses }),
+		counter("granary_cache_fetch_errors_total", "Remote cache fetches that failed (network, corrupt or unsafe archive, digest mismatch); the package was built instead.",
+			func(s cache.Stats) int64 { return s.FetchErrors }),
+		counter("granary_cache_uploads_total", "Packages uploaded to the remote cache.",
+			func(s cache.Stats) int64 { return s.Uploads }),
+		counter("granary_cache_upload_failures_total", "Uploads to the remote cache that failed (the builds succeeded).",
+			func(s cache.Stats) int64 { return s.UploadFailures }),
+		bytes("down", func(s cache.Stats) int64 { return s.BytesDown }),
+		bytes("up", func(s cache.Stats) int64 { return s.BytesUp }),
+	)
 }
 
 // event is the store's WithEvents hook: it must not block.

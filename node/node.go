@@ -18,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // Version is reported in the node's registration.
@@ -54,6 +55,7 @@ type Node struct {
 
 	cli   *clientv3.Client
 	store *etcdstore.Store
+	cache *cache.Remote // nil without Config.Cache
 	m     *metrics
 
 	ln  net.Listener // nil without ListenMetrics
@@ -105,7 +107,15 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if n.cli, err = Dial(ctx, &n.cfg); err != nil {
 		return nil, err
 	}
-	n.store, err = etcdstore.New(ctx, n.cli, cfg.Root, cfg.StoreOptions(log, etcdstore.WithEvents(n.event), etcdstore.WithPurpose("granary node"))...)
+	opts := []etcdstore.Option{etcdstore.WithEvents(n.event), etcdstore.WithPurpose("granary node")}
+	if n.cache, err = cfg.OpenCache(); err != nil {
+		return nil, err
+	}
+	if n.cache != nil {
+		n.m.registerCache(n.cache)
+		opts = append(opts, etcdstore.WithCache(n.cache))
+	}
+	n.store, err = etcdstore.New(ctx, n.cli, cfg.Root, cfg.StoreOptions(log, opts...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -267,6 +277,9 @@ func (n *Node) Close() error {
 			if err := n.store.Close(); err != nil {
 				errs = append(errs, err)
 			}
+		}
+		if n.cache != nil {
+			n.cache.Close() // after the store: its uploads are done
 		}
 		if n.ln != nil {
 			n.ln.Close()

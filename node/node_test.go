@@ -232,6 +232,58 @@ func TestGCLoopRemovesUnusedSparesReferenced(t *testing.T) {
 	}
 }
 
+func TestNodeCacheMetrics(t *testing.T) {
+	srv := etcdtest.Start(t)
+	cfg := testConfig(t, srv, t.TempDir())
+	cacheDir := t.TempDir()
+	cfg.Cache = "file://" + cacheDir
+	cfg.ListenMetrics = "127.0.0.1:0"
+	stored := make(chan etcdstore.Event, 1)
+	cfg.Events = func(e etcdstore.Event) {
+		if e.Kind == etcdstore.EventCacheStored || e.Kind == etcdstore.EventCacheUploadFailed {
+			stored <- e
+		}
+	}
+	n, _ := startNode(t, cfg)
+	h := n.Store().Handle("c")
+	if err := n.Build(context.Background(), "c", writeFile(filepath.Join(h.OutputDirectory(), "f"), "cached")); err != nil {
+		t.Fatalf("Build: %v", err)
+	}
+	select {
+	case e := <-stored:
+		if e.Kind != etcdstore.EventCacheStored {
+			t.Fatalf("upload: %v (%v)", e.Kind, e.Err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no upload within 30s")
+	}
+	if _, err := os.Stat(filepath.Join(cacheDir, "c.tar.zst")); err != nil {
+		t.Fatalf("the node's store did not fill the cache: %v", err)
+	}
+	resp, err := http.Get("http://" + n.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	body := string(b)
+	for _, want := range []string{
+		"granary_cache_hits_total 0", "granary_cache_misses_total 1", "granary_cache_fetch_errors_total 0",
+		"granary_cache_uploads_total 1", "granary_cache_upload_failures_total 0",
+		`granary_cache_bytes_total{direction="down"} 0`,
+	} {
+		if !strings.Contains(body, want+"\n") {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	if !strings.Contains(body, `granary_cache_bytes_total{direction="up"} `) || strings.Contains(body, `granary_cache_bytes_total{direction="up"} 0`+"\n") {
+		t.Errorf("/metrics counts no bytes up")
+	}
+	if t.Failed() {
+		t.Logf("/metrics:\n%s", body)
+	}
+}
+
 func TestConfigValidate(t *testing.T) {
 	base := func() node.Config {
 		c := node.DefaultConfig()
@@ -254,6 +306,11 @@ func TestConfigValidate(t *testing.T) {
 		{"state inside root", func(c *node.Config) { c.StateDir = "/srv/granary/state" }, "inside the shared root"},
 		{"long socket", func(c *node.Config) { c.StateDir = "/" + strings.Repeat("s", 100) }, "too long for a unix socket"},
 		{"relative state", func(c *node.Config) { c.StateDir = "state" }, "absolute"},
+		{"http cache", func(c *node.Config) { c.Cache = "https://cache.example/granary/" }, ""},
+		{"cache scheme", func(c *node.Config) { c.Cache = "s3://bucket/x" }, `unsupported scheme "s3"`},
+		{"cache dir missing", func(c *node.Config) { c.Cache = "file:///definitely/not/there" }, "cache: directory"},
+		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "GRANARY_CACHE_TOKEN or --cache-cacert set without a cache URL"},
+		{"cache CA missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheCACert = "/no/such/ca.pem" }, "cache: CA file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -274,13 +331,14 @@ func TestFromEnv(t *testing.T) {
 	env := map[string]string{
 		"GRANARY_ROOT": "/r", "GRANARY_ENDPOINTS": "a:1, b:2", "GRANARY_TTL": "7",
 		"GRANARY_PREFIX": "/p/", "GRANARY_USER": "u", "GRANARY_PASSWORD": "pw", "GRANARY_HOST": "h",
+		"GRANARY_CACHE": "https://c/", "GRANARY_CACHE_TOKEN": "tok", "GRANARY_CACHE_CACERT": "/ca.pem",
 	}
 	c := node.DefaultConfig()
 	if err := c.FromEnv(func(k string) string { return env[k] }); err != nil {
 		t.Fatal(err)
 	}
 	if c.Root != "/r" || strings.Join(c.Endpoints, "|") != "a:1|b:2" || c.TTL != 7*time.Second ||
-		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" {
+		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" || c.Cache != "https://c/" || c.CacheToken != "tok" || c.CacheCACert != "/ca.pem" {
 		t.Fatalf("FromEnv gave %+v", c)
 	}
 	if err := c.FromEnv(func(k string) string {

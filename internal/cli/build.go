@@ -33,7 +33,14 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	}
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	defer prog.stop()
-	c, err := e.connect(ctx, f.cfg, etcdstore.WithEvents(prog.event), etcdstore.WithPurpose("granary build"))
+	var cacheEvents eventLog
+	hook := func(ev etcdstore.Event) {
+		prog.event(ev)
+		if ev.ID == id {
+			cacheEvents.add(ev)
+		}
+	}
+	c, err := e.connect(ctx, f.cfg, etcdstore.WithEvents(hook), etcdstore.WithPurpose("granary build"))
 	if err != nil {
 		return err
 	}
@@ -65,8 +72,22 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	switch {
+	case cacheEvents.has(etcdstore.EventCacheHit):
+		fmt.Fprintf(e.stderr, "granary: %s: fetched from the remote cache %s in %v\n", id, c.cache, time.Since(start).Round(time.Millisecond))
 	case ran:
+		if ev := cacheEvents.last(etcdstore.EventCacheMiss); ev != nil && ev.Err != nil {
+			fmt.Fprintf(e.stderr, "granary: %s: warning: the remote cache failed, so it was built: %v\n", id, ev.Err)
+		}
 		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, time.Since(start).Round(time.Millisecond))
+		if c.cache != nil {
+			// Closing the store waits for the upload to the cache.
+			c.store.Close()
+			if ev := cacheEvents.last(etcdstore.EventCacheUploadFailed); ev != nil {
+				fmt.Fprintf(e.stderr, "granary: %s: warning: not uploaded to the remote cache: %v\n", id, ev.Err)
+			} else if cacheEvents.has(etcdstore.EventCacheStored) {
+				fmt.Fprintf(e.stderr, "granary: %s: uploaded to the remote cache %s\n", id, c.cache)
+			}
+		}
 	case prog.waited():
 		fmt.Fprintf(e.stderr, "granary: %s: built by another host (waited %v); already available\n", id, time.Since(start).Round(time.Millisecond))
 	default:

@@ -13,6 +13,7 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 	"github.com/granary-build/granary/node"
 )
 
@@ -115,6 +116,7 @@ func init() {
 		"status":  {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
 		"verify":  {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
 		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
+		"cache":   {"push|pull [flags] ID", "upload a published package to the remote cache, or fetch one from it", cmdCache},
 		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
 	}
 }
@@ -127,6 +129,8 @@ commands:
 %s
 With no --endpoints (or $GRANARY_ENDPOINTS), commands use the local node,
 an embedded etcd started on first use in $XDG_STATE_HOME/granary.
+With --cache URL (or $GRANARY_CACHE), builds check that remote cache before
+building and fill it after publishing.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 'granary run' exits with its command's code.
@@ -134,7 +138,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "node", "serve", "demo"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo"} {
 		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
@@ -252,10 +256,12 @@ func checkID(id string) error {
 	return nil
 }
 
-// conn is a command's connection: its client and its store (its own lease).
+// conn is a command's connection: its client, its store (its own lease)
+// and the remote cache the store uses, if any.
 type conn struct {
 	cli   *clientv3.Client
 	store *etcdstore.Store
+	cache *cache.Remote // nil without --cache
 	cfg   node.Config
 }
 
@@ -277,17 +283,32 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 		}
 		return nil, err
 	}
+	rc, err := cfg.OpenCache()
+	if err != nil {
+		cli.Close()
+		return nil, &ExitErr{Code: ExitUsage, Err: err}
+	}
+	if rc != nil {
+		opts = append([]etcdstore.Option{etcdstore.WithCache(rc)}, opts...)
+	}
 	s, err := etcdstore.New(ctx, cli, cfg.Root, cfg.StoreOptions(nil, opts...)...)
 	if err != nil {
+		if rc != nil {
+			rc.Close()
+		}
 		cli.Close()
 		return nil, err
 	}
-	return &conn{cli: cli, store: s, cfg: cfg}, nil
+	return &conn{cli: cli, store: s, cache: rc, cfg: cfg}, nil
 }
 
-// Close releases the store's lease (dropping its references at once) and
-// the client.
+// Close releases the store's lease (dropping its references at once),
+// after its uploads to the remote cache finished, then the cache and the
+// client.
 func (c *conn) Close() {
 	c.store.Close()
+	if c.cache != nil {
+		c.cache.Close()
+	}
 	c.cli.Close()
 }
