@@ -168,6 +168,13 @@ func (c *cluster) id(service string) string {
 	return id
 }
 
+// forget drops the cached container IDs (after containers were recreated).
+func (c *cluster) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.ids)
+}
+
 // result is what a command in a container did.
 type result struct {
 	out  string // stdout and stderr
