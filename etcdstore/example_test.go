@@ -6,6 +6,7 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -81,7 +82,9 @@ func ExampleWithEvents() {
 	// published sdk-7
 }
 
-// Prune least recently used packages until the store fits in 50 GiB.
+// Prune packages unused for longer than OlderThan (here: any, and without
+// the grace period that protects fresh packages): what a job holds a
+// reference to is kept. TargetBytes prunes by size instead.
 func ExampleStore_Prune() {
 	srv, _ := etcdtest.StartServer()
 	defer srv.Close()
@@ -91,10 +94,23 @@ func ExampleStore_Prune() {
 	store, _ := etcdstore.New(context.Background(), cli, root)
 	defer store.Close()
 
-	rep, err := store.Prune(context.Background(), etcdstore.PruneOptions{TargetBytes: 50 << 30, MaxRemovals: 100})
+	for _, id := range []string{"held", "free"} {
+		h := store.Handle(id)
+		h.Build(func() error {
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte(id), 0o644)
+		})
+	}
+	store.Handle("held").IncRef() // a job is using it
+
+	rep, err := store.Prune(context.Background(), etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1})
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("removed %d packages, freed %d bytes\n", len(rep.Removed), rep.FreedBytes)
-	// Output: removed 0 packages, freed 0 bytes
+	for _, p := range rep.Removed {
+		fmt.Printf("removed %s (%d bytes)\n", p.ID, p.Size)
+	}
+	fmt.Println("kept, in use:", rep.InUse)
+	// Output:
+	// removed free (4 bytes)
+	// kept, in use: [held]
 }
