@@ -169,8 +169,14 @@ func TestIncRefRacesTryRemove(t *testing.T) {
 		var incErr, remErr error
 		var removed, complete bool
 		start := make(chan struct{})
+		// TryRemove takes its lock before it removes, so an IncRef started
+		// at the same instant nearly always wins. Staggering IncRef by 0 to
+		// 2.7 ms across rounds lets both orders (and the close calls in
+		// between) occur.
+		stagger := time.Duration(i%10) * 300 * time.Microsecond
 		wg.Go(func() {
 			<-start
+			time.Sleep(stagger)
 			h := reffer.Handle("raced")
 			incErr = h.IncRef()
 			if incErr == nil {
