@@ -116,6 +116,9 @@ func init() {
 		"verify":  {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
 		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
 		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+		"bench":   {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
+		// bench-child is the child process of bench's memory scenarios.
+		"bench-child": {"[flags] -- ROLE ROOT PREFIX [ARGS...]", "(internal) one memory scenario of bench", cmdBenchChild},
 	}
 }
 
@@ -134,7 +137,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "node", "serve", "demo"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "node", "serve", "demo", "bench"} {
 		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
