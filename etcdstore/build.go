@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -20,6 +21,7 @@ func (h *Handle) Build(builder func() error) error {
 // ask for the same package at the same time.
 type flight struct {
 	done    chan struct{}
+	once    sync.Once
 	err     error // set before done is closed
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -106,15 +108,24 @@ func (h *Handle) BuildContext(ctx context.Context, builder func(ctx context.Cont
 
 func (s *Store) fly(f *flight, id string, builder func(context.Context) error) {
 	defer s.wg.Done()
-	err := s.build(f.ctx, id, builder)
+	err := s.build(f.ctx, id, builder, f.settle)
 	s.mu.Lock()
 	if s.flights[id] == f {
 		delete(s.flights, id)
 	}
-	f.err = err
-	close(f.done)
+	f.settle(err)
 	s.mu.Unlock()
 	f.cancel()
+}
+
+// settle gives the attempt's outcome to its callers; later calls do
+// nothing. The attempt settles early when it saw another host publish, so
+// its callers need not wait for its clean-up (deleting its lock key).
+func (f *flight) settle(err error) {
+	f.once.Do(func() {
+		f.err = err
+		close(f.done)
+	})
 }
 
 // state is what etcd says about a package at one revision.
@@ -149,8 +160,9 @@ func (s *Store) readState(ctx context.Context, id string) (state, error) {
 }
 
 // build runs one shared attempt: wait for another host or take the lock and
-// build. ctx is the flight's.
-func (s *Store) build(ctx context.Context, id string, builder func(context.Context) error) error {
+// build. ctx is the flight's. published is called as soon as another host's
+// publish is seen, before the clean-up of our place in the lock queue.
+func (s *Store) build(ctx context.Context, id string, builder func(context.Context) error, published func(error)) error {
 	unlock, err := s.lockLocal(ctx, id)
 	if err != nil {
 		return err
@@ -168,7 +180,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 		if st.avail != nil {
 			return nil
 		}
-		l, err := s.waitOrLock(ctx, ss, id, st)
+		l, err := s.waitOrLock(ctx, ss, id, st, func() { published(nil) })
 		if errors.Is(err, errPublished) {
 			return nil
 		}
@@ -187,8 +199,9 @@ var errPublished = errors.New("published")
 // waitOrLock queues for the package lock while watching the package's keys
 // from just after st. It returns the held lock, errPublished when another
 // host published first, or a *BuildError when the attempt we waited on
-// failed.
-func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state) (*lock, error) {
+// failed. It calls published, before it gives up its place in the lock
+// queue, when it sees the package published.
+func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state, published func()) (*lock, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(st.rev+1))
@@ -222,6 +235,13 @@ func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state
 			}
 			for _, ev := range wr.Events {
 				if ev.Type == clientv3.EventTypePut {
+					// Release our callers now: the lock key's deletion
+					// below is one more round trip they need not wait for
+					// (the local lock stays held until it is done).
+					published()
+					if s.testHookCleanup != nil {
+						s.testHookCleanup(id)
+					}
 					return giveUp(errPublished)
 				}
 			}

@@ -1,0 +1,6 @@
+package etcdstore
+
+// SetTestHookCleanup installs fn to run when a waiting attempt of s has
+// seen a publish and released its callers, before it leaves the lock
+// queue. Call it before s is used.
+func SetTestHookCleanup(s *Store, fn func(id string)) { s.testHookCleanup = fn }
