@@ -15,9 +15,9 @@ import (
 type tracker struct {
 	mu        sync.Mutex
 	waiting   map[string]map[string]bool // ID → hosts waiting on another's attempt
-	published map[string]time.Time      // ID → when the builder's publish Txn returned
-	building  map[string]time.Time      // ID → when a builder started (EventBuilding)
-	changed   chan struct{}             // closed and replaced on every event
+	published map[string]time.Time       // ID → when the builder's publish Txn returned
+	building  map[string]time.Time       // ID → when a builder started (EventBuilding)
+	changed   chan struct{}              // closed and replaced on every event
 }
 
 func newTracker() *tracker {

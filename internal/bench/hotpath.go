@@ -144,4 +144,6 @@ func (r *run) hotpath(ctx context.Context) error {
 	return nil
 }
 
-func addCounts(a, b Counts) Counts { return Counts{a.Reads + b.Reads, a.Writes + b.Writes, a.Other + b.Other} }
+func addCounts(a, b Counts) Counts {
+	return Counts{a.Reads + b.Reads, a.Writes + b.Writes, a.Other + b.Other}
+}
