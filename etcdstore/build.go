@@ -202,10 +202,46 @@ var errPublished = errors.New("published")
 // failed. It calls published, before it gives up its place in the lock
 // queue, when it sees the package published.
 func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state, published func()) (*lock, error) {
+	if s.testHookWait != nil {
+		s.testHookWait(id)
+	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(st.rev+1))
-	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(st.rev+1))
+	// The watches start at the current revision, not at st.rev+1: etcd
+	// delivers events to a watch that starts in the past only once it has
+	// caught up, which its sync loop does every 100 ms, and a publish in
+	// that window would reach us that much later. What changed between st
+	// and the watches' start is read again below.
+	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithCreatedNotify())
+	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithCreatedNotify())
+	from := int64(0)
+	for _, ch := range []clientv3.WatchChan{availCh, buildCh} {
+		select {
+		case wr, ok := <-ch:
+			if !ok || wr.Err() != nil || !wr.Created {
+				return nil, s.watchEnded(ctx, ss, wr.Err())
+			}
+			// Events after this revision reach the watch (etcd reads it
+			// after registering the watch).
+			from = max(from, wr.Header.Revision)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if from > st.rev {
+		now, err := s.readState(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if now.avail != nil {
+			published()
+			return nil, errPublished
+		}
+		if b := now.build; b != nil && b.State == BuildFailed && now.buildModRev > st.rev {
+			return nil, failedAttempt(id, b) // the attempt we found running failed meanwhile
+		}
+		st.build = now.build
+	}
 
 	l := s.newLock(ss, s.lockPrefix(id))
 	lockErr := make(chan error, 1)
