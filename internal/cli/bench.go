@@ -140,6 +140,7 @@ func benchChild(ctx context.Context, exe string, cfg node.Config, args []string)
 		}
 	}
 	cmd := exec.CommandContext(ctx, exe, append(append(a, "--"), args...)...)
+	cmd.Args[0] = "granary" // as startNode does: the name selects the program in tests
 	cmd.Env = os.Environ()
 	if cfg.Password != "" {
 		cmd.Env = append(cmd.Env, node.EnvPassword+"="+cfg.Password)
