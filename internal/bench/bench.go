@@ -74,17 +74,16 @@ func FullSizes() Sizes {
 	}
 }
 
-// QuickSizes is a run of under a minute on a small machine.
+// QuickSizes is a run of under a minute on a small machine: the full
+// scenarios with fewer pairs and rounds, and the shortest TTL (so the
+// takeover waits 3 s + 1 s instead of 15 s + 5 s).
 func QuickSizes() Sizes {
-	return Sizes{
-		HotPairs: 300, HotConcurrency: []int{1, 16, 64}, HotRounds: 2,
-		WaiterStores: 3, WaiterCounts: []int{1, 10, 50}, WaiterRounds: 3,
-		StampedeCalls: 150, StampedeBuild: 100 * time.Millisecond, StampedeRounds: 2,
-		DistinctBuilds: 200, DistinctConcurrency: 32,
-		PrunePackages: []int{10_000, 100_000}, PruneMaxRemovals: 100,
-		Refs: 10_000, RefPackages: 100,
-		TTL: etcdstore.MinTTL, LockDelay: time.Second,
-	}
+	z := FullSizes()
+	z.HotPairs, z.HotRounds = 300, 2
+	z.WaiterRounds, z.StampedeRounds = 3, 2
+	z.DistinctBuilds = 200
+	z.TTL, z.LockDelay = etcdstore.MinTTL, time.Second
+	return z
 }
 
 // TinySizes runs every scenario on a token amount of work, for tests.
