@@ -3,17 +3,23 @@ package etcdstore_test
 import (
 	"context"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 )
 
 // The hot paths next to a raw etcd baseline on the same embedded server:
 //
 //	go test -run '^$' -bench . -benchtime 2000x ./etcdstore/
+//
+// Compare commits with benchstat (go run golang.org/x/perf/cmd/benchstat).
+// The end-to-end scenarios (stampede, takeover, prune, memory) are
+// `granary bench`.
 
 // BenchmarkRawPut is the baseline: one Put, one Raft write.
 func BenchmarkRawPut(b *testing.B) {
@@ -93,4 +99,97 @@ func BenchmarkBuildDistinct(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkIncRefDecRefParallel is IncRefDecRef from 16 goroutines per
+// CPU on one store (one host serving many jobs); compare with
+// BenchmarkRawTxnPairParallel.
+func BenchmarkIncRefDecRefParallel(b *testing.B) {
+	srv := etcdtest.Start(b)
+	s := newStoreB(b, srv)
+	buildB(b, s, "hot")
+	h := s.Handle("hot")
+	b.SetParallelism(16)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := h.IncRef(); err != nil {
+				b.Error(err)
+				return
+			}
+			if err := h.DecRef(); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkRawTxnPairParallel is RawTxnPair from 16 goroutines per CPU.
+func BenchmarkRawTxnPairParallel(b *testing.B) {
+	srv := etcdtest.Start(b)
+	cli := srv.Client(b)
+	ctx := context.Background()
+	cli.Put(ctx, "/raw/avail", "x")
+	var n atomic.Int64
+	b.SetParallelism(16)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			k := "/raw/ref/" + strconv.FormatInt(n.Add(1), 10)
+			if _, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision("/raw/avail"), ">", 0)).
+				Then(clientv3.OpPut(k, "x"), clientv3.OpPut("/raw/atime", "1")).Commit(); err != nil {
+				b.Error(err)
+				return
+			}
+			if _, err := cli.Delete(ctx, k); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkWaitersRelease is one build awaited by 50 goroutines of a
+// second store; each iteration is a new package, so it measures the whole
+// wait: join, watch, lock queue, release on publish, clean-up.
+func BenchmarkWaitersRelease(b *testing.B) {
+	srv := etcdtest.Start(b)
+	root := b.TempDir()
+	builder := newStoreAt(b, srv, root)
+	waiter := newStoreAt(b, srv, root)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		id := "wait-" + strconv.Itoa(i)
+		release := make(chan struct{})
+		built := make(chan error, 1)
+		go func() {
+			built <- builder.Handle(id).BuildContext(ctx, func(context.Context) error { <-release; return nil })
+		}()
+		var wg sync.WaitGroup
+		for range 50 {
+			wg.Go(func() {
+				if err := waiter.Handle(id).BuildContext(ctx, func(context.Context) error { return nil }); err != nil {
+					b.Error(err)
+				}
+			})
+		}
+		close(release)
+		wg.Wait()
+		if err := <-built; err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func newStoreAt(b *testing.B, srv *etcdtest.Server, root string) *etcdstore.Store {
+	b.Helper()
+	cli := srv.Client(b)
+	s, err := etcdstore.New(context.Background(), cli, root, etcdstore.WithTTL(testTTL))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close(); cli.Close() })
+	return s
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -20,6 +21,7 @@ func (h *Handle) Build(builder func() error) error {
 // ask for the same package at the same time.
 type flight struct {
 	done    chan struct{}
+	once    sync.Once
 	err     error // set before done is closed
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -106,15 +108,24 @@ func (h *Handle) BuildContext(ctx context.Context, builder func(ctx context.Cont
 
 func (s *Store) fly(f *flight, id string, builder func(context.Context) error) {
 	defer s.wg.Done()
-	err := s.build(f.ctx, id, builder)
+	err := s.build(f.ctx, id, builder, f.settle)
 	s.mu.Lock()
 	if s.flights[id] == f {
 		delete(s.flights, id)
 	}
-	f.err = err
-	close(f.done)
+	f.settle(err)
 	s.mu.Unlock()
 	f.cancel()
+}
+
+// settle gives the attempt's outcome to its callers; later calls do
+// nothing. The attempt settles early when it saw another host publish, so
+// its callers need not wait for its clean-up (deleting its lock key).
+func (f *flight) settle(err error) {
+	f.once.Do(func() {
+		f.err = err
+		close(f.done)
+	})
 }
 
 // state is what etcd says about a package at one revision.
@@ -149,8 +160,9 @@ func (s *Store) readState(ctx context.Context, id string) (state, error) {
 }
 
 // build runs one shared attempt: wait for another host or take the lock and
-// build. ctx is the flight's.
-func (s *Store) build(ctx context.Context, id string, builder func(context.Context) error) error {
+// build. ctx is the flight's. published is called as soon as another host's
+// publish is seen, before the clean-up of our place in the lock queue.
+func (s *Store) build(ctx context.Context, id string, builder func(context.Context) error, published func(error)) error {
 	unlock, err := s.lockLocal(ctx, id)
 	if err != nil {
 		return err
@@ -168,7 +180,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 		if st.avail != nil {
 			return nil
 		}
-		l, err := s.waitOrLock(ctx, ss, id, st)
+		l, err := s.waitOrLock(ctx, ss, id, st, func() { published(nil) })
 		if errors.Is(err, errPublished) {
 			return nil
 		}
@@ -187,12 +199,49 @@ var errPublished = errors.New("published")
 // waitOrLock queues for the package lock while watching the package's keys
 // from just after st. It returns the held lock, errPublished when another
 // host published first, or a *BuildError when the attempt we waited on
-// failed.
-func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state) (*lock, error) {
+// failed. It calls published, before it gives up its place in the lock
+// queue, when it sees the package published.
+func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state, published func()) (*lock, error) {
+	if s.testHookWait != nil {
+		s.testHookWait(id)
+	}
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(st.rev+1))
-	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(st.rev+1))
+	// The watches start at the current revision, not at st.rev+1: etcd
+	// delivers events to a watch that starts in the past only once it has
+	// caught up, which its sync loop does every 100 ms, and a publish in
+	// that window would reach us that much later. What changed between st
+	// and the watches' start is read again below.
+	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithCreatedNotify())
+	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithCreatedNotify())
+	from := int64(0)
+	for _, ch := range []clientv3.WatchChan{availCh, buildCh} {
+		select {
+		case wr, ok := <-ch:
+			if !ok || wr.Err() != nil || !wr.Created {
+				return nil, s.watchEnded(ctx, ss, wr.Err())
+			}
+			// Events after this revision reach the watch (etcd reads it
+			// after registering the watch).
+			from = max(from, wr.Header.Revision)
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if from > st.rev {
+		now, err := s.readState(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if now.avail != nil {
+			published()
+			return nil, errPublished
+		}
+		if b := now.build; b != nil && b.State == BuildFailed && now.buildModRev > st.rev {
+			return nil, failedAttempt(id, b) // the attempt we found running failed meanwhile
+		}
+		st.build = now.build
+	}
 
 	l := s.newLock(ss, s.lockPrefix(id))
 	lockErr := make(chan error, 1)
@@ -222,6 +271,13 @@ func (s *Store) waitOrLock(ctx context.Context, ss *session, id string, st state
 			}
 			for _, ev := range wr.Events {
 				if ev.Type == clientv3.EventTypePut {
+					// Release our callers now: the lock key's deletion
+					// below is one more round trip they need not wait for
+					// (the local lock stays held until it is done).
+					published()
+					if s.testHookCleanup != nil {
+						s.testHookCleanup(id)
+					}
 					return giveUp(errPublished)
 				}
 			}

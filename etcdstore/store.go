@@ -47,6 +47,14 @@ type Store struct {
 	locals  map[string]*localLock
 	refs    map[string][]*ref // by package ID, newest last
 	refSeq  uint64
+
+	// testHookCleanup, set only by tests before use, runs after a waiting
+	// attempt saw a publish and released its callers, before it leaves the
+	// lock queue.
+	testHookCleanup func(id string)
+	// testHookWait, likewise, runs when an attempt starts to wait, between
+	// its read of the package's state and the start of its watches.
+	testHookWait func(id string)
 }
 
 // New returns a Store that keeps packages under root and coordinates

@@ -118,6 +118,9 @@ func init() {
 		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
 		"cache":   {"push|pull [flags] ID", "upload a published package to the remote cache, or fetch one from it", cmdCache},
 		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+		"bench":   {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
+		// bench-child is the child process of bench's memory scenarios.
+		"bench-child": {"[flags] -- ROLE ROOT PREFIX [ARGS...]", "(internal) one memory scenario of bench", cmdBenchChild},
 	}
 }
 
@@ -138,7 +141,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench"} {
 		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())

@@ -1,0 +1,25 @@
+package bench
+
+import "fmt"
+
+// goals checks the targets against res. A target whose key was not
+// measured (a smaller run) is left out.
+func goals(res map[string]float64) []Goal {
+	var out []Goal
+	add := func(key, want string, met func(v float64) bool) {
+		if v, ok := res[key]; ok {
+			out = append(out, Goal{Key: key, Want: want, Got: v, Met: met(v)})
+		}
+	}
+	add("hotpath_ratio", "≥ 0.9 × raw etcd", func(v float64) bool { return v >= 0.9 })
+	put := res["hotpath_raw_put_p99_ms"]
+	add("hotpath_p99_ms", fmt.Sprintf("≤ 3 × raw Put p99 (%.2f ms)", 3*put), func(v float64) bool { return v <= 3*put })
+	add("waiters_release_p99_ms", "≤ 25 ms", func(v float64) bool { return v <= 25 })
+	add("stampede_overhead_ms", "≤ 50 ms", func(v float64) bool { return v <= 50 })
+	add("stampede_builds", "exactly 1", func(v float64) bool { return v == 1 })
+	limit := res["ttl_s"] + res["lock_delay_s"] + 1
+	add("takeover_s", fmt.Sprintf("≤ TTL + lock delay + 1 s (%.0f s)", limit), func(v float64) bool { return v <= limit })
+	add("prune_100k_s", "≤ 10 s", func(v float64) bool { return v <= 10 })
+	add("node_rss_mb_10k_refs", "≤ 60 MB", func(v float64) bool { return v > 0 && v <= 60 })
+	return out
+}
