@@ -134,34 +134,22 @@ type binding struct {
 func bindRoot(root string, cluster uint64, prefix string) error {
 	want := binding{ClusterID: strconv.FormatUint(cluster, 16), Prefix: prefix, BoundAt: time.Now().UTC()}
 	path := filepath.Join(root, ".granary", "cluster")
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		// Write a temporary file, then link it into place: link fails if
-		// another host bound the root first, and never leaves half a file.
-		tmp, err := os.CreateTemp(filepath.Dir(path), "cluster.tmp*")
-		if err != nil {
-			return fmt.Errorf("etcdstore: bind root: %w", err)
-		}
-		data, _ := json.MarshalIndent(want, "", "  ")
-		_, werr := tmp.Write(append(data, '\n'))
-		cerr := tmp.Close()
-		if werr == nil && cerr == nil {
-			err = os.Link(tmp.Name(), path)
-		}
-		os.Remove(tmp.Name())
-		if werr != nil || cerr != nil {
-			return fmt.Errorf("etcdstore: bind root: %w", errors.Join(werr, cerr))
-		}
-		if err == nil {
+	var b []byte
+	var err error
+	// A binding that vanishes between a failed link and the read (an
+	// operator resetting the root, an NFS client's stale negative lookup)
+	// is looked up again rather than reported.
+	for attempt := 1; ; attempt++ {
+		b, err = readOrBind(path, want)
+		if errors.Is(err, errBound) {
 			return nil
 		}
-		if !errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("etcdstore: bind root: %w", err)
+		if !errors.Is(err, fs.ErrNotExist) || attempt == 3 {
+			break
 		}
-		b, err = os.ReadFile(path)
 	}
 	if err != nil {
-		return fmt.Errorf("etcdstore: read root binding: %w", err)
+		return fmt.Errorf("etcdstore: root binding: %w", err)
 	}
 	var got binding
 	if err := json.Unmarshal(b, &got); err != nil {
@@ -173,4 +161,39 @@ func bindRoot(root string, cluster uint64, prefix string) error {
 			ErrForeignCluster, root, got.ClusterID, got.Prefix, got.BoundAt.Format(time.RFC3339), want.ClusterID, want.Prefix, got.ClusterID)
 	}
 	return nil
+}
+
+// errBound: readOrBind bound the root itself.
+var errBound = errors.New("bound")
+
+// readOrBind returns the binding at path, or writes want there if there is
+// none and returns errBound.
+func readOrBind(path string, want binding) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Write a temporary file, then link it into place: link fails if
+		// another host bound the root first, and never leaves half a file.
+		tmp, err := os.CreateTemp(filepath.Dir(path), "cluster.tmp*")
+		if err != nil {
+			return nil, fmt.Errorf("bind root: %w", err)
+		}
+		data, _ := json.MarshalIndent(want, "", "  ")
+		_, werr := tmp.Write(append(data, '\n'))
+		cerr := tmp.Close()
+		if werr == nil && cerr == nil {
+			err = os.Link(tmp.Name(), path)
+		}
+		os.Remove(tmp.Name())
+		if werr != nil || cerr != nil {
+			return nil, fmt.Errorf("bind root: %w", errors.Join(werr, cerr))
+		}
+		if err == nil {
+			return nil, errBound
+		}
+		if !errors.Is(err, fs.ErrExist) {
+			return nil, fmt.Errorf("bind root: %w", err)
+		}
+		b, err = os.ReadFile(path)
+	}
+	return b, err
 }
