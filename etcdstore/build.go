@@ -382,7 +382,10 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 	}
 
 	start := time.Now()
-	fromCache := s.fetchCache(ctx, id)
+	fromCache, err := s.fetchCache(ctx, ss, id)
+	if err != nil {
+		return s.failed(ctx, ss, l, id, rec, err)
+	}
 	if !fromCache {
 		s.emit(Event{Kind: EventBuilding, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir})
 		bctx, stop := mergeCancel(ctx, ss.ctx)
@@ -422,7 +425,7 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 	}
 	s.emit(Event{Kind: EventPublished, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir,
 		Elapsed: time.Since(start), Size: size, Digest: digest})
-	s.storeCache(id, pkg)
+	s.storeCache(ctx, id, pkg)
 	return nil
 }
 
@@ -536,46 +539,65 @@ func (s *Store) failed(ctx context.Context, ss *session, l *lock, id string, rec
 }
 
 // fetchCache tries the remote cache into the (empty) output directory.
-func (s *Store) fetchCache(ctx context.Context, id string) bool {
+//
+// Like a builder, the fetch ends when the lease is in doubt, and then it
+// touches the tree no more: after the lock delay it may be another host's.
+// An error means the attempt must fail (lease lost, caller gone, or the
+// leftovers of a failed fetch could not be cleared); a failed fetch
+// itself is a miss.
+func (s *Store) fetchCache(ctx context.Context, ss *session, id string) (bool, error) {
 	c := s.opt.cache
 	if c == nil {
-		return false
+		return false, nil
 	}
-	ok, err := c.Fetch(ctx, id, s.outputDir(id))
+	fctx, stop := mergeCancel(ctx, ss.ctx)
+	defer stop()
+	ok, err := c.Fetch(fctx, id, s.outputDir(id))
+	if cause := context.Cause(fctx); cause != nil {
+		return false, fmt.Errorf("remote cache fetch stopped: %w", cause)
+	}
 	if err != nil || !ok {
 		if err != nil {
 			s.opt.logger.Warn("remote cache fetch failed; building instead", "id", id, "err", err)
 		}
 		s.emit(Event{Kind: EventCacheMiss, ID: id, Host: s.opt.host, PID: s.pid, Err: err})
 		// Whatever a failed fetch left behind must not mix with the build.
-		if err := s.moveToTrash(s.outputDir(id)); err == nil {
-			os.MkdirAll(s.outputDir(id), 0o755) //nolint:errcheck // the builder reports a missing directory
+		if err := s.moveToTrash(s.outputDir(id)); err != nil {
+			return false, fmt.Errorf("clear the leftovers of a failed cache fetch: %w", err)
 		}
-		return false
+		if err := os.MkdirAll(s.outputDir(id), 0o755); err != nil {
+			return false, err
+		}
+		return false, nil
 	}
 	s.emit(Event{Kind: EventCacheHit, ID: id, Host: s.opt.host, PID: s.pid})
-	return true
+	return true, nil
 }
 
 // storeCache uploads a freshly built package in the background, holding a
 // reference while the tree is read so that no host removes it meanwhile
 // (if the store is closing already, it uploads without one). The event
 // comes after the reference is released.
-func (s *Store) storeCache(id string, pkg PackageRecord) {
+func (s *Store) storeCache(ctx context.Context, id string, pkg PackageRecord) {
 	c := s.opt.cache
 	if c == nil || pkg.FromCache {
 		return
 	}
+	// Take the reference before Build returns: a CLI closes its store right
+	// after, and Close cancels s.ctx before it waits for the upload.
+	h := s.Handle(id)
+	held := h.IncRefContext(context.WithoutCancel(ctx)) == nil
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
+		if held {
+			h.DecRefContext(context.Background()) //nolint:errcheck // Close revokes the lease anyway
+		}
 		return
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		h := s.Handle(id)
-		held := h.IncRefContext(s.ctx) == nil
 		// Not s.ctx: Close waits for the upload instead of cutting it
 		// short, so a short-lived store (one CLI command) still fills the
 		// cache. The cache's own deadlines bound it.
