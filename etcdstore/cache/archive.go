@@ -26,6 +26,15 @@ type Limits struct {
 	MaxWindow uint64
 }
 
+// Fixed limits on names: longer paths cannot be opened on Linux anyway,
+// and each level of depth costs a walk through os.Root for every entry
+// below it, so a small archive of very deep directories would burn CPU
+// under the build lock.
+const (
+	MaxNameLen = 4095 // bytes of an entry's path
+	MaxDepth   = 256  // directories in an entry's path
+)
+
 // Default limits.
 const (
 	DefaultMaxBytes   = 64 << 30 // 64 GiB
@@ -154,8 +163,13 @@ func linkInside(rel, target string) bool {
 // hold a partial tree that the caller must clear; nothing is written
 // outside dir. Files keep the archive's permission bits; directories are
 // left owner-writable (etcdstore seals the tree when it publishes it).
-func Unpack(r io.Reader, dir string, lim Limits) (PackStats, error) {
-	var st PackStats
+func Unpack(r io.Reader, dir string, lim Limits) (st PackStats, err error) {
+	defer func() {
+		window := errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded)
+		if window && !errors.Is(err, ErrUnsafeArchive) {
+			err = fmt.Errorf("%w: zstd window above %d bytes: %w", ErrUnsafeArchive, lim.MaxWindow, err)
+		}
+	}()
 	if err := lim.validate(); err != nil {
 		return st, err
 	}
@@ -195,6 +209,9 @@ func Unpack(r io.Reader, dir string, lim Limits) (PackStats, error) {
 			return st, fmt.Errorf("cache: read archive: %w", err)
 		}
 		name := hdr.Name
+		if len(name) > MaxNameLen || strings.Count(name, "/") > MaxDepth {
+			return st, unsafe("entry %.64q…: longer than %d bytes or deeper than %d directories", name, MaxNameLen, MaxDepth)
+		}
 		if hdr.Typeflag == tar.TypeDir {
 			name = strings.TrimSuffix(name, "/")
 		}

@@ -236,3 +236,36 @@ func TestUnpackRejectsNonEmptyDirAndGarbage(t *testing.T) {
 		t.Errorf("Unpack with a 1 KiB window limit: %v, want a zstd window error", err)
 	}
 }
+
+// TestUnpackRefusesDeepAndWideWindows: very deep paths (cheap to send,
+// quadratic to unpack) and a zstd window above the limit are unsafe
+// archives, refused before they cost much.
+func TestUnpackRefusesDeepAndWideWindows(t *testing.T) {
+	var deep bytes.Buffer
+	zw, _ := zstd.NewWriter(&deep)
+	tw := tar.NewWriter(zw)
+	name := ""
+	for range cache.MaxDepth + 2 {
+		name += "a/"
+		tw.WriteHeader(&tar.Header{Name: name, Typeflag: tar.TypeDir, Mode: 0o755, Format: tar.FormatPAX})
+	}
+	tw.Close()
+	zw.Close()
+	if _, err := cache.Unpack(&deep, t.TempDir(), cache.DefaultLimits()); !errors.Is(err, cache.ErrUnsafeArchive) {
+		t.Errorf("%d nested directories: %v; want cache.ErrUnsafeArchive", cache.MaxDepth+2, err)
+	}
+
+	var raw bytes.Buffer
+	tw = tar.NewWriter(&raw)
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	tw.WriteHeader(&tar.Header{Name: "a", Typeflag: tar.TypeReg, Size: int64(len(body)), Mode: 0o644})
+	tw.Write(body)
+	tw.Close()
+	var wide bytes.Buffer
+	zw, _ = zstd.NewWriter(&wide, zstd.WithWindowSize(128<<20))
+	zw.Write(raw.Bytes())
+	zw.Close()
+	if _, err := cache.Unpack(&wide, t.TempDir(), cache.DefaultLimits()); !errors.Is(err, cache.ErrUnsafeArchive) {
+		t.Errorf("128 MiB window: %v; want cache.ErrUnsafeArchive", err)
+	}
+}

@@ -73,7 +73,7 @@ func NewHTTP(baseURL string, opts ...Option) (*Remote, error) {
 	}
 	tr := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: o.timeout, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:           (&net.Dialer{Timeout: min(o.timeout, MaxConnectTimeout), KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       tlsCfg,
 		TLSHandshakeTimeout:   o.timeout,
 		ResponseHeaderTimeout: o.timeout,

@@ -30,6 +30,8 @@ const (
 	// DefaultTimeout bounds connecting, each response's headers, and any
 	// pause of a transfer (no byte moved for this long ends it).
 	DefaultTimeout = 30 * time.Second
+	// MaxConnectTimeout caps the time to open a connection.
+	MaxConnectTimeout = 5 * time.Second
 	// DefaultRetries is how many times a request that failed transiently
 	// (connection error, timeout, 5xx, 408, 429) is tried again.
 	DefaultRetries = 4
@@ -63,7 +65,9 @@ func newOptions(opts []Option) (options, error) {
 func WithLimits(l Limits) Option { return func(o *options) { o.limits = l } }
 
 // WithTimeout sets the HTTP deadline of connecting, of waiting for a
-// response's headers, and of any pause in a transfer (DefaultTimeout). A
+// response's headers, and of any pause in a transfer (DefaultTimeout).
+// Connecting takes at most MaxConnectTimeout whatever d is: a cache host
+// that drops packets should not hold every build's lock for minutes. A
 // transfer that keeps moving is bounded only by the caller's context.
 func WithTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
 
