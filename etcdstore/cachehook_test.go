@@ -80,7 +80,6 @@ func TestCacheFetchStopsWithLease(t *testing.T) {
 	}
 }
 
-
 type refCheckCache struct {
 	obs  *etcdstore.Store
 	refs chan int
