@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -93,7 +94,11 @@ func diagnose(eps []string, tc *tls.Config) string {
 	if len(eps) == 0 {
 		return ""
 	}
-	u, err := url.Parse(eps[0])
+	ep := eps[0]
+	if !strings.Contains(ep, "://") {
+		ep = "tcp://" + ep // host:port, as etcd's clients accept it
+	}
+	u, err := url.Parse(ep)
 	if err != nil || u.Host == "" || u.Scheme == "unix" || u.Scheme == "unixs" {
 		return ""
 	}

@@ -42,7 +42,7 @@ type Config struct {
 	// PasswordFile holds the password (trailing newline ignored).
 	PasswordFile string
 
-	// Name names this host in records and in P/node/<name>. Default
+	// Name names this host in records and in P/node/<name>/<lease>. Default
 	// os.Hostname().
 	Name string
 

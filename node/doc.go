@@ -2,7 +2,7 @@
 //
 // A Node owns, for its lifetime: an etcd client (TLS, user and password,
 // HTTP/2 keep-alive pings), the etcdstore.Store of this host, a
-// registration key P/node/<name> on a lease of its own, the GC loop (one
+// registration key P/node/<name>/<lease> on a lease of its own, the GC loop (one
 // Prune per interval; only one collector sweeps at a time cluster-wide, so
 // etcdstore.ErrCollectorBusy is normal), and an HTTP server with
 // Prometheus metrics, /healthz and /readyz. Run(ctx) runs it and shuts it

@@ -31,7 +31,7 @@ var ErrNodeRunning = errors.New("granary: a local node already runs for this sta
 // errIdle ends Run when an embedded node has had no client for IdleTimeout.
 var errIdle = errors.New("idle")
 
-// Registration is the value of P/node/<name>, on the node's own lease.
+// Registration is the value of P/node/<name>/<lease>, on the node's own lease.
 type Registration struct {
 	Name    string    `json:"name"`
 	Version string    `json:"version"`
@@ -171,7 +171,7 @@ func (n *Node) Build(ctx context.Context, id string, builder func(context.Contex
 
 // Run serves until ctx ends, the embedded etcd stops, or (embedded only)
 // no client has used the node for IdleTimeout. It runs the GC loop, the
-// registration P/node/<name> on its own lease, and the HTTP server. It then
+// registration P/node/<name>/<lease> on its own lease, and the HTTP server. It then
 // shuts down in this order:
 //
 //  1. stop the GC loop and the idle watch (a sweep in progress is cancelled
@@ -179,7 +179,7 @@ func (n *Node) Build(ctx context.Context, id string, builder func(context.Contex
 //  2. close the store: builds running in this process are cancelled and
 //     cannot publish, and the store's lease is revoked, so its references
 //     and locks drop at once rather than after the TTL;
-//  3. revoke the registration lease, so P/node/<name> disappears;
+//  3. revoke the registration lease, so P/node/<name>/<lease> disappears;
 //  4. stop the HTTP server;
 //  5. close the etcd client;
 //  6. embedded: remove node.json, stop etcd, release the state lock.
@@ -366,7 +366,7 @@ func (n *Node) idleWatch(ctx context.Context) error {
 	}
 }
 
-// registration keeps P/node/<name> on its own lease, making a new lease
+// registration keeps P/node/<name>/<lease> on its own lease, making a new lease
 // (with back-off) if the old one is lost.
 type registration struct {
 	n     *Node
@@ -437,11 +437,16 @@ func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeep
 		clientv3.OpPut(r.key(grant.ID), string(val), clientv3.WithLease(grant.ID)),
 	).Commit()
 	if err != nil {
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
+		n.cli.Revoke(rctx, grant.ID) //nolint:errcheck // otherwise it expires after the TTL
+		rcancel()
 		return nil, err
 	}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		var other Registration
-		if json.Unmarshal(kv.Value, &other) == nil && other.PID != os.Getpid() {
+		// A registration of ours from an earlier lease has our PID and
+		// start time; PIDs alone repeat (PID 1 in every container).
+		if json.Unmarshal(kv.Value, &other) == nil && (other.PID != os.Getpid() || !other.Started.Equal(n.started)) {
 			n.log.Warn("another live node has the same name; builds and references will not tell them apart",
 				"name", n.cfg.Name, "other_pid", other.PID, "other_started", other.Started, "hint", "give each node its own --host")
 		}

@@ -1,13 +1,17 @@
 package node_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
+	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -419,7 +423,6 @@ func TestSameNameNodes(t *testing.T) {
 	srv := etcdtest.Start(t)
 	root := t.TempDir()
 	_, stopA := startNode(t, testConfig(t, srv, root))
-	_, stopB := startNode(t, testConfig(t, srv, root))
 	obs := observer(t, srv, root)
 	count := func(want int) {
 		t.Helper()
@@ -433,7 +436,21 @@ func TestSameNameNodes(t *testing.T) {
 			}
 		}
 	}
+	count(1)
+	var logs syncBuffer
+	b, err := node.New(context.Background(), testConfig(t, srv, root), slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	stopB := func() error { cancel(); return <-done }
+	t.Cleanup(func() { cancel() })
 	count(2)
+	if !strings.Contains(logs.String(), "another live node has the same name") {
+		t.Errorf("no warning about the other node of the same name; logs:\n%s", logs.String())
+	}
 	if err := stopA(); err != nil {
 		t.Fatal(err)
 	}
@@ -442,4 +459,47 @@ func TestSameNameNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	count(0)
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestDialNamesRefusedConnection: when etcd cannot be reached, Dial says
+// why (here: nothing listens), for URL and host:port endpoints alike.
+func TestDialNamesRefusedConnection(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close() // nothing listens there now
+	for _, ep := range []string{"http://" + addr, addr} {
+		cfg := node.DefaultConfig()
+		cfg.Endpoints = []string{ep}
+		cfg.OpTimeout = 500 * time.Millisecond
+		cfg.DialTimeout = 500 * time.Millisecond
+		cli, err := node.Dial(context.Background(), &cfg)
+		if err == nil {
+			cli.Close()
+			t.Fatalf("Dial %s succeeded", ep)
+		}
+		if !errors.Is(err, node.ErrUnreachable) || !strings.Contains(err.Error(), "connection refused") {
+			t.Errorf("Dial %s = %v; want ErrUnreachable naming the refused connection", ep, err)
+		}
+	}
 }
