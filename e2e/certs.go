@@ -67,6 +67,21 @@ func WriteCerts(dir string) error {
 	return nil
 }
 
+// CertsValid reports whether dir holds a CA from WriteCerts that is valid
+// for at least another hour (the certificates last a day).
+func CertsValid(dir string) bool {
+	b, err := os.ReadFile(filepath.Join(dir, CertCA))
+	if err != nil {
+		return false
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return false
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	return err == nil && time.Until(c.NotAfter) > time.Hour
+}
+
 type authority struct {
 	cert *x509.Certificate
 	key  *ecdsa.PrivateKey

@@ -12,8 +12,14 @@ import (
 // server's names, client CNs, and that the rogue one does not chain to the CA.
 func TestWriteCerts(t *testing.T) {
 	dir := t.TempDir()
+	if CertsValid(dir) {
+		t.Fatal("CertsValid on an empty directory")
+	}
 	if err := WriteCerts(dir); err != nil {
 		t.Fatal(err)
+	}
+	if !CertsValid(dir) {
+		t.Fatal("fresh certificates are not valid")
 	}
 	caPEM, err := os.ReadFile(filepath.Join(dir, CertCA))
 	if err != nil {

@@ -227,11 +227,16 @@ func (c *cluster) must(service string, args ...string) string {
 // result arrives on the channel. The docker client keeps the exec attached,
 // so pausing or cutting the container off the network does not end it.
 func (c *cluster) background(service string, args ...string) <-chan result {
+	return c.backgroundExec(service, append([]string{"granary"}, args...)...)
+}
+
+// backgroundExec is background for any command.
+func (c *cluster) backgroundExec(service string, args ...string) <-chan result {
 	ch := make(chan result, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	go func() {
 		defer cancel()
-		ch <- c.exec(ctx, service, append([]string{"granary"}, args...)...)
+		ch <- c.exec(ctx, service, args...)
 	}()
 	return ch
 }

@@ -43,8 +43,8 @@ func TestTLSAuth(t *testing.T) {
 		hosts := c.refHosts("worker1", "tls-once")
 		return slices.Equal(hosts, []string{"worker2"}), fmt.Sprint(hosts)
 	})
-	if r := c.granary("worker1", "rm", "tls-once"); r.code == 0 {
-		t.Fatalf("rm under a reference succeeded: %s", r)
+	if r := c.granary("worker1", "rm", "tls-once"); r.code == 0 || !strings.Contains(r.out, "worker2") {
+		t.Fatalf("rm under worker2's reference: %s; want refused naming worker2", r)
 	}
 	c.killMatching("worker2", "sleep 1004")
 	c.wait(holder, takeover, "run after its command was killed")

@@ -7,7 +7,7 @@
 //	go run ./e2e/cmd/e2eimage -no-image -certs DIR -enable-auth https://127.0.0.1:PORT
 //
 // -certs also writes a CA, server and client certificates for the TLS
-// variant (docker-compose.tls.yml) into DIR (unless they are there).
+// variant (docker-compose.tls.yml) into DIR (unless valid ones are there).
 // -enable-auth then turns on etcd auth with those certificates: user root
 // administers, user granary (the workers' CN) may use the /granary/ prefix.
 package main
@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
 
 	"github.com/granary-build/granary/e2e"
 	"github.com/granary-build/granary/etcdstore"
@@ -50,7 +49,7 @@ func run(ctx context.Context, tag, certs, auth string, image bool) error {
 		fmt.Fprintln(os.Stderr, "e2e image: built", tag)
 	}
 	if certs != "" {
-		if _, err := os.Stat(filepath.Join(certs, e2e.CertCA)); err == nil {
+		if e2e.CertsValid(certs) {
 			fmt.Fprintln(os.Stderr, "e2e certs: keeping those in", certs)
 		} else if err := e2e.WriteCerts(certs); err != nil {
 			return err
