@@ -390,7 +390,7 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 		s.emit(Event{Kind: EventBuilding, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir})
 		bctx, stop := mergeCancel(ctx, ss.ctx)
 		err = runBuilder(bctx, builder)
-		switch cause := context.Cause(bctx); {
+		switch cause := stopCause(bctx, ss); {
 		case cause == nil:
 		case err == nil:
 			err = cause // the builder ignored its cancellation
@@ -538,6 +538,19 @@ func (s *Store) failed(ctx context.Context, ss *session, l *lock, id string, rec
 	return &BuildError{ID: id, Host: s.opt.host, PID: s.pid, LogDir: rec.LogDir, Err: cause}
 }
 
+// stopCause says why work merged from ctx and the session's context must
+// stop, or nil. It asks the session directly: the merged context learns of
+// the session's end a moment later, from another goroutine.
+func stopCause(ctx context.Context, ss *session) error {
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	if ss.ctx.Err() != nil {
+		return context.Cause(ss.ctx)
+	}
+	return nil
+}
+
 // fetchCache tries the remote cache into the (empty) output directory.
 //
 // Like a builder, the fetch ends when the lease is in doubt, and then it
@@ -553,7 +566,7 @@ func (s *Store) fetchCache(ctx context.Context, ss *session, id string) (bool, e
 	fctx, stop := mergeCancel(ctx, ss.ctx)
 	defer stop()
 	ok, err := c.Fetch(fctx, id, s.outputDir(id))
-	if cause := context.Cause(fctx); cause != nil {
+	if cause := stopCause(fctx, ss); cause != nil {
 		return false, fmt.Errorf("remote cache fetch stopped: %w", cause)
 	}
 	if err != nil || !ok {

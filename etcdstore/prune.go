@@ -1,6 +1,7 @@
 package etcdstore
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
 
 	"github.com/granary-build/granary/core"
 )
@@ -77,35 +80,24 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	}
 	defer gc.release()
 
-	all, err := s.List(ctx)
+	avail, known, err := s.pruneCandidates(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
 	now := time.Now()
-	var avail []Summary
-	known := make(map[string]bool, len(all))
-	for _, p := range all {
-		known[p.ID] = true
-		if p.Package != nil {
-			avail = append(avail, p)
-			rep.TotalBytes += p.Package.Size
-		}
+	for _, p := range avail {
+		rep.TotalBytes += p.size
 	}
 	rep.Packages = len(avail)
-	lastUse := func(p Summary) time.Time {
-		if p.ATime.After(p.Package.BuiltAt) {
-			return p.ATime
-		}
-		return p.Package.BuiltAt
-	}
-	slices.SortStableFunc(avail, func(a, b Summary) int { return lastUse(a).Compare(lastUse(b)) })
+	slices.SortStableFunc(avail, func(a, b candidate) int { return cmp.Compare(a.lastUse, b.lastUse) })
 
 	remaining := rep.TotalBytes
 	for _, p := range avail {
 		if opts.MaxRemovals > 0 && len(rep.Removed) >= opts.MaxRemovals {
 			break
 		}
-		age := now.Sub(lastUse(p))
+		last := time.Unix(0, p.lastUse)
+		age := now.Sub(last)
 		old := opts.OlderThan > 0 && age > opts.OlderThan
 		big := opts.TargetBytes > 0 && remaining > opts.TargetBytes
 		if (!old && !big) || age < grace {
@@ -114,10 +106,10 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 		if err := ctx.Err(); err != nil {
 			return rep, err
 		}
-		pp := PrunedPackage{ID: p.ID, Size: p.Package.Size, ATime: lastUse(p)}
+		pp := PrunedPackage{ID: p.id, Size: p.size, ATime: last}
 		if opts.DryRun {
-			if p.Refs > 0 || p.Build != nil {
-				rep.InUse = append(rep.InUse, p.ID)
+			if p.refs > 0 || p.busy {
+				rep.InUse = append(rep.InUse, p.id)
 				continue
 			}
 			rep.Removed = append(rep.Removed, pp)
@@ -125,16 +117,16 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 			remaining -= pp.Size
 			continue
 		}
-		removed, err := s.tryRemove(ctx, p.ID, p.atimeRev)
+		removed, err := s.tryRemove(ctx, p.id, p.atimeRev)
 		switch {
 		case err != nil && !errors.Is(err, core.ErrPackageNotExist):
-			return rep, fmt.Errorf("etcdstore: prune %q: %w", p.ID, err)
+			return rep, fmt.Errorf("etcdstore: prune %q: %w", p.id, err)
 		case removed:
 			rep.Removed = append(rep.Removed, pp)
 			rep.FreedBytes += pp.Size
 			remaining -= pp.Size
 		case err == nil:
-			rep.InUse = append(rep.InUse, p.ID)
+			rep.InUse = append(rep.InUse, p.id)
 		}
 	}
 	if err := s.sweepDirs(ctx, known, grace, &rep); err != nil {
@@ -214,4 +206,64 @@ func old(e os.DirEntry, grace time.Duration) bool {
 
 func sortSummaries(xs []Summary) {
 	slices.SortFunc(xs, func(a, b Summary) int { return strings.Compare(a.ID, b.ID) })
+}
+
+// candidate is what Prune keeps of one available package: a few words, so
+// a sweep over 100k packages stays small (List keeps whole records).
+type candidate struct {
+	id       string
+	lastUse  int64 // unix nanoseconds: the later of access and publish
+	size     int64
+	atimeRev int64
+	refs     int32
+	busy     bool // a build record exists (an attempt or a failure)
+}
+
+// pruneCandidates reads the available packages page by page, with their
+// last use, references and build records, and the set of every ID etcd
+// knows (available, building or failed), for the orphan sweep.
+func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bool, error) {
+	var cands []candidate
+	index := map[string]int{}
+	known := map[string]bool{}
+	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
+		p, err := decode[PackageRecord](k.Value)
+		if err != nil {
+			return err
+		}
+		known[id] = true
+		index[id] = len(cands)
+		cands = append(cands, candidate{id: id, lastUse: p.BuiltAt.UnixNano(), size: p.Size})
+		return nil
+	})
+	if err == nil {
+		err = s.scan(ctx, "build/", true, func(id string, _ *mvccpb.KeyValue) error {
+			known[id] = true
+			if i, ok := index[id]; ok {
+				cands[i].busy = true
+			}
+			return nil
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
+			if i, ok := index[id]; ok {
+				if at := parseNanos(k.Value); !at.IsZero() && at.UnixNano() > cands[i].lastUse {
+					cands[i].lastUse = at.UnixNano()
+				}
+				cands[i].atimeRev = k.ModRevision
+			}
+			return nil
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
+			id, _, _ := strings.Cut(rest, "/")
+			if i, ok := index[id]; ok {
+				cands[i].refs++
+			}
+			return nil
+		})
+	}
+	return cands, known, err
 }
