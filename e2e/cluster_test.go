@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -278,6 +279,16 @@ func (c *cluster) refHosts(service, id string) []string {
 		hosts = append(hosts, ref.Host)
 	}
 	return hosts
+}
+
+// waitRefs waits until the hosts holding references to id, as worker1
+// sees them, are exactly want (none if want is empty).
+func (c *cluster) waitRefs(id string, want ...string) {
+	c.t.Helper()
+	c.eventually(takeover, fmt.Sprintf("references to %s held by %v", id, want), func() (bool, string) {
+		hosts := c.refHosts("worker1", id)
+		return slices.Equal(hosts, want), fmt.Sprint(hosts)
+	})
 }
 
 // eventually polls cond every 500 ms until it holds or the ceiling passes.

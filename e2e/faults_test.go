@@ -58,10 +58,7 @@ func TestHolderCrash(t *testing.T) {
 	c := newCluster(t, clusterOpts{env: []string{"GRANARY_TTL=15"}})
 	c.must("worker1", "build", "held", "--", "sh", "-c", `echo x > "$GRANARY_OUT/x"`)
 	holder := c.background("worker2", "run", "held", "--", "sleep", "1000")
-	c.eventually(takeover, "worker2's reference", func() (bool, string) {
-		hosts := c.refHosts("worker1", "held")
-		return slices.Equal(hosts, []string{"worker2"}), fmt.Sprint(hosts)
-	})
+	c.waitRefs("held", "worker2")
 	if r := c.granary("worker1", "rm", "held"); r.code == 0 || !strings.Contains(r.out, "worker2") {
 		t.Fatalf("rm while worker2 holds a reference: %s; want refused naming worker2", r)
 	}
@@ -179,19 +176,13 @@ func TestPartition(t *testing.T) {
 	goneRun := c.background("worker3", "run", "gone", "--", "sleep", "1001")
 	keptRun := c.background("worker3", "run", "kept", "--", "sleep", "1002")
 	for _, id := range []string{"gone", "kept"} {
-		c.eventually(takeover, "worker3's reference to "+id, func() (bool, string) {
-			hosts := c.refHosts("worker1", id)
-			return slices.Equal(hosts, []string{"worker3"}), fmt.Sprint(hosts)
-		})
+		c.waitRefs(id, "worker3")
 	}
 
 	c.dockerDo("network", "worker3", "disconnect", c.network())
 	cut := time.Now()
 	for _, id := range []string{"gone", "kept"} {
-		c.eventually(takeover, "worker3's reference to "+id+" to expire", func() (bool, string) {
-			hosts := c.refHosts("worker1", id)
-			return len(hosts) == 0, fmt.Sprint(hosts)
-		})
+		c.waitRefs(id)
 	}
 	t.Logf("references expired %v after the cut (TTL %v)", time.Since(cut).Round(100*time.Millisecond), ttl)
 	c.must("worker1", "rm", "gone")
@@ -202,10 +193,7 @@ func TestPartition(t *testing.T) {
 		t.Fatalf("run whose package was removed during the partition: %s; want it stopped with the reason", r)
 	}
 	t.Logf("run of the removed package: %s", r)
-	c.eventually(takeover, "worker3's reference to kept, taken again", func() (bool, string) {
-		hosts := c.refHosts("worker1", "kept")
-		return slices.Equal(hosts, []string{"worker3"}), fmt.Sprint(hosts)
-	})
+	c.waitRefs("kept", "worker3")
 	select {
 	case r := <-keptRun:
 		t.Fatalf("run of the kept package ended: %s", r)

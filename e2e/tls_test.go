@@ -4,9 +4,7 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
 
@@ -39,10 +37,7 @@ func TestTLSAuth(t *testing.T) {
 	buildOnce(t, c, "tls-once", 4)
 
 	holder := c.background("worker2", "run", "tls-once", "--", "sleep", "1004")
-	c.eventually(takeover, "worker2's reference", func() (bool, string) {
-		hosts := c.refHosts("worker1", "tls-once")
-		return slices.Equal(hosts, []string{"worker2"}), fmt.Sprint(hosts)
-	})
+	c.waitRefs("tls-once", "worker2")
 	if r := c.granary("worker1", "rm", "tls-once"); r.code == 0 || !strings.Contains(r.out, "worker2") {
 		t.Fatalf("rm under worker2's reference: %s; want refused naming worker2", r)
 	}
