@@ -82,6 +82,11 @@ func Pack(w io.Writer, dir string) (PackStats, error) {
 	if err != nil {
 		return st, err
 	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return st, err
+	}
+	defer root.Close()
 	tw := tar.NewWriter(zw)
 	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -110,6 +115,13 @@ func Pack(w io.Writer, dir string) (PackStats, error) {
 			}
 			if !linkInside(rel, target) {
 				return fmt.Errorf("cache: symlink %s -> %s leads out of the package; such a package cannot be cached", rel, target)
+			}
+			// The check Unpack makes after extraction: resolved for real
+			// (through other links), it must stay inside. A loop or a
+			// chained escape would otherwise upload an archive every
+			// fetch refuses.
+			if _, err := root.Stat(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("cache: symlink %s -> %s does not resolve inside the package (%v); such a package cannot be cached", rel, target, err)
 			}
 			hdr.Typeflag, hdr.Linkname, hdr.Mode = tar.TypeSymlink, target, 0o777
 		default:

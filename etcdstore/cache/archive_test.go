@@ -269,3 +269,30 @@ func TestUnpackRefusesDeepAndWideWindows(t *testing.T) {
 		t.Errorf("128 MiB window: %v; want cache.ErrUnsafeArchive", err)
 	}
 }
+
+// TestPackRefusesWhatUnpackRefuses: a symlink loop and an escape through
+// another symlink are refused when packing, so no archive is uploaded that
+// every fetch would refuse.
+func TestPackRefusesWhatUnpackRefuses(t *testing.T) {
+	loop := t.TempDir()
+	os.Symlink("b", filepath.Join(loop, "a"))
+	os.Symlink("a", filepath.Join(loop, "b"))
+	chained := t.TempDir()
+	os.Mkdir(filepath.Join(chained, "d"), 0o755)
+	os.Symlink("..", filepath.Join(chained, "d", "s"))
+	os.Symlink("d/s/..", filepath.Join(chained, "t"))
+	dangling := t.TempDir()
+	os.Symlink("missing", filepath.Join(dangling, "l"))
+	for name, dir := range map[string]string{"loop": loop, "chained escape": chained} {
+		var buf bytes.Buffer
+		if _, err := cache.Pack(&buf, dir); err == nil {
+			t.Errorf("%s: Pack succeeded", name)
+		}
+	}
+	var buf bytes.Buffer
+	if _, err := cache.Pack(&buf, dangling); err != nil {
+		t.Errorf("dangling link inside: Pack = %v", err)
+	} else if _, err := cache.Unpack(&buf, t.TempDir(), cache.DefaultLimits()); err != nil {
+		t.Errorf("dangling link inside: Unpack = %v", err)
+	}
+}
