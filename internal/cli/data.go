@@ -18,6 +18,24 @@ func (e *env) open(ctx context.Context, f *flags) (*conn, error) {
 	return e.connect(ctx, f.cfg, etcdstore.WithPurpose("granary "+f.name))
 }
 
+// openID parses the flags of a command that takes one package ID and
+// connects: the common start of inspect, rm and verify.
+func (e *env) openID(ctx context.Context, name string, withJSON bool, args []string) (*flags, string, *conn, error) {
+	f, err := e.newFlags(name, withJSON)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	id, err := e.parseID(f, args)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	return f, id, c, nil
+}
+
 func noArgs(e *env, f *flags, args []string) error {
 	pos, cmd, err := e.parse(f, args)
 	if err != nil {
@@ -64,15 +82,7 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdInspect(ctx context.Context, e *env, args []string) error {
-	f, err := e.newFlags("inspect", true)
-	if err != nil {
-		return err
-	}
-	id, err := e.parseID(f, args)
-	if err != nil {
-		return err
-	}
-	c, err := e.open(ctx, f)
+	f, id, c, err := e.openID(ctx, "inspect", true, args)
 	if err != nil {
 		return err
 	}
@@ -125,15 +135,7 @@ func holder(r etcdstore.RefInfo) string {
 }
 
 func cmdRm(ctx context.Context, e *env, args []string) error {
-	f, err := e.newFlags("rm", false)
-	if err != nil {
-		return err
-	}
-	id, err := e.parseID(f, args)
-	if err != nil {
-		return err
-	}
-	c, err := e.open(ctx, f)
+	_, id, c, err := e.openID(ctx, "rm", false, args)
 	if err != nil {
 		return err
 	}
@@ -296,15 +298,7 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 }
 
 func cmdVerify(ctx context.Context, e *env, args []string) error {
-	f, err := e.newFlags("verify", true)
-	if err != nil {
-		return err
-	}
-	id, err := e.parseID(f, args)
-	if err != nil {
-		return err
-	}
-	c, err := e.open(ctx, f)
+	f, id, c, err := e.openID(ctx, "verify", true, args)
 	if err != nil {
 		return err
 	}
