@@ -41,7 +41,13 @@ func testConfig(t *testing.T, srv *etcdtest.Server, root string) node.Config {
 // error. Cleanup stops it too.
 func startNode(t *testing.T, cfg node.Config) (*node.Node, func() error) {
 	t.Helper()
-	n, err := node.New(context.Background(), cfg, nil)
+	return startNodeLog(t, cfg, nil)
+}
+
+// startNodeLog is startNode with a logger.
+func startNodeLog(t *testing.T, cfg node.Config, log *slog.Logger) (*node.Node, func() error) {
+	t.Helper()
+	n, err := node.New(context.Background(), cfg, log)
 	if err != nil {
 		t.Fatalf("node.New: %v", err)
 	}
@@ -355,8 +361,11 @@ func TestFromEnv(t *testing.T) {
 	}
 }
 
-func TestEmbeddedNode(t *testing.T) {
-	state, err := os.MkdirTemp("", "gn") // short: the socket path is limited
+// embeddedConfig is a node of its own embedded etcd, with a short state
+// directory (the socket path is limited) removed at the end.
+func embeddedConfig(t *testing.T) node.Config {
+	t.Helper()
+	state, err := os.MkdirTemp("", "gn")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -365,6 +374,12 @@ func TestEmbeddedNode(t *testing.T) {
 	cfg.Root = t.TempDir()
 	cfg.StateDir = state
 	cfg.GCInterval = 0
+	return cfg
+}
+
+func TestEmbeddedNode(t *testing.T) {
+	cfg := embeddedConfig(t)
+	state := cfg.StateDir
 	n, stop := startNode(t, cfg)
 	if n.Client().Endpoints()[0] != "unix://"+filepath.Join(state, "etcd.sock") {
 		t.Errorf("endpoint %v, want the state dir socket", n.Client().Endpoints())
@@ -389,15 +404,8 @@ func TestEmbeddedNode(t *testing.T) {
 }
 
 func TestEmbeddedNodeExitsWhenIdle(t *testing.T) {
-	state, err := os.MkdirTemp("", "gn")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(state) })
-	cfg := node.DefaultConfig()
-	cfg.Root = t.TempDir()
-	cfg.StateDir = state
-	cfg.GCInterval = 0
+	cfg := embeddedConfig(t)
+	state := cfg.StateDir
 	cfg.IdleTimeout = 400 * time.Millisecond
 	n, err := node.New(context.Background(), cfg, nil)
 	if err != nil {
@@ -438,15 +446,7 @@ func TestSameNameNodes(t *testing.T) {
 	}
 	count(1)
 	var logs syncBuffer
-	b, err := node.New(context.Background(), testConfig(t, srv, root), slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- b.Run(ctx) }()
-	stopB := func() error { cancel(); return <-done }
-	t.Cleanup(func() { cancel() })
+	_, stopB := startNodeLog(t, testConfig(t, srv, root), slog.New(slog.NewTextHandler(&logs, nil)))
 	count(2)
 	if !strings.Contains(logs.String(), "another live node has the same name") {
 		t.Errorf("no warning about the other node of the same name; logs:\n%s", logs.String())
