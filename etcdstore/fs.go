@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
+
+	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // TreeDigest returns "sha256:<hex>" over the tree at dir: for each entry in
@@ -103,22 +105,11 @@ func (s *Store) moveToTrash(path string) error {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		if err := removeTree(dst); err != nil {
+		if err := fsutil.RemoveAll(dst); err != nil {
 			s.opt.logger.Warn("cannot delete trash; the next prune retries", "path", dst, "err", err)
 		}
 	}()
 	return nil
-}
-
-// removeTree deletes a tree that may have been made read-only.
-func removeTree(path string) error {
-	filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error { //nolint:errcheck // RemoveAll reports what matters
-		if err == nil && d.IsDir() {
-			os.Chmod(p, 0o700)
-		}
-		return nil
-	})
-	return os.RemoveAll(path)
 }
 
 // binding is the content of <root>/.granary/cluster.

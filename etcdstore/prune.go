@@ -13,6 +13,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // DefaultPruneGrace is the grace period Prune uses when PruneOptions.Grace
@@ -164,7 +165,7 @@ func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time
 	}
 	for _, e := range trash {
 		if old(e, grace) {
-			if err := removeTree(s.trashDir() + "/" + e.Name()); err == nil {
+			if err := fsutil.RemoveAll(s.trashDir() + "/" + e.Name()); err == nil {
 				rep.TrashEntries++
 			}
 		}

@@ -6,10 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"sort"
 	"strings"
@@ -20,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // Sizes says how much work each scenario does.
@@ -324,21 +323,10 @@ func (r *run) close() error {
 	for _, c := range r.clients {
 		c.Close()
 	}
-	if err := removeAll(r.root); err != nil {
+	if err := fsutil.RemoveAll(r.root); err != nil {
 		errs = append(errs, fmt.Errorf("bench: remove %s: %w", r.root, err))
 	}
 	return errors.Join(errs...)
-}
-
-// removeAll deletes a tree whose directories may have been made read-only.
-func removeAll(path string) error {
-	filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error { //nolint:errcheck // RemoveAll reports what matters
-		if err == nil && d.IsDir() {
-			os.Chmod(p, 0o700)
-		}
-		return nil
-	})
-	return os.RemoveAll(path)
 }
 
 // quantile returns the q-quantile (nearest rank) of xs, sorting xs.

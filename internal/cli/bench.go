@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/granary-build/granary/internal/bench"
+	"github.com/granary-build/granary/internal/fsutil"
 	"github.com/granary-build/granary/node"
 )
 
@@ -48,7 +49,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		defer removeAll(tmp)
+		defer fsutil.RemoveAll(tmp) //nolint:errcheck // a temporary directory
 		emb, err := node.StartEmbedded(ctx, tmp)
 		if err != nil {
 			return err

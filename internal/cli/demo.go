@@ -17,6 +17,7 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/fsutil"
 	"github.com/granary-build/granary/node"
 )
 
@@ -86,7 +87,7 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer removeAll(tmp)
+	defer fsutil.RemoveAll(tmp) //nolint:errcheck // a temporary directory
 	emb, err := node.StartEmbedded(ctx, filepath.Join(tmp, "state"))
 	if err != nil {
 		return err
@@ -390,15 +391,4 @@ func shortErr(err error) string {
 		return fmt.Sprintf("failed on %s", be.Host)
 	}
 	return err.Error()
-}
-
-// removeAll deletes a tree that may hold read-only published packages.
-func removeAll(dir string) {
-	filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error { //nolint:errcheck
-		if err == nil && de.IsDir() {
-			os.Chmod(p, 0o755)
-		}
-		return nil
-	})
-	os.RemoveAll(dir)
 }
