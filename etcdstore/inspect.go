@@ -122,21 +122,12 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		byID[id] = x
 		return x
 	}
-	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
-		p, err := decode[PackageRecord](k.Value)
-		if err != nil {
-			return err
-		}
-		x := get(id)
-		x.Package, x.State = p, StateAvailable
-		return nil
-	})
-	if err == nil {
-		err = s.scan(ctx, "build/", false, func(id string, k *mvccpb.KeyValue) error {
-			b, err := decode[BuildRecord](k.Value)
-			if err != nil {
-				return err
-			}
+	err := s.scanPackages(ctx, packageVisitor{
+		avail: func(id string, p *PackageRecord) {
+			x := get(id)
+			x.Package, x.State = p, StateAvailable
+		},
+		build: func(id string, b *BuildRecord) {
 			x := get(id)
 			x.Build = b
 			if x.State == StateAbsent {
@@ -145,26 +136,18 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 					x.State = StateFailed
 				}
 			}
-			return nil
-		})
-	}
-	if err == nil {
-		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
+		},
+		atime: func(id string, at time.Time, rev int64) {
 			if x := byID[id]; x != nil {
-				x.ATime, x.atimeRev = parseNanos(k.Value), k.ModRevision
+				x.ATime, x.atimeRev = at, rev
 			}
-			return nil
-		})
-	}
-	if err == nil {
-		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
-			id, _, _ := strings.Cut(rest, "/")
+		},
+		ref: func(id string) {
 			if x := byID[id]; x != nil {
 				x.Refs++
 			}
-			return nil
-		})
-	}
+		},
+	})
 	if err != nil {
 		return nil, fmt.Errorf("etcdstore: list: %w", err)
 	}
@@ -174,6 +157,55 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 	}
 	sortSummaries(out)
 	return out, nil
+}
+
+// packageVisitor receives what scanPackages reads. build gets nil records
+// when only its keys are wanted (buildKeysOnly).
+type packageVisitor struct {
+	avail         func(id string, p *PackageRecord)
+	build         func(id string, b *BuildRecord)
+	buildKeysOnly bool
+	atime         func(id string, at time.Time, modRev int64)
+	ref           func(id string)
+}
+
+// scanPackages reads every package key a page at a time, kind by kind:
+// available records, build records, access times, references.
+func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
+	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
+		p, err := decode[PackageRecord](k.Value)
+		if err == nil {
+			v.avail(id, p)
+		}
+		return err
+	})
+	if err == nil {
+		err = s.scan(ctx, "build/", v.buildKeysOnly, func(id string, k *mvccpb.KeyValue) error {
+			if v.buildKeysOnly {
+				v.build(id, nil)
+				return nil
+			}
+			b, err := decode[BuildRecord](k.Value)
+			if err == nil {
+				v.build(id, b)
+			}
+			return err
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
+			v.atime(id, parseNanos(k.Value), k.ModRevision)
+			return nil
+		})
+	}
+	if err == nil {
+		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
+			id, _, _ := strings.Cut(rest, "/")
+			v.ref(id)
+			return nil
+		})
+	}
+	return err
 }
 
 const pageSize = 1000

@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
-
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/internal/fsutil"
 )
@@ -227,44 +225,32 @@ func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bo
 	var cands []candidate
 	index := map[string]int{}
 	known := map[string]bool{}
-	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
-		p, err := decode[PackageRecord](k.Value)
-		if err != nil {
-			return err
-		}
-		known[id] = true
-		index[id] = len(cands)
-		cands = append(cands, candidate{id: id, lastUse: p.BuiltAt.UnixNano(), size: p.Size})
-		return nil
-	})
-	if err == nil {
-		err = s.scan(ctx, "build/", true, func(id string, _ *mvccpb.KeyValue) error {
+	err := s.scanPackages(ctx, packageVisitor{
+		avail: func(id string, p *PackageRecord) {
+			known[id] = true
+			index[id] = len(cands)
+			cands = append(cands, candidate{id: id, lastUse: p.BuiltAt.UnixNano(), size: p.Size})
+		},
+		buildKeysOnly: true,
+		build: func(id string, _ *BuildRecord) {
 			known[id] = true
 			if i, ok := index[id]; ok {
 				cands[i].busy = true
 			}
-			return nil
-		})
-	}
-	if err == nil {
-		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
+		},
+		atime: func(id string, at time.Time, modRev int64) {
 			if i, ok := index[id]; ok {
-				if at := parseNanos(k.Value); !at.IsZero() && at.UnixNano() > cands[i].lastUse {
+				if !at.IsZero() && at.UnixNano() > cands[i].lastUse {
 					cands[i].lastUse = at.UnixNano()
 				}
-				cands[i].atimeRev = k.ModRevision
+				cands[i].atimeRev = modRev
 			}
-			return nil
-		})
-	}
-	if err == nil {
-		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
-			id, _, _ := strings.Cut(rest, "/")
+		},
+		ref: func(id string) {
 			if i, ok := index[id]; ok {
 				cands[i].refs++
 			}
-			return nil
-		})
-	}
+		},
+	})
 	return cands, known, err
 }
