@@ -26,7 +26,6 @@ func BenchmarkRawPut(b *testing.B) {
 	srv := etcdtest.Start(b)
 	cli := srv.Client(b)
 	ctx := context.Background()
-	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		if _, err := cli.Put(ctx, "/raw/"+strconv.Itoa(i%64), "x"); err != nil {
 			b.Fatal(err)
@@ -41,7 +40,6 @@ func BenchmarkRawTxnPair(b *testing.B) {
 	cli := srv.Client(b)
 	ctx := context.Background()
 	cli.Put(ctx, "/raw/avail", "x")
-	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		k := "/raw/ref/" + strconv.Itoa(i)
 		if _, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision("/raw/avail"), ">", 0)).
@@ -61,7 +59,6 @@ func BenchmarkIncRefDecRef(b *testing.B) {
 	s := newStoreB(b, srv)
 	buildB(b, s, "hot")
 	h := s.Handle("hot")
-	b.ResetTimer()
 	for b.Loop() {
 		if err := h.IncRef(); err != nil {
 			b.Fatal(err)
@@ -78,7 +75,6 @@ func BenchmarkBuildAvailable(b *testing.B) {
 	s := newStoreB(b, srv)
 	buildB(b, s, "ready")
 	h := s.Handle("ready")
-	b.ResetTimer()
 	for b.Loop() {
 		if err := h.Build(func() error { b.Fatal("builder ran"); return nil }); err != nil {
 			b.Fatal(err)
@@ -92,7 +88,6 @@ func BenchmarkBuildDistinct(b *testing.B) {
 	srv := etcdtest.Start(b)
 	s := newStoreB(b, srv)
 	var n atomic.Int64
-	b.ResetTimer()
 	for b.Loop() {
 		id := "distinct-" + strconv.FormatInt(n.Add(1), 10)
 		if err := s.Handle(id).Build(func() error { return nil }); err != nil {
@@ -159,7 +154,6 @@ func BenchmarkWaitersRelease(b *testing.B) {
 	builder := newStoreAt(b, srv, root)
 	waiter := newStoreAt(b, srv, root)
 	ctx := context.Background()
-	b.ResetTimer()
 	for i := 0; b.Loop(); i++ {
 		id := "wait-" + strconv.Itoa(i)
 		release := make(chan struct{})
