@@ -77,6 +77,20 @@ type Config struct {
 	// metrics have seen them). It must not block.
 	Events func(etcdstore.Event)
 
+	// Linger is how long the node keeps its etcd reference to a package
+	// after the last local holder (a Conn of the local API) let go, so that
+	// a package used job after job costs etcd nothing. 0 releases at once.
+	Linger time.Duration
+	// SocketMode is the permission of the local API socket
+	// <StateDir>/agent.sock (default 0600: the node's user only). A mode
+	// that lets group or others in also makes StateDir searchable (o+x),
+	// not readable.
+	SocketMode os.FileMode
+	// SocketGroup, if set, is the group (name or number) the socket is
+	// given: with SocketMode 0660, the host's job users in that group may
+	// connect.
+	SocketGroup string
+
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
 	OpTimeout   time.Duration
@@ -86,6 +100,9 @@ type Config struct {
 // Defaults.
 const (
 	DefaultGCInterval = 10 * time.Minute
+	// DefaultLinger is how long a node keeps a package's etcd reference
+	// after its last local holder.
+	DefaultLinger = 5 * time.Second
 	// DefaultIdleTimeout is the idle period of a node the CLI starts.
 	DefaultIdleTimeout = 15 * time.Minute
 	// MaxSocketPath is the longest unix socket path accepted (the kernel
@@ -108,6 +125,8 @@ func DefaultConfig() Config {
 		TTL:         etcdstore.DefaultTTL,
 		Name:        host,
 		GCInterval:  DefaultGCInterval,
+		Linger:      DefaultLinger,
+		SocketMode:  0o600,
 		GC:          etcdstore.PruneOptions{OlderThan: 30 * 24 * time.Hour, MaxRemovals: 100},
 		OpTimeout:   etcdstore.DefaultOpTimeout,
 		DialTimeout: 5 * time.Second,
@@ -237,6 +256,15 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 // RegisterNodeFlags binds the flags only `serve` needs.
 func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenMetrics, "listen-metrics", c.ListenMetrics, "address for /metrics, /healthz, /readyz (empty: off)")
+	fs.DurationVar(&c.Linger, "linger", c.Linger, "keep a package's etcd reference this long after its last local holder (0: release at once)")
+	fs.Func("socket-mode", fmt.Sprintf("permissions of the local API socket, octal (default %#o)", c.SocketMode), func(s string) error {
+		m, err := strconv.ParseUint(s, 8, 32)
+		if err == nil {
+			c.SocketMode = os.FileMode(m)
+		}
+		return err
+	})
+	fs.StringVar(&c.SocketGroup, "socket-group", c.SocketGroup, "group of the local API socket (with --socket-mode 0660)")
 	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
 	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
@@ -249,6 +277,9 @@ func (c *Config) Embedded() bool { return len(c.Endpoints) == 0 }
 
 // SocketPath is the embedded etcd's client socket in StateDir.
 func (c *Config) SocketPath() string { return filepath.Join(c.StateDir, "etcd.sock") }
+
+// AgentSocketPath is the node's local API socket in StateDir.
+func (c *Config) AgentSocketPath() string { return filepath.Join(c.StateDir, AgentSocket) }
 
 // LocalEndpoint is the client URL of the embedded etcd.
 func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }
@@ -268,6 +299,13 @@ func (c *Config) Validate() error {
 	if c.Embedded() && c.StateDir != "" && len(c.SocketPath()) >= MaxSocketPath {
 		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
 			c.SocketPath(), len(c.SocketPath()), MaxSocketPath, EnvStateDir)
+	}
+	if c.StateDir != "" && len(c.AgentSocketPath()) >= MaxSocketPath {
+		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
+			c.AgentSocketPath(), len(c.AgentSocketPath()), MaxSocketPath, EnvStateDir)
+	}
+	if c.SocketMode&^os.ModePerm != 0 {
+		bad("socket mode %#o: want permission bits only", c.SocketMode)
 	}
 	if c.Root != "" && c.StateDir != "" {
 		r, _ := filepath.Abs(c.Root)
@@ -319,7 +357,7 @@ func (c *Config) Validate() error {
 			r.Close()
 		}
 	}
-	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
+	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.Linger < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
 		bad("negative interval, or non-positive timeout")
 	}
 	if len(errs) > 0 {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -63,6 +64,8 @@ type Node struct {
 
 	reg *registration // set by Run
 
+	agent atomic.Pointer[agent] // the local API; set by New
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -87,19 +90,21 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 			n.Close()
 		}
 	}()
+	// One node per state directory, embedded or not: it owns the agent
+	// socket there.
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("granary: state directory: %w", err)
+	}
+	n.flock = flock.New(filepath.Join(cfg.StateDir, LockFile))
+	ok, err := n.flock.TryLock()
+	if err != nil {
+		return nil, fmt.Errorf("granary: lock state directory: %w", err)
+	}
+	if !ok {
+		n.flock = nil
+		return nil, fmt.Errorf("%w (%s)", ErrNodeRunning, cfg.StateDir)
+	}
 	if cfg.Embedded() {
-		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-			return nil, fmt.Errorf("granary: state directory: %w", err)
-		}
-		n.flock = flock.New(filepath.Join(cfg.StateDir, LockFile))
-		ok, err := n.flock.TryLock()
-		if err != nil {
-			return nil, fmt.Errorf("granary: lock state directory: %w", err)
-		}
-		if !ok {
-			n.flock = nil
-			return nil, fmt.Errorf("%w (%s)", ErrNodeRunning, cfg.StateDir)
-		}
 		if n.emb, err = StartEmbedded(ctx, cfg.StateDir); err != nil {
 			return nil, err
 		}
@@ -119,6 +124,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if err != nil {
 		return nil, err
 	}
+	ag, err := newAgent(n)
+	if err != nil {
+		return nil, err
+	}
+	n.agent.Store(ag)
 	if cfg.ListenMetrics != "" {
 		if n.ln, err = net.Listen("tcp", cfg.ListenMetrics); err != nil {
 			return nil, fmt.Errorf("granary: metrics listener: %w", err)
@@ -137,6 +147,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 
 func (n *Node) event(e etcdstore.Event) {
 	n.m.event(e)
+	if a := n.agent.Load(); a != nil {
+		a.event(e)
+	}
 	if n.cfg.Events != nil {
 		n.cfg.Events(e)
 	}
@@ -175,7 +188,9 @@ func (n *Node) Build(ctx context.Context, id string, builder func(context.Contex
 // shuts down in this order:
 //
 //  1. stop the GC loop and the idle watch (a sweep in progress is cancelled
-//     and waited for);
+//     and waited for), and the local API: its socket closes, every
+//     connection is closed (its process learns at once that the node is
+//     gone) and its requests are waited for;
 //  2. close the store: builds running in this process are cancelled and
 //     cannot publish, and the store's lease is revoked, so its references
 //     and locks drop at once rather than after the TTL;
@@ -200,6 +215,7 @@ func (n *Node) Run(ctx context.Context) error {
 	reg := &registration{n: n}
 	n.reg = reg
 	goRun(reg.run)
+	goRun(n.agent.Load().serve)
 	if n.cfg.GCInterval > 0 {
 		goRun(n.gcLoop)
 	}
@@ -273,6 +289,9 @@ func (n *Node) shutdown(reg *registration) error {
 func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		var errs []error
+		if a := n.agent.Load(); a != nil {
+			a.ln.Close() // Run's serve has closed it already, if it ran
+		}
 		if n.store != nil {
 			if err := n.store.Close(); err != nil {
 				errs = append(errs, err)
@@ -284,6 +303,7 @@ func (n *Node) Close() error {
 		if n.ln != nil {
 			n.ln.Close()
 		}
+
 		if n.cli != nil {
 			if err := n.cli.Close(); err != nil && !errors.Is(err, context.Canceled) {
 				errs = append(errs, err)
@@ -351,6 +371,10 @@ func (n *Node) idleWatch(ctx context.Context) error {
 		cancel()
 		if err != nil {
 			last = time.Now() // unsure: count as busy
+			continue
+		}
+		if n.agent.Load().active() > 0 {
+			last = time.Now() // processes are connected to the local API
 			continue
 		}
 		own := map[clientv3.LeaseID]bool{n.store.Lease(): true, 0: true}

@@ -1,0 +1,792 @@
+package node
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/user"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// AgentSocket is the file name of the node's local API socket in the state
+// directory.
+const AgentSocket = "agent.sock"
+
+// agent is the node's local API: it serves Conns on <state>/agent.sock and
+// aggregates their references, so the host holds at most one etcd reference
+// per package however many local processes hold it.
+//
+// Ownership: Node.New makes the agent and its listener; Node.Run runs
+// serve, which owns one goroutine per connection and every request
+// goroutine (through wg) and, on return, has closed every connection and
+// waited for all of them. Linger timers take part in wg while they release.
+type agent struct {
+	n      *Node
+	store  *etcdstore.Store
+	linger time.Duration
+	ln     *net.UnixListener
+	path   string
+
+	mu     sync.Mutex
+	closed bool
+	pkgs   map[string]*hostRef
+	conns  map[*agentConn]struct{}
+	wg     sync.WaitGroup
+}
+
+// hostRef is the host's aggregate of the local references to one package.
+type hostRef struct {
+	holders int  // local references, over every connection
+	etcd    bool // the node holds its etcd reference
+	// busy is non-nil while one goroutine takes, releases or removes the
+	// etcd reference; others wait for it to close and look again.
+	busy  chan struct{}
+	timer *time.Timer // linger: releases the etcd reference when it fires
+	gen   uint64      // bumped whenever a pending linger release must not happen
+}
+
+// newAgent listens on cfg's agent socket with cfg's mode and group. The
+// caller holds the state directory's lock, so a leftover socket file is
+// stale and removed.
+func newAgent(n *Node) (*agent, error) {
+	cfg := n.cfg
+	path := cfg.AgentSocketPath()
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("granary: state directory: %w", err)
+	}
+	os.Remove(path)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("granary: agent socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(path, cfg.SocketMode.Perm()); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("granary: agent socket mode: %w", err)
+	}
+	if cfg.SocketGroup != "" {
+		gid, err := lookupGroup(cfg.SocketGroup)
+		if err == nil {
+			err = os.Chown(path, -1, gid)
+		}
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("granary: agent socket group %q: %w", cfg.SocketGroup, err)
+		}
+	}
+	if cfg.SocketMode.Perm()&0o077 != 0 {
+		// Others than the node's user may connect: they must be able to
+		// reach the socket, not list or read the state directory.
+		if st, err := os.Stat(cfg.StateDir); err == nil && st.Mode().Perm()&0o011 != 0o011 {
+			if err := os.Chmod(cfg.StateDir, st.Mode().Perm()|0o011); err != nil {
+				ln.Close()
+				return nil, fmt.Errorf("granary: state directory mode: %w", err)
+			}
+		}
+	}
+	return &agent{
+		n: n, store: n.store, linger: cfg.Linger, ln: ln, path: path,
+		pkgs: make(map[string]*hostRef), conns: make(map[*agentConn]struct{}),
+	}, nil
+}
+
+func lookupGroup(name string) (int, error) {
+	if gid, err := strconv.Atoi(name); err == nil {
+		return gid, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// active reports how many connections are open.
+func (a *agent) active() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.conns)
+}
+
+// serve accepts connections until ctx ends, then, in this order: stops
+// accepting (the socket file goes), closes every connection (clients
+// learn at once that the node is gone), waits for every request and
+// connection goroutine, and stops the linger timers (the store's Close,
+// which follows, revokes the lease with the references on it).
+func (a *agent) serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { a.ln.Close() })
+	defer stop()
+	var err error
+	for {
+		c, aerr := a.ln.AcceptUnix()
+		if aerr != nil {
+			if ctx.Err() == nil {
+				err = fmt.Errorf("granary: agent socket: %w", aerr)
+			}
+			break
+		}
+		ac := a.newConn(ctx, c)
+		if ac == nil {
+			c.Close()
+			continue
+		}
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			ac.run()
+		}()
+	}
+	a.ln.Close()
+	a.mu.Lock()
+	a.closed = true
+	for c := range a.conns {
+		c.c.Close()
+		c.cancel()
+	}
+	for _, p := range a.pkgs {
+		if p.timer != nil {
+			p.timer.Stop()
+			p.timer = nil
+		}
+	}
+	a.mu.Unlock()
+	a.wg.Wait()
+	return err
+}
+
+// agentConn is one client connection.
+type agentConn struct {
+	a        *agent
+	c        *net.UnixConn
+	uid, pid int
+	since    time.Time
+	ctx      context.Context // ends when the connection does
+	cancel   context.CancelFunc
+
+	wmu sync.Mutex
+	bw  *bufio.Writer
+	enc *json.Encoder
+
+	mu      sync.Mutex
+	purpose string
+	refs    map[string][]time.Time // since of each local reference, by package
+	builds  map[uint64]*serverBuild
+}
+
+// serverBuild is one build request of a connection.
+type serverBuild struct {
+	cancel context.CancelFunc
+	result chan error // the builder's result, from opBuilt
+}
+
+func (a *agent) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
+	uid, pid, err := peerCred(c)
+	if err != nil {
+		a.n.log.Debug("agent: no peer credentials", "err", err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	ac := &agentConn{a: a, c: c, uid: uid, pid: pid, since: time.Now(), ctx: cctx, cancel: cancel,
+		refs: make(map[string][]time.Time), builds: make(map[uint64]*serverBuild)}
+	ac.bw = bufio.NewWriter(c)
+	ac.enc = json.NewEncoder(ac.bw)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		cancel()
+		return nil
+	}
+	a.conns[ac] = struct{}{}
+	return ac
+}
+
+// send writes one message; a write error closes the connection.
+func (c *agentConn) send(m msg) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.enc.Encode(m); err == nil {
+		err = c.bw.Flush()
+		if err == nil {
+			return
+		}
+	}
+	c.c.Close()
+}
+
+func (c *agentConn) reply(seq uint64, err error, fill func(*msg)) {
+	m := msg{Op: opReply, Seq: seq, OK: err == nil}
+	if err != nil {
+		m.Err = err.Error()
+		m.Codes = errCodes(err)
+	}
+	if fill != nil {
+		fill(&m)
+	}
+	c.send(m)
+}
+
+// run reads requests until the connection ends, then releases everything
+// the connection held: its references at once (the host's etcd reference
+// after the linger), its builds cancelled (an attempt whose builder ran in
+// this process is abandoned).
+func (c *agentConn) run() {
+	a := c.a
+	var reqs sync.WaitGroup
+	defer func() {
+		c.cancel()
+		c.c.Close()
+		reqs.Wait()
+		c.releaseAll()
+		a.mu.Lock()
+		delete(a.conns, c)
+		a.mu.Unlock()
+	}()
+	dec := json.NewDecoder(bufio.NewReader(c.c))
+	for {
+		var m msg
+		if err := dec.Decode(&m); err != nil {
+			return
+		}
+		switch m.Op {
+		case opHello:
+			c.mu.Lock()
+			c.purpose = m.Purpose
+			c.mu.Unlock()
+			st := a.store
+			c.send(msg{Op: opReply, Seq: m.Seq, OK: true, Hello: &helloInfo{
+				Version: agentProtoVersion, Host: a.n.cfg.Name, PID: os.Getpid(),
+				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid}})
+		case opIncRef:
+			if a.incRefFast(m.ID) {
+				c.addRef(m.ID)
+				c.reply(m.Seq, nil, nil)
+				continue
+			}
+			reqs.Add(1)
+			go func() {
+				defer reqs.Done()
+				err := a.incRef(c.ctx, m.ID)
+				if err == nil && !c.addRef(m.ID) {
+					a.decRef(m.ID) // the connection ended meanwhile
+				}
+				c.reply(m.Seq, err, nil)
+			}()
+		case opDecRef:
+			if err := core.ValidateID(m.ID); err != nil {
+				c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, err), nil)
+				continue
+			}
+			if !c.dropRef(m.ID) {
+				c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, etcdstore.ErrNoRef), nil)
+				continue
+			}
+			if a.linger > 0 {
+				a.decRef(m.ID) // in memory only
+				c.reply(m.Seq, nil, nil)
+				continue
+			}
+			reqs.Add(1)
+			go func() {
+				defer reqs.Done()
+				c.reply(m.Seq, a.decRef(m.ID), nil)
+			}()
+		case opTryRemove:
+			reqs.Add(1)
+			go func() {
+				defer reqs.Done()
+				ok, err := a.tryRemove(c.ctx, m.ID)
+				c.reply(m.Seq, err, func(r *msg) { r.OK = ok && err == nil })
+			}()
+		case opInspect:
+			reqs.Add(1)
+			go func() {
+				defer reqs.Done()
+				info, err := a.store.Inspect(c.ctx, m.ID)
+				c.reply(m.Seq, err, func(r *msg) {
+					if err == nil {
+						r.Info = &info
+						r.Holders = a.holders(m.ID)
+					}
+				})
+			}()
+		case opBuild:
+			b := &serverBuild{result: make(chan error, 1)}
+			bctx, cancel := context.WithCancel(c.ctx)
+			b.cancel = cancel
+			c.mu.Lock()
+			c.builds[m.Seq] = b
+			c.mu.Unlock()
+			reqs.Add(1)
+			go func() {
+				defer reqs.Done()
+				err := a.build(bctx, c, m.Seq, m.ID, b)
+				cancel()
+				c.mu.Lock()
+				delete(c.builds, m.Seq)
+				c.mu.Unlock()
+				c.reply(m.Seq, err, nil)
+			}()
+		case opBye:
+			c.releaseAll()
+			c.reply(m.Seq, nil, nil)
+		case opCancel:
+			c.mu.Lock()
+			if b := c.builds[m.Seq]; b != nil {
+				b.cancel()
+			}
+			c.mu.Unlock()
+		case opBuilt:
+			c.mu.Lock()
+			b := c.builds[m.Seq]
+			c.mu.Unlock()
+			if b != nil {
+				var err error
+				if m.Err != "" || len(m.Codes) > 0 {
+					err = builderErr(m)
+				}
+				select {
+				case b.result <- err:
+				default:
+				}
+			}
+		default:
+			c.reply(m.Seq, fmt.Errorf("granary: unknown operation %q", m.Op), nil)
+		}
+	}
+}
+
+// builderErr is the error a builder in the caller's process returned.
+func builderErr(m msg) error {
+	err := errors.New(m.Err)
+	for _, c := range m.Codes {
+		if c == "abandon" {
+			return fmt.Errorf("%w: %w", etcdstore.ErrAbandon, err)
+		}
+	}
+	return err
+}
+
+// releaseAll drops every reference of c; c takes no more.
+func (c *agentConn) releaseAll() {
+	c.mu.Lock()
+	refs := c.refs
+	c.refs = nil
+	c.mu.Unlock()
+	for id, rs := range refs {
+		for range rs {
+			c.a.decRef(id) //nolint:errcheck // logged by the store; the lease covers it
+		}
+	}
+}
+
+// addRef records a local reference of c; false if c has ended.
+func (c *agentConn) addRef(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.refs == nil {
+		return false
+	}
+	c.refs[id] = append(c.refs[id], time.Now())
+	return true
+}
+
+// dropRef forgets c's newest reference to id; false if it holds none.
+func (c *agentConn) dropRef(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rs := c.refs[id]
+	if len(rs) == 0 {
+		return false
+	}
+	if len(rs) == 1 {
+		delete(c.refs, id)
+	} else {
+		c.refs[id] = rs[:len(rs)-1]
+	}
+	return true
+}
+
+// holders lists the local references to id, oldest first.
+func (a *agent) holders(id string) []Holder {
+	a.mu.Lock()
+	conns := make([]*agentConn, 0, len(a.conns))
+	for c := range a.conns {
+		conns = append(conns, c)
+	}
+	a.mu.Unlock()
+	out := []Holder{}
+	for _, c := range conns {
+		c.mu.Lock()
+		for _, since := range c.refs[id] {
+			out = append(out, Holder{UID: c.uid, PID: c.pid, Since: since, Purpose: c.purpose})
+		}
+		c.mu.Unlock()
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Since.Before(out[j].Since) })
+	return out
+}
+
+// Holders lists the references to id held through this node's local API,
+// oldest first.
+func (n *Node) Holders(id string) []Holder {
+	a := n.agent.Load()
+	if a == nil {
+		return nil
+	}
+	return a.holders(id)
+}
+
+// The host's aggregate references. Every change of hostRef.etcd is made by
+// the goroutine that owns hostRef.busy; the others wait for it.
+
+// ref returns id's hostRef, made if needed. a.mu must be held.
+func (a *agent) ref(id string) *hostRef {
+	p := a.pkgs[id]
+	if p == nil {
+		p = &hostRef{}
+		a.pkgs[id] = p
+	}
+	return p
+}
+
+// settle ends p's busy period. a.mu must be held.
+func (a *agent) settle(id string, p *hostRef) {
+	close(p.busy)
+	p.busy = nil
+	if p.holders == 0 && !p.etcd && p.timer == nil && a.pkgs[id] == p {
+		delete(a.pkgs, id)
+	}
+}
+
+// acquire waits until nobody else changes p, then makes the caller the
+// one that does (p.busy set), with a.mu held. It returns with a.mu
+// unlocked on error.
+func (a *agent) acquire(ctx context.Context, id string) (*hostRef, error) {
+	for {
+		a.mu.Lock()
+		p := a.ref(id)
+		if p.busy == nil {
+			p.busy = make(chan struct{})
+			return p, nil
+		}
+		ch := p.busy
+		a.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// incRefFast takes a local reference if the host already holds the
+// package's etcd reference and nobody is changing it: no I/O.
+func (a *agent) incRefFast(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	p := a.pkgs[id]
+	if p == nil || p.busy != nil || !p.etcd {
+		return false
+	}
+	a.hold(p)
+	return true
+}
+
+// hold adds a local holder to p and cancels a pending linger release.
+// a.mu must be held.
+func (a *agent) hold(p *hostRef) {
+	p.holders++
+	p.gen++
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+}
+
+// incRef takes a local reference, and the host's etcd reference first if
+// it does not hold it (one store IncRef for every local caller that comes
+// meanwhile).
+func (a *agent) incRef(ctx context.Context, id string) error {
+	if err := core.ValidateID(id); err != nil {
+		return fmt.Errorf("granary: incref %q: %w", id, err)
+	}
+	for {
+		a.mu.Lock()
+		p := a.ref(id)
+		switch {
+		case p.busy != nil:
+			ch := p.busy
+			a.mu.Unlock()
+			select {
+			case <-ch:
+				continue
+			case <-ctx.Done():
+				return fmt.Errorf("granary: incref %q: %w", id, ctx.Err())
+			}
+		case p.etcd:
+			a.hold(p)
+			a.mu.Unlock()
+			return nil
+		}
+		p.busy = make(chan struct{})
+		a.mu.Unlock()
+		err := a.store.Handle(id).IncRefContext(ctx)
+		a.mu.Lock()
+		if err == nil {
+			p.etcd = true
+			a.hold(p)
+		}
+		a.settle(id, p)
+		a.mu.Unlock()
+		return err
+	}
+}
+
+// decRef drops a local reference. The last one starts the linger, after
+// which the host's etcd reference goes; with no linger it goes now.
+func (a *agent) decRef(id string) error {
+	a.mu.Lock()
+	p := a.pkgs[id]
+	if p == nil || p.holders == 0 {
+		a.mu.Unlock()
+		return fmt.Errorf("granary: decref %q: %w", id, etcdstore.ErrNoRef)
+	}
+	p.holders--
+	if p.holders > 0 || !p.etcd || a.closed {
+		// Closed: the store's Close revokes the lease with the reference.
+		a.mu.Unlock()
+		return nil
+	}
+	if a.linger > 0 {
+		p.gen++
+		gen := p.gen
+		p.timer = time.AfterFunc(a.linger, func() { a.expire(id, p, gen) })
+		a.mu.Unlock()
+		return nil
+	}
+	a.mu.Unlock()
+	// No linger: release now, unless someone took it again meanwhile.
+	p, err := a.acquire(context.Background(), id)
+	if err != nil {
+		return err
+	}
+	if p.holders > 0 || !p.etcd {
+		a.settle(id, p)
+		a.mu.Unlock()
+		return nil
+	}
+	a.mu.Unlock()
+	return a.release(id, p)
+}
+
+// expire is the linger timer of p: it releases the etcd reference unless a
+// local holder came back meanwhile.
+func (a *agent) expire(id string, p *hostRef, gen uint64) {
+	a.mu.Lock()
+	if a.closed || a.pkgs[id] != p || p.gen != gen || p.holders > 0 || !p.etcd || p.busy != nil {
+		if p.gen == gen {
+			p.timer = nil
+		}
+		a.mu.Unlock()
+		return
+	}
+	p.timer = nil
+	p.busy = make(chan struct{})
+	a.wg.Add(1)
+	a.mu.Unlock()
+	defer a.wg.Done()
+	if err := a.release(id, p); err != nil {
+		a.n.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
+	}
+}
+
+// release drops the host's etcd reference; the caller owns p.busy.
+func (a *agent) release(id string, p *hostRef) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*a.n.cfg.OpTimeout)
+	err := a.store.Handle(id).DecRefContext(ctx)
+	cancel()
+	a.mu.Lock()
+	// Even on error the store has let the reference go (it deletes the key
+	// in the background, or it dies with the lease).
+	p.etcd = false
+	a.settle(id, p)
+	a.mu.Unlock()
+	return err
+}
+
+// tryRemove removes id unless a local holder has it: a lingering host
+// reference with no local holder is released first, so removal through
+// the node sees only real references.
+func (a *agent) tryRemove(ctx context.Context, id string) (bool, error) {
+	if err := core.ValidateID(id); err != nil {
+		return false, fmt.Errorf("granary: remove %q: %w", id, err)
+	}
+	p, err := a.acquire(ctx, id)
+	if err != nil {
+		return false, fmt.Errorf("granary: remove %q: %w", id, err)
+	}
+	if p.holders > 0 {
+		a.settle(id, p)
+		a.mu.Unlock()
+		return false, nil
+	}
+	p.gen++
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+	held := p.etcd
+	a.mu.Unlock()
+	if held {
+		dctx, cancel := context.WithTimeout(ctx, 2*a.n.cfg.OpTimeout)
+		derr := a.store.Handle(id).DecRefContext(dctx)
+		cancel()
+		if derr != nil {
+			a.n.log.Warn("agent: release before removal failed", "id", id, "err", derr)
+		}
+		a.mu.Lock()
+		p.etcd = false
+		a.mu.Unlock()
+	}
+	ok, err := a.store.Handle(id).TryRemoveContext(ctx)
+	a.mu.Lock()
+	a.settle(id, p)
+	a.mu.Unlock()
+	return ok, err
+}
+
+// refLost handles the store's EventRefLost: the host's reference to id is
+// gone with the package (after a lease loss). The store's entry is
+// dropped, so the next local IncRef asks etcd again, and every connection
+// holding id is told.
+func (a *agent) refLost(id string, cause error) {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		p, err := a.acquire(context.Background(), id)
+		if err != nil {
+			return
+		}
+		held := p.etcd
+		a.mu.Unlock()
+		if held {
+			// A lost reference: the store forgets it without an etcd call.
+			a.store.Handle(id).DecRefContext(context.Background()) //nolint:errcheck
+		}
+		a.mu.Lock()
+		p.etcd = false
+		a.settle(id, p)
+		conns := a.connsLocked()
+		a.mu.Unlock()
+		for _, c := range conns {
+			c.mu.Lock()
+			n := len(c.refs[id])
+			c.mu.Unlock()
+			if n > 0 {
+				c.send(msg{Op: opRefLost, ID: id, Err: fmt.Sprint(cause)})
+			}
+		}
+	}()
+}
+
+func (a *agent) connsLocked() []*agentConn {
+	out := make([]*agentConn, 0, len(a.conns))
+	for c := range a.conns {
+		out = append(out, c)
+	}
+	return out
+}
+
+// broadcast sends m to every connection, from a goroutine of its own (it
+// is called from the store's event hook, which must not block).
+func (a *agent) broadcast(m msg) {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	conns := a.connsLocked()
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		for _, c := range conns {
+			c.send(m)
+		}
+	}()
+}
+
+// event is the agent's share of the store's events.
+func (a *agent) event(e etcdstore.Event) {
+	switch e.Kind {
+	case etcdstore.EventRefLost:
+		a.refLost(e.ID, e.Err)
+	case etcdstore.EventLeaseLost:
+		a.broadcast(msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)})
+	case etcdstore.EventLeaseRestored:
+		a.broadcast(msg{Op: opLeaseBack})
+	}
+}
+
+// build runs one build request of c: the store's BuildContext (one flight
+// per ID on this host), whose builder asks c's process to run its own
+// builder and waits for the result. If the attempt was abandoned because
+// another caller's process went away mid-build, it tries again with c's
+// builder.
+func (a *agent) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) error {
+	for {
+		var ran atomic.Bool
+		err := a.n.Build(ctx, id, func(bctx context.Context) error {
+			ran.Store(true)
+			return c.runBuilder(bctx, seq, b)
+		})
+		if err != nil && !ran.Load() && errors.Is(err, etcdstore.ErrAbandon) && ctx.Err() == nil {
+			continue // another caller's builder gave up; try with ours
+		}
+		return err
+	}
+}
+
+// runBuilder asks c's process to run the builder of build request seq and
+// waits for its result. If bctx ends first it tells the process to stop
+// the builder and waits until it has; if the process goes away, the
+// attempt is abandoned.
+func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild) error {
+	gone := func() error {
+		return fmt.Errorf("%w: the caller's process (pid %d) went away mid-build", etcdstore.ErrAbandon, c.pid)
+	}
+	c.send(msg{Op: opBuildNow, Seq: seq})
+	select {
+	case err := <-b.result:
+		return err
+	case <-c.ctx.Done():
+		return gone()
+	case <-bctx.Done():
+	}
+	c.send(msg{Op: opBuildStop, Seq: seq})
+	select {
+	case err := <-b.result:
+		if err == nil {
+			err = context.Cause(bctx)
+		}
+		return err
+	case <-c.ctx.Done():
+		return gone()
+	}
+}

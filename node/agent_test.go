@@ -1,0 +1,302 @@
+package node_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/core/coretest"
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/etcdtest"
+	"github.com/granary-build/granary/node"
+)
+
+// shortDir is a directory with a short path (unix socket paths are
+// limited), removed at the end.
+func shortDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp("", "ga")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+// agentNode runs a node of srv on root with its own short state directory
+// and the given linger.
+func agentNode(t *testing.T, srv *etcdtest.Server, root, name string, linger time.Duration) (*node.Node, func() error) {
+	t.Helper()
+	cfg := testConfig(t, srv, root)
+	cfg.StateDir = shortDir(t)
+	cfg.Name = name
+	cfg.Linger = linger
+	return startNode(t, cfg)
+}
+
+func connect(t *testing.T, n *node.Node) *node.Conn {
+	t.Helper()
+	c, err := node.Connect(context.Background(), n.Config().StateDir)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestConnConformance(t *testing.T) {
+	// Every manager a Conn of one node, with the default linger: local
+	// callers share the host's references and one flight per package.
+	t.Run("OneNode", func(t *testing.T) {
+		coretest.TestPackageManager(t, func(t *testing.T, n int) []core.PackageManager {
+			srv := etcdtest.Start(t)
+			nd, _ := agentNode(t, srv, t.TempDir(), "host-a", node.DefaultLinger)
+			pms := make([]core.PackageManager, n)
+			for i := range pms {
+				pms[i] = connect(t, nd)
+			}
+			return pms
+		})
+	})
+	// Every manager a Conn of its own node, the nodes sharing one etcd and
+	// one root, as hosts do. Without a linger, a host's reference goes with
+	// its last local holder (the suite removes from another host right
+	// after a DecRef).
+	t.Run("NodePerManager", func(t *testing.T) {
+		coretest.TestPackageManager(t, func(t *testing.T, n int) []core.PackageManager {
+			srv := etcdtest.Start(t)
+			root := t.TempDir()
+			pms := make([]core.PackageManager, n)
+			for i := range pms {
+				nd, _ := agentNode(t, srv, root, "host-"+string(rune('a'+i)), 0)
+				pms[i] = connect(t, nd)
+			}
+			return pms
+		})
+	})
+}
+
+// etcdRefs counts the etcd reference keys of id.
+func etcdRefs(t *testing.T, cli *clientv3.Client, id string) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, etcdstore.DefaultPrefix+"ref/"+id+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
+}
+
+func revision(t *testing.T, cli *clientv3.Client) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, "/", clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+func TestHostAggregatesRefs(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	// A long linger: this test releases it by removal, never by the clock.
+	n, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	cli := srv.Client(t)
+	obs := observer(t, srv, root)
+	build(t, obs, "agg")
+
+	conns := []*node.Conn{connect(t, n), connect(t, n), connect(t, n)}
+	if err := conns[0].Handle("agg").IncRefContext(context.Background()); err != nil {
+		t.Fatalf("first IncRef: %v", err)
+	}
+	rev := revision(t, cli)
+	for _, c := range conns {
+		for range 5 {
+			if err := c.Handle("agg").IncRefContext(context.Background()); err != nil {
+				t.Fatalf("IncRef: %v", err)
+			}
+		}
+	}
+	if got := revision(t, cli); got != rev {
+		t.Errorf("etcd revision moved from %d to %d for IncRefs on a package the host holds; want no writes", rev, got)
+	}
+	if got := etcdRefs(t, cli, "agg"); got != 1 {
+		t.Errorf("etcd refs = %d with 16 local holders, want 1 (the host's)", got)
+	}
+	holders := n.Holders("agg")
+	if len(holders) != 16 || holders[0].PID != os.Getpid() || holders[0].UID != os.Getuid() {
+		t.Errorf("Holders = %d entries (first %+v), want 16 of pid %d uid %d", len(holders), holders[0], os.Getpid(), os.Getuid())
+	}
+	_, hs, err := conns[1].Inspect(context.Background(), "agg")
+	if err != nil || len(hs) != 16 {
+		t.Errorf("Conn.Inspect holders = %d, %v; want 16", len(hs), err)
+	}
+
+	// Another host cannot remove it while this host holds it.
+	if ok, err := obs.Handle("agg").TryRemoveContext(context.Background()); ok || err != nil {
+		t.Fatalf("TryRemove from another host while held = %v, %v; want false, nil", ok, err)
+	}
+	// Closing a connection drops its references at once, and only its.
+	conns[0].Close()
+	conns[1].Close()
+	if got := len(n.Holders("agg")); got != 5 {
+		t.Errorf("holders after two Conns closed = %d, want 5", got)
+	}
+	h := conns[2].Handle("agg")
+	if ok, err := h.TryRemoveContext(context.Background()); ok || err != nil {
+		t.Fatalf("TryRemove through the node with local holders = %v, %v; want false, nil", ok, err)
+	}
+	for range 5 {
+		if err := h.DecRefContext(context.Background()); err != nil {
+			t.Fatalf("DecRef: %v", err)
+		}
+	}
+	if err := h.DecRefContext(context.Background()); !errors.Is(err, etcdstore.ErrNoRef) {
+		t.Errorf("DecRef without a reference = %v, want ErrNoRef", err)
+	}
+	// The last local holder is gone; the host's reference lingers.
+	if got := etcdRefs(t, cli, "agg"); got != 1 {
+		t.Errorf("etcd refs during the linger = %d, want 1", got)
+	}
+	if ok, err := obs.Handle("agg").TryRemoveContext(context.Background()); ok || err != nil {
+		t.Fatalf("TryRemove from another host during the linger = %v, %v; want false, nil", ok, err)
+	}
+	// Removal through the node lets the lingering reference go first.
+	if ok, err := h.TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Fatalf("TryRemove through the node during the linger = %v, %v; want true, nil", ok, err)
+	}
+	if err := h.IncRefContext(context.Background()); !errors.Is(err, core.ErrPackageNotExist) {
+		t.Errorf("IncRef after removal = %v, want ErrPackageNotExist", err)
+	}
+}
+
+func TestLingerReleases(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	n, _ := agentNode(t, srv, root, "host-a", 50*time.Millisecond)
+	cli := srv.Client(t)
+	obs := observer(t, srv, root)
+	build(t, obs, "ling")
+	c := connect(t, n)
+	h := c.Handle("ling")
+	if err := h.IncRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rev := revision(t, cli)
+	w := cli.Watch(context.Background(), etcdstore.DefaultPrefix+"ref/ling/", clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	if err := h.DecRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The host's reference goes after the linger: wait for its deletion.
+	for resp := range w {
+		if len(resp.Events) > 0 && resp.Events[0].Type == clientv3.EventTypeDelete {
+			break
+		}
+	}
+	if ok, err := obs.Handle("ling").TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Fatalf("TryRemove from another host after the linger = %v, %v; want true, nil", ok, err)
+	}
+}
+
+func TestBuildThroughNode(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	n, _ := agentNode(t, srv, root, "host-a", node.DefaultLinger)
+	c1, c2 := connect(t, n), connect(t, n)
+
+	// c1's builder blocks until released; c2 asks meanwhile and shares the
+	// attempt (one flight per host): its own builder never runs.
+	started := make(chan struct{})
+	release := make(chan struct{})
+	res1 := make(chan error, 1)
+	go func() {
+		h := c1.Handle("b1")
+		res1 <- h.BuildContext(context.Background(), func(ctx context.Context) error {
+			close(started)
+			<-release
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte("x"), 0o644)
+		})
+	}()
+	<-started
+	res2 := make(chan error, 1)
+	ran2 := false
+	go func() {
+		res2 <- c2.Handle("b1").BuildContext(context.Background(), func(ctx context.Context) error { ran2 = true; return nil })
+	}()
+	close(release)
+	if err := <-res1; err != nil {
+		t.Fatalf("Build 1: %v", err)
+	}
+	if err := <-res2; err != nil {
+		t.Fatalf("Build 2: %v", err)
+	}
+	if ran2 {
+		t.Errorf("the second caller's builder ran; want one attempt per host")
+	}
+
+	// A caller that goes away mid-build abandons the attempt; another
+	// caller waiting on it then builds with its own builder.
+	c3, c4 := connect(t, n), connect(t, n)
+	started = make(chan struct{})
+	res3 := make(chan error, 1)
+	go func() {
+		res3 <- c3.Handle("b2").BuildContext(context.Background(), func(ctx context.Context) error {
+			close(started)
+			<-ctx.Done() // stopped when the connection ends
+			return ctx.Err()
+		})
+	}()
+	<-started
+	res4 := make(chan error, 1)
+	go func() {
+		h := c4.Handle("b2")
+		res4 <- h.BuildContext(context.Background(), func(ctx context.Context) error {
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "g"), []byte("y"), 0o644)
+		})
+	}()
+	// Wait until c4's request joined the flight: its Build would
+	// otherwise start after c3's end and simply build. Either way it must
+	// succeed; the attempt of c3 must not publish.
+	c3.Close()
+	if err := <-res3; !errors.Is(err, node.ErrNodeGone) {
+		t.Errorf("Build on a closed Conn = %v, want ErrNodeGone", err)
+	}
+	if err := <-res4; err != nil {
+		t.Fatalf("Build after the builder's process went away = %v, want nil (built by c4)", err)
+	}
+	if _, err := os.Stat(filepath.Join(c4.Handle("b2").OutputDirectory(), "g")); err != nil {
+		t.Errorf("c4's output missing: %v", err)
+	}
+}
+
+func TestNodeStopTellsConns(t *testing.T) {
+	srv := etcdtest.Start(t)
+	n, stop := agentNode(t, srv, t.TempDir(), "host-a", node.DefaultLinger)
+	c := connect(t, n)
+	if err := stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("Conn not told that the node stopped")
+	}
+	if !errors.Is(c.Err(), node.ErrNodeGone) {
+		t.Errorf("Err = %v, want ErrNodeGone", c.Err())
+	}
+	if err := c.Handle("x").IncRef(); !errors.Is(err, node.ErrNodeGone) {
+		t.Errorf("IncRef after the node stopped = %v, want ErrNodeGone", err)
+	}
+	if _, err := node.Connect(context.Background(), n.Config().StateDir); !errors.Is(err, node.ErrNoLocalNode) {
+		t.Errorf("Connect to a stopped node = %v, want ErrNoLocalNode", err)
+	}
+}
