@@ -22,7 +22,12 @@ import (
 	"github.com/granary-build/granary/node"
 )
 
-func TestMain(m *testing.M) { testutil.MustTestMainWithLeakDetection(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		os.Exit(childMain())
+	}
+	testutil.MustTestMainWithLeakDetection(m)
+}
 
 // testConfig is a node of srv with a fresh root and state directory.
 func testConfig(t *testing.T, srv *etcdtest.Server, root string) node.Config {
