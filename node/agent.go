@@ -186,6 +186,7 @@ type agentConn struct {
 
 // serverBuild is one build request of a connection.
 type serverBuild struct {
+	id     string
 	cancel context.CancelFunc
 	result chan error // the builder's result, from opBuilt
 }
@@ -320,7 +321,7 @@ func (c *agentConn) run() {
 				})
 			}()
 		case opBuild:
-			b := &serverBuild{result: make(chan error, 1)}
+			b := &serverBuild{id: m.ID, result: make(chan error, 1)}
 			bctx, cancel := context.WithCancel(c.ctx)
 			b.cancel = cancel
 			c.mu.Lock()
@@ -741,7 +742,44 @@ func (a *agent) event(e etcdstore.Event) {
 		a.broadcast(msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)})
 	case etcdstore.EventLeaseRestored:
 		a.broadcast(msg{Op: opLeaseBack})
+	case etcdstore.EventWaiting, etcdstore.EventLockDelay, etcdstore.EventFailed, etcdstore.EventCacheHit,
+		etcdstore.EventCacheMiss, etcdstore.EventPublished, etcdstore.EventCacheStored, etcdstore.EventCacheUploadFailed:
+		a.toBuilders(e)
 	}
+}
+
+// toBuilders sends a build's event to the connections building its
+// package, from a goroutine of its own.
+func (a *agent) toBuilders(e etcdstore.Event) {
+	a.mu.Lock()
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	var to []*agentConn
+	for c := range a.conns {
+		c.mu.Lock()
+		for _, b := range c.builds {
+			if b.id == e.ID {
+				to = append(to, c)
+				break
+			}
+		}
+		c.mu.Unlock()
+	}
+	if len(to) == 0 {
+		a.mu.Unlock()
+		return
+	}
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		m := msg{Op: opEvent, ID: e.ID, Event: toWire(e)}
+		for _, c := range to {
+			c.send(m)
+		}
+	}()
 }
 
 // build runs one build request of c: the store's BuildContext (one flight

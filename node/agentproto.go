@@ -36,6 +36,7 @@ const (
 	opRefLost   = "ref_lost" // node → client: the host's reference to ID is gone with the package
 	opLeaseLost = "lease_lost"
 	opLeaseBack = "lease_restored"
+	opEvent     = "event" // node → client: a store event about a package the client is building
 )
 
 // msg is every message, in both directions. Unused fields are omitted.
@@ -50,6 +51,40 @@ type msg struct {
 	Hello   *helloInfo      `json:"hello,omitempty"`
 	Info    *etcdstore.Info `json:"info,omitempty"`
 	Holders []Holder        `json:"holders,omitempty"`
+	Event   *wireEvent      `json:"event,omitempty"`
+}
+
+// wireEvent is an etcdstore.Event on the wire.
+type wireEvent struct {
+	Kind    etcdstore.EventKind `json:"kind"`
+	ID      string              `json:"id"`
+	Time    time.Time           `json:"time"`
+	Host    string              `json:"host,omitempty"`
+	PID     int                 `json:"pid,omitempty"`
+	Since   time.Time           `json:"since,omitzero"`
+	LogDir  string              `json:"log_dir,omitempty"`
+	Elapsed time.Duration       `json:"elapsed,omitempty"`
+	Size    int64               `json:"size,omitempty"`
+	Digest  string              `json:"digest,omitempty"`
+	Err     string              `json:"err,omitempty"`
+}
+
+func toWire(e etcdstore.Event) *wireEvent {
+	w := &wireEvent{Kind: e.Kind, ID: e.ID, Time: e.Time, Host: e.Host, PID: e.PID, Since: e.Since,
+		LogDir: e.LogDir, Elapsed: e.Elapsed, Size: e.Size, Digest: e.Digest}
+	if e.Err != nil {
+		w.Err = e.Err.Error()
+	}
+	return w
+}
+
+func (w *wireEvent) event() etcdstore.Event {
+	e := etcdstore.Event{Kind: w.Kind, ID: w.ID, Time: w.Time, Host: w.Host, PID: w.PID, Since: w.Since,
+		LogDir: w.LogDir, Elapsed: w.Elapsed, Size: w.Size, Digest: w.Digest}
+	if w.Err != "" {
+		e.Err = errors.New(w.Err)
+	}
+	return e
 }
 
 // helloInfo is the node's side of the handshake.

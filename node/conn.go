@@ -49,6 +49,8 @@ type Conn struct {
 	builds  map[uint64]*clientBuild
 	err     error // why the connection ended
 
+	events func(etcdstore.Event) // set by OnEvent
+
 	done    chan struct{}
 	readerr chan struct{} // closed when the reader has returned
 	notices chan Notice
@@ -138,6 +140,15 @@ func ConnectWith(ctx context.Context, stateDir string, o ConnectOptions) (*Conn,
 	}
 	c.hello = *r.Hello
 	return c, nil
+}
+
+// OnEvent makes fn receive the node store's events (waiting on another
+// host's attempt, lock delay, failure, cache, publish) about packages this
+// Conn is building. fn runs on the connection's reader and must not block.
+func (c *Conn) OnEvent(fn func(etcdstore.Event)) {
+	c.mu.Lock()
+	c.events = fn
+	c.mu.Unlock()
 }
 
 // Root is the shared root of the node's store.
@@ -240,6 +251,13 @@ func (c *Conn) read() {
 				b.cancel()
 			}
 			c.mu.Unlock()
+		case opEvent:
+			c.mu.Lock()
+			fn := c.events
+			c.mu.Unlock()
+			if fn != nil && m.Event != nil {
+				fn(m.Event.event())
+			}
 		case opRefLost:
 			c.notify(Notice{Kind: NoticeRefLost, ID: m.ID, Err: errors.New(m.Err)})
 		case opLeaseLost:

@@ -31,6 +31,12 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if ac, err := e.agentFor(ctx, f.cfg, "granary build", true); err != nil {
+		return err
+	} else if ac != nil {
+		defer ac.Close()
+		return e.buildViaAgent(ctx, ac, id, argv)
+	}
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	defer prog.stop()
 	var cacheEvents eventLog

@@ -26,6 +26,11 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if ac, err := e.agentFor(ctx, f.cfg, "granary run "+argv[0], false); err != nil {
+		return err
+	} else if ac != nil {
+		return e.runViaAgent(ctx, f.cfg, ac, id, argv)
+	}
 	lost := make(chan etcdstore.Event, 1)
 	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose(fmt.Sprintf("granary run %s", argv[0])),
 		etcdstore.WithEvents(func(ev etcdstore.Event) {
