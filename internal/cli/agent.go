@@ -232,3 +232,44 @@ func (e *env) reconnect(ctx context.Context, cfg node.Config, id, prog string) r
 		}
 	}
 }
+
+// localHolders lists the local holders of id that the local node knows,
+// or nil when no node serves cfg.
+func (e *env) localHolders(ctx context.Context, cfg node.Config, id string) []node.Holder {
+	c, err := e.agentFor(ctx, cfg, "granary inspect", false)
+	if err != nil || c == nil {
+		return nil
+	}
+	defer c.Close()
+	_, hs, err := c.Inspect(ctx, id)
+	if err != nil {
+		return nil
+	}
+	return hs
+}
+
+// printHolders shows the local holders of a package (nil: no node).
+func printHolders(e *env, hs []node.Holder) {
+	if hs == nil {
+		return
+	}
+	fmt.Fprintf(e.stdout, "local holders: %d\n", len(hs))
+	for _, h := range hs {
+		fmt.Fprintf(e.stdout, "  - uid %d pid %d since %s", h.UID, h.PID, h.Since.Format(time.RFC3339))
+		if h.Purpose != "" {
+			fmt.Fprintf(e.stdout, ": %s", h.Purpose)
+		}
+		fmt.Fprintln(e.stdout)
+	}
+}
+
+// tryRemove removes id through the local node when one serves cfg (a
+// reference the node only keeps for its linger does not block it), else
+// through the command's own store.
+func (e *env) tryRemove(ctx context.Context, cfg node.Config, c *conn, id string) (bool, error) {
+	if ac, err := e.agentFor(ctx, cfg, "granary rm", false); err == nil && ac != nil {
+		defer ac.Close()
+		return ac.Handle(id).TryRemoveContext(ctx)
+	}
+	return c.store.Handle(id).TryRemoveContext(ctx)
+}

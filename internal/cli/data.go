@@ -91,12 +91,14 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	holders := e.localHolders(ctx, f.cfg, id)
 	if f.json {
 		if err := writeJSON(e.stdout, info); err != nil {
 			return err
 		}
 	} else {
 		printInfo(e, info)
+		printHolders(e, holders)
 	}
 	if info.State == etcdstore.StateAbsent {
 		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist", id)}
@@ -135,12 +137,12 @@ func holder(r etcdstore.RefInfo) string {
 }
 
 func cmdRm(ctx context.Context, e *env, args []string) error {
-	_, id, c, err := e.openID(ctx, "rm", false, args)
+	f, id, c, err := e.openID(ctx, "rm", false, args)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	ok, err := c.store.Handle(id).TryRemoveContext(ctx)
+	ok, err := e.tryRemove(ctx, f.cfg, c, id)
 	switch {
 	case errors.Is(err, core.ErrPackageNotExist):
 		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: rm: package %q does not exist", id)}
