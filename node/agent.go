@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/user"
@@ -32,11 +33,14 @@ const AgentSocket = "agent.sock"
 // goroutine (through wg) and, on return, has closed every connection and
 // waited for all of them. Linger timers take part in wg while they release.
 type agent struct {
-	n      *Node
-	store  *etcdstore.Store
-	linger time.Duration
-	ln     *net.UnixListener
-	path   string
+	store     *etcdstore.Store
+	log       *slog.Logger
+	host      string
+	opTimeout time.Duration
+	linger    time.Duration
+	build1    func(ctx context.Context, id string, builder func(context.Context) error) error
+	ln        *net.UnixListener
+	path      string
 
 	mu     sync.Mutex
 	closed bool
@@ -56,11 +60,20 @@ type hostRef struct {
 	gen   uint64      // bumped whenever a pending linger release must not happen
 }
 
-// newAgent listens on cfg's agent socket with cfg's mode and group. The
-// caller holds the state directory's lock, so a leftover socket file is
-// stale and removed.
-func newAgent(n *Node) (*agent, error) {
-	cfg := n.cfg
+// newAgent listens on cfg's agent socket with cfg's mode and group, for
+// store. The caller holds the state directory's lock, so a leftover socket
+// file is stale and removed. build, if not nil, replaces the store's
+// BuildContext (the node times builds in its metrics).
+func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger,
+	build func(ctx context.Context, id string, builder func(context.Context) error) error) (*agent, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if build == nil {
+		build = func(ctx context.Context, id string, builder func(context.Context) error) error {
+			return store.Handle(id).BuildContext(ctx, builder)
+		}
+	}
 	path := cfg.AgentSocketPath()
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("granary: state directory: %w", err)
@@ -96,7 +109,7 @@ func newAgent(n *Node) (*agent, error) {
 		}
 	}
 	return &agent{
-		n: n, store: n.store, linger: cfg.Linger, ln: ln, path: path,
+		store: store, log: log, host: cfg.Name, opTimeout: cfg.OpTimeout, linger: cfg.Linger, build1: build, ln: ln, path: path,
 		pkgs: make(map[string]*hostRef), conns: make(map[*agentConn]struct{}),
 	}, nil
 }
@@ -194,7 +207,7 @@ type serverBuild struct {
 func (a *agent) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
 	uid, pid, err := peerCred(c)
 	if err != nil {
-		a.n.log.Debug("agent: no peer credentials", "err", err)
+		a.log.Debug("agent: no peer credentials", "err", err)
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	ac := &agentConn{a: a, c: c, uid: uid, pid: pid, since: time.Now(), ctx: cctx, cancel: cancel,
@@ -265,7 +278,7 @@ func (c *agentConn) run() {
 			c.mu.Unlock()
 			st := a.store
 			c.send(msg{Op: opReply, Seq: m.Seq, OK: true, Hello: &helloInfo{
-				Version: agentProtoVersion, Host: a.n.cfg.Name, PID: os.Getpid(),
+				Version: agentProtoVersion, Host: a.host, PID: os.Getpid(),
 				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid}})
 		case opIncRef:
 			if a.incRefFast(m.ID) {
@@ -607,13 +620,13 @@ func (a *agent) expire(id string, p *hostRef, gen uint64) {
 	a.mu.Unlock()
 	defer a.wg.Done()
 	if err := a.release(id, p); err != nil {
-		a.n.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
+		a.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
 	}
 }
 
 // release drops the host's etcd reference; the caller owns p.busy.
 func (a *agent) release(id string, p *hostRef) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*a.n.cfg.OpTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*a.opTimeout)
 	err := a.store.Handle(id).DecRefContext(ctx)
 	cancel()
 	a.mu.Lock()
@@ -649,11 +662,11 @@ func (a *agent) tryRemove(ctx context.Context, id string) (bool, error) {
 	held := p.etcd
 	a.mu.Unlock()
 	if held {
-		dctx, cancel := context.WithTimeout(ctx, 2*a.n.cfg.OpTimeout)
+		dctx, cancel := context.WithTimeout(ctx, 2*a.opTimeout)
 		derr := a.store.Handle(id).DecRefContext(dctx)
 		cancel()
 		if derr != nil {
-			a.n.log.Warn("agent: release before removal failed", "id", id, "err", derr)
+			a.log.Warn("agent: release before removal failed", "id", id, "err", derr)
 		}
 		a.mu.Lock()
 		p.etcd = false
@@ -790,7 +803,7 @@ func (a *agent) toBuilders(e etcdstore.Event) {
 func (a *agent) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) error {
 	for {
 		var ran atomic.Bool
-		err := a.n.Build(ctx, id, func(bctx context.Context) error {
+		err := a.build1(ctx, id, func(bctx context.Context) error {
 			ran.Store(true)
 			return c.runBuilder(bctx, seq, b)
 		})
@@ -828,3 +841,33 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 		return gone()
 	}
 }
+
+// LocalAPI is the node's local API served for a store outside a Node: for
+// programs that embed a store and want to serve their host's processes,
+// and for benchmarks. Node.New makes one itself; do not serve two for one
+// state directory.
+type LocalAPI struct{ a *agent }
+
+// NewLocalAPI listens on <cfg.StateDir>/agent.sock (cfg.SocketMode,
+// cfg.SocketGroup) for store, aggregating references with cfg.Linger.
+// cfg.Name and cfg.OpTimeout are used as a node uses them. Wire the
+// store's events to Event (etcdstore.WithEvents) so connections learn of
+// lost references. Call Run once.
+func NewLocalAPI(store *etcdstore.Store, cfg Config, log *slog.Logger) (*LocalAPI, error) {
+	a, err := newAgent(store, cfg, log, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &LocalAPI{a: a}, nil
+}
+
+// Run serves until ctx ends, then closes every connection and waits for
+// their requests; the store stays open (the caller closes it after Run).
+func (l *LocalAPI) Run(ctx context.Context) error { return l.a.serve(ctx) }
+
+// Event takes the store's events (lost references, lease changes, build
+// progress) to the connections concerned. It does not block.
+func (l *LocalAPI) Event(e etcdstore.Event) { l.a.event(e) }
+
+// Holders lists the local references to id, oldest first.
+func (l *LocalAPI) Holders(id string) []Holder { return l.a.holders(id) }

@@ -124,7 +124,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if err != nil {
 		return nil, err
 	}
-	ag, err := newAgent(n)
+	ag, err := newAgent(n.store, n.cfg, n.log, n.Build)
 	if err != nil {
 		return nil, err
 	}

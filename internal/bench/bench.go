@@ -137,6 +137,11 @@ type Config struct {
 	// memory scenarios run there, so that their RSS is theirs alone.
 	// Without it they run in this process and report the Go heap only.
 	Child func(ctx context.Context, args []string) *exec.Cmd
+	// Run, if set, returns the command `granary ARGS` with the connection
+	// settings of the run and env added to its environment; the agent
+	// scenario times warm `granary run` jobs with it. Without it, that part
+	// is skipped.
+	Run runCommand
 	// Progress receives one line per step; nil discards.
 	Progress io.Writer
 	// OpTimeout bounds each etcd call of the bench itself and of its stores.
@@ -234,6 +239,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 		fn   func(context.Context) error
 	}{
 		{"hot path", r.hotpath},
+		{"host agent", r.agent},
 		{"waiters", r.waiters},
 		{"stampede", r.stampede},
 		{"distinct builds", r.distinct},

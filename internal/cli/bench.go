@@ -78,6 +78,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		},
 		Dir:       *dir,
 		Child:     func(ctx context.Context, args []string) *exec.Cmd { return benchChild(ctx, exe, cfg, args) },
+		Run:       func(ctx context.Context, args, env []string) *exec.Cmd { return benchRun(ctx, exe, cfg, args, env) },
 		Progress:  e.stderr,
 		OpTimeout: cfg.OpTimeout,
 	})
@@ -146,6 +147,17 @@ func benchChild(ctx context.Context, exe string, cfg node.Config, args []string)
 	if cfg.Password != "" {
 		cmd.Env = append(cmd.Env, node.EnvPassword+"="+cfg.Password)
 	}
+	return cmd
+}
+
+// benchRun is `granary ARGS` (this program) with the bench's connection
+// flags, for the timed `granary run` jobs of the agent scenario.
+func benchRun(ctx context.Context, exe string, cfg node.Config, args, env []string) *exec.Cmd {
+	c := benchChild(ctx, exe, cfg, nil)
+	a := append([]string{args[0]}, c.Args[2:len(c.Args)-1]...) // the flags, without "bench-child" and "--"
+	cmd := exec.CommandContext(ctx, exe, append(a, args[1:]...)...)
+	cmd.Args[0] = "granary"
+	cmd.Env = append(c.Env, env...)
 	return cmd
 }
 
