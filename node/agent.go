@@ -279,7 +279,7 @@ func (c *agentConn) run() {
 			st := a.store
 			c.send(msg{Op: opReply, Seq: m.Seq, OK: true, Hello: &helloInfo{
 				Version: agentProtoVersion, Host: a.host, PID: os.Getpid(),
-				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid}})
+				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid, Linger: a.linger}})
 		case opIncRef:
 			if a.incRefFast(m.ID) {
 				c.addRef(m.ID)
@@ -301,12 +301,16 @@ func (c *agentConn) run() {
 				continue
 			}
 			if !c.dropRef(m.ID) {
-				c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, etcdstore.ErrNoRef), nil)
+				if m.Seq != 0 {
+					c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, etcdstore.ErrNoRef), nil)
+				}
 				continue
 			}
 			if a.linger > 0 {
 				a.decRef(m.ID) // in memory only
-				c.reply(m.Seq, nil, nil)
+				if m.Seq != 0 {
+					c.reply(m.Seq, nil, nil)
+				}
 				continue
 			}
 			reqs.Add(1)

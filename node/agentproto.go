@@ -95,6 +95,9 @@ type helloInfo struct {
 	Root    string `json:"root"`
 	Prefix  string `json:"prefix"`
 	UID     int    `json:"uid"` // the caller's, as the node saw it
+	// Linger > 0: a DecRef only counts down in the node's memory, so the
+	// client need not wait for its answer.
+	Linger time.Duration `json:"linger"`
 }
 
 // Holder is one local reference held through the node: the process that

@@ -50,6 +50,7 @@ type Conn struct {
 	err     error // why the connection ended
 
 	events func(etcdstore.Event) // set by OnEvent
+	held   map[string]int            // references this Conn holds, by package
 
 	done    chan struct{}
 	readerr chan struct{} // closed when the reader has returned
@@ -125,7 +126,7 @@ func ConnectWith(ctx context.Context, stateDir string, o ConnectOptions) (*Conn,
 	}
 	c := &Conn{
 		c: nc, bw: bufio.NewWriter(nc),
-		pending: make(map[uint64]*call), builds: make(map[uint64]*clientBuild),
+		pending: make(map[uint64]*call), builds: make(map[uint64]*clientBuild), held: make(map[string]int),
 		done: make(chan struct{}), readerr: make(chan struct{}), notices: make(chan Notice, 16),
 	}
 	c.enc = json.NewEncoder(c.bw)
@@ -456,18 +457,42 @@ func (h *ConnHandle) IncRefContext(ctx context.Context) error {
 	if _, err := h.c.request(ctx, msg{Op: opIncRef, ID: h.id}); err != nil {
 		return h.fail("incref", err)
 	}
+	h.c.mu.Lock()
+	h.c.held[h.id]++
+	h.c.mu.Unlock()
 	return nil
 }
 
 // DecRefContext releases the newest reference this connection holds on
 // the package (an error wrapping etcdstore.ErrNoRef if it holds none). The
 // host's etcd reference goes after the node's linger if no other local
-// holder has the package.
+// holder has the package. With a linger, the node only counts down in
+// memory and DecRef does not wait for its answer (the connection keeps the
+// order of requests: a later request of this Conn sees the reference
+// released); without one, it waits until the host's etcd reference is
+// released.
 func (h *ConnHandle) DecRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("decref", h.err)
 	}
-	if _, err := h.c.request(ctx, msg{Op: opDecRef, ID: h.id}); err != nil {
+	c := h.c
+	c.mu.Lock()
+	if c.held[h.id] == 0 {
+		c.mu.Unlock()
+		return h.fail("decref", etcdstore.ErrNoRef)
+	}
+	c.held[h.id]--
+	if c.held[h.id] == 0 {
+		delete(c.held, h.id)
+	}
+	c.mu.Unlock()
+	if c.hello.Linger > 0 {
+		if err := c.send(msg{Op: opDecRef, ID: h.id}); err != nil {
+			return h.fail("decref", err)
+		}
+		return nil
+	}
+	if _, err := c.request(ctx, msg{Op: opDecRef, ID: h.id}); err != nil {
 		return h.fail("decref", err)
 	}
 	return nil

@@ -464,6 +464,9 @@ func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeep
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
 		n.cli.Revoke(rctx, grant.ID) //nolint:errcheck // otherwise it expires after the TTL
 		rcancel()
+		r.mu.Lock()
+		r.lease = 0 // revoked: shutdown must not revoke it again
+		r.mu.Unlock()
 		return nil, err
 	}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
