@@ -200,6 +200,7 @@ type agentConn struct {
 // serverBuild is one build request of a connection.
 type serverBuild struct {
 	id     string
+	pgid   atomic.Int64 // the builder's process group, while it runs (0: none reported)
 	cancel context.CancelFunc
 	result chan error // the builder's result, from opBuilt
 }
@@ -363,11 +364,18 @@ func (c *agentConn) run() {
 				b.cancel()
 			}
 			c.mu.Unlock()
+		case opBuilderPG:
+			c.mu.Lock()
+			if b := c.builds[m.Seq]; b != nil && m.PID > 1 {
+				b.pgid.Store(int64(m.PID))
+			}
+			c.mu.Unlock()
 		case opBuilt:
 			c.mu.Lock()
 			b := c.builds[m.Seq]
 			c.mu.Unlock()
 			if b != nil {
+				b.pgid.Store(0) // it returned; the group may be gone and its number reused
 				var err error
 				if m.Err != "" || len(m.Codes) > 0 {
 					err = builderErr(m)
@@ -824,6 +832,13 @@ func (a *agent) build(ctx context.Context, c *agentConn, seq uint64, id string, 
 // attempt is abandoned.
 func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild) error {
 	gone := func() error {
+		// No builder outlives its attempt: kill the group the caller
+		// reported (its builder's processes, left behind by its death).
+		if pg := int(b.pgid.Swap(0)); pg > 1 {
+			if err := killGroup(pg); err != nil {
+				c.a.log.Warn("agent: cannot kill the builder of a caller that went away", "pgid", pg, "err", err)
+			}
+		}
 		return fmt.Errorf("%w: the caller's process (pid %d) went away mid-build", etcdstore.ErrAbandon, c.pid)
 	}
 	c.send(msg{Op: opBuildNow, Seq: seq})

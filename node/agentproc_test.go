@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -45,6 +46,34 @@ func childMain() int {
 		}
 		fmt.Println("held")
 		select {}
+	case "builder":
+		// Build $ID with a builder that starts `sleep` in a process group
+		// of its own (holding fd 3, the parent's pipe), reports the group
+		// and waits to be killed.
+		c, err := node.Connect(ctx, os.Getenv("STATE"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		pipe := os.NewFile(3, "pipe")
+		err = c.Handle(os.Getenv("ID")).BuildContext(ctx, func(bctx context.Context) error {
+			cmd := exec.Command("sleep", "1000")
+			cmd.ExtraFiles = []*os.File{pipe}
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			if err := cmd.Start(); err != nil {
+				return err
+			}
+			pipe.Close()
+			if !node.BuilderProcessGroup(bctx, cmd.Process.Pid) {
+				return errors.New("not a builder context")
+			}
+			// A round trip after the report: the node has it.
+			c.Handle(os.Getenv("ID")).TryRemoveContext(bctx) //nolint:errcheck
+			fmt.Println("building")
+			select {}
+		})
+		fmt.Fprintln(os.Stderr, err)
+		return 1
 	case "node":
 		cfg := node.DefaultConfig()
 		cfg.Endpoints = []string{os.Getenv("ENDPOINT")}
@@ -73,7 +102,14 @@ func childMain() int {
 // prints want. Cleanup kills it.
 func startChild(t *testing.T, mode, want string, env ...string) *exec.Cmd {
 	t.Helper()
+	return startChildFiles(t, mode, want, nil, env...)
+}
+
+// startChildFiles is startChild with extra files (fd 3 on).
+func startChildFiles(t *testing.T, mode, want string, files []*os.File, env ...string) *exec.Cmd {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.ExtraFiles = files
 	cmd.Env = append(append(os.Environ(), childEnv+"="+mode), env...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -174,4 +210,41 @@ func TestKilledNodeTellsConns(t *testing.T) {
 		n = <-c.Notices()
 	}
 	waitRefDeleted(t, cli, "pkg", rev, 3*ttl)
+}
+
+// A caller killed with SIGKILL mid-build: the node abandons the attempt at
+// once, kills the builder's process group the caller reported, and a
+// later build runs afresh.
+func TestKilledBuilderCallerAbandons(t *testing.T) {
+	srv := etcdtest.Start(t)
+	n, _ := agentNode(t, srv, t.TempDir(), "host-a", node.DefaultLinger)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	child := startChildFiles(t, "builder", "building", []*os.File{w}, "STATE="+n.Config().StateDir, "ID=orphan")
+	w.Close()
+	child.Process.Signal(syscall.SIGKILL)
+	// EOF once every holder of the pipe's write end is dead: the child and
+	// its builder's `sleep 1000`, which only the node can have killed.
+	done := make(chan error, 1)
+	go func() { _, err := io.ReadAll(r); done <- err }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the builder's process group outlived its killed caller")
+	}
+	c := connect(t, n)
+	ran := false
+	h := c.Handle("orphan")
+	if err := h.BuildContext(context.Background(), func(ctx context.Context) error {
+		ran = true
+		return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte("x"), 0o644)
+	}); err != nil || !ran {
+		t.Fatalf("Build after the killed caller = %v (ran %v), want a fresh successful attempt", err, ran)
+	}
 }

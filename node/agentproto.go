@@ -21,17 +21,18 @@ const agentProtoVersion = 1
 
 // Operations.
 const (
-	opHello     = "hello"     // client → node: purpose; reply: helloInfo
-	opIncRef    = "incref"    // ID
-	opDecRef    = "decref"    // ID
-	opTryRemove = "tryremove" // ID; reply OK says whether it was removed
-	opBuild     = "build"     // ID; reply when the build settled
-	opCancel    = "cancel"    // Seq of a build request the caller gave up
-	opBuilt     = "built"     // Seq of a build request: the builder's result (Err, Codes)
-	opInspect   = "inspect"   // ID; reply Info and Holders
-	opBye       = "bye"       // client → node: release everything; reply, then the client closes
-	opReply     = "reply"     // node → client: the answer to Seq
-	opBuildNow  = "build_now" // node → client: run the builder of build request Seq
+	opHello     = "hello"        // client → node: purpose; reply: helloInfo
+	opIncRef    = "incref"       // ID
+	opDecRef    = "decref"       // ID
+	opTryRemove = "tryremove"    // ID; reply OK says whether it was removed
+	opBuild     = "build"        // ID; reply when the build settled
+	opCancel    = "cancel"       // Seq of a build request the caller gave up
+	opBuilt     = "built"        // Seq of a build request: the builder's result (Err, Codes)
+	opBuilderPG = "builder_pgid" // Seq of a build request: its builder runs in process group PID
+	opInspect   = "inspect"      // ID; reply Info and Holders
+	opBye       = "bye"          // client → node: release everything; reply, then the client closes
+	opReply     = "reply"        // node → client: the answer to Seq
+	opBuildNow  = "build_now"    // node → client: run the builder of build request Seq
 	opBuildStop = "build_stop"
 	opRefLost   = "ref_lost" // node → client: the host's reference to ID is gone with the package
 	opLeaseLost = "lease_lost"
@@ -45,6 +46,7 @@ type msg struct {
 	Seq     uint64          `json:"seq,omitempty"`
 	ID      string          `json:"id,omitempty"`
 	Purpose string          `json:"purpose,omitempty"`
+	PID     int             `json:"pid,omitempty"`
 	OK      bool            `json:"ok,omitempty"`
 	Err     string          `json:"err,omitempty"`
 	Codes   []string        `json:"codes,omitempty"` // sentinels the error wraps

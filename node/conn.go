@@ -50,7 +50,7 @@ type Conn struct {
 	err     error // why the connection ended
 
 	events func(etcdstore.Event) // set by OnEvent
-	held   map[string]int            // references this Conn holds, by package
+	held   map[string]int        // references this Conn holds, by package
 
 	done    chan struct{}
 	readerr chan struct{} // closed when the reader has returned
@@ -345,7 +345,7 @@ func (c *Conn) runBuilder(seq uint64) {
 		return
 	}
 	b.ran = true
-	bctx, cancel := context.WithCancel(context.Background())
+	bctx, cancel := context.WithCancel(context.WithValue(context.Background(), builderKey{}, builderRef{c, seq}))
 	b.cancel = cancel
 	c.mu.Unlock()
 	go func() {
@@ -367,6 +367,27 @@ func (c *Conn) runBuilder(seq uint64) {
 		}
 		c.send(m) //nolint:errcheck // a dead connection abandons the attempt anyway
 	}()
+}
+
+type builderKey struct{}
+
+// builderRef names the build request whose builder a context belongs to.
+type builderRef struct {
+	c   *Conn
+	seq uint64
+}
+
+// BuilderProcessGroup tells the node that the builder whose context is
+// ctx (the one a ConnHandle.BuildContext builder receives) runs processes
+// in process group pgid. If this process dies mid-build, the node kills
+// that group when it abandons the attempt, so that no builder outlives
+// its attempt. It reports false if ctx is not such a builder's context.
+func BuilderProcessGroup(ctx context.Context, pgid int) bool {
+	r, ok := ctx.Value(builderKey{}).(builderRef)
+	if !ok {
+		return false
+	}
+	return r.c.send(msg{Op: opBuilderPG, Seq: r.seq, PID: pgid}) == nil
 }
 
 // callBuilder calls builder, turning a panic into an error.

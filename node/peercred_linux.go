@@ -26,3 +26,6 @@ func peerCred(c *net.UnixConn) (uid, pid int, err error) {
 	}
 	return int(cred.Uid), int(cred.Pid), nil
 }
+
+// killGroup sends SIGKILL to process group pgid.
+func killGroup(pgid int) error { return syscall.Kill(-pgid, syscall.SIGKILL) }

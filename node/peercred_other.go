@@ -12,3 +12,6 @@ import (
 func peerCred(*net.UnixConn) (uid, pid int, err error) {
 	return -1, 0, errors.New("SO_PEERCRED is only available on Linux")
 }
+
+// killGroup is only implemented on Linux.
+func killGroup(int) error { return errors.New("killing a process group is only implemented on Linux") }

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -82,7 +84,7 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 	err := h.BuildContext(ctx, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
-		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
+		return runAgentBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
 	})
 	prog.stop()
 	if err != nil {
@@ -272,4 +274,28 @@ func (e *env) tryRemove(ctx context.Context, cfg node.Config, c *conn, id string
 		return ac.Handle(id).TryRemoveContext(ctx)
 	}
 	return c.store.Handle(id).TryRemoveContext(ctx)
+}
+
+// runAgentBuilder is runBuilder for a build through the node: it also
+// tells the node the builder's process group, which the node kills if this
+// process dies mid-build (its Setpgid group would outlive it otherwise).
+func runAgentBuilder(ctx context.Context, argv []string, out, logs, logPath string, stdout, stderr io.Writer) error {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return fmt.Errorf("build log: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = append(os.Environ(), EnvOut+"="+out, EnvLogs+"="+logs)
+	var mu sync.Mutex // the log gets both streams
+	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
+	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	node.BuilderProcessGroup(ctx, cmd.Process.Pid)
+	return cmd.Wait()
 }
