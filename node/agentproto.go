@@ -97,8 +97,8 @@ type helloInfo struct {
 	Root    string `json:"root"`
 	Prefix  string `json:"prefix"`
 	UID     int    `json:"uid"` // the caller's, as the node saw it
-	// Linger > 0: a DecRef only counts down in the node's memory, so the
-	// client need not wait for its answer.
+	// Linger is the node's: how long it keeps a package's etcd reference
+	// after its last local holder.
 	Linger time.Duration `json:"linger"`
 }
 

@@ -485,13 +485,11 @@ func (h *ConnHandle) IncRefContext(ctx context.Context) error {
 }
 
 // DecRefContext releases the newest reference this connection holds on
-// the package (an error wrapping etcdstore.ErrNoRef if it holds none). The
-// host's etcd reference goes after the node's linger if no other local
-// holder has the package. With a linger, the node only counts down in
-// memory and DecRef does not wait for its answer (the connection keeps the
-// order of requests: a later request of this Conn sees the reference
-// released); without one, it waits until the host's etcd reference is
-// released.
+// the package (an error wrapping etcdstore.ErrNoRef if it holds none, known
+// without asking the node). The host's etcd reference goes after the
+// node's linger if no other local holder has the package. It waits for the
+// node's answer, so that a TryRemove from any other connection that starts
+// after it returns sees the reference gone.
 func (h *ConnHandle) DecRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("decref", h.err)
@@ -507,12 +505,6 @@ func (h *ConnHandle) DecRefContext(ctx context.Context) error {
 		delete(c.held, h.id)
 	}
 	c.mu.Unlock()
-	if c.hello.Linger > 0 {
-		if err := c.send(msg{Op: opDecRef, ID: h.id}); err != nil {
-			return h.fail("decref", err)
-		}
-		return nil
-	}
 	if _, err := c.request(ctx, msg{Op: opDecRef, ID: h.id}); err != nil {
 		return h.fail("decref", err)
 	}
