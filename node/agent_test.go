@@ -21,6 +21,11 @@ import (
 // limited), removed at the end.
 func shortDir(t *testing.T) string {
 	t.Helper()
+	return shortDirTB(t)
+}
+
+func shortDirTB(t testing.TB) string {
+	t.Helper()
 	d, err := os.MkdirTemp("", "ga")
 	if err != nil {
 		t.Fatal(err)
