@@ -18,7 +18,7 @@ import (
 // soon as our own lease is in doubt (etcd #18082, #19597).
 type lock struct {
 	s    *Store
-	sess *session
+	sess *Lease
 	pfx  string
 	key  string
 	rev  int64 // create revision of key: the fencing token of this holder
@@ -27,7 +27,7 @@ type lock struct {
 	gone bool
 }
 
-func (s *Store) newLock(ss *session, pfx string) *lock {
+func (s *Store) newLock(ss *Lease, pfx string) *lock {
 	return &lock{s: s, sess: ss, pfx: pfx, key: pfx + ss.hex}
 }
 
@@ -41,7 +41,7 @@ func (l *lock) enqueue(ctx context.Context) (first bool, err error) {
 			// Our key is new: create it on our lease...
 			If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", 0)).
 			Then(
-				clientv3.OpPut(l.key, "", clientv3.WithLease(l.sess.id)),
+				clientv3.OpPut(l.key, "", clientv3.WithLease(l.sess.ID)),
 				clientv3.OpGet(l.pfx, clientv3.WithFirstCreate()...)).
 			// ...or an earlier, ambiguous attempt of ours made it: adopt it.
 			Else(
