@@ -87,7 +87,7 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 	if h.err != nil {
 		return Outcome{}, h.fail("build", h.err)
 	}
-	f, err := h.s.join(h.id, builder)
+	f, settled, err := h.s.join(h.id, builder)
 	if err != nil {
 		return Outcome{}, h.fail("build", err)
 	}
@@ -101,6 +101,11 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 			return Outcome{}, h.fail("build", f.err)
 		}
 		out := f.out
+		if settled {
+			// The flight had seen the publish before we came: for us the
+			// package was there already.
+			out.How, out.Waited = AlreadyAvailable, 0
+		}
 		out.Elapsed = time.Since(start)
 		return out, nil
 	case <-ctx.Done():
@@ -122,14 +127,15 @@ type flight struct {
 }
 
 // join adds a caller to the package's flight, starting one if none is in
-// the air. It does no I/O.
-func (s *Store) join(id string, builder func(context.Context) error) (*flight, error) {
+// the air. It does no I/O. settled reports that the flight had its outcome
+// already (it saw a publish and is cleaning up).
+func (s *Store) join(id string, builder func(context.Context) error) (f *flight, settled bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		return nil, ErrClosed
+		return nil, false, ErrClosed
 	}
-	f := s.flights[id]
+	f = s.flights[id]
 	if f == nil {
 		f = &flight{done: make(chan struct{})}
 		f.ctx, f.cancel = context.WithCancel(s.ctx)
@@ -138,7 +144,12 @@ func (s *Store) join(id string, builder func(context.Context) error) (*flight, e
 		go s.fly(f, id, builder)
 	}
 	f.callers++
-	return f, nil
+	select {
+	case <-f.done:
+		settled = true
+	default:
+	}
+	return f, settled, nil
 }
 
 // leave removes a caller that gave up. When none is left the attempt is

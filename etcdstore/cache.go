@@ -73,6 +73,9 @@ func (s *Store) storeCache(ctx context.Context, id string, pkg PackageRecord) {
 	}
 	h := s.Handle(id)
 	held := h.IncRefContext(context.WithoutCancel(ctx)) == nil
+	if s.testHookUpload != nil {
+		s.testHookUpload(id)
+	}
 	release := func() {
 		if held {
 			h.DecRefContext(context.Background()) //nolint:errcheck // retried in the background; Close revokes the lease anyway

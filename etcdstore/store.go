@@ -51,6 +51,9 @@ type Store struct {
 	// testHookWait, likewise, runs when an attempt starts to wait, between
 	// its read of the package's state and the start of its watches.
 	testHookWait func(id string)
+	// testHookUpload, likewise, runs in storeCache between taking the
+	// upload's reference and starting the upload.
+	testHookUpload func(id string)
 }
 
 // New returns a Store that keeps packages under root and coordinates
