@@ -160,13 +160,14 @@ func (n *Node) MetricsAddr() string {
 	return n.ln.Addr().String()
 }
 
-// Build is the store's BuildContext, timed in the node's metrics (build and
+// Build is the store's BuildOutcome, timed in the node's metrics (build and
 // wait durations).
-func (n *Node) Build(ctx context.Context, id string, builder func(context.Context) error) error {
-	done := n.m.startCall(id)
-	err := n.store.Handle(id).BuildContext(ctx, builder)
-	done()
-	return err
+func (n *Node) Build(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+	out, err := n.store.Handle(id).BuildOutcome(ctx, builder)
+	if err == nil {
+		n.m.built(out)
+	}
+	return out, err
 }
 
 // Run serves until ctx ends, the embedded etcd stops, or (embedded only)

@@ -100,7 +100,7 @@ func TestShutdownRevokesLease(t *testing.T) {
 	obs := observer(t, srv, root)
 
 	h := n.Store().Handle("pkg")
-	if err := n.Build(context.Background(), "pkg", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+	if _, err := n.Build(context.Background(), "pkg", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	if err := h.IncRefContext(context.Background()); err != nil {
@@ -142,7 +142,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	cfg.ListenMetrics = "127.0.0.1:0"
 	n, _ := startNode(t, cfg)
 	h := n.Store().Handle("m")
-	if err := n.Build(context.Background(), "m", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+	if _, err := n.Build(context.Background(), "m", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	if _, err := n.GC(context.Background()); err != nil {
@@ -256,7 +256,7 @@ func TestNodeCacheMetrics(t *testing.T) {
 	}
 	n, _ := startNode(t, cfg)
 	h := n.Store().Handle("c")
-	if err := n.Build(context.Background(), "c", writeFile(filepath.Join(h.OutputDirectory(), "f"), "cached")); err != nil {
+	if _, err := n.Build(context.Background(), "c", writeFile(filepath.Join(h.OutputDirectory(), "f"), "cached")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	select {
