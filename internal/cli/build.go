@@ -176,7 +176,10 @@ func (p *progress) event(ev etcdstore.Event) {
 		}
 		p.printLocked()
 	case etcdstore.EventLockDelay:
-		fmt.Fprintf(p.w, "%sgranary: %s: the previous attempt died; waiting %v before taking over\n", p.clear(), p.id, ev.Elapsed)
+		fmt.Fprintf(p.w, "%sgranary: %s: an earlier attempt did not finish (its host died or lost its lease) and left its output; waiting %v before moving it aside\n", p.clear(), p.id, ev.Elapsed)
+	case etcdstore.EventLastFailed:
+		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
+			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
 	case etcdstore.EventFailed:
 		if p.cur != nil {
 			fmt.Fprintf(p.w, "%sgranary: %s: the build on %s failed; log: %s\n", p.clear(), p.id, ev.Host, ev.LogDir)
