@@ -15,7 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -502,4 +504,42 @@ func TestDialNamesRefusedConnection(t *testing.T) {
 			t.Errorf("Dial %s = %v; want ErrUnreachable naming the refused connection", ep, err)
 		}
 	}
+}
+
+// TestRegistrationComesBack: when the registration's lease is revoked
+// behind the node's back, its session makes a new lease and puts the
+// registration back on it.
+func TestRegistrationComesBack(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	startNode(t, cfg)
+	cli := observer(t, srv, root).Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	pfx := cfg.Prefix + "node/" + cfg.Name + "/"
+	w := cli.Watch(ctx, pfx, clientv3.WithPrefix())
+	var first *mvccpb.KeyValue
+	for first == nil {
+		resp, err := cli.Get(ctx, pfx, clientv3.WithPrefix())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Kvs) > 0 {
+			first = resp.Kvs[0]
+			break
+		}
+		<-w // registered after we looked: look again
+	}
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(first.Lease)); err != nil {
+		t.Fatal(err)
+	}
+	for wr := range w {
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypePut && ev.Kv.Lease != first.Lease {
+				return // back, on a new lease
+			}
+		}
+	}
+	t.Fatalf("registration did not come back after its lease was revoked: %v", ctx.Err())
 }
