@@ -13,8 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
-
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // TreeDigest returns "sha256:<hex>" over the tree at dir: for each entry in
@@ -99,7 +97,7 @@ func (s *Store) moveToTrash(path string) error {
 	}
 	// After Close, Prune sweeps the trash later.
 	s.spawn(func() {
-		if err := fsutil.RemoveAll(dst); err != nil {
+		if err := RemoveTree(dst); err != nil {
 			s.opt.logger.Warn("cannot delete trash; the next prune retries", "path", dst, "err", err)
 		}
 	})

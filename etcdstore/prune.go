@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/core"
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // DefaultPruneGrace is the grace period Prune uses when PruneOptions.Grace
@@ -163,7 +162,7 @@ func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time
 	}
 	for _, e := range trash {
 		if old(e, grace) {
-			if err := fsutil.RemoveAll(s.trashDir() + "/" + e.Name()); err == nil {
+			if err := RemoveTree(s.trashDir() + "/" + e.Name()); err == nil {
 				rep.TrashEntries++
 			}
 		}
