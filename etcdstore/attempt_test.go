@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 )
@@ -149,5 +150,50 @@ func TestBuildOutcome(t *testing.T) {
 	out, err := b.Handle("p").BuildOutcome(ctx, func(context.Context) error { return nil })
 	if err != nil || out.How != etcdstore.AlreadyAvailable || out.Package.Digest == "" {
 		t.Errorf("third Build = %+v, %v; want already available with the record", out, err)
+	}
+}
+
+// TestIncRefDuringFailedBuild: IncRef that waited for a build which then
+// failed reports the package missing; one whose context ends while it
+// waits returns at once with the context's error.
+func TestIncRefDuringFailedBuild(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	a := newStore(t, srv, root, etcdstore.WithHost("a"))
+	ev := newEventLog()
+	b := newStore(t, srv, root, etcdstore.WithHost("b"), etcdstore.WithEvents(ev.hook))
+
+	started, release := make(chan struct{}), make(chan struct{})
+	built := make(chan error, 1)
+	go func() {
+		built <- a.Handle("p").Build(func() error {
+			close(started)
+			<-release
+			return errors.New("boom")
+		})
+	}()
+	<-started
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancelled := make(chan error, 1)
+	go func() { cancelled <- b.Handle("p").IncRefContext(ctx) }()
+	ev.wait(t, etcdstore.EventWaiting, "p")
+	cancel()
+	if err := <-cancelled; !errors.Is(err, context.Canceled) {
+		t.Fatalf("IncRef whose context ended while waiting = %v, want context.Canceled", err)
+	}
+
+	waited := make(chan error, 1)
+	go func() { waited <- b.Handle("p").IncRef() }()
+	for ev.count(etcdstore.EventWaiting, "p") < 2 {
+		ev.wait(t, etcdstore.EventWaiting, "p")
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	if err := <-built; err == nil {
+		t.Fatal("Build succeeded")
+	}
+	if err := <-waited; !errors.Is(err, core.ErrPackageNotExist) {
+		t.Fatalf("IncRef that waited for a failed build = %v, want ErrPackageNotExist", err)
 	}
 }

@@ -99,10 +99,11 @@ func (h *Handle) IncRefContext(ctx context.Context) error {
 			return h.fail("incref", err)
 		}
 		// A build is in progress: wait for its end, then try once more.
-		waited = true
-		if err := s.awaitAttempt(ctx, h.id, building); err != nil {
+		ended, err := s.awaitAttempt(ctx, h.id, building)
+		if err != nil {
 			return h.fail("incref", err)
 		}
+		waited = ended
 	}
 }
 

@@ -198,47 +198,65 @@ func failedAttempt(id string, b *BuildRecord) *BuildError {
 }
 
 // awaitAttempt waits for the end of the attempt that IncRef found in
-// progress: this store's own flight, or seen, another host's. It returns
-// nil when that attempt published, failed, or died; the caller then reads
-// again.
-func (s *Store) awaitAttempt(ctx context.Context, id string, seen *attemptSeen) error {
+// progress: this store's own flight, or seen, another host's. ended
+// reports that the attempt published, failed or died; it is false when
+// the wait broke off (a watch ended) and the caller should look again.
+func (s *Store) awaitAttempt(ctx context.Context, id string, seen *attemptSeen) (ended bool, err error) {
 	if f := s.flying(id); f != nil {
 		select {
 		case <-f.done:
-			return nil
+			return true, nil
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
+		case <-s.ctx.Done():
+			return false, ErrClosed
 		}
 	}
 	if seen == nil {
-		return nil
+		return true, nil
 	}
 	s.emit(Event{Kind: EventWaiting, ID: id, Host: seen.rec.Host, PID: seen.rec.PID, Since: seen.rec.Started, LogDir: seen.rec.LogDir})
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
 	// From just after the read that saw the attempt, so nothing is missed.
 	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(seen.rev+1))
 	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(seen.rev+1))
 	for {
 		select {
 		case wr, ok := <-availCh:
-			if !ok || wr.Err() != nil || len(wr.Events) > 0 {
-				return ctx.Err() // published, or the watch ended: read again
+			if !ok || wr.Err() != nil {
+				return false, wctxErr(ctx, wctx)
+			}
+			if len(wr.Events) > 0 {
+				return true, nil // published
 			}
 		case wr, ok := <-buildCh:
 			if !ok || wr.Err() != nil {
-				return ctx.Err()
+				return false, wctxErr(ctx, wctx)
 			}
 			for _, ev := range wr.Events {
 				if ev.Type == clientv3.EventTypeDelete {
-					return nil // the attempt died or published
+					return true, nil // the attempt died or published
 				}
 				if b, err := decode[BuildRecord](ev.Kv.Value); err == nil && b.State == BuildFailed {
-					return nil
+					return true, nil
 				}
 			}
-		case <-ctx.Done():
-			return ctx.Err()
+		case <-wctx.Done():
+			return false, wctxErr(ctx, wctx)
 		}
 	}
+}
+
+// wctxErr says why a wait under wctx (ctx's, ended also by Close) broke
+// off: ctx's error, ErrClosed, or nil for a watch that ended by itself.
+func wctxErr(ctx, wctx context.Context) error {
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case wctx.Err() != nil:
+		return ErrClosed
+	}
+	return nil
 }
