@@ -18,11 +18,12 @@ import (
 // claim, prepare (clear leftovers), produce (cache or builder), seal,
 // publish; fail ends an attempt at any step after claim.
 type attempt struct {
-	s        *Store
-	id       string
-	ls       *Lease
-	l        *lock
-	startRev int64 // revision the wait started from
+	s         *Store
+	id        string
+	ls        *Lease
+	l         *lock
+	startRev  int64     // revision the wait started from
+	waitStart time.Time // when the wait started
 
 	rec      BuildRecord // our record in P/build/<id>
 	buildRev int64       // its revision, which publish requires unchanged
@@ -38,7 +39,11 @@ func (a *attempt) run(ctx context.Context, builder func(context.Context) error) 
 		return Outcome{}, err
 	}
 	if st.avail != nil { // published by the holder before us
-		return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(a.id)}, nil
+		out := Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(a.id)}
+		if a.l.queued {
+			out.How, out.Waited = Waited, time.Since(a.waitStart)
+		}
+		return out, nil
 	}
 	if b := st.build; b != nil && b.State == BuildFailed {
 		if st.buildModRev > a.startRev {

@@ -265,7 +265,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 		case err != nil || l == nil:
 			return out, err
 		}
-		a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev}
+		a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start}
 		return a.run(ctx, builder)
 	}
 }

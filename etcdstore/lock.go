@@ -25,6 +25,8 @@ type lock struct {
 	// gone is set once our key is known deleted (released, or deleted by a
 	// Txn that succeeded), so release does nothing more.
 	gone bool
+	// queued is set when lock had to wait for a predecessor.
+	queued bool
 }
 
 func (s *Store) newLock(ss *Lease, pfx string) *lock {
@@ -83,6 +85,7 @@ func (l *lock) lock(ctx context.Context) error {
 	if first {
 		return nil
 	}
+	l.queued = true
 	if err := l.waitPredecessors(ctx); err != nil {
 		l.release()
 		if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
