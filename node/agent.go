@@ -24,6 +24,9 @@ import (
 // directory.
 const AgentSocket = "agent.sock"
 
+// buildFunc is the store's BuildOutcome for an ID.
+type buildFunc func(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error)
+
 // agent is the node's local API: it serves Conns on <state>/agent.sock and
 // aggregates their references, so the host holds at most one etcd reference
 // per package however many local processes hold it.
@@ -38,7 +41,7 @@ type agent struct {
 	host      string
 	opTimeout time.Duration
 	linger    time.Duration
-	build1    func(ctx context.Context, id string, builder func(context.Context) error) error
+	build1    buildFunc
 	ln        *net.UnixListener
 	path      string
 
@@ -64,14 +67,13 @@ type hostRef struct {
 // store. The caller holds the state directory's lock, so a leftover socket
 // file is stale and removed. build, if not nil, replaces the store's
 // BuildContext (the node times builds in its metrics).
-func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger,
-	build func(ctx context.Context, id string, builder func(context.Context) error) error) (*agent, error) {
+func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildFunc) (*agent, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	if build == nil {
-		build = func(ctx context.Context, id string, builder func(context.Context) error) error {
-			return store.Handle(id).BuildContext(ctx, builder)
+		build = func(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+			return store.Handle(id).BuildOutcome(ctx, builder)
 		}
 	}
 	path := cfg.AgentSocketPath()
@@ -195,6 +197,7 @@ type agentConn struct {
 	purpose string
 	refs    map[string][]time.Time // since of each local reference, by package
 	builds  map[uint64]*serverBuild
+	increfs map[string]int // IncRefs that went to the store (they may wait for a build), by package
 }
 
 // serverBuild is one build request of a connection.
@@ -212,7 +215,7 @@ func (a *agent) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
 	}
 	cctx, cancel := context.WithCancel(ctx)
 	ac := &agentConn{a: a, c: c, uid: uid, pid: pid, since: time.Now(), ctx: cctx, cancel: cancel,
-		refs: make(map[string][]time.Time), builds: make(map[uint64]*serverBuild)}
+		refs: make(map[string][]time.Time), builds: make(map[uint64]*serverBuild), increfs: make(map[string]int)}
 	ac.bw = bufio.NewWriter(c)
 	ac.enc = json.NewEncoder(ac.bw)
 	a.mu.Lock()
@@ -288,9 +291,17 @@ func (c *agentConn) run() {
 				continue
 			}
 			reqs.Add(1)
+			c.mu.Lock()
+			c.increfs[m.ID]++
+			c.mu.Unlock()
 			go func() {
 				defer reqs.Done()
 				err := a.incRef(c.ctx, m.ID)
+				c.mu.Lock()
+				if c.increfs[m.ID]--; c.increfs[m.ID] == 0 {
+					delete(c.increfs, m.ID)
+				}
+				c.mu.Unlock()
 				if err == nil && !c.addRef(m.ID) {
 					a.decRef(m.ID) // the connection ended meanwhile
 				}
@@ -348,12 +359,16 @@ func (c *agentConn) run() {
 			reqs.Add(1)
 			go func() {
 				defer reqs.Done()
-				err := a.build(bctx, c, m.Seq, m.ID, b)
+				out, err := a.build(bctx, c, m.Seq, m.ID, b)
 				cancel()
 				c.mu.Lock()
 				delete(c.builds, m.Seq)
 				c.mu.Unlock()
-				c.reply(m.Seq, err, nil)
+				c.reply(m.Seq, err, func(r *msg) {
+					if err == nil {
+						r.Outcome = &out
+					}
+				})
 			}()
 		case opBye:
 			c.releaseAll()
@@ -774,7 +789,7 @@ func (a *agent) event(e etcdstore.Event) {
 }
 
 // toBuilders sends a build's event to the connections building its
-// package, from a goroutine of its own.
+// package or waiting for it in IncRef, from a goroutine of its own.
 func (a *agent) toBuilders(e etcdstore.Event) {
 	a.mu.Lock()
 	if a.closed {
@@ -784,11 +799,12 @@ func (a *agent) toBuilders(e etcdstore.Event) {
 	var to []*agentConn
 	for c := range a.conns {
 		c.mu.Lock()
+		found := c.increfs[e.ID] > 0
 		for _, b := range c.builds {
-			if b.id == e.ID {
-				to = append(to, c)
-				break
-			}
+			found = found || b.id == e.ID
+		}
+		if found {
+			to = append(to, c)
 		}
 		c.mu.Unlock()
 	}
@@ -812,17 +828,17 @@ func (a *agent) toBuilders(e etcdstore.Event) {
 // builder and waits for the result. If the attempt was abandoned because
 // another caller's process went away mid-build, it tries again with c's
 // builder.
-func (a *agent) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) error {
+func (a *agent) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) (etcdstore.Outcome, error) {
 	for {
 		var ran atomic.Bool
-		err := a.build1(ctx, id, func(bctx context.Context) error {
+		out, err := a.build1(ctx, id, func(bctx context.Context) error {
 			ran.Store(true)
 			return c.runBuilder(bctx, seq, b)
 		})
 		if err != nil && !ran.Load() && errors.Is(err, etcdstore.ErrAbandon) && ctx.Err() == nil {
 			continue // another caller's builder gave up; try with ours
 		}
-		return err
+		return out, err
 	}
 }
 

@@ -42,18 +42,19 @@ const (
 
 // msg is every message, in both directions. Unused fields are omitted.
 type msg struct {
-	Op      string          `json:"op"`
-	Seq     uint64          `json:"seq,omitempty"`
-	ID      string          `json:"id,omitempty"`
-	Purpose string          `json:"purpose,omitempty"`
-	PID     int             `json:"pid,omitempty"`
-	OK      bool            `json:"ok,omitempty"`
-	Err     string          `json:"err,omitempty"`
-	Codes   []string        `json:"codes,omitempty"` // sentinels the error wraps
-	Hello   *helloInfo      `json:"hello,omitempty"`
-	Info    *etcdstore.Info `json:"info,omitempty"`
-	Holders []Holder        `json:"holders,omitempty"`
-	Event   *wireEvent      `json:"event,omitempty"`
+	Op      string             `json:"op"`
+	Seq     uint64             `json:"seq,omitempty"`
+	ID      string             `json:"id,omitempty"`
+	Purpose string             `json:"purpose,omitempty"`
+	PID     int                `json:"pid,omitempty"`
+	OK      bool               `json:"ok,omitempty"`
+	Err     string             `json:"err,omitempty"`
+	Codes   []string           `json:"codes,omitempty"` // sentinels the error wraps
+	Hello   *helloInfo         `json:"hello,omitempty"`
+	Info    *etcdstore.Info    `json:"info,omitempty"`
+	Holders []Holder           `json:"holders,omitempty"`
+	Event   *wireEvent         `json:"event,omitempty"`
+	Outcome *etcdstore.Outcome `json:"outcome,omitempty"`
 }
 
 // wireEvent is an etcdstore.Event on the wire.

@@ -145,7 +145,7 @@ func ConnectWith(ctx context.Context, stateDir string, o ConnectOptions) (*Conn,
 
 // OnEvent makes fn receive the node store's events (waiting on another
 // host's attempt, lock delay, failure, cache, publish) about packages this
-// Conn is building. fn runs on the connection's reader and must not block.
+// Conn is building or waiting for in IncRef. fn runs on the connection's reader and must not block.
 func (c *Conn) OnEvent(fn func(etcdstore.Event)) {
 	c.mu.Lock()
 	c.events = fn
@@ -533,8 +533,17 @@ func (h *ConnHandle) TryRemoveContext(ctx context.Context) (bool, error) {
 // attempt and the other callers try again with their own builders. A
 // failure of this process's builder is wrapped in the returned error.
 func (h *ConnHandle) BuildContext(ctx context.Context, builder func(ctx context.Context) error) error {
+	_, err := h.BuildOutcome(ctx, builder)
+	return err
+}
+
+// BuildOutcome is BuildContext that also says how the package came to be
+// available, from the node's side: Built means this host's attempt built
+// it (with this process's builder if it ran, else another local caller's),
+// Waited that another host did.
+func (h *ConnHandle) BuildOutcome(ctx context.Context, builder func(ctx context.Context) error) (etcdstore.Outcome, error) {
 	if h.err != nil {
-		return h.fail("build", h.err)
+		return etcdstore.Outcome{}, h.fail("build", h.err)
 	}
 	c := h.c
 	b := &clientBuild{builder: builder, done: make(chan struct{})}
@@ -542,7 +551,7 @@ func (h *ConnHandle) BuildContext(ctx context.Context, builder func(ctx context.
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
-		return h.fail("build", err)
+		return etcdstore.Outcome{}, h.fail("build", err)
 	}
 	c.seq++
 	seq := c.seq
@@ -569,7 +578,7 @@ func (h *ConnHandle) BuildContext(ctx context.Context, builder func(ctx context.
 		}()
 	}()
 	if err := c.send(msg{Op: opBuild, Seq: seq, ID: h.id}); err != nil {
-		return h.fail("build", err)
+		return etcdstore.Outcome{}, h.fail("build", err)
 	}
 	var r msg
 	select {
@@ -578,17 +587,21 @@ func (h *ConnHandle) BuildContext(ctx context.Context, builder func(ctx context.
 		select {
 		case r = <-cl.reply:
 		default:
-			return h.fail("build", c.Err())
+			return etcdstore.Outcome{}, h.fail("build", c.Err())
 		}
 	case <-ctx.Done():
 		c.mu.Lock()
 		delete(c.pending, seq)
 		c.mu.Unlock()
 		c.send(msg{Op: opCancel, Seq: seq}) //nolint:errcheck
-		return h.fail("build", ctx.Err())
+		return etcdstore.Outcome{}, h.fail("build", ctx.Err())
 	}
 	if r.OK {
-		return nil
+		var out etcdstore.Outcome
+		if r.Outcome != nil {
+			out = *r.Outcome
+		}
+		return out, nil
 	}
 	re := &RemoteError{Msg: r.Err, Codes: r.Codes}
 	c.mu.Lock()
@@ -601,5 +614,5 @@ func (h *ConnHandle) BuildContext(ctx context.Context, builder func(ctx context.
 		case <-c.done:
 		}
 	}
-	return h.fail("build", re)
+	return etcdstore.Outcome{}, h.fail("build", re)
 }

@@ -80,8 +80,7 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 	})
 	var ran bool
 	var logPath string
-	start := time.Now()
-	err := h.BuildContext(ctx, func(bctx context.Context) error {
+	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
 		return runAgentBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
@@ -104,12 +103,17 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 		return err
 	}
 	switch {
-	case cacheEvents.has(etcdstore.EventCacheHit):
-		fmt.Fprintf(e.stderr, "granary: %s: fetched from the local node's remote cache in %v\n", id, time.Since(start).Round(time.Millisecond))
-	case ran:
-		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, time.Since(start).Round(time.Millisecond))
-	case prog.waited():
-		fmt.Fprintf(e.stderr, "granary: %s: built by another host (waited %v); already available\n", id, time.Since(start).Round(time.Millisecond))
+	case out.How == etcdstore.FromCache:
+		fmt.Fprintf(e.stderr, "granary: %s: fetched from the local node's remote cache in %v\n", id, out.Elapsed.Round(time.Millisecond))
+	case out.How == etcdstore.Built && ran:
+		if ev := cacheEvents.last(etcdstore.EventCacheMiss); ev != nil && ev.Err != nil {
+			fmt.Fprintf(e.stderr, "granary: %s: warning: the remote cache failed, so it was built: %v\n", id, ev.Err)
+		}
+		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, out.Elapsed.Round(time.Millisecond))
+	case out.How == etcdstore.Built:
+		fmt.Fprintf(e.stderr, "granary: %s: built by another job on this host (waited %v); available\n", id, out.Elapsed.Round(time.Millisecond))
+	case out.How == etcdstore.Waited && out.Package != nil:
+		fmt.Fprintf(e.stderr, "granary: %s: built by %s (waited %v); available\n", id, out.Package.BuiltBy, out.Waited.Round(time.Millisecond))
 	default:
 		fmt.Fprintf(e.stderr, "granary: %s: already available\n", id)
 	}
@@ -123,9 +127,19 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 // back within reconnectWithin, it stops its command and says why.
 func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id string, argv []string) error {
 	defer func() { c.Close() }()
-	if err := c.Handle(id).IncRefContext(ctx); err != nil {
+	// IncRef waits for a build in progress: show what it waits for.
+	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
+	c.OnEvent(func(ev etcdstore.Event) {
+		if ev.Kind == etcdstore.EventWaiting {
+			prog.event(ev)
+		}
+	})
+	err := c.Handle(id).IncRefContext(ctx)
+	prog.stop()
+	c.OnEvent(nil)
+	if err != nil {
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist; build it first: granary build %s -- CMD", id, id)}
+			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
 		}
 		return err
 	}
