@@ -305,3 +305,55 @@ func TestNodeStopTellsConns(t *testing.T) {
 		t.Errorf("Connect to a stopped node = %v, want ErrNoLocalNode", err)
 	}
 }
+
+// Two nodes on one etcd and root: neither removes a package that a job on
+// either holds, with or without the linger, and either may remove it once
+// nobody holds it.
+func TestTwoNodesNeverRemoveHeld(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	nb, _ := agentNode(t, srv, root, "host-b", 0)
+	ca, cb := connect(t, na), connect(t, nb)
+	for _, id := range []string{"p1", "p2"} {
+		h := ca.Handle(id)
+		if err := h.BuildContext(context.Background(), func(context.Context) error {
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte(id), 0o644)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A job on host a holds p1, a job on host b holds p2.
+	if err := ca.Handle("p1").IncRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := cb.Handle("p2").IncRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		c    *node.Conn
+		id   string
+	}{{"b removes a's", cb, "p1"}, {"a removes b's", ca, "p2"}, {"a removes its own", ca, "p1"}, {"b removes its own", cb, "p2"}} {
+		if ok, err := tc.c.Handle(tc.id).TryRemoveContext(context.Background()); ok || err != nil {
+			t.Errorf("%s: TryRemove = %v, %v; want false, nil", tc.name, ok, err)
+		}
+	}
+	// Host a's job ends: its reference lingers (an hour), which host b
+	// respects; host b's job ends with no linger: host a may remove p2.
+	if err := ca.Handle("p1").DecRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := cb.Handle("p2").DecRefContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := cb.Handle("p1").TryRemoveContext(context.Background()); ok || err != nil {
+		t.Errorf("host b removing p1 during host a's linger = %v, %v; want false, nil", ok, err)
+	}
+	if ok, err := ca.Handle("p2").TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Errorf("host a removing p2 nobody holds = %v, %v; want true, nil", ok, err)
+	}
+	if ok, err := ca.Handle("p1").TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Errorf("host a removing p1 it only lingers on = %v, %v; want true, nil", ok, err)
+	}
+}
