@@ -79,8 +79,8 @@ func FullSizes() Sizes {
 		DistinctBuilds: 1000, DistinctConcurrency: 32,
 		PrunePackages: []int{10_000, 100_000}, PruneMaxRemovals: 100,
 		Refs: 10_000, RefPackages: 100,
-		FarmHosts: []int{10, 100, 1000}, FarmJobs: 5000, FarmWarmup: 5000, FarmConcurrency: 64,
-		FarmPackages: 200, FarmHold: time.Millisecond, FarmLinger: time.Minute,
+		FarmHosts: []int{10, 100, 1000}, FarmJobs: 5000, FarmWarmup: 1000, FarmConcurrency: 64,
+		FarmPackages: 50, FarmHold: time.Millisecond, FarmLinger: time.Minute,
 		TTL: etcdstore.DefaultTTL, LockDelay: etcdstore.DefaultLockDelay,
 	}
 }
@@ -93,7 +93,7 @@ func QuickSizes() Sizes {
 	z.HotPairs, z.HotRounds = 300, 2
 	z.WaiterRounds, z.StampedeRounds = 3, 2
 	z.DistinctBuilds = 200
-	z.FarmHosts, z.FarmJobs, z.FarmWarmup = []int{10, 100}, 2000, 2000
+	z.FarmHosts, z.FarmJobs, z.FarmWarmup = []int{10, 100}, 2000, 500
 	z.TTL, z.LockDelay = etcdstore.MinTTL, time.Second
 	return z
 }

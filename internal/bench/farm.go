@@ -23,8 +23,10 @@ import (
 // are not included, so direct mode is flattered). In agent mode each host
 // runs the node's local API on its store and a job connects, takes and
 // drops its reference and closes, as `granary run` through the node does.
-// FarmWarmup jobs run first (not measured), so that hosts hold their
-// popular packages, as a farm in steady state does. Reported per H and
+// In agent mode every host first takes and drops every package once, and
+// the linger (FarmLinger) outlasts the run: the steady state of a farm whose
+// hosts start jobs more often than the linger. FarmWarmup jobs then run
+// unmeasured in both modes. Reported per H and
 // mode: etcd writes per job start and the job-start latency p50/p99.
 func (r *run) farm(ctx context.Context) error {
 	if len(r.z.FarmHosts) == 0 {
@@ -141,6 +143,30 @@ func (r *run) farmRun(ctx context.Context, h int, mode string, ids []string, cli
 		start := time.Since(t)
 		time.Sleep(r.z.FarmHold)
 		return start, hd.DecRefContext(ctx)
+	}
+	if mode == "agent" {
+		// Steady state: every host holds every package (a farm whose hosts
+		// run jobs more often than the linger). One Conn per host touches
+		// each package once; the linger outlasts the run.
+		touch := func(ctx context.Context, i int) (time.Duration, error) {
+			c, err := node.Connect(ctx, hosts[i].state)
+			if err != nil {
+				return 0, err
+			}
+			defer c.Close()
+			for _, id := range ids {
+				if err := c.Handle(id).IncRefContext(ctx); err != nil {
+					return 0, err
+				}
+				if err := c.Handle(id).DecRefContext(ctx); err != nil {
+					return 0, err
+				}
+			}
+			return 0, nil
+		}
+		if _, _, err := parallel(ctx, r.z.FarmConcurrency, h, touch); err != nil {
+			return err
+		}
 	}
 	if _, _, err := parallel(ctx, r.z.FarmConcurrency, r.z.FarmWarmup, job); err != nil {
 		return err
