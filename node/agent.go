@@ -58,9 +58,10 @@ type hostRef struct {
 	etcd    bool // the node holds its etcd reference
 	// busy is non-nil while one goroutine takes, releases or removes the
 	// etcd reference; others wait for it to close and look again.
-	busy  chan struct{}
-	timer *time.Timer // linger: releases the etcd reference when it fires
-	gen   uint64      // bumped whenever a pending linger release must not happen
+	busy   chan struct{}
+	taking bool        // the busy owner is an IncRef asking etcd (it may wait for a build)
+	timer  *time.Timer // linger: releases the etcd reference when it fires
+	gen    uint64      // bumped whenever a pending linger release must not happen
 }
 
 // newAgent listens on cfg's agent socket with cfg's mode and group, for
@@ -580,9 +581,11 @@ func (a *agent) incRef(ctx context.Context, id string) error {
 			return nil
 		}
 		p.busy = make(chan struct{})
+		p.taking = true
 		a.mu.Unlock()
 		err := a.store.Handle(id).IncRefContext(ctx)
 		a.mu.Lock()
+		p.taking = false
 		if err == nil {
 			p.etcd = true
 			a.hold(p)
@@ -672,6 +675,14 @@ func (a *agent) tryRemove(ctx context.Context, id string) (bool, error) {
 	if err := core.ValidateID(id); err != nil {
 		return false, fmt.Errorf("granary: remove %q: %w", id, err)
 	}
+	a.mu.Lock()
+	if p := a.pkgs[id]; p != nil && (p.holders > 0 || p.taking) {
+		// Held, or an IncRef is on its way (perhaps waiting for a build):
+		// in use, and removal does not wait.
+		a.mu.Unlock()
+		return false, nil
+	}
+	a.mu.Unlock()
 	p, err := a.acquire(ctx, id)
 	if err != nil {
 		return false, fmt.Errorf("granary: remove %q: %w", id, err)
