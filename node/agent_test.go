@@ -357,3 +357,63 @@ func TestTwoNodesNeverRemoveHeld(t *testing.T) {
 		t.Errorf("host a removing p1 it only lingers on = %v, %v; want true, nil", ok, err)
 	}
 }
+
+// The node's lease is revoked behind its back and the package removed
+// before the node notices: the node takes its references again, finds the
+// package gone, and tells the connection holding it; the connection also
+// hears of the lease loss.
+func TestRefLostReachesConn(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	cfg.StateDir = shortDir(t)
+	cfg.TTL = 3 * time.Second
+	n, _ := startNode(t, cfg)
+	obs := observer(t, srv, root)
+	build(t, obs, "stolen")
+	build(t, obs, "kept")
+	c := connect(t, n)
+	for _, id := range []string{"stolen", "kept"} {
+		if err := c.Handle(id).IncRefContext(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cli := srv.Client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := cli.Revoke(ctx, n.Store().Lease()); err != nil {
+		t.Fatalf("revoke the node's lease: %v", err)
+	}
+	// The node learns of the revocation at its next keep-alive (TTL/3):
+	// the package is gone by then.
+	if ok, err := obs.Handle("stolen").TryRemoveContext(ctx); !ok || err != nil {
+		t.Fatalf("TryRemove after the revocation = %v, %v; want true, nil", ok, err)
+	}
+	var sawLeaseLost bool
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case nt := <-c.Notices():
+			switch nt.Kind {
+			case node.NoticeLeaseLost:
+				sawLeaseLost = true
+			case node.NoticeRefLost:
+				if nt.ID != "stolen" {
+					t.Fatalf("ref lost for %q, want stolen", nt.ID)
+				}
+				if !sawLeaseLost {
+					t.Errorf("ref lost before the lease loss was reported")
+				}
+				// The kept package's reference is back on the new lease.
+				if got := etcdRefs(t, cli, "kept"); got != 1 {
+					t.Errorf("etcd refs of kept after the new lease = %d, want 1", got)
+				}
+				return
+			case node.NoticeNodeGone:
+				t.Fatalf("connection ended: %v", nt.Err)
+			}
+		case <-timeout:
+			t.Fatal("no ref-lost notice within 30 s")
+		}
+	}
+}
