@@ -15,6 +15,7 @@ import (
 type Local struct {
 	PID      int       `json:"pid"`
 	Socket   string    `json:"socket"`
+	Agent    string    `json:"agent,omitempty"` // the local API socket
 	StateDir string    `json:"state_dir"`
 	Root     string    `json:"root"`
 	Metrics  string    `json:"metrics,omitempty"`

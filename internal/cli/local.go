@@ -183,8 +183,8 @@ func cmdNode(ctx context.Context, e *env, args []string) error {
 			Uptime string `json:"uptime"`
 		}{l, time.Since(l.Started).Round(time.Second).String()})
 	}
-	fmt.Fprintf(e.stdout, "local node running\n  pid:       %d\n  socket:    %s\n  state dir: %s\n  root:      %s\n  uptime:    %s\n",
-		l.PID, l.Socket, l.StateDir, l.Root, time.Since(l.Started).Round(time.Second))
+	fmt.Fprintf(e.stdout, "local node running\n  pid:       %d\n  socket:    %s\n  agent:     %s\n  state dir: %s\n  root:      %s\n  uptime:    %s\n",
+		l.PID, l.Socket, l.Agent, l.StateDir, l.Root, time.Since(l.Started).Round(time.Second))
 	if l.Metrics != "" {
 		fmt.Fprintf(e.stdout, "  metrics:   http://%s/metrics\n", l.Metrics)
 	}
