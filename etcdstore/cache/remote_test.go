@@ -157,7 +157,7 @@ func rewrite(t *testing.T, p, old, new string) {
 	writeFile(t, p, strings.Replace(string(b), old, new, 1))
 }
 
-func writeFile(t *testing.T, p, content string) {
+func writeFile(t testing.TB, p, content string) {
 	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}

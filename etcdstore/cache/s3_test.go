@@ -49,7 +49,7 @@ func weedBinary() string {
 // startSeaweed runs SeaweedFS on free loopback ports for the life of t,
 // with one identity (s3AccessKey) and the bucket "granary", or skips t
 // loudly when there is no weed binary.
-func startSeaweed(t *testing.T) *seaweed {
+func startSeaweed(t testing.TB) *seaweed {
 	t.Helper()
 	bin := weedBinary()
 	if bin == "" {
@@ -152,7 +152,7 @@ func (s *seaweed) url(bucket, prefix string) string {
 
 // open opens a cache on the server with the test identity's credentials
 // (from the environment, as the credentials chain finds them).
-func (s *seaweed) open(t *testing.T, bucket, prefix string, opts ...cache.Option) *cache.Remote {
+func (s *seaweed) open(t testing.TB, bucket, prefix string, opts ...cache.Option) *cache.Remote {
 	t.Helper()
 	return openHTTP(t, s.url(bucket, prefix), opts...)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 	"time"
@@ -239,4 +240,22 @@ func cacheVerify(ctx context.Context, e *env, cfg node.Config, id string) error 
 		fmt.Fprintln(w, "  verdict  archive matches its index (signatures not checked: no trusted keys configured)")
 	}
 	return nil
+}
+
+// fetchProgress shows a slow cache fetch: on a terminal a line a second,
+// otherwise a line every 10 s. Fast fetches (under a second) show nothing.
+func fetchProgress(w io.Writer, tty bool) func(cache.Progress) {
+	return func(p cache.Progress) {
+		secs := p.Elapsed.Seconds()
+		if !tty && int(secs)%10 != 0 {
+			return
+		}
+		line := fmt.Sprintf("granary: %s: fetching from the remote cache: %.1f of %.1f MiB, %.1f MiB/s",
+			p.ID, float64(p.Bytes)/(1<<20), float64(p.Total)/(1<<20), float64(p.Bytes)/(1<<20)/secs)
+		if tty {
+			fmt.Fprintf(w, "\r\033[K%s", line)
+		} else {
+			fmt.Fprintln(w, line)
+		}
+	}
 }

@@ -286,7 +286,7 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 		}
 		return nil, err
 	}
-	rc, err := cfg.OpenCache()
+	rc, err := cfg.OpenCache(cache.WithProgress(fetchProgress(e.stderr, isTerminal(e.stderr))))
 	if err != nil {
 		cli.Close()
 		return nil, &ExitErr{Code: ExitUsage, Err: err}
