@@ -345,7 +345,9 @@ func TestS3SeaweedFS(t *testing.T) {
 	})
 
 	t.Run("signed", func(t *testing.T) {
-		open := func(t *testing.T, opts ...cache.Option) *cache.Remote { return sw.open(t, "granary", "signed", opts...) }
+		open := func(t *testing.T, opts ...cache.Option) *cache.Remote {
+			return sw.open(t, "granary", "signed", opts...)
+		}
 		exerciseSigned(t, open, s3Objects{sw, "signed/"})
 	})
 
