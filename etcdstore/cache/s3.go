@@ -166,11 +166,24 @@ func (s *s3Backend) close() { s.tr.CloseIdleConnections() }
 
 func (s *s3Backend) key(name string) string { return s.prefix + name }
 
-// s3Err maps a missing object to errNotFound; a missing bucket stays an
-// error (a misconfiguration, not a miss).
-func s3Err(err error) error {
-	if minio.ToErrorResponse(err).Code == minio.NoSuchKey {
+// s3Err maps a missing object to errNotFound. A missing bucket is an
+// error (a misconfiguration, not a miss): servers answer a HEAD of a key
+// in a missing bucket with a bare 404, which reads as NoSuchKey, so a
+// NoSuchKey is checked against the bucket (one more request, on misses
+// only).
+func (s *s3Backend) s3Err(ctx context.Context, err error) error {
+	switch minio.ToErrorResponse(err).Code {
+	case minio.NoSuchKey:
+		ok, berr := s.client.BucketExists(ctx, s.bucket)
+		if berr != nil {
+			return fmt.Errorf("%w (and checking the bucket: %w)", err, berr)
+		}
+		if !ok {
+			return fmt.Errorf("bucket %q does not exist", s.bucket)
+		}
 		return errNotFound
+	case "NoSuchBucket":
+		return fmt.Errorf("bucket %q does not exist: %w", s.bucket, err)
 	}
 	return err
 }
@@ -178,19 +191,19 @@ func s3Err(err error) error {
 func (s *s3Backend) open(ctx context.Context, name string) (io.ReadCloser, error) {
 	obj, err := s.client.GetObject(ctx, s.bucket, s.key(name), minio.GetObjectOptions{})
 	if err != nil {
-		return nil, s3Err(err)
+		return nil, s.s3Err(ctx, err)
 	}
 	// Stat sends the GET, so that a missing object is known here.
 	if _, err := obj.Stat(); err != nil {
 		obj.Close()
-		return nil, s3Err(err)
+		return nil, s.s3Err(ctx, err)
 	}
 	return obj, nil
 }
 
 func (s *s3Backend) exists(ctx context.Context, name string) (bool, error) {
 	_, err := s.client.StatObject(ctx, s.bucket, s.key(name), minio.StatObjectOptions{})
-	if err := s3Err(err); errors.Is(err, errNotFound) {
+	if err := s.s3Err(ctx, err); errors.Is(err, errNotFound) {
 		return false, nil
 	} else if err != nil {
 		return false, err
