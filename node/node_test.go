@@ -328,7 +328,7 @@ func TestNodeCacheRejectedMetric(t *testing.T) {
 	n, _ := startNode(t, cfg)
 	h := n.Store().Handle("c")
 	ran := 0
-	if err := n.Build(context.Background(), "c", func(ctx context.Context) error {
+	if _, err := n.Build(context.Background(), "c", func(ctx context.Context) error {
 		ran++
 		return writeFile(filepath.Join(h.OutputDirectory(), "f"), "built here")(ctx)
 	}); err != nil {
