@@ -172,7 +172,12 @@ func (r *Remote) Fetch(ctx context.Context, id, dir string) (bool, error) {
 	ok, err := r.fetch(bctx, id, dir, start)
 	if err != nil && ctx.Err() == nil && errors.Is(context.Cause(bctx), ErrFetchBudget) {
 		r.c.budgetSpent.Add(1)
-		err = fmt.Errorf("%w after %v: %w", context.Cause(bctx), time.Since(start).Round(time.Millisecond), err)
+		elapsed := time.Since(start).Round(time.Millisecond)
+		if errors.Is(err, ErrFetchBudget) {
+			err = fmt.Errorf("gave up after %v: %w", elapsed, err)
+		} else {
+			err = fmt.Errorf("gave up after %v: %w: %w", elapsed, context.Cause(bctx), err)
+		}
 	}
 	var rej *RejectedError
 	switch {
