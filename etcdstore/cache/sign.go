@@ -8,8 +8,8 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
+	"unicode"
 )
 
 // Keys are written as one line of text, NAME:BASE64, the way Nix writes its
@@ -66,7 +66,8 @@ func GenerateKey(name string, rnd io.Reader) (*SecretKey, error) {
 }
 
 func validKeyName(name string) error {
-	if name == "" || strings.ContainsAny(name, ":, \t\r\n") || !strconv.CanBackquote(name) {
+	printable := strings.IndexFunc(name, func(r rune) bool { return !unicode.IsPrint(r) }) < 0
+	if name == "" || strings.ContainsAny(name, ":, ") || !printable {
 		return fmt.Errorf("%w: name %q must be non-empty printable text without ':', ',' or spaces", ErrBadKey, name)
 	}
 	return nil
