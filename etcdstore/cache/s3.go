@@ -189,16 +189,13 @@ func (s *s3Backend) s3Err(ctx context.Context, err error) error {
 }
 
 func (s *s3Backend) open(ctx context.Context, name string) (io.ReadCloser, error) {
-	obj, err := s.client.GetObject(ctx, s.bucket, s.key(name), minio.GetObjectOptions{})
+	// Core's GET: one request, its error at once, the body streamed
+	// (the Object of Client.GetObject would HEAD first).
+	body, _, _, err := minio.Core{Client: s.client}.GetObject(ctx, s.bucket, s.key(name), minio.GetObjectOptions{})
 	if err != nil {
 		return nil, s.s3Err(ctx, err)
 	}
-	// Stat sends the GET, so that a missing object is known here.
-	if _, err := obj.Stat(); err != nil {
-		obj.Close()
-		return nil, s.s3Err(ctx, err)
-	}
-	return obj, nil
+	return body, nil
 }
 
 func (s *s3Backend) exists(ctx context.Context, name string) (bool, error) {
