@@ -88,8 +88,13 @@ func TestSlowFetchReportsProgressAndSpendsItsBudget(t *testing.T) {
 		t.Fatal("no progress reported during a fetch that took longer than a second")
 	}
 	last := reports[len(reports)-1]
-	if last.ID != "pkg" || last.Bytes != sent || last.Total != int64(len(archive)) {
-		t.Errorf("last progress %+v; want pkg, %d bytes of %d", last, sent, len(archive))
+	if last.ID != "pkg" || last.Bytes != sent || last.Total != int64(len(archive)) || !last.Done {
+		t.Errorf("last progress %+v; want pkg, %d bytes of %d, done", last, sent, len(archive))
+	}
+	for _, p := range reports[:len(reports)-1] {
+		if p.Done {
+			t.Errorf("progress %+v before the last says done", p)
+		}
 	}
 	if st := r.Stats(); st.BudgetSpent != 1 || st.FetchErrors != 1 {
 		t.Errorf("Stats = %+v; want one fetch error that spent its budget", st)

@@ -103,6 +103,9 @@ type Progress struct {
 	Bytes   int64         // archive bytes received so far
 	Total   int64         // the archive's size according to its index
 	Elapsed time.Duration // since the Fetch started
+	// Done marks the last report of a Fetch, sent when the transfer ends
+	// (whatever its outcome) if any report was sent before it.
+	Done bool
 }
 
 // Remote is a remote cache of published packages: an HTTP file server or a
@@ -304,11 +307,16 @@ func (r *Remote) reportProgress(id string, got *countingReader, total int64, sta
 		defer close(exited)
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
+		reported := false
 		for {
 			select {
 			case <-done:
+				if reported {
+					r.o.progress(Progress{ID: id, Bytes: got.total.Load(), Total: total, Elapsed: time.Since(start), Done: true})
+				}
 				return
 			case <-t.C:
+				reported = true
 				r.o.progress(Progress{ID: id, Bytes: got.total.Load(), Total: total, Elapsed: time.Since(start)})
 			}
 		}

@@ -247,6 +247,12 @@ func cacheVerify(ctx context.Context, e *env, cfg node.Config, id string) error 
 func fetchProgress(w io.Writer, tty bool) func(cache.Progress) {
 	return func(p cache.Progress) {
 		secs := p.Elapsed.Seconds()
+		if p.Done {
+			if tty {
+				fmt.Fprintln(w) // end the line the reports rewrote
+			}
+			return
+		}
 		if !tty && int(secs)%10 != 0 {
 			return
 		}
