@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // Config is everything a node, or a CLI command acting as one host, needs.
@@ -47,7 +48,8 @@ type Config struct {
 	Name string
 
 	// Cache is the URL of a remote cache of published packages
-	// (etcdstore/cache.Open: http://, https://, file:///path); empty: none.
+	// (etcdstore/cache.Open: http://, https://, s3://bucket/prefix,
+	// file:///path); empty: none.
 	// Builds check it before running a builder and fill it after
 	// publishing.
 	Cache string
@@ -57,6 +59,16 @@ type Config struct {
 	// CacheCACert is a CA bundle to verify an HTTPS cache (default: the
 	// system's).
 	CacheCACert string
+	// CacheSignKey is a secret key file ('granary cache keygen'): entries
+	// this host uploads are signed with it.
+	CacheSignKey string
+	// CacheTrustedKeys lists the public keys (NAME:BASE64, separated by
+	// spaces or commas) whose signatures this host accepts; when set, an
+	// entry not signed by one of them is refused and built instead.
+	CacheTrustedKeys string
+	// CacheFetchBudget bounds each cache fetch under the build lock
+	// (0: cache.DefaultFetchBudget).
+	CacheFetchBudget time.Duration
 
 	// ListenMetrics is the address of /metrics, /healthz and /readyz; empty
 	// disables the HTTP server.
@@ -143,6 +155,9 @@ const (
 	EnvCache        = "GRANARY_CACHE"
 	EnvCacheToken   = "GRANARY_CACHE_TOKEN"
 	EnvCacheCACert  = "GRANARY_CACHE_CACERT"
+	EnvCacheSignKey = "GRANARY_CACHE_SIGN_KEY"
+	EnvCacheTrusted = "GRANARY_CACHE_TRUSTED_KEYS"
+	EnvCacheBudget  = "GRANARY_CACHE_FETCH_BUDGET"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -166,6 +181,15 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.Cache, EnvCache)
 	set(&c.CacheToken, EnvCacheToken)
 	set(&c.CacheCACert, EnvCacheCACert)
+	set(&c.CacheSignKey, EnvCacheSignKey)
+	set(&c.CacheTrustedKeys, EnvCacheTrusted)
+	if v := getenv(EnvCacheBudget); v != "" {
+		d, err := parseSeconds(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvCacheBudget, v, err)
+		}
+		c.CacheFetchBudget = d
+	}
 	if v := getenv(EnvEndpoints); v != "" {
 		c.Endpoints = splitList(v)
 	}
@@ -228,8 +252,17 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
 	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
 	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
-	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
+	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path, s3://bucket/prefix[?endpoint=URL] or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
 	fs.StringVar(&c.CacheCACert, "cache-cacert", c.CacheCACert, "CA bundle to verify an HTTPS cache ($"+EnvCacheCACert+")")
+	fs.StringVar(&c.CacheSignKey, "cache-sign-key", c.CacheSignKey, "secret key file ('granary cache keygen') that signs the entries this host uploads ($"+EnvCacheSignKey+")")
+	fs.StringVar(&c.CacheTrustedKeys, "cache-trusted-keys", c.CacheTrustedKeys, "public keys NAME:BASE64, space- or comma-separated; when set, only entries signed by one of them are used ($"+EnvCacheTrusted+")")
+	fs.Func("cache-fetch-budget", fmt.Sprintf("longest a cache fetch may hold the build lock before the host builds instead (default %v) ($%s)", cache.DefaultFetchBudget, EnvCacheBudget), func(s string) error {
+		d, err := parseSeconds(s)
+		if err == nil {
+			c.CacheFetchBudget = d
+		}
+		return err
+	})
 	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
@@ -309,8 +342,11 @@ func (c *Config) Validate() error {
 	if c.Name == "" {
 		bad("empty host name")
 	}
-	if (c.CacheToken != "" || c.CacheCACert != "") && c.Cache == "" {
-		bad("$%s or --cache-cacert set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	if (c.CacheToken != "" || c.CacheCACert != "" || c.CacheSignKey != "" || c.CacheTrustedKeys != "") && c.Cache == "" {
+		bad("$%s, --cache-cacert, --cache-sign-key or --cache-trusted-keys set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	}
+	if c.CacheFetchBudget < 0 {
+		bad("negative cache fetch budget %v", c.CacheFetchBudget)
 	}
 	if c.Cache != "" {
 		if r, err := c.OpenCache(); err != nil {

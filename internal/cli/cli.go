@@ -116,7 +116,7 @@ func init() {
 		"status":  {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
 		"verify":  {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
 		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
-		"cache":   {"push|pull [flags] ID", "upload a published package to the remote cache, or fetch one from it", cmdCache},
+		"cache":   {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
 		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
 		"bench":   {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
 		// bench-child is the child process of bench's memory scenarios.
@@ -286,7 +286,7 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 		}
 		return nil, err
 	}
-	rc, err := cfg.OpenCache()
+	rc, err := cfg.OpenCache(cache.WithProgress(fetchProgress(e.stderr, isTerminal(e.stderr))))
 	if err != nil {
 		cli.Close()
 		return nil, &ExitErr{Code: ExitUsage, Err: err}
