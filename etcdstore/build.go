@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime/debug"
 	"sync"
 	"time"
 
@@ -433,7 +432,7 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 func runBuilder(ctx context.Context, builder func(context.Context) error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("builder panicked: %v\n%s", r, debug.Stack())
+			err = recovered(r)
 		}
 	}()
 	return builder(ctx)

@@ -58,14 +58,19 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	prog.stop()
 	if err != nil {
 		var xe *exec.ExitError
+		var se *startError
 		switch {
 		case ctx.Err() != nil:
 			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
 		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
 			// Not the builder's fault: say why it was stopped or refused.
 			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
+		case errors.As(err, &se) && ran:
+			// run's rule: 127 when the command cannot start.
+			return &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
 		case errors.As(err, &xe) && ran:
-			return &ExitErr{Code: max(xe.ExitCode(), 1), Err: fmt.Errorf("granary: build %q failed: %s: %v (log: %s)", id, argv[0], xe, logPath)}
+			code, how := exitStatus(xe)
+			return &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 		case ran && logPath != "":
 			return fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
 		}
@@ -114,7 +119,27 @@ func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, s
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	cmd.WaitDelay = 5 * time.Second
-	return cmd.Run()
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(logf, "granary: cannot start %s: %v\n", argv[0], err)
+		return &startError{err}
+	}
+	return cmd.Wait()
+}
+
+// startError is the error of a builder that could not be started (not
+// found, not executable): `build` exits 127 for it, as `run` does.
+type startError struct{ err error }
+
+func (e *startError) Error() string { return "cannot start builder: " + e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// exitStatus maps a child's exit to run's exit code rules (its own code, or
+// 128+N when killed by signal N) and says what happened.
+func exitStatus(xe *exec.ExitError) (int, string) {
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
 }
 
 type lockedWriter struct {

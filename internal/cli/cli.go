@@ -72,7 +72,7 @@ func Message(err error) string {
 	if err == nil || (errors.As(err, &ee) && ee.Err == nil) {
 		return ""
 	}
-	msg := err.Error()
+	msg := plainErr(err)
 	if !strings.HasPrefix(msg, "granary") {
 		msg = "granary: " + msg
 	}
@@ -107,6 +107,7 @@ var commands map[string]*command
 func init() {
 	commands = map[string]*command{
 		"serve":   {"[flags]", "run a node in the foreground", cmdServe},
+		"version": {"", "print the module version and VCS revision of this binary", cmdVersion},
 		"build":   {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
 		"run":     {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
 		"ls":      {"[flags]", "list packages", cmdLs},
@@ -141,7 +142,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench", "version"} {
 		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
@@ -161,6 +162,8 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage())
 		return nil
+	case "--version", "-version":
+		return cmdVersion(ctx, e, args[1:])
 	}
 	c := commands[args[0]]
 	if c == nil {
@@ -208,6 +211,20 @@ func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
 				f.SetOutput(e.stdout)
 				f.PrintDefaults()
 				return nil, nil, &ExitErr{Code: ExitOK}
+			}
+			undefined := strings.HasPrefix(err.Error(), "flag provided but not defined")
+			if undefined && len(pos) == 0 && strings.Contains(commands[f.name].usage, "ID") {
+				// Where the ID goes: an ID never starts with '-'.
+				return nil, nil, usageErr(f.name, "%v (if it was meant as the package ID: IDs cannot start with '-')", err)
+			}
+			if undefined && len(pos) > 0 && cmd == nil && strings.Contains(commands[f.name].usage, "-- CMD") {
+				// "granary build x sh -c …": the -c was meant for the
+				// command, which goes after "--".
+				what := "command"
+				if f.name == "build" {
+					what = "builder command"
+				}
+				return nil, nil, usageErr(f.name, "%v; put the %s after --", err, what)
 			}
 			return nil, nil, usageErr(f.name, "%v", err)
 		}
