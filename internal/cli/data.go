@@ -176,7 +176,7 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	}
 	var opts etcdstore.PruneOptions
 	var target string
-	f.DurationVar(&opts.OlderThan, "older-than", 0, "remove packages unused for longer than this")
+	f.Var(node.NonNegative(&opts.OlderThan), "older-than", "remove packages unused for longer than this")
 	f.StringVar(&target, "target-size", "", "remove oldest first until the store is at most this big (e.g. 50G)")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "say what would be removed; remove nothing")
 	f.DurationVar(&opts.Grace, "grace", 0, "never remove what was used or made within this long (default 10m; negative: none)")
