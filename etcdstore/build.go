@@ -358,7 +358,7 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 	// builder may be frozen rather than dead: give it the lock delay to
 	// notice its lost lease, then move the tree aside, never deleting in
 	// place.
-	if _, err := os.Lstat(s.pkgDir(id)); err == nil {
+	if _, err := os.Lstat(s.outputDir(id)); err == nil { // logs of earlier attempts stay (pruneLogs)
 		owner := "an earlier attempt"
 		if st.build != nil {
 			owner = fmt.Sprintf("the attempt of %s (pid %d)", st.build.Host, st.build.PID)
@@ -370,10 +370,11 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if err := s.moveToTrash(s.pkgDir(id)); err != nil {
+		if err := s.moveToTrash(s.outputDir(id)); err != nil {
 			return s.failed(ctx, ss, l, id, rec, err)
 		}
 	}
+	s.pruneLogs(id)
 	for _, d := range []string{s.outputDir(id), s.logDir(id)} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return s.failed(ctx, ss, l, id, rec, err)
@@ -533,6 +534,7 @@ func (s *Store) failed(ctx context.Context, ss *session, l *lock, id string, rec
 	} else if err == nil {
 		cause = errors.Join(cause, fmt.Errorf("%w; the tree was left to the new owner", ErrFenced))
 	}
+	s.recordFailure(ctx, id, rec, cause)
 	s.emit(Event{Kind: EventFailed, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir, Err: cause})
 	return &BuildError{ID: id, Host: s.opt.host, PID: s.pid, LogDir: rec.LogDir, Err: cause}
 }

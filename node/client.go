@@ -162,6 +162,9 @@ func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []
 		etcdstore.WithHost(c.Name),
 		etcdstore.WithOpTimeout(c.OpTimeout),
 	}
+	if c.FailureRetention > 0 {
+		opts = append(opts, etcdstore.WithFailureRetention(c.FailureRetention))
+	}
 	if logger != nil {
 		opts = append(opts, etcdstore.WithLogger(logger))
 	}

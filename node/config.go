@@ -77,6 +77,10 @@ type Config struct {
 	// metrics have seen them). It must not block.
 	Events func(etcdstore.Event)
 
+	// FailureRetention is how long the record of a failed build attempt
+	// is kept (0: etcdstore.DefaultFailureRetention, a day).
+	FailureRetention time.Duration
+
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
 	OpTimeout   time.Duration
@@ -143,6 +147,8 @@ const (
 	EnvCache        = "GRANARY_CACHE"
 	EnvCacheToken   = "GRANARY_CACHE_TOKEN"
 	EnvCacheCACert  = "GRANARY_CACHE_CACERT"
+	// EnvFailureRetention sets FailureRetention.
+	EnvFailureRetention = "GRANARY_FAILURE_RETENTION"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -175,6 +181,13 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 			return fmt.Errorf("%s=%q: %w", EnvIdleTimeout, v, err)
 		}
 		c.IdleTimeout = d
+	}
+	if v := getenv(EnvFailureRetention); v != "" {
+		d, err := ParseNonNegative(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvFailureRetention, v, err)
+		}
+		c.FailureRetention = d
 	}
 	if v := getenv(EnvTTL); v != "" {
 		d, err := parseSeconds(v)
@@ -267,6 +280,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
 	fs.StringVar(&c.CacheCACert, "cache-cacert", c.CacheCACert, "CA bundle to verify an HTTPS cache ($"+EnvCacheCACert+")")
 	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
+	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
 	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 

@@ -47,6 +47,9 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	defer c.Close()
 
 	h := c.store.Handle(id)
+	if fr, err := c.store.LastFailure(ctx, id); err == nil && fr != nil {
+		prog.lastFailure(fr)
+	}
 	var ran bool
 	var logPath string
 	start := time.Now()
@@ -171,6 +174,7 @@ type progress struct {
 	tty bool
 
 	mu      sync.Mutex
+	failure *etcdstore.FailureRecord // the last failed attempt, from before the build
 	cur     *etcdstore.Event
 	started time.Time
 	stopc   chan struct{}
@@ -180,6 +184,21 @@ type progress struct {
 
 func newProgress(w io.Writer, id string, tty bool) *progress {
 	return &progress{w: w, id: id, tty: tty, stopc: make(chan struct{}), done: make(chan struct{})}
+}
+
+// lastFailure sets the failure record to mention when our attempt starts.
+func (p *progress) lastFailure(fr *etcdstore.FailureRecord) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failure = fr
+}
+
+// lastLog is the newest log of a failed attempt, or its directory.
+func lastLog(fr *etcdstore.FailureRecord) string {
+	if len(fr.Logs) > 0 {
+		return fr.Logs[len(fr.Logs)-1]
+	}
+	return fr.LogDir
 }
 
 // event is the store's event hook; it must not block.
@@ -201,6 +220,11 @@ func (p *progress) event(ev etcdstore.Event) {
 			go p.loop()
 		}
 		p.printLocked()
+	case etcdstore.EventBuilding:
+		if fr := p.failure; fr != nil {
+			fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed %s on %s (%s); log: %s; building again\n",
+				p.clear(), p.id, ago(fr.Ended), fr.Host, failureStatus(fr), lastLog(fr))
+		}
 	case etcdstore.EventLockDelay:
 		fmt.Fprintf(p.w, "%sgranary: %s: the previous attempt died; waiting %v before taking over\n", p.clear(), p.id, ev.Elapsed)
 	case etcdstore.EventFailed:
