@@ -113,6 +113,7 @@ func init() {
 		"ls":      {"[flags]", "list packages", cmdLs},
 		"inspect": {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
 		"logs":    {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
+		"events":  {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
 		"rm":      {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
 		"gc":      {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
 		"status":  {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
@@ -143,7 +144,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench", "version"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench", "version"} {
 		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
