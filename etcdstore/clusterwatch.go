@@ -212,7 +212,7 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 			}
 			ce.Kind, ce.ID, ce.Lease, ce.Builder = ClusterWaiting, id, lease, b.Host
 			if h, err := decode[refRecord](ev.Kv.Value); err == nil {
-				ce.Host, ce.PID = h.Host, h.PID
+				ce.Host, ce.PID, ce.Time = h.Host, h.PID, h.Since
 			}
 		case "ref":
 			id, lease, _ := strings.Cut(rest, "/")
@@ -229,6 +229,9 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 			}
 			if r, err := decode[refRecord](val); err == nil {
 				ce.Host, ce.PID, ce.Purpose = r.Host, r.PID, r.Purpose
+				if created {
+					ce.Time = r.Since
+				}
 			}
 		case "gc":
 			ce.Lease = rest
