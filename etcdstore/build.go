@@ -405,7 +405,7 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 		}
 	}
 
-	digest, size, err := sealTree(s.outputDir(id))
+	digest, size, err := s.sealPackage(id) // sealTree with EventSealing progress
 	if err == nil {
 		err = syncTree(s.outputDir(id))
 	}

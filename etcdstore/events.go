@@ -41,6 +41,12 @@ const (
 	// EventCacheMiss: the remote cache did not provide the package, so the
 	// builder runs. Err is nil for a plain miss, else why the fetch failed.
 	EventCacheMiss
+	// EventSealing: the builder returned and the store is sealing the tree
+	// (making it read-only and computing its digest). Sent once a second
+	// while that lasts more than a second, with Files and Size done so far
+	// and Elapsed since sealing began; a last one with Done set when it
+	// ends.
+	EventSealing
 )
 
 var kindNames = map[EventKind]string{
@@ -48,7 +54,7 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss",
+	EventCacheMiss: "cache-miss", EventSealing: "sealing",
 }
 
 func (k EventKind) String() string {
@@ -69,6 +75,8 @@ type Event struct {
 	LogDir  string        // logs of the attempt
 	Elapsed time.Duration // build time, or the lock delay
 	Size    int64
+	Files   int64 // files sealed so far (EventSealing)
+	Done    bool  // the last EventSealing of a tree
 	Digest  string
 	Err     error
 }

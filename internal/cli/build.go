@@ -177,6 +177,10 @@ type progress struct {
 	failure *etcdstore.FailureRecord // the last failed attempt, from before the build
 	cur     *etcdstore.Event
 	started time.Time
+
+	building     bool      // our own attempt runs: no more waiting line
+	inPlace      bool      // a line is shown in place (tty) and not yet ended
+	lastSealLine time.Time // non-tty: when the last sealing line was printed
 	stopc   chan struct{}
 	done    chan struct{}
 	stopped bool
@@ -221,10 +225,17 @@ func (p *progress) event(ev etcdstore.Event) {
 		}
 		p.printLocked()
 	case etcdstore.EventBuilding:
+		// Our attempt runs: the waiting line, if any, is over.
+		p.building = true
+		if p.inPlace {
+			fmt.Fprint(p.w, p.clear())
+		}
 		if fr := p.failure; fr != nil {
 			fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed %s on %s (%s); log: %s; building again\n",
 				p.clear(), p.id, ago(fr.Ended), fr.Host, failureStatus(fr), lastLog(fr))
 		}
+	case etcdstore.EventSealing:
+		p.sealingLocked(ev)
 	case etcdstore.EventLockDelay:
 		fmt.Fprintf(p.w, "%sgranary: %s: the previous attempt died; waiting %v before taking over\n", p.clear(), p.id, ev.Elapsed)
 	case etcdstore.EventFailed:
@@ -235,7 +246,8 @@ func (p *progress) event(ev etcdstore.Event) {
 }
 
 func (p *progress) clear() string {
-	if p.tty && p.cur != nil {
+	if p.tty && p.inPlace {
+		p.inPlace = false // the message written after this ends the line
 		return "\r\033[K"
 	}
 	return ""
@@ -245,10 +257,43 @@ func (p *progress) printLocked() {
 	ev := p.cur
 	line := fmt.Sprintf("granary: waiting for %s: building on %s, pid %d, for %v; log: %s",
 		p.id, ev.Host, ev.PID, time.Since(ev.Since).Round(time.Second), ev.LogDir)
+	p.showLocked(line)
+}
+
+// showLocked shows a status line: on a terminal in place, cut to the
+// terminal's width so that it never wraps (a wrapped line cannot be
+// rewritten in place and leaves a stale copy per update); otherwise as a
+// line of its own.
+func (p *progress) showLocked(line string) {
 	if p.tty {
-		fmt.Fprintf(p.w, "\r\033[K%s", line)
+		fmt.Fprintf(p.w, "\r\033[K%s", fitWidth(line, termWidth(p.w)))
+		p.inPlace = true
 	} else {
 		fmt.Fprintln(p.w, line)
+	}
+}
+
+// sealingLocked shows the store sealing our tree: in place on a terminal,
+// else a line every 5 s and one at the end.
+func (p *progress) sealingLocked(ev etcdstore.Event) {
+	if ev.ID != p.id {
+		return
+	}
+	rate := float64(ev.Size) / max(ev.Elapsed.Seconds(), 0.001)
+	verb := "sealing"
+	if ev.Done {
+		verb = "sealed"
+	}
+	line := fmt.Sprintf("granary: %s: %s the output: %d files, %s in %v (%s/s)",
+		p.id, verb, ev.Files, human(ev.Size), ev.Elapsed.Round(100*time.Millisecond), human(int64(rate)))
+	if !p.tty && !ev.Done && time.Since(p.lastSealLine) < 5*time.Second {
+		return
+	}
+	p.lastSealLine = time.Now()
+	p.showLocked(line)
+	if ev.Done && p.tty {
+		fmt.Fprintln(p.w)
+		p.inPlace = false
 	}
 }
 
@@ -266,7 +311,9 @@ func (p *progress) loop() {
 			return
 		case <-t.C:
 			p.mu.Lock()
-			p.printLocked()
+			if !p.building {
+				p.printLocked()
+			}
 			p.mu.Unlock()
 		}
 	}
@@ -288,8 +335,9 @@ func (p *progress) stop() {
 	p.stopped = true
 	looping := p.cur != nil
 	close(p.stopc)
-	if p.tty && looping {
+	if p.tty && p.inPlace {
 		fmt.Fprintln(p.w)
+		p.inPlace = false
 	}
 	p.mu.Unlock()
 	if looping {
