@@ -180,9 +180,9 @@ type progress struct {
 	building     bool      // our own attempt runs: no more waiting line
 	inPlace      bool      // a line is shown in place (tty) and not yet ended
 	lastSealLine time.Time // non-tty: when the last sealing line was printed
-	stopc   chan struct{}
-	done    chan struct{}
-	stopped bool
+	stopc        chan struct{}
+	done         chan struct{}
+	stopped      bool
 }
 
 func newProgress(w io.Writer, id string, tty bool) *progress {

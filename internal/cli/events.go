@@ -81,4 +81,3 @@ func eventLine(ev etcdstore.ClusterEvent) string {
 	}
 	return b.String()
 }
-

@@ -179,4 +179,3 @@ func followLog(ctx context.Context, e *env, s *etcdstore.Store, id, dir string) 
 		}
 	}
 }
-
