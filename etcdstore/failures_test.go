@@ -3,6 +3,7 @@ package etcdstore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -116,5 +117,40 @@ func TestFailureRetention(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the record outlived its 1 s retention by 30 s")
+	}
+}
+
+// TestSealingProgress: sealing reports how many files and bytes it sealed,
+// and a last report with Done (the interval is shortened to 0 so that every
+// file reports: no clock in the test).
+func TestSealingProgress(t *testing.T) {
+	defer etcdstore.SetSealProgressEvery(0)()
+	srv := etcdtest.Start(t)
+	ev := newEventLog()
+	s := newStore(t, srv, t.TempDir(), etcdstore.WithEvents(ev.hook))
+	h := s.Handle("tree")
+	if err := h.Build(func() error {
+		for i := range 3 {
+			if err := os.WriteFile(filepath.Join(h.OutputDirectory(), fmt.Sprint(i)), []byte("12345"), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n := ev.count(etcdstore.EventSealing, "tree"); n < 4 {
+		t.Fatalf("%d sealing events, want at least 4 (3 files and the end)", n)
+	}
+	ev.mu.Lock()
+	defer ev.mu.Unlock()
+	var last etcdstore.Event
+	for _, e := range ev.events {
+		if e.Kind == etcdstore.EventSealing {
+			last = e
+		}
+	}
+	if !last.Done || last.Files != 3 || last.Size != 15 {
+		t.Fatalf("last sealing event %+v, want Done with 3 files and 15 bytes", last)
 	}
 }

@@ -30,12 +30,15 @@ func sealTree(dir string) (digest string, size int64, err error) {
 	return walkTree(dir, true)
 }
 
+// sealProgressEvery is how often sealPackage reports (tests shorten it).
+var sealProgressEvery = time.Second
+
 // sealPackage is sealTree on package id's output directory, telling the
 // event hook how far it got once a second when it takes longer than one
 // (EventSealing), and that it is done if it told anything.
 func (s *Store) sealPackage(id string) (digest string, size int64, err error) {
 	start := time.Now()
-	next := start.Add(time.Second)
+	next := start.Add(sealProgressEvery)
 	var files int64
 	told := false
 	tell := func(done bool) {
@@ -43,8 +46,8 @@ func (s *Store) sealPackage(id string) (digest string, size int64, err error) {
 	}
 	digest, size, err = walkTreeProgress(s.outputDir(id), true, func(f, n int64) {
 		files, size = f, n
-		if now := time.Now(); now.After(next) {
-			next = now.Add(time.Second)
+		if now := time.Now(); !now.Before(next) {
+			next = now.Add(sealProgressEvery)
 			told = true
 			tell(false)
 		}
