@@ -17,6 +17,10 @@ func Version() string {
 	if !ok {
 		return "granary (no build information)"
 	}
+	return versionOf(bi)
+}
+
+func versionOf(bi *debug.BuildInfo) string {
 	mod := bi.Main.Version
 	if mod == "" {
 		mod = "(unknown)"
