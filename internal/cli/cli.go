@@ -134,12 +134,15 @@ usage: granary COMMAND [flags] [ARGS]
 commands:
 %s
 With no --endpoints (or $GRANARY_ENDPOINTS), commands use the local node,
-an embedded etcd started on first use in $XDG_STATE_HOME/granary.
+an embedded etcd started on first use in $XDG_STATE_HOME/granary (else
+~/.local/state/granary); packages live under --root, default
+$XDG_DATA_HOME/granary (else ~/.local/share/granary).
 With --cache URL (or $GRANARY_CACHE), builds check that remote cache before
 building and fill it after publishing.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
-'granary run' exits with its command's code.
+'granary build' and 'granary run' exit with their command's code
+(127: it cannot start, 128+N: signal N killed it).
 `
 
 func usage() string {
