@@ -165,3 +165,39 @@ func ExampleStore_LastFailure() {
 	// Output:
 	// failed on host-a: compiler missing; logs: build.log
 }
+
+// Replay what the cluster did from a revision (0: follow from now), as
+// `granary events` does: each event names its revision, so a watcher that
+// stops can resume after the last one it saw.
+func ExampleStore_WatchCluster() {
+	state, _ := os.MkdirTemp("", "granary-etcd")
+	defer os.RemoveAll(state)
+	etcd, err := node.StartEmbedded(context.Background(), state) // in production: your etcd cluster
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer etcd.Close()
+	cli, _ := clientv3.New(clientv3.Config{Endpoints: []string{etcd.Endpoint}})
+	defer cli.Close()
+	root, _ := os.MkdirTemp("", "granary-example")
+	defer os.RemoveAll(root)
+	store, _ := etcdstore.New(context.Background(), cli, root, etcdstore.WithHost("host-a"))
+	defer store.Close()
+
+	store.Handle("sdk-9").Build(func() error { return nil })
+
+	errSeen := errors.New("seen enough")
+	err = store.WatchCluster(context.Background(), 1, nil, func(ev etcdstore.ClusterEvent) error {
+		fmt.Println(ev.Kind, ev.ID, ev.Host)
+		if ev.Kind == etcdstore.ClusterPublished {
+			return errSeen // a live watcher would carry on
+		}
+		return nil
+	})
+	if !errors.Is(err, errSeen) {
+		log.Fatal(err)
+	}
+	// Output:
+	// building sdk-9 host-a
+	// published sdk-9 host-a
+}
