@@ -74,6 +74,8 @@ func TestMessagePlain(t *testing.T) {
 			`granary: build "pkg": build "pkg" failed on h1 (pid 7): builder panicked: kaput (stack in the log) (logs in /r/pkgs/pkg/logs)`},
 		{"double prefix", fmt.Errorf("granary: inspect: %w", fmt.Errorf("etcdstore: inspect %q: %w", "x", core.ErrPackageNotExist)),
 			`granary: inspect: inspect "x": package does not exist`},
+		{"no leader", fmt.Errorf("etcdstore: list: %w", errors.New("etcdserver: no leader")),
+			"granary: list: etcd has no leader: quorum lost (a majority of the etcd members must be up)"},
 		{"lease lost", fmt.Errorf("granary: build abandoned: %w", etcdstore.ErrLeaseLost),
 			"granary: build abandoned: the lease with etcd was lost"},
 	}

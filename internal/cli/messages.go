@@ -39,6 +39,9 @@ func plainErr(err error) string {
 			msg = strings.ReplaceAll(msg, known.err.Error(), known.said)
 		}
 	}
+	// etcd's own words for a lost quorum, met in the middle of a command
+	// (at the start, node.Dial names it and the member that answered).
+	msg = strings.ReplaceAll(msg, "etcdserver: no leader", "etcd has no leader: quorum lost (a majority of the etcd members must be up)")
 	msg = strings.ReplaceAll(msg, "etcdstore: ", "")
 	// One "granary: " at the start at most.
 	rest, had := strings.CutPrefix(msg, "granary: ")
