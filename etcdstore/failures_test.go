@@ -154,3 +154,37 @@ func TestSealingProgress(t *testing.T) {
 		t.Fatalf("last sealing event %+v, want Done with 3 files and 15 bytes", last)
 	}
 }
+
+// TestPruneKeepsLogsOfRememberedFailure: the orphan sweep leaves a failed
+// package's directory (its logs) alone while its failure record lives, and
+// sweeps it once the record is dropped.
+func TestPruneKeepsLogsOfRememberedFailure(t *testing.T) {
+	srv := etcdtest.Start(t)
+	ctx := context.Background()
+	root := t.TempDir()
+	a := newStore(t, srv, root)
+	h := a.Handle("broken")
+	h.Build(func() error { //nolint:errcheck // it fails on purpose
+		os.WriteFile(filepath.Join(h.LoggingDirectory(), "build.log"), []byte("oops\n"), 0o644)
+		return errors.New("oops")
+	})
+	log := filepath.Join(h.LoggingDirectory(), "build.log")
+	a.Close() // the failed attempt's own record goes with its lease
+	s := newStore(t, srv, root)
+	if _, err := s.Prune(ctx, etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(log); err != nil {
+		t.Fatalf("the log of a remembered failure was swept: %v", err)
+	}
+	if _, err := s.DropFailures(ctx, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := s.Prune(ctx, etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Orphans) != 1 || rep.Orphans[0] != "broken" {
+		t.Fatalf("orphans after the record was dropped: %v, want [broken]", rep.Orphans)
+	}
+}
