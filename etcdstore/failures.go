@@ -44,9 +44,10 @@ type FailureRecord struct {
 	PID     int       `json:"pid"`
 	Started time.Time `json:"started"`
 	Ended   time.Time `json:"ended"`
-	// Attempt is the fencing token (lock revision) of the attempt; Number
-	// counts the failures in a row that this record replaced (1 for the
-	// first).
+	// Attempt is the fencing token (lock revision) of the attempt. Number
+	// counts the failures of the package since there was no record (1 for
+	// the first): each failure while a record lives adds one. A publish in
+	// between does not reset it.
 	Attempt int64  `json:"attempt"`
 	Number  int    `json:"number"`
 	Error   string `json:"error"`

@@ -460,8 +460,8 @@ func printFailure(e *env, fr *etcdstore.FailureRecord) {
 		return
 	}
 	w := e.stdout
-	fmt.Fprintf(w, "last failure: %s on %s (pid %d), attempt %d in a row, %s after %s\n",
-		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, fr.Number, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond))
+	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s; failure #%d while records were kept\n",
+		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond), fr.Number)
 	fmt.Fprintf(w, "  error:  %s\n", plainErr(errors.New(fr.Error)))
 	for _, l := range fr.Logs {
 		fmt.Fprintf(w, "  log:    %s\n", l)
