@@ -58,6 +58,8 @@ func TestScripts(t *testing.T) {
 			"exitcode": cmdExitcode,
 			"waitfile": cmdWaitfile,
 			"waitgrep": cmdWaitgrep,
+			"ptyrun":   cmdPtyrun,
+			"nowrap":   cmdNowrap,
 			"steal":    cmdSteal,
 		},
 	})
