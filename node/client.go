@@ -63,6 +63,10 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.OpTimeout)
 	defer cancel()
 	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
+		if why := quorumLoss(ctx, cli, eps); why != "" {
+			cli.Close()
+			return nil, fmt.Errorf("%w: %s", ErrNoQuorum, why)
+		}
 		cli.Close()
 		if errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrUserNotFound) ||
 			errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrInvalidAuthToken) {
@@ -183,6 +187,9 @@ func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []
 		etcdstore.WithTTL(c.TTL),
 		etcdstore.WithHost(c.Name),
 		etcdstore.WithOpTimeout(c.OpTimeout),
+	}
+	if c.FailureRetention > 0 {
+		opts = append(opts, etcdstore.WithFailureRetention(c.FailureRetention))
 	}
 	if logger != nil {
 		opts = append(opts, etcdstore.WithLogger(logger))

@@ -89,6 +89,10 @@ type Config struct {
 	// metrics have seen them). It must not block.
 	Events func(etcdstore.Event)
 
+	// FailureRetention is how long the record of a failed build attempt
+	// is kept (0: etcdstore.DefaultFailureRetention, a day).
+	FailureRetention time.Duration
+
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
 	OpTimeout   time.Duration
@@ -158,6 +162,8 @@ const (
 	EnvCacheSignKey = "GRANARY_CACHE_SIGN_KEY"
 	EnvCacheTrusted = "GRANARY_CACHE_TRUSTED_KEYS"
 	EnvCacheBudget  = "GRANARY_CACHE_FETCH_BUDGET"
+	// EnvFailureRetention sets FailureRetention.
+	EnvFailureRetention = "GRANARY_FAILURE_RETENTION"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -194,11 +200,18 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 		c.Endpoints = splitList(v)
 	}
 	if v := getenv(EnvIdleTimeout); v != "" {
-		d, err := time.ParseDuration(v)
+		d, err := ParseNonNegative(v)
 		if err != nil {
 			return fmt.Errorf("%s=%q: %w", EnvIdleTimeout, v, err)
 		}
 		c.IdleTimeout = d
+	}
+	if v := getenv(EnvFailureRetention); v != "" {
+		d, err := ParseNonNegative(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvFailureRetention, v, err)
+		}
+		c.FailureRetention = d
 	}
 	if v := getenv(EnvTTL); v != "" {
 		d, err := parseSeconds(v)
@@ -207,6 +220,42 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 		}
 		c.TTL = d
 	}
+	return nil
+}
+
+// ErrNegative is wrapped by the error for a negative duration where only
+// zero or more makes sense.
+var ErrNegative = errors.New("negative duration")
+
+// ParseNonNegative parses a duration (time.ParseDuration) and refuses a
+// negative one: a sign typed by mistake must not turn "older than 5m" into
+// "everything".
+func ParseNonNegative(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	if d < 0 {
+		return 0, ErrNegative
+	}
+	return d, nil
+}
+
+// NonNegative returns a flag.Value that sets *p from a duration and refuses
+// a negative one (the flag package then reports the value as typed:
+// `invalid value "-5m" for flag -older-than: negative duration`).
+func NonNegative(p *time.Duration) flag.Value { return (*nonNegative)(p) }
+
+type nonNegative time.Duration
+
+func (d *nonNegative) String() string { return time.Duration(*d).String() }
+
+func (d *nonNegative) Set(s string) error {
+	v, err := ParseNonNegative(s)
+	if err != nil {
+		return err
+	}
+	*d = nonNegative(v)
 	return nil
 }
 
@@ -265,13 +314,16 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	})
 	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
+	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
+	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
+	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
 // RegisterNodeFlags binds the flags only `serve` needs.
 func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenMetrics, "listen-metrics", c.ListenMetrics, "address for /metrics, /healthz, /readyz (empty: off)")
-	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
-	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
+	fs.Var(NonNegative(&c.GCInterval), "gc-interval", "how often to prune (0: never)")
+	fs.Var(NonNegative(&c.GC.OlderThan), "gc-older-than", "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
 	fs.DurationVar(&c.GC.Grace, "gc-grace", c.GC.Grace, "never prune what was used this recently (0: etcdstore's default, negative: none)")
 	fs.IntVar(&c.GC.MaxRemovals, "gc-max", c.GC.MaxRemovals, "most packages removed per sweep (0: no limit)")
