@@ -30,6 +30,7 @@ const (
 )
 
 var (
+	image    = DefaultImage // the tag the clusters run
 	repoRoot string
 	compose  []string // "docker compose" or "docker-compose"
 )
@@ -56,11 +57,16 @@ func run(m *testing.M) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	start := time.Now()
-	if err := BuildImage(ctx, repoRoot, DefaultImage, os.Stderr); err != nil {
+	// $GRANARY_E2E_IMAGE: another tag, so that two checkouts on one
+	// Docker do not replace each other's image mid-run.
+	if v := os.Getenv("GRANARY_E2E_IMAGE"); v != "" {
+		image = v
+	}
+	if err := BuildImage(ctx, repoRoot, image, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	fmt.Fprintf(os.Stderr, "e2e: image %s built in %v; compose: %s\n", DefaultImage, time.Since(start).Round(time.Second), strings.Join(compose, " "))
+	fmt.Fprintf(os.Stderr, "e2e: image %s built in %v; compose: %s\n", image, time.Since(start).Round(time.Second), strings.Join(compose, " "))
 	return m.Run()
 }
 
@@ -91,7 +97,7 @@ func newCluster(t *testing.T, o clusterOpts) *cluster {
 		t:       t,
 		project: "granarye2e" + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),
 		files:   append([]string{filepath.Join(repoRoot, "docker-compose.yml")}, o.files...),
-		env:     append([]string{"GRANARY_TTL=" + fmt.Sprint(int(ttl.Seconds())), "GRANARY_IMAGE=" + DefaultImage}, o.env...),
+		env:     append([]string{"GRANARY_TTL=" + fmt.Sprint(int(ttl.Seconds())), "GRANARY_IMAGE=" + image}, o.env...),
 		ids:     map[string]string{},
 	}
 	c.compose(context.Background(), "down", "-v", "--remove-orphans") // leftovers of an interrupted run

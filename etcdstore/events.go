@@ -45,6 +45,12 @@ const (
 	// EventLastFailed: the previous attempt failed cleanly (Host, PID,
 	// LogDir and Err name it); this store starts a new attempt.
 	EventLastFailed
+	// EventSealing: the builder returned and the store is sealing the tree
+	// (making it read-only and computing its digest). Sent once a second
+	// while that lasts more than a second, with Files and Size done so far
+	// and Elapsed since sealing began; a last one with Done set when it
+	// ends.
+	EventSealing
 )
 
 var kindNames = map[EventKind]string{
@@ -52,7 +58,7 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed",
+	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing",
 }
 
 func (k EventKind) String() string {
@@ -73,6 +79,8 @@ type Event struct {
 	LogDir  string        // logs of the attempt
 	Elapsed time.Duration // build time, or the lock delay
 	Size    int64
+	Files   int64 // files sealed so far (EventSealing)
+	Done    bool  // the last EventSealing of a tree
 	Digest  string
 	Err     error
 }

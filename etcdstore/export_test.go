@@ -1,5 +1,7 @@
 package etcdstore
 
+import "time"
+
 // SetTestHookCleanup installs fn to run when a waiting attempt of s has
 // seen a publish and released its callers, before it leaves the lock
 // queue. Call it before s is used.
@@ -20,4 +22,12 @@ func Closed(s *Store) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.closed
+}
+
+// SetSealProgressEvery sets how often sealing reports progress and returns
+// a function that restores the default.
+func SetSealProgressEvery(d time.Duration) (restore func()) {
+	old := sealProgressEvery
+	sealProgressEvery = d
+	return func() { sealProgressEvery = old }
 }

@@ -21,6 +21,9 @@ type options struct {
 	opTimeout time.Duration
 	host      string
 	purpose   string
+
+	failureRetention time.Duration
+	keptLogs         int
 }
 
 // Defaults.
@@ -47,6 +50,9 @@ func defaultOptions() options {
 		lockDelay: DefaultLockDelay,
 		opTimeout: DefaultOpTimeout,
 		host:      host,
+
+		failureRetention: DefaultFailureRetention,
+		keptLogs:         DefaultKeptLogs,
 	}
 }
 
@@ -64,6 +70,10 @@ func (o *options) validate() error {
 		return fmt.Errorf("operation timeout %v must be positive", o.opTimeout)
 	case o.host == "":
 		return fmt.Errorf("host name is empty")
+	case o.failureRetention < time.Second:
+		return fmt.Errorf("failure retention %v is shorter than a second", o.failureRetention)
+	case o.keptLogs < 1:
+		return fmt.Errorf("kept logs %d: keep at least 1", o.keptLogs)
 	}
 	return nil
 }
@@ -108,3 +118,15 @@ func WithHost(name string) Option { return func(o *options) { o.host = name } }
 // WithPurpose sets a free-form purpose recorded with each reference this
 // store takes, shown by Inspect (for example the command a job runs).
 func WithPurpose(p string) Option { return func(o *options) { o.purpose = p } }
+
+// WithFailureRetention sets how long the record of a failed attempt
+// (LastFailure) outlives the attempt, default DefaultFailureRetention (a
+// day), at least a second. etcd drops the record when it is over.
+func WithFailureRetention(d time.Duration) Option {
+	return func(o *options) { o.failureRetention = d }
+}
+
+// WithKeptLogs sets how many log files a package's logging directory keeps
+// across attempts (the newest; default DefaultKeptLogs): each attempt
+// writes its own file, so the logs of failed attempts survive the next one.
+func WithKeptLogs(n int) Option { return func(o *options) { o.keptLogs = n } }

@@ -63,6 +63,10 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.OpTimeout)
 	defer cancel()
 	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
+		if why := quorumLoss(ctx, cli, eps); why != "" {
+			cli.Close()
+			return nil, fmt.Errorf("%w: %s", ErrNoQuorum, why)
+		}
 		cli.Close()
 		if errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrUserNotFound) ||
 			errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrInvalidAuthToken) {
@@ -137,21 +141,43 @@ func diagnose(eps []string, tc *tls.Config) string {
 // so a user whose etcd role covers only the prefix may read it.
 func (c *Config) healthKey() string { return c.Prefix + "health" }
 
-// OpenCache opens the remote cache c.Cache names (with c.CacheToken and
-// c.CacheCACert), or returns nil, nil when there is none. It does no network I/O. The caller
-// must Close it after the stores that use it.
-func (c *Config) OpenCache() (*cache.Remote, error) {
+// OpenCache opens the remote cache c.Cache names (with c.CacheToken,
+// c.CacheCACert, the signing and trusted keys and the fetch budget), or
+// returns nil, nil when there is none. It reads the signing key file but
+// does no network I/O. The caller must Close it after the stores that use
+// it.
+func (c *Config) OpenCache(extra ...cache.Option) (*cache.Remote, error) {
 	if c.Cache == "" {
 		return nil, nil
 	}
 	var opts []cache.Option
+	if c.CacheSignKey != "" {
+		k, err := cache.ReadSecretKeyFile(c.CacheSignKey)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, cache.WithSignKey(k))
+	}
+	if c.CacheTrustedKeys != "" {
+		keys, err := cache.ParsePublicKeys(c.CacheTrustedKeys)
+		if err != nil {
+			return nil, fmt.Errorf("trusted cache keys: %w", err)
+		}
+		if len(keys) == 0 {
+			return nil, fmt.Errorf("trusted cache keys %q list no key", c.CacheTrustedKeys)
+		}
+		opts = append(opts, cache.WithTrustedKeys(keys...))
+	}
+	if c.CacheFetchBudget > 0 {
+		opts = append(opts, cache.WithFetchBudget(c.CacheFetchBudget))
+	}
 	if c.CacheToken != "" {
 		opts = append(opts, cache.WithBearerToken(c.CacheToken))
 	}
 	if c.CacheCACert != "" {
 		opts = append(opts, cache.WithCAFile(c.CacheCACert))
 	}
-	return cache.Open(c.Cache, opts...)
+	return cache.Open(c.Cache, append(opts, extra...)...)
 }
 
 // StoreOptions are the etcdstore options c implies, followed by extra.
@@ -161,6 +187,9 @@ func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []
 		etcdstore.WithTTL(c.TTL),
 		etcdstore.WithHost(c.Name),
 		etcdstore.WithOpTimeout(c.OpTimeout),
+	}
+	if c.FailureRetention > 0 {
+		opts = append(opts, etcdstore.WithFailureRetention(c.FailureRetention))
 	}
 	if logger != nil {
 		opts = append(opts, etcdstore.WithLogger(logger))

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // Config is everything a node, or a CLI command acting as one host, needs.
@@ -47,7 +48,8 @@ type Config struct {
 	Name string
 
 	// Cache is the URL of a remote cache of published packages
-	// (etcdstore/cache.Open: http://, https://, file:///path); empty: none.
+	// (etcdstore/cache.Open: http://, https://, s3://bucket/prefix,
+	// file:///path); empty: none.
 	// Builds check it before running a builder and fill it after
 	// publishing.
 	Cache string
@@ -57,6 +59,16 @@ type Config struct {
 	// CacheCACert is a CA bundle to verify an HTTPS cache (default: the
 	// system's).
 	CacheCACert string
+	// CacheSignKey is a secret key file ('granary cache keygen'): entries
+	// this host uploads are signed with it.
+	CacheSignKey string
+	// CacheTrustedKeys lists the public keys (NAME:BASE64, separated by
+	// spaces or commas) whose signatures this host accepts; when set, an
+	// entry not signed by one of them is refused and built instead.
+	CacheTrustedKeys string
+	// CacheFetchBudget bounds each cache fetch under the build lock
+	// (0: cache.DefaultFetchBudget).
+	CacheFetchBudget time.Duration
 
 	// ListenMetrics is the address of /metrics, /healthz and /readyz; empty
 	// disables the HTTP server.
@@ -90,6 +102,9 @@ type Config struct {
 	// given: with SocketMode 0660, the host's job users in that group may
 	// connect.
 	SocketGroup string
+	// FailureRetention is how long the record of a failed build attempt
+	// is kept (0: etcdstore.DefaultFailureRetention, a day).
+	FailureRetention time.Duration
 
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
@@ -162,6 +177,11 @@ const (
 	EnvCache        = "GRANARY_CACHE"
 	EnvCacheToken   = "GRANARY_CACHE_TOKEN"
 	EnvCacheCACert  = "GRANARY_CACHE_CACERT"
+	EnvCacheSignKey = "GRANARY_CACHE_SIGN_KEY"
+	EnvCacheTrusted = "GRANARY_CACHE_TRUSTED_KEYS"
+	EnvCacheBudget  = "GRANARY_CACHE_FETCH_BUDGET"
+	// EnvFailureRetention sets FailureRetention.
+	EnvFailureRetention = "GRANARY_FAILURE_RETENTION"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -185,15 +205,31 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.Cache, EnvCache)
 	set(&c.CacheToken, EnvCacheToken)
 	set(&c.CacheCACert, EnvCacheCACert)
+	set(&c.CacheSignKey, EnvCacheSignKey)
+	set(&c.CacheTrustedKeys, EnvCacheTrusted)
+	if v := getenv(EnvCacheBudget); v != "" {
+		d, err := parseSeconds(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvCacheBudget, v, err)
+		}
+		c.CacheFetchBudget = d
+	}
 	if v := getenv(EnvEndpoints); v != "" {
 		c.Endpoints = splitList(v)
 	}
 	if v := getenv(EnvIdleTimeout); v != "" {
-		d, err := time.ParseDuration(v)
+		d, err := ParseNonNegative(v)
 		if err != nil {
 			return fmt.Errorf("%s=%q: %w", EnvIdleTimeout, v, err)
 		}
 		c.IdleTimeout = d
+	}
+	if v := getenv(EnvFailureRetention); v != "" {
+		d, err := ParseNonNegative(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvFailureRetention, v, err)
+		}
+		c.FailureRetention = d
 	}
 	if v := getenv(EnvTTL); v != "" {
 		d, err := parseSeconds(v)
@@ -202,6 +238,42 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 		}
 		c.TTL = d
 	}
+	return nil
+}
+
+// ErrNegative is wrapped by the error for a negative duration where only
+// zero or more makes sense.
+var ErrNegative = errors.New("negative duration")
+
+// ParseNonNegative parses a duration (time.ParseDuration) and refuses a
+// negative one: a sign typed by mistake must not turn "older than 5m" into
+// "everything".
+func ParseNonNegative(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	if d < 0 {
+		return 0, ErrNegative
+	}
+	return d, nil
+}
+
+// NonNegative returns a flag.Value that sets *p from a duration and refuses
+// a negative one (the flag package then reports the value as typed:
+// `invalid value "-5m" for flag -older-than: negative duration`).
+func NonNegative(p *time.Duration) flag.Value { return (*nonNegative)(p) }
+
+type nonNegative time.Duration
+
+func (d *nonNegative) String() string { return time.Duration(*d).String() }
+
+func (d *nonNegative) Set(s string) error {
+	v, err := ParseNonNegative(s)
+	if err != nil {
+		return err
+	}
+	*d = nonNegative(v)
 	return nil
 }
 
@@ -247,16 +319,28 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
 	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
 	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
-	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
+	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path, s3://bucket/prefix[?endpoint=URL] or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
 	fs.StringVar(&c.CacheCACert, "cache-cacert", c.CacheCACert, "CA bundle to verify an HTTPS cache ($"+EnvCacheCACert+")")
+	fs.StringVar(&c.CacheSignKey, "cache-sign-key", c.CacheSignKey, "secret key file ('granary cache keygen') that signs the entries this host uploads ($"+EnvCacheSignKey+")")
+	fs.StringVar(&c.CacheTrustedKeys, "cache-trusted-keys", c.CacheTrustedKeys, "public keys NAME:BASE64, space- or comma-separated; when set, only entries signed by one of them are used ($"+EnvCacheTrusted+")")
+	fs.Func("cache-fetch-budget", fmt.Sprintf("longest a cache fetch may hold the build lock before the host builds instead (default %v) ($%s)", cache.DefaultFetchBudget, EnvCacheBudget), func(s string) error {
+		d, err := parseSeconds(s)
+		if err == nil {
+			c.CacheFetchBudget = d
+		}
+		return err
+	})
 	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
+	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
+	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
+	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
 // RegisterNodeFlags binds the flags only `serve` needs.
 func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenMetrics, "listen-metrics", c.ListenMetrics, "address for /metrics, /healthz, /readyz (empty: off)")
-	fs.DurationVar(&c.Linger, "linger", c.Linger, "keep a package's etcd reference this long after its last local holder (0: release at once)")
+	fs.Var(NonNegative(&c.Linger), "linger", "keep a package's etcd reference this long after its last local holder (0: release at once)")
 	fs.Func("socket-mode", fmt.Sprintf("permissions of the local API socket, octal (default %#o)", c.SocketMode), func(s string) error {
 		m, err := strconv.ParseUint(s, 8, 32)
 		if err == nil {
@@ -265,8 +349,8 @@ func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 		return err
 	})
 	fs.StringVar(&c.SocketGroup, "socket-group", c.SocketGroup, "group of the local API socket (with --socket-mode 0660)")
-	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
-	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
+	fs.Var(NonNegative(&c.GCInterval), "gc-interval", "how often to prune (0: never)")
+	fs.Var(NonNegative(&c.GC.OlderThan), "gc-older-than", "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
 	fs.DurationVar(&c.GC.Grace, "gc-grace", c.GC.Grace, "never prune what was used this recently (0: etcdstore's default, negative: none)")
 	fs.IntVar(&c.GC.MaxRemovals, "gc-max", c.GC.MaxRemovals, "most packages removed per sweep (0: no limit)")
@@ -347,8 +431,11 @@ func (c *Config) Validate() error {
 	if c.Name == "" {
 		bad("empty host name")
 	}
-	if (c.CacheToken != "" || c.CacheCACert != "") && c.Cache == "" {
-		bad("$%s or --cache-cacert set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	if (c.CacheToken != "" || c.CacheCACert != "" || c.CacheSignKey != "" || c.CacheTrustedKeys != "") && c.Cache == "" {
+		bad("$%s, --cache-cacert, --cache-sign-key or --cache-trusted-keys set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	}
+	if c.CacheFetchBudget < 0 {
+		bad("negative cache fetch budget %v", c.CacheFetchBudget)
 	}
 	if c.Cache != "" {
 		if r, err := c.OpenCache(); err != nil {

@@ -109,9 +109,18 @@ func (m *metrics) registerCache(c *cache.Remote) {
 			func(s cache.Stats) int64 { return s.Uploads }),
 		counter("granary_cache_upload_failures_total", "Uploads to the remote cache that failed (the builds succeeded).",
 			func(s cache.Stats) int64 { return s.UploadFailures }),
+		counter("granary_cache_fetch_budget_spent_total", "Remote cache fetches given up because they took longer than the fetch budget; the package was built instead.",
+			func(s cache.Stats) int64 { return s.BudgetSpent }),
 		bytes("down", func(s cache.Stats) int64 { return s.BytesDown }),
 		bytes("up", func(s cache.Stats) int64 { return s.BytesUp }),
 	)
+	for _, reason := range cache.Reasons {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "granary_cache_rejected_total",
+			Help:        "Remote cache entries refused by the signature checks (--cache-trusted-keys), by reason; the package was built instead.",
+			ConstLabels: prometheus.Labels{"reason": string(reason)},
+		}, func() float64 { return float64(c.Stats().Rejected[reason]) }))
+	}
 }
 
 // event is the store's WithEvents hook: it must not block.

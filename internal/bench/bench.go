@@ -53,17 +53,6 @@ type Sizes struct {
 	// scenario, spread over RefPackages packages.
 	Refs        int
 	RefPackages int
-	// FarmHosts are the host counts of the farm simulation (none: skip
-	// it); FarmJobs jobs are measured after FarmWarmup, FarmConcurrency at
-	// a time, over FarmPackages packages, each holding its reference for
-	// FarmHold; agent-mode nodes keep references for FarmLinger.
-	FarmHosts       []int
-	FarmJobs        int
-	FarmWarmup      int
-	FarmConcurrency int
-	FarmPackages    int
-	FarmHold        time.Duration
-	FarmLinger      time.Duration
 	// TTL and LockDelay of the stores (the takeover scenario waits for
 	// both).
 	TTL       time.Duration
@@ -79,8 +68,6 @@ func FullSizes() Sizes {
 		DistinctBuilds: 1000, DistinctConcurrency: 32,
 		PrunePackages: []int{10_000, 100_000}, PruneMaxRemovals: 100,
 		Refs: 10_000, RefPackages: 100,
-		FarmHosts: []int{10, 100, 1000}, FarmJobs: 5000, FarmWarmup: 1000, FarmConcurrency: 64,
-		FarmPackages: 50, FarmHold: time.Millisecond, FarmLinger: time.Minute,
 		TTL: etcdstore.DefaultTTL, LockDelay: etcdstore.DefaultLockDelay,
 	}
 }
@@ -93,7 +80,6 @@ func QuickSizes() Sizes {
 	z.HotPairs, z.HotRounds = 300, 2
 	z.WaiterRounds, z.StampedeRounds = 3, 2
 	z.DistinctBuilds = 200
-	z.FarmHosts, z.FarmJobs, z.FarmWarmup = []int{10, 100}, 2000, 500
 	z.TTL, z.LockDelay = etcdstore.MinTTL, time.Second
 	return z
 }
@@ -107,8 +93,6 @@ func TinySizes() Sizes {
 		DistinctBuilds: 8, DistinctConcurrency: 4,
 		PrunePackages: []int{300}, PruneMaxRemovals: 10,
 		Refs: 50, RefPackages: 5,
-		FarmHosts: []int{2}, FarmJobs: 20, FarmWarmup: 20, FarmConcurrency: 4, FarmPackages: 5,
-		FarmHold: time.Millisecond, FarmLinger: time.Minute,
 		TTL: etcdstore.MinTTL, LockDelay: 100 * time.Millisecond,
 	}
 }
@@ -124,8 +108,6 @@ func (z Sizes) Validate() error {
 		return errors.New("bench: stampede needs calls and rounds")
 	case z.DistinctBuilds <= 0 || z.DistinctConcurrency <= 0:
 		return errors.New("bench: distinct builds need a count and a concurrency")
-	case len(z.FarmHosts) > 0 && (z.FarmJobs <= 0 || z.FarmConcurrency <= 0 || z.FarmPackages < 2 || z.FarmWarmup < 0):
-		return errors.New("bench: the farm needs jobs, a concurrency and at least 2 packages")
 	case len(z.PrunePackages) == 0 || z.Refs <= 0 || z.RefPackages <= 0:
 		return errors.New("bench: prune and refs need sizes")
 	case z.TTL < etcdstore.MinTTL || z.TTL%time.Second != 0 || z.LockDelay < 0:
@@ -257,7 +239,6 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	}{
 		{"hot path", r.hotpath},
 		{"host agent", r.agent},
-		{"farm", r.farm},
 		{"waiters", r.waiters},
 		{"stampede", r.stampede},
 		{"distinct builds", r.distinct},

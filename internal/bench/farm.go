@@ -2,191 +2,261 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
-	"strconv"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 
 	"github.com/granary-build/granary/etcdstore"
-	"github.com/granary-build/granary/node"
 )
 
-// farm simulates H hosts in this process, each a store of its own (its own
-// lease; the stores share a few etcd clients), running jobs over
-// FarmPackages published packages picked with Zipf popularity: a job takes
-// a reference (its "start"), holds it for FarmHold and drops it. In direct
-// mode a job uses its host's store as a `granary run` with its own store
-// would (IncRef, DecRef: the lease grant and revoke of a job's own store
-// are not included, so direct mode is flattered). In agent mode each host
-// runs the node's local API on its store and a job connects, takes and
-// drops its reference and closes, as `granary run` through the node does.
-// In agent mode every host first takes and drops every package once, and
-// the linger (FarmLinger) outlasts the run: the steady state of a farm whose
-// hosts start jobs more often than the linger. FarmWarmup jobs then run
-// unmeasured in both modes. Reported per H and
-// mode: etcd writes per job start and the job-start latency p50/p99.
-func (r *run) farm(ctx context.Context) error {
-	if len(r.z.FarmHosts) == 0 {
-		return nil
+// FarmConfig is a farm simulation: Hosts simulated hosts in one process
+// start jobs at Rate per second in total (Poisson arrivals, each on a host
+// drawn uniformly), each job holding one of Packages published packages
+// (drawn with Zipf popularity, exponent ZipfS) for Hold, against a
+// 3-member embedded etcd cluster with fsync on. Each host count runs in
+// every mode: "direct" (each job takes its own etcd reference, as a
+// process with its own store does) and, where the mode is wired, "agent"
+// (jobs take references through their host's node, which holds one etcd
+// reference per package and releases it Linger after the last local job).
+// A warm-up of Warm precedes the measured Duration.
+type FarmConfig struct {
+	Hosts    []int
+	Packages int
+	ZipfS    float64
+	Rate     float64
+	Duration time.Duration
+	Warm     time.Duration
+	Hold     time.Duration
+	Linger   time.Duration
+	Dir      string    // where the shared root is made; empty: os.TempDir()
+	Progress io.Writer // one line per step; nil discards
+}
+
+// DefaultFarm is the published farm simulation.
+func DefaultFarm() FarmConfig {
+	return FarmConfig{
+		Hosts: []int{10, 100, 1000}, Packages: 100, ZipfS: 1.1,
+		Rate: 1000, Duration: 10 * time.Second, Warm: 3 * time.Second, Hold: 20 * time.Millisecond,
+		Linger: 5 * time.Second,
 	}
-	ids := make([]string, r.z.FarmPackages)
-	builder, _, err := r.store(ctx, "farm-builder")
+}
+
+// farmHost is one simulated host: how a job on it takes a package.
+type farmHost interface {
+	acquire(ctx context.Context, id string) (release func(context.Context) error, err error)
+}
+
+// farmMode makes the hosts of one mode on a shared etcd client and root.
+type farmMode struct {
+	name  string
+	hosts func(ctx context.Context, f *farm, n int) ([]farmHost, error)
+}
+
+// farmModes are the modes the simulation runs; the agent mode is added
+// where the node's local API is available (see agentFarmMode).
+var farmModes = []farmMode{{name: "direct", hosts: directHosts}}
+
+type farm struct {
+	cfg    FarmConfig
+	cl     *cluster
+	cnt    *Counter
+	cli    *clientv3.Client
+	root   string
+	prefix string
+	closes []func() error
+	res    map[string]float64
+}
+
+// Farm runs the simulation and returns its results by key
+// (farm_<mode>_h<H>_<figure>).
+func Farm(ctx context.Context, cfg FarmConfig) (res map[string]float64, err error) {
+	if cfg.Packages <= 0 || cfg.Rate <= 0 || cfg.Duration <= 0 || cfg.ZipfS <= 1 || len(cfg.Hosts) == 0 {
+		return nil, errors.New("bench: farm needs packages, a rate, a duration, hosts and a Zipf exponent > 1")
+	}
+	if cfg.Progress == nil {
+		cfg.Progress = io.Discard
+	}
+	f := &farm{cfg: cfg, cnt: &Counter{}, res: map[string]float64{}}
+	fmt.Fprintf(cfg.Progress, "farm: starting a 3-member etcd cluster\n")
+	if f.cl, err = startCluster(3); err != nil {
+		return nil, err
+	}
+	defer f.cl.close()
+	f.cli, err = clientv3.New(clientv3.Config{
+		Endpoints: f.cl.endpoints, DialTimeout: 5 * time.Second,
+		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(f.cnt.interceptor)},
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer f.cli.Close()
+	if f.root, err = os.MkdirTemp(cfg.Dir, "granary-farm-"); err != nil {
+		return nil, err
+	}
+	defer etcdstore.RemoveTree(f.root)
+	for _, h := range cfg.Hosts {
+		for _, m := range farmModes {
+			if err := f.runMode(ctx, m, h); err != nil {
+				return nil, fmt.Errorf("bench: farm %s at %d hosts: %w", m.name, h, err)
+			}
+		}
+	}
+	return f.res, nil
+}
+
+// runMode publishes the packages under a fresh prefix, makes the hosts,
+// warms up and measures.
+func (f *farm) runMode(ctx context.Context, m farmMode, n int) (err error) {
+	f.prefix = fmt.Sprintf("/granary-farm-%s-%d/", m.name, n)
+	defer func() { err = errors.Join(err, f.closeAll()) }()
+	if err := f.publish(ctx); err != nil {
+		return err
+	}
+	fmt.Fprintf(f.cfg.Progress, "farm: %s, %d hosts: making the hosts\n", m.name, n)
+	hosts, err := m.hosts(ctx, f, n)
 	if err != nil {
 		return err
 	}
-	for i := range ids {
-		ids[i] = "farm-" + strconv.Itoa(i)
-		if err := builder.Handle(ids[i]).BuildContext(ctx, func(context.Context) error { return nil }); err != nil {
-			return err
-		}
+	rng := rand.New(rand.NewPCG(uint64(n), 1))
+	if _, err := f.jobs(ctx, hosts, rng, f.cfg.Warm); err != nil {
+		return fmt.Errorf("warm-up: %w", err)
 	}
-	var clis []*clientv3.Client
-	for range 4 {
-		cli, err := r.client()
-		if err != nil {
-			return err
-		}
-		clis = append(clis, cli)
+	before, rev0 := f.cnt.Snapshot(), f.revision(ctx)
+	st, err := f.jobs(ctx, hosts, rng, f.cfg.Duration)
+	if err != nil {
+		return err
 	}
-	for _, h := range r.z.FarmHosts {
-		for _, mode := range []string{"direct", "agent"} {
-			if err := r.farmRun(ctx, h, mode, ids, clis); err != nil {
-				return fmt.Errorf("H=%d %s: %w", h, mode, err)
-			}
+	c, rev1 := f.cnt.Snapshot().Sub(before), f.revision(ctx)
+	key := fmt.Sprintf("farm_%s_h%d_", m.name, n)
+	f.res[key+"jobs"] = float64(st.jobs)
+	f.res[key+"writes_per_s"] = float64(c.Writes) / f.cfg.Duration.Seconds()
+	f.res[key+"writes_per_job"] = float64(c.Writes) / float64(st.jobs)
+	f.res[key+"revisions_per_job"] = float64(rev1-rev0) / float64(st.jobs)
+	f.res[key+"start_p50_ms"] = ms(quantile(st.starts, 0.5))
+	f.res[key+"start_p99_ms"] = ms(quantile(st.starts, 0.99))
+	fmt.Fprintf(f.cfg.Progress, "farm: %s, %d hosts: %d jobs, %.0f etcd writes/s, %.4f writes per job, start p50 %.2f ms p99 %.2f ms\n",
+		m.name, n, st.jobs, f.res[key+"writes_per_s"], f.res[key+"writes_per_job"], f.res[key+"start_p50_ms"], f.res[key+"start_p99_ms"])
+	return nil
+}
+
+func (f *farm) closeAll() error {
+	var errs []error
+	for i := len(f.closes) - 1; i >= 0; i-- {
+		errs = append(errs, f.closes[i]())
+	}
+	f.closes = nil
+	return errors.Join(errs...)
+}
+
+func (f *farm) storeOptions(host string) []etcdstore.Option {
+	return []etcdstore.Option{etcdstore.WithPrefix(f.prefix), etcdstore.WithHost(host)}
+}
+
+// publish builds the packages once, from a store of its own.
+func (f *farm) publish(ctx context.Context) error {
+	s, err := etcdstore.New(ctx, f.cli, f.root, f.storeOptions("publisher")...)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	for i := range f.cfg.Packages {
+		if err := s.Handle(farmID(i)).BuildContext(ctx, func(context.Context) error { return nil }); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// farmHost is one simulated host.
-type farmHost struct {
-	s     *etcdstore.Store
-	state string // agent mode: its state directory
-	stop  func()
+func farmID(i int) string { return fmt.Sprintf("pkg-%03d", i) }
+
+func (f *farm) revision(ctx context.Context) int64 {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := f.cli.Get(cctx, f.prefix+"none")
+	if err != nil {
+		return 0
+	}
+	return resp.Header.Revision
 }
 
-func (r *run) farmRun(ctx context.Context, h int, mode string, ids []string, clis []*clientv3.Client) error {
-	hosts := make([]*farmHost, h)
-	defer func() {
-		for _, fh := range hosts {
-			if fh == nil {
-				continue
-			}
-			if fh.stop != nil {
-				fh.stop()
-			}
-			fh.s.Close() //nolint:errcheck // revokes its lease
-			if fh.state != "" {
-				os.RemoveAll(fh.state)
+type farmStats struct {
+	jobs   int
+	starts []time.Duration
+}
+
+// jobs starts jobs for d at the configured rate (open loop: a slow job
+// does not delay the next start) and waits for them. A job's start time is
+// from its scheduled arrival to holding its package.
+func (f *farm) jobs(ctx context.Context, hosts []farmHost, rng *rand.Rand, d time.Duration) (farmStats, error) {
+	zipf := rand.NewZipf(rng, f.cfg.ZipfS, 1, uint64(f.cfg.Packages-1))
+	var (
+		wg     sync.WaitGroup
+		mu     sync.Mutex
+		st     farmStats
+		errs   []error
+		start  = time.Now()
+		offset time.Duration
+	)
+	for offset < d {
+		offset += time.Duration(rng.ExpFloat64() / f.cfg.Rate * float64(time.Second))
+		at := start.Add(offset)
+		host, id := hosts[rng.IntN(len(hosts))], farmID(int(zipf.Uint64()))
+		if wait := time.Until(at); wait > 0 {
+			select {
+			case <-time.After(wait):
+			case <-ctx.Done():
+				wg.Wait()
+				return st, ctx.Err()
 			}
 		}
-	}()
-	for i := range hosts {
-		name := fmt.Sprintf("farm-%s-%d", mode, i)
-		s, err := etcdstore.New(ctx, clis[i%len(clis)], r.root, r.storeOptions(name)...)
+		wg.Go(func() {
+			release, err := host.acquire(ctx, id)
+			took := time.Since(at)
+			if err == nil {
+				time.Sleep(f.cfg.Hold)
+				err = release(ctx)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			st.jobs++
+			st.starts = append(st.starts, took)
+			if err != nil && len(errs) < 5 {
+				errs = append(errs, err)
+			}
+		})
+	}
+	wg.Wait()
+	return st, errors.Join(errs...)
+}
+
+// directHosts: one store (one lease) per host; each job takes its own etcd
+// reference.
+func directHosts(ctx context.Context, f *farm, n int) ([]farmHost, error) {
+	hosts := make([]farmHost, n)
+	for i := range n {
+		s, err := etcdstore.New(ctx, f.cli, f.root, f.storeOptions(fmt.Sprintf("host-%d", i))...)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		fh := &farmHost{s: s}
-		hosts[i] = fh
-		if mode != "agent" {
-			continue
-		}
-		if fh.state, err = os.MkdirTemp("", "gf"); err != nil {
-			return err
-		}
-		cfg := node.DefaultConfig()
-		cfg.StateDir, cfg.Root, cfg.Prefix, cfg.Name = fh.state, r.root, r.prefix, name
-		cfg.OpTimeout, cfg.TTL, cfg.Linger = r.cfg.OpTimeout, r.z.TTL, r.z.FarmLinger
-		api, err := node.NewLocalAPI(s, cfg, nil)
-		if err != nil {
-			return err
-		}
-		actx, cancel := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- api.Run(actx) }()
-		fh.stop = func() { cancel(); <-done }
+		f.closes = append(f.closes, s.Close)
+		hosts[i] = directHost{s}
 	}
-	zipf := rand.NewZipf(rand.New(rand.NewPCG(uint64(h), 12)), 1.1, 1, uint64(len(ids)-1))
-	type pick struct{ host, pkg int }
-	total := r.z.FarmWarmup + r.z.FarmJobs
-	picks := make([]pick, total)
-	rng := rand.New(rand.NewPCG(uint64(h), 34))
-	for i := range picks {
-		picks[i] = pick{rng.IntN(h), int(zipf.Uint64())}
+	return hosts, nil
+}
+
+type directHost struct{ s *etcdstore.Store }
+
+func (h directHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
+	p := h.s.Handle(id)
+	if err := p.IncRefContext(ctx); err != nil {
+		return nil, err
 	}
-	job := func(ctx context.Context, i int) (time.Duration, error) {
-		p := picks[i]
-		fh, id := hosts[p.host], ids[p.pkg]
-		t := time.Now()
-		if mode == "direct" {
-			hd := fh.s.Handle(id)
-			if err := hd.IncRefContext(ctx); err != nil {
-				return 0, err
-			}
-			start := time.Since(t)
-			time.Sleep(r.z.FarmHold)
-			return start, hd.DecRefContext(ctx)
-		}
-		c, err := node.Connect(ctx, fh.state)
-		if err != nil {
-			return 0, err
-		}
-		defer c.Close()
-		hd := c.Handle(id)
-		if err := hd.IncRefContext(ctx); err != nil {
-			return 0, err
-		}
-		start := time.Since(t)
-		time.Sleep(r.z.FarmHold)
-		return start, hd.DecRefContext(ctx)
-	}
-	if mode == "agent" {
-		// Steady state: every host holds every package (a farm whose hosts
-		// run jobs more often than the linger). One Conn per host touches
-		// each package once; the linger outlasts the run.
-		touch := func(ctx context.Context, i int) (time.Duration, error) {
-			c, err := node.Connect(ctx, hosts[i].state)
-			if err != nil {
-				return 0, err
-			}
-			defer c.Close()
-			for _, id := range ids {
-				if err := c.Handle(id).IncRefContext(ctx); err != nil {
-					return 0, err
-				}
-				if err := c.Handle(id).DecRefContext(ctx); err != nil {
-					return 0, err
-				}
-			}
-			return 0, nil
-		}
-		if _, _, err := parallel(ctx, r.z.FarmConcurrency, h, touch); err != nil {
-			return err
-		}
-	}
-	if _, _, err := parallel(ctx, r.z.FarmConcurrency, r.z.FarmWarmup, job); err != nil {
-		return err
-	}
-	measured := func(ctx context.Context, i int) (time.Duration, error) { return job(ctx, r.z.FarmWarmup+i) }
-	before := r.cnt.Snapshot()
-	wall, lats, err := parallel(ctx, r.z.FarmConcurrency, r.z.FarmJobs, measured)
-	if err != nil {
-		return err
-	}
-	cnt := r.cnt.Snapshot().Sub(before)
-	jobs := float64(r.z.FarmJobs)
-	key := fmt.Sprintf("farm_%s_h%d_", mode, h)
-	r.res[key+"etcd_writes_per_job"] = float64(cnt.Writes) / jobs
-	r.res[key+"etcd_writes_per_s"] = float64(cnt.Writes) / wall.Seconds()
-	r.res[key+"jobs_per_s"] = jobs / wall.Seconds()
-	r.res[key+"start_p50_ms"] = ms(quantile(lats, 0.5))
-	r.res[key+"start_p99_ms"] = ms(quantile(lats, 0.99))
-	r.logf("  H=%d %s: %.0f jobs/s, etcd writes %.3f per job (%.0f/s), job start p50 %.2f ms p99 %.2f ms",
-		h, mode, jobs/wall.Seconds(), r.res[key+"etcd_writes_per_job"], r.res[key+"etcd_writes_per_s"],
-		r.res[key+"start_p50_ms"], r.res[key+"start_p99_ms"])
-	return nil
+	return p.DecRefContext, nil
 }
