@@ -24,13 +24,17 @@ import (
 // TLS from CACert/Cert/Key, user and password, and HTTP/2 keep-alive pings
 // every 10 s (above the server's 5 s minimum) with a 5 s timeout.
 func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
+	password, err := c.password()
+	if err != nil {
+		return clientv3.Config{}, fmt.Errorf("granary: %w", err)
+	}
 	cc := clientv3.Config{
 		Endpoints:            endpoints,
 		DialTimeout:          c.DialTimeout,
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
 		Username:             c.User,
-		Password:             c.Password,
+		Password:             password,
 		Logger:               zap.NewNop(),
 	}
 	if c.CACert != "" || c.Cert != "" {
