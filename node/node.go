@@ -104,7 +104,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 			return nil, err
 		}
 	}
-	if n.cli, err = Dial(ctx, &n.cfg); err != nil {
+	if n.cli, err = dial(ctx, &n.cfg, log); err != nil {
 		return nil, err
 	}
 	opts := []etcdstore.Option{etcdstore.WithEvents(n.event), etcdstore.WithPurpose("granary node")}
