@@ -60,7 +60,7 @@ type memberWatch struct {
 
 	mu    sync.Mutex
 	conns map[string]map[*watchedConn]struct{} // open connections by dial address
-	down  map[string]time.Time                  // address -> when it was found frozen
+	down  map[string]time.Time                 // address -> when it was found frozen
 
 	stalls  atomic.Int64 // keep-alive streams cancelled
 	dropped atomic.Int64 // connections closed because their member did not answer
