@@ -57,11 +57,27 @@ func frozenEtcdMember(t *testing.T, leader bool) {
 			t.Errorf("run %s with the %s frozen: %s", id, role, r)
 		}
 	}
+	// What the clients must do is done: nothing was lost while frozen.
+	frozenLogs := map[string]string{}
+	for _, w := range workers {
+		frozenLogs[w], _ = c.compose(t.Context(), "logs", "--no-color", w)
+	}
 	c.dockerDo("unpause", member)
 	t.Logf("%s %s frozen for %v: %d builds and runs, %d failed", role, member, time.Since(paused).Round(100*time.Millisecond), builds, failures)
 
-	if r := c.wait(spanning, takeover+2*frozenTTL, "the build spanning the freeze"); r.code != 0 {
-		t.Errorf("the build spanning the freeze: %s", r)
+	spanned := c.wait(spanning, takeover+2*frozenTTL, "the build spanning the freeze")
+	// A thawed old leader may revoke the leases it saw expire while frozen
+	// (etcd-io/etcd#15247's check is skipped right after a thaw; see
+	// docs/design.md, "A frozen etcd member"). etcd logs "Ignore the lease
+	// revoking request" when it does the right thing; without that line,
+	// losses after the thaw are the server's, not the clients'.
+	time.Sleep(2 * time.Second)
+	etcdLog, _ := c.compose(t.Context(), "logs", "--no-color", member)
+	raced := leader && !strings.Contains(etcdLog, "Ignore the lease revoking request")
+	if raced {
+		t.Logf("the thawed old leader %s revoked the leases it saw expire (etcd server race): losses after the thaw are not checked; build spanning the freeze: %s", member, spanned)
+	} else if spanned.code != 0 {
+		t.Errorf("the build spanning the freeze: %s", spanned)
 	}
 	select {
 	case r := <-holder:
@@ -74,13 +90,16 @@ func frozenEtcdMember(t *testing.T, leader bool) {
 	if c.killMatching("worker2", "sleep 1005") != 1 {
 		t.Fatalf("the command of the run holding base is not running")
 	}
-	if r := c.wait(holder, takeover, "the run holding base"); r.code != 0 || strings.Contains(r.out, "lease") {
+	if r := c.wait(holder, takeover, "the run holding base"); r.code != 0 || (strings.Contains(r.out, "lease") && !raced) {
 		t.Errorf("the run holding base: %s; want exit 0 and no word of a lease", r)
 	}
 
 	// Every daemon moved off the frozen member and lost nothing.
 	for _, w := range workers {
 		logs, _ := c.compose(t.Context(), "logs", "--no-color", w)
+		if raced {
+			logs = frozenLogs[w] // up to the thaw
+		}
 		for _, bad := range []string{"lease lost", "cannot register node", "cancelling builds"} {
 			if strings.Contains(logs, bad) {
 				t.Errorf("%s's node log says %q:\n%s", w, bad, logs)

@@ -61,18 +61,20 @@ func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
 // keep-alive left unanswered for TTL/6 is reopened on another member. Both
 // stop when the client is closed.
 func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
-	return dial(ctx, c, nil)
+	cli, _, err := dial(ctx, c, nil)
+	return cli, err
 }
 
-// dial is Dial with a logger for the member watch (nil: no log).
-func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, error) {
+// dial is Dial with a logger for the member watch (nil: no log); it also
+// returns the watch (nil with one endpoint).
+func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, *memberWatch, error) {
 	eps := c.Endpoints
 	if c.Embedded() {
 		eps = []string{c.LocalEndpoint()}
 	}
 	cc, err := c.ClientConfig(eps)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var watch *memberWatch
 	if len(eps) > 1 {
@@ -81,7 +83,7 @@ func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, e
 	}
 	cli, err := clientv3.New(cc)
 	if err != nil {
-		return nil, fmt.Errorf("granary: etcd client for %v: %w", eps, err)
+		return nil, nil, fmt.Errorf("granary: etcd client for %v: %w", eps, err)
 	}
 	if watch != nil {
 		watch.start(cli, eps)
@@ -96,16 +98,16 @@ func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, e
 			if c.User != "" {
 				who = fmt.Sprintf("user %q", c.User)
 			}
-			return nil, fmt.Errorf("%w: etcd at %v refused %s read access to the prefix %q: %v (etcd auth: the user needs a role with read-write on the prefix)",
+			return nil, nil, fmt.Errorf("%w: etcd at %v refused %s read access to the prefix %q: %v (etcd auth: the user needs a role with read-write on the prefix)",
 				ErrPermission, eps, who, c.Prefix, err)
 		}
 		why := err.Error()
 		if d := diagnose(eps, cc.TLS); d != "" {
 			why += "; " + d
 		}
-		return nil, fmt.Errorf("%w: %v within %v: %s", ErrUnreachable, eps, c.OpTimeout, why)
+		return nil, nil, fmt.Errorf("%w: %v within %v: %s", ErrUnreachable, eps, c.OpTimeout, why)
 	}
-	return cli, nil
+	return cli, watch, nil
 }
 
 // ErrPermission means etcd answered but refused the credentials.

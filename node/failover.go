@@ -62,8 +62,8 @@ type memberWatch struct {
 	conns map[string]map[*watchedConn]struct{} // open connections by dial address
 	down  map[string]time.Time                 // address -> when it was found frozen
 
-	stalls  atomic.Int64 // keep-alive streams cancelled
-	dropped atomic.Int64 // connections closed because their member did not answer
+	stalls atomic.Int64 // keep-alive streams cancelled
+	downs  atomic.Int64 // times a member was found not answering
 }
 
 // watchTiming is how fast memberWatch acts.
@@ -148,14 +148,19 @@ func (w *memberWatch) probeLoop(cli *clientv3.Client, ep string) {
 	}
 }
 
-// memberDown closes every connection to addr (the probe's own too: a
-// fresh one cannot finish its handshake with a frozen member either).
+// memberDown closes every connection to addr when the member is first
+// found not answering (the probe's own too). Connections made after that
+// cannot finish their handshake while the member stays frozen, so the
+// balancer does not use them, and they are left alone: closing them again
+// would only make gRPC back off further before it reconnects after the
+// thaw.
 func (w *memberWatch) memberDown(ep, addr string, why error) {
 	w.mu.Lock()
-	_, known := w.down[addr]
-	if !known {
-		w.down[addr] = time.Now()
+	if _, known := w.down[addr]; known {
+		w.mu.Unlock()
+		return
 	}
+	w.down[addr] = time.Now()
 	var victims []*watchedConn
 	for c := range w.conns[addr] {
 		victims = append(victims, c)
@@ -164,11 +169,9 @@ func (w *memberWatch) memberDown(ep, addr string, why error) {
 	for _, c := range victims {
 		c.Close()
 	}
-	w.dropped.Add(int64(len(victims)))
-	if !known {
-		w.log.Warn("etcd member not answering; closed its connections so calls and lease keep-alives use the other members",
-			"member", ep, "within", w.timing.probeTimeout, "connections", len(victims), "err", why)
-	}
+	w.downs.Add(1)
+	w.log.Warn("etcd member not answering; closed its connections so calls and lease keep-alives use the other members",
+		"member", ep, "within", w.timing.probeTimeout, "connections", len(victims), "err", why)
 }
 
 func (w *memberWatch) memberUp(ep, addr string) {
