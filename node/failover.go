@@ -75,15 +75,18 @@ type watchTiming struct {
 
 // timingFor derives the timing from the lease TTL: a frozen member is found
 // within probeEvery + probeTimeout = TTL/5 (at least 0.6 s, at most 4 s), a
-// stalled keep-alive is moved after TTL/6 (at least 1 s: a renewal may
-// wait that long for a new leader after an election), and the new stream's
-// renewal goes out 0.5–1 s later.
+// stalled keep-alive is moved after TTL/9 (at least 1 s: a renewal may
+// wait about that long for a new leader after an election), and the new
+// stream's renewal goes out 0.5–1 s later. A renewal is due TTL/3 after the
+// last acknowledgement (plus the etcd client's 0.5 s send tick), so with a
+// TTL of 9 s or more a stalled one is answered on another member before the
+// guard's 2/3 TTL.
 func timingFor(ttl time.Duration) watchTiming {
 	clamp := func(d, lo, hi time.Duration) time.Duration { return max(lo, min(d, hi)) }
 	return watchTiming{
 		probeEvery:   clamp(ttl/10, 200*time.Millisecond, 2*time.Second),
 		probeTimeout: clamp(ttl/10, 400*time.Millisecond, 2*time.Second),
-		stallAfter:   clamp(ttl/6, time.Second, 5*time.Second),
+		stallAfter:   clamp(ttl/9, time.Second, 5*time.Second),
 	}
 }
 

@@ -260,39 +260,40 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 	s := n.Store()
 	lease := s.Lease()
 
-	// A lease of the test on the node's client: its acknowledgements show
-	// how long the keep-alive went unanswered while a member was frozen.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	grant, err := n.Client().Grant(ctx, int64(ttl/time.Second))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ka, err := n.Client().KeepAlive(ctx, grant.ID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var (
-		gapMu   sync.Mutex
-		lastAck = time.Now()
-		maxGap  time.Duration
-		kaDone  = make(chan struct{})
-	)
-	go func() {
-		defer close(kaDone)
-		for range ka {
-			gapMu.Lock()
-			maxGap = max(maxGap, time.Since(lastAck))
-			lastAck = time.Now()
-			gapMu.Unlock()
+	// ackGap measures, on a lease of its own on the node's client, the
+	// longest time without a keep-alive acknowledgement until stop.
+	ackGap := func() (stop func() time.Duration) {
+		ctx, cancel := context.WithCancel(context.Background())
+		grant, err := n.Client().Grant(ctx, int64(ttl/time.Second))
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
-	takeGap := func() time.Duration {
-		gapMu.Lock()
-		defer gapMu.Unlock()
-		g := max(maxGap, time.Since(lastAck))
-		maxGap = 0
-		return g
+		ka, err := n.Client().KeepAlive(ctx, grant.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		last, longest := time.Now(), time.Duration(0)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for range ka {
+				mu.Lock()
+				longest, last = max(longest, time.Since(last)), time.Now()
+				mu.Unlock()
+			}
+		}()
+		return func() time.Duration {
+			mu.Lock()
+			g := max(longest, time.Since(last))
+			mu.Unlock()
+			cancel()
+			<-done
+			rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
+			n.Client().Revoke(rctx, grant.ID) //nolint:errcheck // it expires anyway
+			rcancel()
+			return g
+		}
 	}
 
 	build(t, s, "held")
@@ -304,7 +305,7 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 	raced := false
 	scenario := func(name string, m *member, wasLeader bool) {
 		t.Helper()
-		takeGap()
+		takeGap := ackGap()
 		// A build that spans the freeze: it must publish afterwards.
 		release := make(chan struct{})
 		started := make(chan struct{})
@@ -358,6 +359,7 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 		// What the client must do is done: the lease lived through the
 		// freeze.
 		lostFrozen := lost.Load() - lostBase
+		gap := takeGap()
 		m.signal(t, syscall.SIGCONT)
 		close(release)
 		<-done
@@ -369,8 +371,7 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 				t.Errorf("%s: build or reference during the freeze: %v", name, err)
 			}
 		}
-		gap := takeGap()
-		t.Logf("%s: %d builds during the freeze, %d failed; member found frozen after %v; longest keep-alive gap %v (renewal every %v, guard at %v)",
+		t.Logf("%s: %d builds during the freeze, %d failed; member found frozen after %v; longest keep-alive gap while frozen %v (renewal every %v, guard at %v)",
 			name, len(during), failed, foundAfter(logs.String(), m.clientURL, frozen), gap.Round(time.Millisecond), ttl/3, ttl*2/3)
 		if lostFrozen != 0 {
 			t.Fatalf("%s: lease lost while %s was frozen (%d events)\nnode log:\n%s", name, m.name, lostFrozen, &logs)
@@ -443,8 +444,6 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 	if held != 1 {
 		t.Errorf("references to held on the node's lease: %d, want 1 (%+v)", held, info.Refs)
 	}
-	cancel()
-	<-kaDone
 	if err := stop(); err != nil && !raced {
 		t.Errorf("Run: %v", err)
 	}
