@@ -25,32 +25,18 @@ import (
 	"github.com/granary-build/granary/node"
 )
 
-var (
-	etcdBinOnce sync.Once
-	etcdBin     string
-	etcdBinErr  error
-)
-
 // etcdBinary builds the etcd server from the module's own dependency (the
-// go.mod tool directive), once per test process, as the e2e image does.
+// go.mod tool directive) into a directory of t, with the e2e image's flags
+// so that the two share Go's build cache.
 func etcdBinary(t *testing.T) string {
 	t.Helper()
-	etcdBinOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "etcdbin")
-		if err != nil {
-			etcdBinErr = err
-			return
-		}
-		etcdBin = filepath.Join(dir, "etcd")
-		out, err := exec.Command("go", "build", "-o", etcdBin, "go.etcd.io/etcd/server/v3").CombinedOutput()
-		if err != nil {
-			etcdBinErr = fmt.Errorf("go build etcd: %v: %s", err, out)
-		}
-	})
-	if etcdBinErr != nil {
-		t.Fatal(etcdBinErr)
+	bin := filepath.Join(t.TempDir(), "etcd")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "go.etcd.io/etcd/server/v3")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build etcd: %v: %s", err, out)
 	}
-	return etcdBin
+	return bin
 }
 
 // member is one etcd process of a procCluster.
