@@ -9,3 +9,15 @@ func SetTestHookCleanup(s *Store, fn func(id string)) { s.testHookCleanup = fn }
 // between its read of the package's state and the start of its watches.
 // Call it before s is used.
 func SetTestHookWait(s *Store, fn func(id string)) { s.testHookWait = fn }
+
+// SetTestHookUpload installs fn to run when a build's upload to the remote
+// cache has taken its reference, before the upload starts. Call it before
+// s is used.
+func SetTestHookUpload(s *Store, fn func(id string)) { s.testHookUpload = fn }
+
+// Closed reports whether Close has begun.
+func Closed(s *Store) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}

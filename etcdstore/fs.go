@@ -13,8 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"time"
-
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // TreeDigest returns "sha256:<hex>" over the tree at dir: for each entry in
@@ -97,18 +95,12 @@ func (s *Store) moveToTrash(path string) error {
 		}
 		return fmt.Errorf("move %s to trash: %w", path, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil // Prune sweeps the trash later
-	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		if err := fsutil.RemoveAll(dst); err != nil {
+	// After Close, Prune sweeps the trash later.
+	s.spawn(func() {
+		if err := RemoveTree(dst); err != nil {
 			s.opt.logger.Warn("cannot delete trash; the next prune retries", "path", dst, "err", err)
 		}
-	}()
+	})
 	return nil
 }
 

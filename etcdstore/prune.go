@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/core"
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // DefaultPruneGrace is the grace period Prune uses when PruneOptions.Grace
@@ -65,11 +64,11 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	} else if grace < 0 {
 		grace = 0
 	}
-	ss, err := s.session(ctx)
+	ls, err := s.sess.Current(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
-	gc := s.newLock(ss, s.opt.prefix+"gc/")
+	gc := s.newLock(ls, s.opt.prefix+"gc/")
 	ok, err := gc.tryLock(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
@@ -163,39 +162,12 @@ func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time
 	}
 	for _, e := range trash {
 		if old(e, grace) {
-			if err := fsutil.RemoveAll(s.trashDir() + "/" + e.Name()); err == nil {
+			if err := RemoveTree(s.trashDir() + "/" + e.Name()); err == nil {
 				rep.TrashEntries++
 			}
 		}
 	}
 	return nil
-}
-
-// sweepOrphan moves an orphan directory aside while holding the package's
-// lock and after checking, under it, that the package is still absent.
-func (s *Store) sweepOrphan(ctx context.Context, id string, dryRun bool) (bool, error) {
-	unlock, ok := s.tryLockLocal(id)
-	if !ok {
-		return false, nil
-	}
-	defer unlock()
-	ss, err := s.session(ctx)
-	if err != nil {
-		return false, err
-	}
-	l := s.newLock(ss, s.lockPrefix(id))
-	if ok, err := l.tryLock(ctx); !ok || err != nil {
-		return false, err
-	}
-	defer l.release()
-	st, err := s.readState(ctx, id)
-	if err != nil || st.avail != nil || st.build != nil {
-		return false, err
-	}
-	if dryRun {
-		return true, nil
-	}
-	return true, s.moveToTrash(s.pkgDir(id))
 }
 
 func old(e os.DirEntry, grace time.Duration) bool {
