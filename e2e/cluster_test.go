@@ -30,10 +30,22 @@ const (
 )
 
 var (
-	image    = DefaultImage // the tag the clusters run
 	repoRoot string
 	compose  []string // "docker compose" or "docker-compose"
+	// image is the tag built and run: $GRANARY_E2E_IMAGE, default
+	// DefaultImage. Sessions sharing a Docker daemon give theirs a tag and
+	// a project prefix ($GRANARY_E2E_PROJECT, default "granarye2e") of
+	// their own.
+	image         = envOr("GRANARY_E2E_IMAGE", DefaultImage)
+	projectPrefix = envOr("GRANARY_E2E_PROJECT", "granarye2e")
 )
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -57,11 +69,6 @@ func run(m *testing.M) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	start := time.Now()
-	// $GRANARY_E2E_IMAGE: another tag, so that two checkouts on one
-	// Docker do not replace each other's image mid-run.
-	if v := os.Getenv("GRANARY_E2E_IMAGE"); v != "" {
-		image = v
-	}
 	if err := BuildImage(ctx, repoRoot, image, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -95,7 +102,7 @@ func newCluster(t *testing.T, o clusterOpts) *cluster {
 	t.Helper()
 	c := &cluster{
 		t:       t,
-		project: "granarye2e" + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),
+		project: projectPrefix + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),
 		files:   append([]string{filepath.Join(repoRoot, "docker-compose.yml")}, o.files...),
 		env:     append([]string{"GRANARY_TTL=" + fmt.Sprint(int(ttl.Seconds())), "GRANARY_IMAGE=" + image}, o.env...),
 		ids:     map[string]string{},

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -40,7 +41,8 @@ type Config struct {
 	// User and Password authenticate to etcd. The password comes from
 	// GRANARY_PASSWORD or PasswordFile, never from a flag alone.
 	User, Password string
-	// PasswordFile holds the password (trailing newline ignored).
+	// PasswordFile holds the password (trailing newline ignored). It is
+	// read when a client is made (ClientConfig), so Password stays empty.
 	PasswordFile string
 
 	// Name names this host in records and in P/node/<name>/<lease>. Default
@@ -277,12 +279,38 @@ func (d *nonNegative) Set(s string) error {
 	return nil
 }
 
-// parseSeconds accepts a duration ("15s") or a bare number of seconds.
+// maxSeconds is the largest bare number of seconds parseSeconds accepts:
+// more would overflow a time.Duration (about 292 years).
+const maxSeconds = int64(math.MaxInt64 / time.Second)
+
+// parseSeconds accepts a duration ("15s") or a bare number of seconds. A
+// number too large for a time.Duration is an error naming the value as
+// typed, not a wrapped-around duration.
 func parseSeconds(s string) (time.Duration, error) {
-	if n, err := strconv.Atoi(s); err == nil {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err == nil {
+		if n > maxSeconds || n < -maxSeconds {
+			return 0, fmt.Errorf("%s seconds is out of range (at most %d)", s, maxSeconds)
+		}
 		return time.Duration(n) * time.Second, nil
 	}
+	if errors.Is(err, strconv.ErrRange) {
+		return 0, fmt.Errorf("%s seconds is out of range (at most %d)", s, maxSeconds)
+	}
 	return time.ParseDuration(s)
+}
+
+// password returns the password: Password, or the content of PasswordFile
+// without its trailing newline.
+func (c *Config) password() (string, error) {
+	if c.PasswordFile == "" {
+		return c.Password, nil
+	}
+	b, err := os.ReadFile(c.PasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("password file: %w", err)
+	}
+	return strings.TrimRight(string(b), "\r\n"), nil
 }
 
 func splitList(s string) []string {
@@ -367,7 +395,9 @@ func (c *Config) AgentSocketPath() string { return filepath.Join(c.StateDir, Age
 // LocalEndpoint is the client URL of the embedded etcd.
 func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }
 
-// Validate reports the first bad value, and reads the password file.
+// Validate reports every bad value. It changes nothing in c, so it may be
+// called more than once (the CLI validates before node.New does again); the
+// password file is only checked for readability here and read at Dial time.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -417,14 +447,11 @@ func (c *Config) Validate() error {
 		bad("password given both in $%s and in a file; use one", EnvPassword)
 	}
 	if c.PasswordFile != "" {
-		b, err := os.ReadFile(c.PasswordFile)
-		if err != nil {
-			bad("password file: %v", err)
-		} else {
-			c.Password = strings.TrimRight(string(b), "\r\n")
+		if _, err := c.password(); err != nil {
+			bad("%v", err)
 		}
 	}
-	if c.Password != "" && c.User == "" {
+	if (c.Password != "" || c.PasswordFile != "") && c.User == "" {
 		bad("a password without --user")
 	}
 	if c.Name == "" {

@@ -72,6 +72,22 @@ func newMetrics(n *Node) *metrics {
 			return float64(resp.Count)
 		}
 	}
+	watched := func(c func(w *memberWatch) int64) func() float64 {
+		return func() float64 {
+			if n.watch == nil {
+				return 0
+			}
+			return float64(c(n.watch))
+		}
+	}
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "granary_etcd_member_down_total", Help: "Times an etcd member stopped answering and the node's client closed its connections to it.",
+		}, watched(func(w *memberWatch) int64 { return w.downs.Load() })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "granary_lease_keepalive_moves_total", Help: "Lease keep-alive streams reopened on another etcd member after a renewal went unanswered.",
+		}, watched(func(w *memberWatch) int64 { return w.stalls.Load() })),
+	)
 	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.leaseLosses,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",

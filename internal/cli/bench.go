@@ -136,11 +136,11 @@ func printBench(e *env, rep *bench.Report) {
 }
 
 // benchChild is the command of a memory scenario's child process: this
-// program as `granary bench-child` with the same connection settings (the
-// password, if any, goes through the environment).
+// program as `granary bench-child` with the same connection settings (a
+// password goes through the environment, a password file by name).
 func benchChild(ctx context.Context, exe string, cfg node.Config, args []string) *exec.Cmd {
 	a := []string{"bench-child", "--endpoints", strings.Join(cfg.Endpoints, ","), "--op-timeout", cfg.OpTimeout.String()}
-	for _, kv := range [][2]string{{"--cacert", cfg.CACert}, {"--cert", cfg.Cert}, {"--key", cfg.Key}, {"--user", cfg.User}} {
+	for _, kv := range [][2]string{{"--cacert", cfg.CACert}, {"--cert", cfg.Cert}, {"--key", cfg.Key}, {"--user", cfg.User}, {"--password-file", cfg.PasswordFile}} {
 		if kv[1] != "" {
 			a = append(a, kv[0], kv[1])
 		}

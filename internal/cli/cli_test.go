@@ -53,6 +53,10 @@ func TestParseSize(t *testing.T) {
 		{"", 0, false},
 		{"-1G", 0, false},
 		{"ten", 0, false},
+		{"99999999999P", 0, false}, // overflows int64: refused, not wrapped negative
+		{"inf", 0, false},
+		{"NaN", 0, false},
+		{"8191P", 8191 << 50, true},
 	}
 	for _, tt := range tests {
 		got, err := parseSize(tt.in)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -401,8 +402,12 @@ func parseSize(s string) (int64, error) {
 		}
 	}
 	n, err := strconv.ParseFloat(t, 64)
-	if err != nil || n < 0 {
+	if err != nil || n < 0 || math.IsNaN(n) {
 		return 0, fmt.Errorf("want a size such as 500M or 20G")
+	}
+	// 2^63 is exact in a float64: anything at or above it overflows int64.
+	if n*float64(mult) >= math.MaxInt64 {
+		return 0, fmt.Errorf("size %s is out of range (at most 8E)", s)
 	}
 	return int64(n * float64(mult)), nil
 }
