@@ -113,8 +113,8 @@ type Holder struct {
 	Purpose string    `json:"purpose,omitempty"`
 }
 
-// codes maps the sentinel errors that cross the socket to their names.
-var codes = []struct {
+// wireCodes maps the sentinel errors that cross the socket to their names.
+var wireCodes = []struct {
 	name string
 	err  error
 }{
@@ -133,7 +133,7 @@ var codes = []struct {
 // errCodes lists the names of the sentinels err wraps.
 func errCodes(err error) []string {
 	var out []string
-	for _, c := range codes {
+	for _, c := range wireCodes {
 		if errors.Is(err, c.err) {
 			out = append(out, c.name)
 		}
@@ -159,7 +159,7 @@ func (e *RemoteError) Error() string { return e.Msg }
 func (e *RemoteError) Unwrap() []error {
 	var out []error
 	for _, name := range e.Codes {
-		for _, c := range codes {
+		for _, c := range wireCodes {
 			if c.name == name {
 				out = append(out, c.err)
 			}
