@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -68,7 +69,8 @@ type farm struct {
 	cl     *cluster
 	cnt    *Counter
 	cli    *clientv3.Client
-	root   string
+	base   string // the temporary directory holding every run's root
+	root   string // the current run's shared root (a root is bound to one prefix)
 	prefix string
 	closes []func() error
 	res    map[string]float64
@@ -97,10 +99,10 @@ func Farm(ctx context.Context, cfg FarmConfig) (res map[string]float64, err erro
 		return nil, err
 	}
 	defer f.cli.Close()
-	if f.root, err = os.MkdirTemp(cfg.Dir, "granary-farm-"); err != nil {
+	if f.base, err = os.MkdirTemp(cfg.Dir, "granary-farm-"); err != nil {
 		return nil, err
 	}
-	defer etcdstore.RemoveTree(f.root)
+	defer etcdstore.RemoveTree(f.base)
 	for _, h := range cfg.Hosts {
 		for _, m := range farmModes {
 			if err := f.runMode(ctx, m, h); err != nil {
@@ -115,6 +117,7 @@ func Farm(ctx context.Context, cfg FarmConfig) (res map[string]float64, err erro
 // warms up and measures.
 func (f *farm) runMode(ctx context.Context, m farmMode, n int) (err error) {
 	f.prefix = fmt.Sprintf("/granary-farm-%s-%d/", m.name, n)
+	f.root = filepath.Join(f.base, fmt.Sprintf("%s-%d", m.name, n))
 	defer func() { err = errors.Join(err, f.closeAll()) }()
 	if err := f.publish(ctx); err != nil {
 		return err

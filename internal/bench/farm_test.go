@@ -27,4 +27,9 @@ func TestFarmTiny(t *testing.T) {
 	if got := res["farm_direct_h3_writes_per_job"]; got != 2 {
 		t.Errorf("direct mode: %v etcd writes per job, want 2 (a reference's put and delete)", got)
 	}
+	// Through the node, only a host's first job on a package writes (3
+	// hosts × 5 packages at most), and the linger outlasts the run.
+	if got, jobs := res["farm_agent_h3_writes_per_job"], res["farm_agent_h3_jobs"]; got*jobs > 15 {
+		t.Errorf("agent mode: %v etcd writes per job over %v jobs, want at most one per host and package", got, jobs)
+	}
 }
