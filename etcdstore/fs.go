@@ -4,14 +4,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/granary-build/granary/internal/fsutil"
@@ -110,81 +108,4 @@ func (s *Store) moveToTrash(path string) error {
 		}
 	}()
 	return nil
-}
-
-// binding is the content of <root>/.granary/cluster.
-type binding struct {
-	ClusterID string    `json:"cluster_id"`
-	Prefix    string    `json:"prefix"`
-	BoundAt   time.Time `json:"bound_at"`
-}
-
-// bindRoot binds root to (cluster, prefix) on first use and refuses a root
-// bound to anything else: two etcd clusters, or two prefixes, on one volume
-// would build the same package twice and delete each other's packages.
-func bindRoot(root string, cluster uint64, prefix string) error {
-	want := binding{ClusterID: strconv.FormatUint(cluster, 16), Prefix: prefix, BoundAt: time.Now().UTC()}
-	path := filepath.Join(root, ".granary", "cluster")
-	var b []byte
-	var err error
-	// A binding that vanishes between a failed link and the read (an
-	// operator resetting the root, an NFS client's stale negative lookup)
-	// is looked up again rather than reported.
-	for attempt := 1; ; attempt++ {
-		b, err = readOrBind(path, want)
-		if errors.Is(err, errBound) {
-			return nil
-		}
-		if !errors.Is(err, fs.ErrNotExist) || attempt == 3 {
-			break
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("etcdstore: root binding: %w", err)
-	}
-	var got binding
-	if err := json.Unmarshal(b, &got); err != nil {
-		return fmt.Errorf("etcdstore: root binding %s is corrupt (%v); if no other cluster uses this root, delete the file", path, err)
-	}
-	if got.ClusterID != want.ClusterID || got.Prefix != want.Prefix {
-		return fmt.Errorf("%w: %s is bound to etcd cluster %s with prefix %q (since %s), but this client reaches cluster %s with prefix %q; "+
-			"point --endpoints at the members of cluster %s, or use another root for this cluster",
-			ErrForeignCluster, root, got.ClusterID, got.Prefix, got.BoundAt.Format(time.RFC3339), want.ClusterID, want.Prefix, got.ClusterID)
-	}
-	return nil
-}
-
-// errBound: readOrBind bound the root itself.
-var errBound = errors.New("bound")
-
-// readOrBind returns the binding at path, or writes want there if there is
-// none and returns errBound.
-func readOrBind(path string, want binding) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		// Write a temporary file, then link it into place: link fails if
-		// another host bound the root first, and never leaves half a file.
-		tmp, err := os.CreateTemp(filepath.Dir(path), "cluster.tmp*")
-		if err != nil {
-			return nil, fmt.Errorf("bind root: %w", err)
-		}
-		data, _ := json.MarshalIndent(want, "", "  ")
-		_, werr := tmp.Write(append(data, '\n'))
-		cerr := tmp.Close()
-		if werr == nil && cerr == nil {
-			err = os.Link(tmp.Name(), path)
-		}
-		os.Remove(tmp.Name())
-		if werr != nil || cerr != nil {
-			return nil, fmt.Errorf("bind root: %w", errors.Join(werr, cerr))
-		}
-		if err == nil {
-			return nil, errBound
-		}
-		if !errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("bind root: %w", err)
-		}
-		b, err = os.ReadFile(path)
-	}
-	return b, err
 }

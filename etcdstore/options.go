@@ -21,6 +21,7 @@ type options struct {
 	opTimeout time.Duration
 	host      string
 	purpose   string
+	initRoot  bool
 }
 
 // Defaults.
