@@ -41,6 +41,21 @@ const (
 	// EventCacheMiss: the remote cache did not provide the package, so the
 	// builder runs. Err is nil for a plain miss, else why the fetch failed.
 	EventCacheMiss
+	// EventWaitVisible: etcd says the package is published, but this host
+	// cannot see its tree yet (Err says what is missing; Host, PID and
+	// Since name the publisher; Elapsed is how long it will wait at most).
+	// A stale cache of the shared root: see "Running on NFS".
+	EventWaitVisible
+	// EventTrashFailed: deleting a tree in the trash failed (Err); the
+	// next sweep tries again.
+	EventTrashFailed
+	// EventTrashPending: a trash entry is kept because it holds files of
+	// a deleted file still open somewhere (.nfs*, .fuse_hidden*); Size is
+	// how many. It goes when they are closed, or when they are old.
+	EventTrashPending
+	// EventMountWarning: the shared root is mounted with options that
+	// make this host's view of it stale or unsafe (Err says which).
+	EventMountWarning
 )
 
 var kindNames = map[EventKind]string{
@@ -48,7 +63,8 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss",
+	EventCacheMiss: "cache-miss", EventWaitVisible: "wait-visible", EventTrashFailed: "trash-failed",
+	EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 }
 
 func (k EventKind) String() string {

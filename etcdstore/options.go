@@ -22,6 +22,8 @@ type options struct {
 	host      string
 	purpose   string
 	initRoot  bool
+
+	visibleTimeout time.Duration
 }
 
 // Defaults.
@@ -48,6 +50,8 @@ func defaultOptions() options {
 		lockDelay: DefaultLockDelay,
 		opTimeout: DefaultOpTimeout,
 		host:      host,
+
+		visibleTimeout: DefaultVisibleTimeout,
 	}
 }
 
@@ -63,6 +67,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("lock delay %v is negative", o.lockDelay)
 	case o.opTimeout <= 0:
 		return fmt.Errorf("operation timeout %v must be positive", o.opTimeout)
+	case o.visibleTimeout < 0:
+		return fmt.Errorf("visibility timeout %v is negative", o.visibleTimeout)
 	case o.host == "":
 		return fmt.Errorf("host name is empty")
 	}
