@@ -355,30 +355,10 @@ func (s *Store) buildLocked(ctx context.Context, ss *session, l *lock, id string
 		return err
 	}
 
-	// A tree here belongs to a dead attempt (or a removal that crashed). Its
-	// builder may be frozen rather than dead: give it the lock delay to
-	// notice its lost lease, then move the tree aside, never deleting in
-	// place.
-	if _, err := os.Lstat(s.pkgDir(id)); err == nil {
-		owner := "an earlier attempt"
-		if st.build != nil {
-			owner = fmt.Sprintf("the attempt of %s (pid %d)", st.build.Host, st.build.PID)
-		}
-		s.emit(Event{Kind: EventLockDelay, ID: id, Elapsed: s.opt.lockDelay, Host: s.opt.host, PID: s.pid})
-		s.opt.logger.Info("moving leftovers aside after the lock delay", "id", id, "of", owner, "delay", s.opt.lockDelay)
-		select {
-		case <-time.After(s.opt.lockDelay):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		if err := s.moveToTrash(s.pkgDir(id)); err != nil {
-			return s.failed(ctx, ss, l, id, rec, err)
-		}
-	}
-	for _, d := range []string{s.outputDir(id), s.logDir(id)} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return s.failed(ctx, ss, l, id, rec, err)
-		}
+	// Leftovers of a dead attempt go to the trash after the lock delay; the
+	// attempt's directories are made without trusting this host's cache.
+	if err := s.prepareAttempt(ctx, id, st.build); err != nil {
+		return s.failed(ctx, ss, l, id, rec, err)
 	}
 
 	start := time.Now()

@@ -1,18 +1,13 @@
 package etcdstore
 
 import (
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"time"
-
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // TreeDigest returns "sha256:<hex>" over the tree at dir: for each entry in
@@ -81,31 +76,4 @@ func walkTree(dir string, seal bool) (string, int64, error) {
 		return "", 0, err
 	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil)), size, nil
-}
-
-// moveToTrash renames path into the root's trash (one atomic rename on the
-// server) and deletes it in the background. A missing path is not an error.
-func (s *Store) moveToTrash(path string) error {
-	var rnd [4]byte
-	rand.Read(rnd[:])
-	dst := filepath.Join(s.trashDir(), fmt.Sprintf("%s.%d.%x", filepath.Base(path), time.Now().UnixNano(), rnd))
-	if err := os.Rename(path, dst); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return fmt.Errorf("move %s to trash: %w", path, err)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil // Prune sweeps the trash later
-	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		if err := fsutil.RemoveAll(dst); err != nil {
-			s.opt.logger.Warn("cannot delete trash; the next prune retries", "path", dst, "err", err)
-		}
-	}()
-	return nil
 }

@@ -2,7 +2,10 @@
 
 package etcdstore
 
-import "os"
+import (
+	"os"
+	"time"
+)
 
 // syncTree flushes the directory itself; other systems have no syncfs.
 func syncTree(dir string) error {
@@ -13,3 +16,6 @@ func syncTree(dir string) error {
 	defer f.Close()
 	return f.Sync()
 }
+
+// ctime is the modification time of fi here; Linux uses the change time.
+func ctime(fi os.FileInfo) time.Time { return fi.ModTime() }

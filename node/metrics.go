@@ -25,6 +25,8 @@ type metrics struct {
 	gcSweeps     *prometheus.CounterVec
 	gcRemovals   prometheus.Counter
 	gcBytes      prometheus.Counter
+	trashPending prometheus.Gauge
+	trashErrors  prometheus.Counter
 	leaseLosses  prometheus.Counter
 
 	mu      sync.Mutex
@@ -53,6 +55,12 @@ func newMetrics(n *Node) *metrics {
 	m.gcBytes = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_gc_removed_bytes_total", Help: "Bytes of packages removed by this node's GC.",
 	})
+	m.trashPending = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "granary_trash_pending_files", Help: "Files kept in the trash at this node's last GC sweep because a process may still have them open (.nfs*, .fuse_hidden*).",
+	})
+	m.trashErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_trash_delete_errors_total", Help: "Failures to delete from the trash in this node's GC sweeps (retried by the next sweep).",
+	})
 	m.leaseLosses = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_lease_losses_total", Help: "Store and registration leases this node lost.",
 	})
@@ -76,7 +84,7 @@ func newMetrics(n *Node) *metrics {
 			return float64(resp.Count)
 		}
 	}
-	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.leaseLosses,
+	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
 		}, count("ref/")),
@@ -171,6 +179,10 @@ func (m *metrics) sweep(rep etcdstore.PruneReport, err error) {
 	if !rep.DryRun {
 		m.gcRemovals.Add(float64(len(rep.Removed)))
 		m.gcBytes.Add(float64(rep.FreedBytes))
+		m.trashErrors.Add(float64(len(rep.TrashErrors)))
+		if err == nil {
+			m.trashPending.Set(float64(rep.TrashPending))
+		}
 	}
 }
 
