@@ -144,6 +144,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 			return fmt.Errorf("etcdstore: prepare root: %w", err)
 		}
 	}
+	s.checkMount()
 	return nil
 }
 

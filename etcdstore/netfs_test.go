@@ -303,3 +303,28 @@ func TestNetFSTrashWithOpenFile(t *testing.T) {
 		t.Errorf("A's sweep counts %d pending for a file open only on B; A cannot know", rep.TrashPending)
 	}
 }
+
+// TestNetFSMountCheck: a store on sshfs with its listing cache on (its
+// default mode) warns, naming dir_cache; on the NFS-like mount it does not.
+func TestNetFSMountCheck(t *testing.T) {
+	for _, mode := range []struct {
+		name, opts string
+		warn       bool
+	}{{"default", netfstest.DefaultMode, true}, {"nfs-like", netfstest.NFSLike, false}} {
+		t.Run(mode.name, func(t *testing.T) {
+			_, _, st, ev := netHosts(t, mode.opts)
+			mi := st[0].Mount()
+			if mi.FSType != "fuse.sshfs" {
+				t.Fatalf("mount of the root: %+v, want fuse.sshfs", mi)
+			}
+			n := ev.count("hostA", etcdstore.EventMountWarning)
+			if got := n > 0; got != mode.warn {
+				t.Fatalf("%d mount warnings (%q), want warnings: %v", n, mi.Warnings, mode.warn)
+			}
+			if mode.warn && !strings.Contains(strings.Join(mi.Warnings, " "), "dir_cache") {
+				t.Errorf("warnings %q do not name dir_cache", mi.Warnings)
+			}
+			t.Logf("warnings: %q", mi.Warnings)
+		})
+	}
+}

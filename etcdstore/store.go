@@ -29,6 +29,8 @@ type Store struct {
 	opt  options
 	pid  int
 
+	mount MountInfo // the root's mount, checked by New (mount.go)
+
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // flights, lease guard, re-establishment, background clean-up
