@@ -328,3 +328,27 @@ func TestNetFSMountCheck(t *testing.T) {
 		})
 	}
 }
+
+// TestNetFSStaleVerify: host C read v1 of a package (its cache holds the
+// tree's entries and attributes), host A removed it and rebuilt it with
+// other contents under the same names. verify on C must not cry
+// corruption because of what C's cache still says.
+func TestNetFSStaleVerify(t *testing.T) {
+	e, _, st, _ := netHosts(t, netfstest.NFSLike)
+	a, c := st[0], st[2]
+	ctx := context.Background()
+	buildFiles(t, a, "p", map[string]string{"f": "v1", "g": "same"})
+	if err := etcdstore.AwaitVisible(ctx, c, "p", record(t, a, e, "p")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Verify(ctx, "p"); err != nil {
+		t.Fatalf("C: verify v1: %v", err)
+	}
+	if ok, err := a.Handle("p").TryRemove(); !ok || err != nil {
+		t.Fatalf("rm: %v %v", ok, err)
+	}
+	buildFiles(t, a, "p", map[string]string{"f": "version two", "g": "same", "h": "new"})
+	if err := c.Verify(ctx, "p"); err != nil {
+		t.Fatalf("C: verify v2 right after the rebuild: %v", err)
+	}
+}

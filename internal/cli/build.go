@@ -9,10 +9,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/reaper"
 )
 
 // Environment of a builder and of a `run` command.
@@ -97,23 +97,25 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 }
 
 // runBuilder runs argv as the builder: GRANARY_OUT and GRANARY_LOGS set, its
-// output shown and copied to logPath. The builder gets its own process group,
-// all of which is killed when ctx ends (the build was cancelled or the lease
-// is in doubt).
+// output shown and copied to logPath. It runs under a guard
+// (internal/reaper) that kills the builder's whole tree, including
+// processes that left its process group or session, when ctx ends (the
+// build was cancelled or the lease is in doubt), when the builder exits, and
+// when this process dies, even by SIGKILL.
 func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, stdout, stderr io.Writer) error {
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return fmt.Errorf("build log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvOut+"="+out, EnvLogs+"="+logs)
+	cmd, err := reaper.Command(ctx, argv...)
+	if err != nil {
+		return err
+	}
+	cmd.Env = append(cmd.Env, EnvOut+"="+out, EnvLogs+"="+logs)
 	var mu sync.Mutex // the log gets both streams
 	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
 	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 5 * time.Second
 	return cmd.Run()
 }
 
