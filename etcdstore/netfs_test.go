@@ -3,6 +3,7 @@ package etcdstore_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/internal/netfstest"
@@ -350,5 +352,131 @@ func TestNetFSStaleVerify(t *testing.T) {
 	buildFiles(t, a, "p", map[string]string{"f": "version two", "g": "same", "h": "new"})
 	if err := c.Verify(ctx, "p"); err != nil {
 		t.Fatalf("C: verify v2 right after the rebuild: %v", err)
+	}
+}
+
+// TestNetFSChurn: builds, runs and removals on hosts A and B, and a gc
+// sweep after every step on host C, all on the NFS-like mounts. Every build
+// must succeed, and every run either finds the package gone ("does not
+// exist") or reads the whole tree.
+func TestNetFSChurn(t *testing.T) {
+	if testing.Short() {
+		t.Skip("churn on three sshfs mounts takes a while")
+	}
+	e, _, st, _ := netHosts(t, netfstest.NFSLike)
+	_ = e
+	ctx := context.Background()
+	ids := []string{"p0", "p1", "p2"}
+	const opsPerWorker = 24
+	type counts struct{ builds, buildFails, runs, runGone, runFails, rms, sweeps int }
+	var mu sync.Mutex
+	var c counts
+	var failures []string
+	fail := func(format string, args ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		failures = append(failures, fmt.Sprintf(format, args...))
+	}
+	bump := func(f func(*counts)) { mu.Lock(); f(&c); mu.Unlock() }
+
+	// Each worker goes round: build, run, run, rm, on the IDs in turn;
+	// the workers of A and B start on the same IDs, so they build, read and
+	// remove each other's packages. C sweeps after every round of any
+	// worker.
+	rounds := make(chan struct{}, 100)
+	work := func(s *etcdstore.Store, seed int) {
+		for i := range opsPerWorker {
+			id := ids[(seed+i/4)%len(ids)]
+			h := s.Handle(id)
+			if i%4 == 3 {
+				select {
+				case rounds <- struct{}{}:
+				default:
+				}
+			}
+			switch []int{0, 1, 1, 2}[i%4] {
+			case 0: // build
+				err := h.Build(func() error {
+					if err := os.Mkdir(filepath.Join(h.OutputDirectory(), "d"), 0o755); err != nil {
+						return err
+					}
+					return os.WriteFile(filepath.Join(h.OutputDirectory(), "d", "x"), []byte(id), 0o644)
+				})
+				bump(func(c *counts) { c.builds++ })
+				if err != nil {
+					bump(func(c *counts) { c.buildFails++ })
+					fail("build %s: %v", id, err)
+				}
+			case 1: // run: reference, wait to see it, read it
+				bump(func(c *counts) { c.runs++ })
+				if err := h.IncRef(); err != nil {
+					if errors.Is(err, core.ErrPackageNotExist) {
+						bump(func(c *counts) { c.runGone++ })
+					} else {
+						bump(func(c *counts) { c.runFails++ })
+						fail("incref %s: %v", id, err)
+					}
+					continue
+				}
+				info, err := s.Inspect(ctx, id)
+				if err == nil && info.Package != nil {
+					err = etcdstore.AwaitVisible(ctx, s, id, info.Package)
+				}
+				if err == nil {
+					var b []byte
+					b, err = os.ReadFile(filepath.Join(h.OutputDirectory(), "d", "x"))
+					if err == nil && string(b) != id {
+						err = fmt.Errorf("read %q", b)
+					}
+				}
+				if err != nil {
+					bump(func(c *counts) { c.runFails++ })
+					fail("run %s: %v", id, err)
+				}
+				if err := h.DecRef(); err != nil {
+					fail("decref %s: %v", id, err)
+				}
+			case 2: // rm
+				if ok, err := h.TryRemove(); err != nil && !errors.Is(err, core.ErrPackageNotExist) {
+					fail("rm %s: %v", id, err)
+				} else if ok {
+					bump(func(c *counts) { c.rms++ })
+				}
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w, s := range []*etcdstore.Store{st[0], st[0], st[1], st[1]} {
+		wg.Go(func() { work(s, w%2) })
+	}
+	var gcDone sync.WaitGroup
+	gcDone.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-rounds:
+			}
+			rep, err := st[2].Prune(ctx, etcdstore.PruneOptions{OlderThan: time.Nanosecond, Grace: -1})
+			if err != nil {
+				fail("gc: %v", err)
+			}
+			for _, msg := range rep.TrashErrors {
+				fail("gc trash: %s", msg)
+			}
+			bump(func(c *counts) { c.sweeps++ })
+		}
+	})
+	wg.Wait()
+	close(stop)
+	gcDone.Wait()
+	t.Logf("builds %d (failed %d), runs %d (gone %d, failed %d), removals %d, gc sweeps %d",
+		c.builds, c.buildFails, c.runs, c.runGone, c.runFails, c.rms, c.sweeps)
+	for _, f := range failures {
+		t.Error(f)
+	}
+	if c.builds == 0 || c.runs == 0 || c.sweeps == 0 {
+		t.Errorf("the churn did not exercise everything: %+v", c)
 	}
 }
