@@ -301,6 +301,11 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 	if err == nil && errors.Is(statErr, fs.ErrNotExist) {
 		fmt.Fprintf(e.stderr, "granary: created the shared root %s (it did not exist)\n", s.Root())
 	}
+	if err == nil {
+		for _, w := range s.Mount().Warnings {
+			fmt.Fprintf(e.stderr, "granary: warning: the shared root %s is on %s (%s): %s\n", s.Root(), s.Mount().MountPoint, s.Mount().FSType, w)
+		}
+	}
 	if err != nil {
 		if rc != nil {
 			rc.Close()
