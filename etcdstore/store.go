@@ -29,7 +29,8 @@ type Store struct {
 	opt  options
 	pid  int
 
-	mount MountInfo // the root's mount, checked by New (mount.go)
+	mount   MountInfo   // the root's mount, checked by New (mount.go)
+	visible visibleMemo // published attempts this store has seen (visible.go)
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc

@@ -116,9 +116,20 @@ func BenchmarkAwaitVisibleLocal(b *testing.B) {
 	}
 	info.Package.Entries = 20
 	ctx := context.Background()
-	for b.Loop() {
-		if err := etcdstore.AwaitVisible(ctx, s, "hot", info.Package); err != nil {
-			b.Fatal(err)
+	b.Run("seen", func(b *testing.B) { // this store saw this attempt before
+		for b.Loop() {
+			if err := etcdstore.AwaitVisible(ctx, s, "hot", info.Package); err != nil {
+				b.Fatal(err)
+			}
 		}
-	}
+	})
+	b.Run("first-look", func(b *testing.B) { // as in a new process (`granary run`)
+		rec := *info.Package
+		for b.Loop() {
+			rec.Attempt++ // never seen: the full look
+			if err := etcdstore.AwaitVisible(ctx, s, "hot", &rec); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
