@@ -480,3 +480,85 @@ func TestNetFSChurn(t *testing.T) {
 		t.Errorf("the churn did not exercise everything: %+v", c)
 	}
 }
+
+// TestNetFSHungServer: host C's file server hangs (its sshfs is stopped,
+// like a hard-mounted NFS server that stopped answering) while C builds q.
+// The other hosts keep building and running other packages. C's lease stays
+// alive (etcd is fine), so C keeps q's build lock: the others wait for q
+// until C's server answers again, then get C's build.
+func TestNetFSHungServer(t *testing.T) {
+	e, _, st, ev := netHosts(t, netfstest.NFSLike)
+	a, b, c := st[0], st[1], st[2]
+	ctx := context.Background()
+	e.Stop(2)
+	stopped := true
+	defer func() {
+		if stopped {
+			e.Continue(2)
+		}
+	}()
+	cDone := make(chan error, 1)
+	go func() {
+		h := c.Handle("q")
+		cDone <- h.Build(func() error {
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte("from C"), 0o644)
+		})
+	}()
+	// Wait until C holds q's lock and hangs on its file system.
+	for i := 0; ; i++ {
+		info, err := a.Inspect(ctx, "q")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State == etcdstore.StateBuilding && info.Build.Host == "hostC" {
+			break
+		}
+		if i == 500 {
+			t.Fatalf("C did not start building q: %+v", info)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	// Others keep working on other packages.
+	buildFiles(t, a, "p", map[string]string{"f": "from A"})
+	hb := b.Handle("p")
+	if err := hb.IncRef(); err != nil {
+		t.Fatal(err)
+	}
+	if err := etcdstore.AwaitVisible(ctx, b, "p", record(t, a, e, "p")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(hb.OutputDirectory(), "f")); err != nil || string(got) != "from A" {
+		t.Fatalf("B reads p while C hangs: %q %v", got, err)
+	}
+	hb.DecRef()
+
+	// q is blocked for everyone while C's server hangs.
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	err := a.Handle("q").BuildContext(wctx, func(context.Context) error { return errors.New("A must not build q") })
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("A: build q while C holds it and hangs = %v, want to wait (deadline exceeded)", err)
+	}
+	if ev.count("hostA", etcdstore.EventWaiting) == 0 {
+		t.Error("A waited for C without saying so")
+	}
+	select {
+	case err := <-cDone:
+		t.Fatalf("C's build returned while its file server hangs: %v", err)
+	default:
+	}
+
+	// The server answers again: C finishes, and A gets C's package.
+	e.Continue(2)
+	stopped = false
+	if err := <-cDone; err != nil {
+		t.Fatalf("C's build after its server came back: %v", err)
+	}
+	if err := a.Handle("q").Build(func() error { return errors.New("A must not build q") }); err != nil {
+		t.Fatalf("A: build q after C published: %v", err)
+	}
+	if err := a.Verify(ctx, "q"); err != nil {
+		t.Fatal(err)
+	}
+}
