@@ -11,8 +11,9 @@ const (
 	// Since and LogDir name it. Sent when the wait starts and whenever the
 	// attempt changes.
 	EventWaiting EventKind = iota + 1
-	// EventLockDelay: the previous attempt died; waiting Elapsed before its
-	// leftovers are moved aside.
+	// EventLockDelay: an earlier attempt did not end cleanly (it died, or
+	// its host lost its lease) and left its output directory; waiting
+	// Elapsed before its leftovers are moved aside.
 	EventLockDelay
 	// EventBuilding: this store holds the lock and runs the builder.
 	EventBuilding
@@ -41,6 +42,9 @@ const (
 	// EventCacheMiss: the remote cache did not provide the package, so the
 	// builder runs. Err is nil for a plain miss, else why the fetch failed.
 	EventCacheMiss
+	// EventLastFailed: the previous attempt failed cleanly (Host, PID,
+	// LogDir and Err name it); this store starts a new attempt.
+	EventLastFailed
 	// EventWaitVisible: etcd says the package is published, but this host
 	// cannot see its tree yet (Err says what is missing; Host, PID and
 	// Since name the publisher; Elapsed is how long it will wait at most).
@@ -63,7 +67,7 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss", EventWaitVisible: "wait-visible", EventTrashFailed: "trash-failed",
+	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventWaitVisible: "wait-visible", EventTrashFailed: "trash-failed",
 	EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 }
 

@@ -20,3 +20,15 @@ func AwaitVisible(ctx context.Context, s *Store, id string, rec *PackageRecord) 
 
 // TopEntries is topEntries.
 func TopEntries(dir string) (int, error) { return topEntries(dir) }
+
+// SetTestHookUpload installs fn to run when a build's upload to the remote
+// cache has taken its reference, before the upload starts. Call it before
+// s is used.
+func SetTestHookUpload(s *Store, fn func(id string)) { s.testHookUpload = fn }
+
+// Closed reports whether Close has begun.
+func Closed(s *Store) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}

@@ -18,16 +18,18 @@ import (
 // soon as our own lease is in doubt (etcd #18082, #19597).
 type lock struct {
 	s    *Store
-	sess *session
+	sess *Lease
 	pfx  string
 	key  string
 	rev  int64 // create revision of key: the fencing token of this holder
 	// gone is set once our key is known deleted (released, or deleted by a
 	// Txn that succeeded), so release does nothing more.
 	gone bool
+	// queued is set when lock had to wait for a predecessor.
+	queued bool
 }
 
-func (s *Store) newLock(ss *session, pfx string) *lock {
+func (s *Store) newLock(ss *Lease, pfx string) *lock {
 	return &lock{s: s, sess: ss, pfx: pfx, key: pfx + ss.hex}
 }
 
@@ -41,7 +43,7 @@ func (l *lock) enqueue(ctx context.Context) (first bool, err error) {
 			// Our key is new: create it on our lease...
 			If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", 0)).
 			Then(
-				clientv3.OpPut(l.key, "", clientv3.WithLease(l.sess.id)),
+				clientv3.OpPut(l.key, "", clientv3.WithLease(l.sess.ID)),
 				clientv3.OpGet(l.pfx, clientv3.WithFirstCreate()...)).
 			// ...or an earlier, ambiguous attempt of ours made it: adopt it.
 			Else(
@@ -83,6 +85,7 @@ func (l *lock) lock(ctx context.Context) error {
 	if first {
 		return nil
 	}
+	l.queued = true
 	if err := l.waitPredecessors(ctx); err != nil {
 		l.release()
 		if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {

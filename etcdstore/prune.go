@@ -71,11 +71,11 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	} else if grace < 0 {
 		grace = 0
 	}
-	ss, err := s.session(ctx)
+	ls, err := s.sess.Current(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
-	gc := s.newLock(ss, s.opt.prefix+"gc/")
+	gc := s.newLock(ls, s.opt.prefix+"gc/")
 	ok, err := gc.tryLock(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
@@ -186,33 +186,6 @@ func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time
 		}
 	}
 	return nil
-}
-
-// sweepOrphan moves an orphan directory aside while holding the package's
-// lock and after checking, under it, that the package is still absent.
-func (s *Store) sweepOrphan(ctx context.Context, id string, dryRun bool) (bool, error) {
-	unlock, ok := s.tryLockLocal(id)
-	if !ok {
-		return false, nil
-	}
-	defer unlock()
-	ss, err := s.session(ctx)
-	if err != nil {
-		return false, err
-	}
-	l := s.newLock(ss, s.lockPrefix(id))
-	if ok, err := l.tryLock(ctx); !ok || err != nil {
-		return false, err
-	}
-	defer l.release()
-	st, err := s.readState(ctx, id)
-	if err != nil || st.avail != nil || st.build != nil {
-		return false, err
-	}
-	if dryRun {
-		return true, nil
-	}
-	return true, s.moveToTrash(s.pkgDir(id))
 }
 
 func old(e os.DirEntry, grace time.Duration) bool {

@@ -54,16 +54,8 @@ func (s *Store) moveToTrash(path string) error {
 		}
 		return fmt.Errorf("move %s to trash: %w", path, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return nil // Prune sweeps the trash later
-	}
-	s.wg.Add(1)
-	go func() {
-		defer s.wg.Done()
-		s.reportTrash(dst, s.deleteTrash(s.ctx, dst))
-	}()
+	// After Close, Prune sweeps the trash later.
+	s.spawn(func() { s.reportTrash(dst, s.deleteTrash(s.ctx, dst)) })
 	return nil
 }
 

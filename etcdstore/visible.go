@@ -100,19 +100,6 @@ func (s *Store) visibleNow(id string, rec *PackageRecord) error {
 	return nil
 }
 
-// revalidate opens each directory and closes it again. On NFS, opening a
-// directory revalidates it with the server (close-to-open), which drops its
-// cached entries, negative ones included, if it changed. On other file
-// systems it costs an open and a close. Errors do not matter here: the
-// look that follows reports what is missing.
-func revalidate(dirs ...string) {
-	for _, d := range dirs {
-		if fd, err := openDir(d); err == nil {
-			syscall.Close(fd)
-		}
-	}
-}
-
 // topEntries counts the entries of dir, without the files an NFS or FUSE
 // client leaves for open files that were deleted (.nfs*, .fuse_hidden*).
 // Reading the listing goes to the server on NFS when the directory changed.

@@ -27,7 +27,7 @@ func Example() {
 		log.Fatal(err)
 	}
 	h := n.Store().Handle("cpython-3.12.7-4f1c2a")
-	err = n.Build(ctx, "cpython-3.12.7-4f1c2a", func(ctx context.Context) error {
+	_, err = n.Build(ctx, "cpython-3.12.7-4f1c2a", func(ctx context.Context) error {
 		return os.WriteFile(filepath.Join(h.OutputDirectory(), "python"), []byte("…"), 0o755)
 	})
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -28,13 +27,10 @@ type metrics struct {
 	trashPending prometheus.Gauge
 	trashErrors  prometheus.Counter
 	leaseLosses  prometheus.Counter
-
-	mu      sync.Mutex
-	waiting map[string]time.Time // package → start of a wait seen in Node.Build
 }
 
 func newMetrics(n *Node) *metrics {
-	m := &metrics{reg: prometheus.NewRegistry(), waiting: map[string]time.Time{}}
+	m := &metrics{reg: prometheus.NewRegistry()}
 	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "granary_builds_total", Help: "Build attempts finished by this node's store, by result (built, failed, cache_hit).",
 	}, []string{"result"})
@@ -138,31 +134,14 @@ func (m *metrics) event(e etcdstore.Event) {
 		m.builds.WithLabelValues("cache_hit").Inc()
 	case etcdstore.EventLeaseLost:
 		m.leaseLosses.Inc()
-	case etcdstore.EventWaiting:
-		m.mu.Lock()
-		if t, ok := m.waiting[e.ID]; ok && t.IsZero() {
-			m.waiting[e.ID] = e.Time
-		}
-		m.mu.Unlock()
 	}
 }
 
-// startCall marks a Node.Build call for id; done observes how long it
-// waited on another host, if it did.
-func (m *metrics) startCall(id string) (done func()) {
-	m.mu.Lock()
-	if _, ok := m.waiting[id]; !ok {
-		m.waiting[id] = time.Time{}
-	}
-	m.mu.Unlock()
-	return func() {
-		m.mu.Lock()
-		t := m.waiting[id]
-		delete(m.waiting, id)
-		m.mu.Unlock()
-		if !t.IsZero() {
-			m.waitSeconds.Observe(time.Since(t).Seconds())
-		}
+// built observes a Node.Build call's outcome: how long it waited on
+// another host, if it did.
+func (m *metrics) built(out etcdstore.Outcome) {
+	if out.How == etcdstore.Waited {
+		m.waitSeconds.Observe(out.Waited.Seconds())
 	}
 }
 

@@ -160,13 +160,14 @@ func (n *Node) MetricsAddr() string {
 	return n.ln.Addr().String()
 }
 
-// Build is the store's BuildContext, timed in the node's metrics (build and
+// Build is the store's BuildOutcome, timed in the node's metrics (build and
 // wait durations).
-func (n *Node) Build(ctx context.Context, id string, builder func(context.Context) error) error {
-	done := n.m.startCall(id)
-	err := n.store.Handle(id).BuildContext(ctx, builder)
-	done()
-	return err
+func (n *Node) Build(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+	out, err := n.store.Handle(id).BuildOutcome(ctx, builder)
+	if err == nil {
+		n.m.built(out)
+	}
+	return out, err
 }
 
 // Run serves until ctx ends, the embedded etcd stops, or (embedded only)
@@ -251,7 +252,7 @@ func (n *Node) shutdown(reg *registration) error {
 		errs = append(errs, err)
 	}
 	// 3. The registration.
-	if err := reg.revoke(n.cfg.OpTimeout); err != nil {
+	if err := reg.revoke(); err != nil {
 		errs = append(errs, err)
 	}
 	// 4. HTTP.
@@ -367,18 +368,26 @@ func (n *Node) idleWatch(ctx context.Context) error {
 	}
 }
 
-// registration keeps P/node/<name>/<lease> on its own lease, making a new lease
-// (with back-off) if the old one is lost.
+// registration keeps P/node/<name>/<lease> on the node's own
+// etcdstore.Session, which renews the lease, distrusts it before the server
+// could expire it, and puts the key back on a new lease after a loss.
 type registration struct {
-	n     *Node
-	mu    sync.Mutex
-	lease clientv3.LeaseID
+	n    *Node
+	mu   sync.Mutex
+	sess *etcdstore.Session // nil until run made it
+}
+
+func (r *registration) session() *etcdstore.Session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sess
 }
 
 func (r *registration) current() clientv3.LeaseID {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.lease
+	if sess := r.session(); sess != nil {
+		return sess.ID()
+	}
+	return 0
 }
 
 // key is P/node/<name>/<lease>: two nodes started with the same name (a
@@ -390,58 +399,59 @@ func (r *registration) key(lease clientv3.LeaseID) string {
 
 func (r *registration) namePrefix() string { return r.n.cfg.Prefix + "node/" + r.n.cfg.Name + "/" }
 
+// run makes the session (retrying while etcd is away) and puts the
+// registration on it. The session then keeps it; revoke ends it.
 func (r *registration) run(ctx context.Context) error {
+	n := r.n
 	b := backoff.WithContext(backoff.NewExponentialBackOff(
 		backoff.WithInitialInterval(200*time.Millisecond),
 		backoff.WithMaxInterval(5*time.Second),
 		backoff.WithMaxElapsedTime(0)), ctx)
-	for {
-		ka, err := r.register(ctx)
-		if err == nil {
-			b.Reset()
-			for range ka { // drain acknowledgements until the lease ends
-			}
-			if ctx.Err() != nil {
-				return nil
-			}
-			r.n.m.leaseLosses.Inc()
-			r.n.log.Warn("node registration lease lost; registering again")
-		} else if ctx.Err() == nil {
-			r.n.log.Warn("cannot register node", "err", err)
-		}
-		d := b.NextBackOff()
-		if d == backoff.Stop {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(d):
-		}
+	sess, err := backoff.RetryNotifyWithData(func() (*etcdstore.Session, error) {
+		return etcdstore.NewSession(ctx, n.cli, etcdstore.SessionConfig{
+			TTL: n.cfg.TTL, OpTimeout: n.cfg.OpTimeout, Logger: n.log.With("lease", "registration"),
+			OnLost: func(error) { n.m.leaseLosses.Inc() },
+		})
+	}, b, func(err error, next time.Duration) {
+		n.log.Warn("cannot register node yet", "err", err, "retry_in", next)
+	})
+	if err != nil {
+		return nil // Run is ending
 	}
+	sess.OnRenew(r.put)
+	r.mu.Lock()
+	r.sess = sess
+	r.mu.Unlock()
+	if l, err := sess.Current(ctx); err == nil {
+		r.put(ctx, l)
+	}
+	return nil
 }
 
-func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeepAliveResponse, error) {
+// put writes the registration on l, retrying until it lands, l ends or
+// ctx does.
+func (r *registration) put(ctx context.Context, l *etcdstore.Lease) {
 	n := r.n
-	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), n.cfg.OpTimeout)
-	defer cancel()
-	grant, err := n.cli.Grant(cctx, int64(n.cfg.TTL/time.Second))
-	if err != nil {
-		return nil, err
-	}
-	r.mu.Lock()
-	r.lease = grant.ID
-	r.mu.Unlock()
 	val, _ := json.Marshal(Registration{Name: n.cfg.Name, Version: Version, PID: os.Getpid(), Address: n.MetricsAddr(), Root: n.store.Root(), Started: n.started})
-	resp, err := n.cli.Txn(cctx).Then(
-		clientv3.OpGet(r.namePrefix(), clientv3.WithPrefix()),
-		clientv3.OpPut(r.key(grant.ID), string(val), clientv3.WithLease(grant.ID)),
-	).Commit()
+	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(5*time.Second)), ctx)
+	var resp *clientv3.TxnResponse
+	err := backoff.RetryNotify(func() error {
+		if err := l.Err(); err != nil {
+			return backoff.Permanent(err) // the session puts it on the next lease
+		}
+		cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), n.cfg.OpTimeout)
+		defer cancel()
+		var err error
+		resp, err = n.cli.Txn(cctx).Then(
+			clientv3.OpGet(r.namePrefix(), clientv3.WithPrefix()),
+			clientv3.OpPut(r.key(l.ID), string(val), clientv3.WithLease(l.ID)),
+		).Commit()
+		return err
+	}, b, func(err error, next time.Duration) {
+		n.log.Warn("cannot register node yet", "err", err, "retry_in", next)
+	})
 	if err != nil {
-		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), n.cfg.OpTimeout)
-		n.cli.Revoke(rctx, grant.ID) //nolint:errcheck // otherwise it expires after the TTL
-		rcancel()
-		return nil, err
+		return
 	}
 	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
 		var other Registration
@@ -452,21 +462,16 @@ func (r *registration) register(ctx context.Context) (<-chan *clientv3.LeaseKeep
 				"name", n.cfg.Name, "other_pid", other.PID, "other_started", other.Started, "hint", "give each node its own --host")
 		}
 	}
-	// The keep-alive ends with ctx (Run's), not with cctx.
-	return n.cli.KeepAlive(ctx, grant.ID)
 }
 
-// revoke drops the registration at once.
-func (r *registration) revoke(timeout time.Duration) error {
-	r.mu.Lock()
-	id := r.lease
-	r.mu.Unlock()
-	if id == 0 {
+// revoke drops the registration at once: it closes the session, which
+// revokes its leases.
+func (r *registration) revoke() error {
+	sess := r.session()
+	if sess == nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	if _, err := r.n.cli.Revoke(ctx, id); err != nil {
+	if err := sess.Close(); err != nil {
 		return fmt.Errorf("granary: revoke node registration (it expires within %v): %w", r.n.cfg.TTL, err)
 	}
 	return nil

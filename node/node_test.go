@@ -15,7 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -100,7 +102,7 @@ func TestShutdownRevokesLease(t *testing.T) {
 	obs := observer(t, srv, root)
 
 	h := n.Store().Handle("pkg")
-	if err := n.Build(context.Background(), "pkg", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+	if _, err := n.Build(context.Background(), "pkg", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	if err := h.IncRefContext(context.Background()); err != nil {
@@ -142,7 +144,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	cfg.ListenMetrics = "127.0.0.1:0"
 	n, _ := startNode(t, cfg)
 	h := n.Store().Handle("m")
-	if err := n.Build(context.Background(), "m", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+	if _, err := n.Build(context.Background(), "m", writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	if _, err := n.GC(context.Background()); err != nil {
@@ -256,7 +258,7 @@ func TestNodeCacheMetrics(t *testing.T) {
 	}
 	n, _ := startNode(t, cfg)
 	h := n.Store().Handle("c")
-	if err := n.Build(context.Background(), "c", writeFile(filepath.Join(h.OutputDirectory(), "f"), "cached")); err != nil {
+	if _, err := n.Build(context.Background(), "c", writeFile(filepath.Join(h.OutputDirectory(), "f"), "cached")); err != nil {
 		t.Fatalf("Build: %v", err)
 	}
 	select {
@@ -502,4 +504,42 @@ func TestDialNamesRefusedConnection(t *testing.T) {
 			t.Errorf("Dial %s = %v; want ErrUnreachable naming the refused connection", ep, err)
 		}
 	}
+}
+
+// TestRegistrationComesBack: when the registration's lease is revoked
+// behind the node's back, its session makes a new lease and puts the
+// registration back on it.
+func TestRegistrationComesBack(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	startNode(t, cfg)
+	cli := observer(t, srv, root).Client()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	pfx := cfg.Prefix + "node/" + cfg.Name + "/"
+	w := cli.Watch(ctx, pfx, clientv3.WithPrefix())
+	var first *mvccpb.KeyValue
+	for first == nil {
+		resp, err := cli.Get(ctx, pfx, clientv3.WithPrefix())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Kvs) > 0 {
+			first = resp.Kvs[0]
+			break
+		}
+		<-w // registered after we looked: look again
+	}
+	if _, err := cli.Revoke(ctx, clientv3.LeaseID(first.Lease)); err != nil {
+		t.Fatal(err)
+	}
+	for wr := range w {
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypePut && ev.Kv.Lease != first.Lease {
+				return // back, on a new lease
+			}
+		}
+	}
+	t.Fatalf("registration did not come back after its lease was revoked: %v", ctx.Err())
 }

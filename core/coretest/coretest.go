@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/granary-build/granary/core"
 )
@@ -31,6 +32,7 @@ func TestPackageManager(t *testing.T, newManagers NewManagers) {
 	t.Run("BuilderPanic", func(t *testing.T) { testBuilderPanic(t, newManagers(t, 1)[0]) })
 	t.Run("InvalidIDs", func(t *testing.T) { testInvalidIDs(t, newManagers(t, 1)[0]) })
 	t.Run("DecRefWithoutRef", func(t *testing.T) { testDecRefWithoutRef(t, newManagers(t, 1)[0]) })
+	t.Run("IncRefWaitsForBuild", func(t *testing.T) { testIncRefWaitsForBuild(t, newManagers(t, 2)) })
 }
 
 // writeFile returns a builder that writes name=content into h's output.
@@ -230,5 +232,51 @@ func testDecRefWithoutRef(t *testing.T, pm core.PackageManager) {
 	}
 	if err := h.DecRef(); err == nil {
 		t.Fatalf("second DecRef after one IncRef = nil, want an error")
+	}
+}
+
+// testIncRefWaitsForBuild is cipkg's "lock" behaviour: IncRef on a package
+// that is being built waits for the build (it does not report the package
+// missing) and then takes the reference, on the building manager and on
+// another one. Code such as cipkg's executor uses IncRef as its probe
+// before it expands a package's build dependencies.
+func testIncRefWaitsForBuild(t *testing.T, pms []core.PackageManager) {
+	const id = "incref-waits"
+	h := pms[0].Get(id)
+	started, release := make(chan struct{}), make(chan struct{})
+	built := make(chan error, 1)
+	go func() {
+		built <- h.Build(func() error {
+			close(started)
+			<-release
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte("x"), 0o644)
+		})
+	}()
+	<-started
+	incs := make(chan error, len(pms))
+	for _, pm := range pms {
+		go func() { incs <- pm.Get(id).IncRef() }()
+	}
+	// Neither IncRef may answer while the builder runs. (This only catches
+	// an IncRef that answers at once; one that waits passes either way.)
+	select {
+	case err := <-incs:
+		close(release)
+		t.Fatalf("IncRef during the build returned %v before the build ended, want it to wait", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(release)
+	if err := <-built; err != nil {
+		t.Fatalf("Build = %v", err)
+	}
+	for range pms {
+		if err := <-incs; err != nil {
+			t.Errorf("IncRef that waited for the build = %v, want nil", err)
+		}
+	}
+	for _, pm := range pms {
+		if err := pm.Get(id).DecRef(); err != nil {
+			t.Errorf("DecRef = %v", err)
+		}
 	}
 }

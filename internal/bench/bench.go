@@ -18,7 +18,6 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/granary-build/granary/etcdstore"
-	"github.com/granary-build/granary/internal/fsutil"
 )
 
 // Sizes says how much work each scenario does.
@@ -323,7 +322,7 @@ func (r *run) close() error {
 	for _, c := range r.clients {
 		c.Close()
 	}
-	if err := fsutil.RemoveAll(r.root); err != nil {
+	if err := etcdstore.RemoveTree(r.root); err != nil {
 		errs = append(errs, fmt.Errorf("bench: remove %s: %w", r.root, err))
 	}
 	return errors.Join(errs...)

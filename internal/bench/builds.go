@@ -172,50 +172,77 @@ func (r *run) waiters(ctx context.Context) error {
 
 // stampede makes StampedeCalls concurrent Build calls on one ID, spread
 // over WaiterStores stores, with a builder that takes StampedeBuild. It
-// reports the median wall time minus the build time, and the most builder
-// runs of any round (1 when the build lock works).
+// reports the median wall time minus the build time, the most builder runs
+// of any round (1 when the build lock works), and the median time from the
+// first call to the builder's start, next to the same with one caller per
+// store: callers join their store's attempt before any etcd round trip, so
+// that time should not grow with the number of callers.
 func (r *run) stampede(ctx context.Context) error {
 	stores, err := r.hosts(ctx, "stampede", r.z.WaiterStores, newTracker())
 	if err != nil {
 		return err
 	}
-	var overheads []time.Duration
+	var overheads, starts, fewStarts []time.Duration
 	maxRuns := int64(0)
 	for round := range r.z.StampedeRounds {
-		id := fmt.Sprintf("stampede-%d", round)
-		var runs atomic.Int64
-		builder := func(ctx context.Context) error {
-			runs.Add(1)
-			select {
-			case <-time.After(r.z.StampedeBuild): // the build's work
-				return nil
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+		// One caller per store first (a different ID), then the stampede.
+		few, err := r.stampedeRound(ctx, stores, fmt.Sprintf("stampede-few-%d", round), len(stores))
+		if err != nil {
+			return err
 		}
+		fewStarts = append(fewStarts, few.toStart)
 		before := r.cnt.Snapshot()
-		start := time.Now()
-		var wg sync.WaitGroup
-		errs := make([]error, r.z.StampedeCalls)
-		for i := range r.z.StampedeCalls {
-			wg.Go(func() { errs[i] = stores[i%len(stores)].Handle(id).BuildContext(ctx, builder) })
-		}
-		wg.Wait()
-		wall := time.Since(start)
-		if err := errors.Join(errs...); err != nil {
+		st, err := r.stampedeRound(ctx, stores, fmt.Sprintf("stampede-%d", round), r.z.StampedeCalls)
+		if err != nil {
 			return err
 		}
 		c := r.cnt.Snapshot().Sub(before)
-		overheads = append(overheads, wall-r.z.StampedeBuild)
-		maxRuns = max(maxRuns, runs.Load())
-		r.logf("  round %d: wall %.1f ms, builder runs %d, etcd writes %d, reads %d", round, ms(wall), runs.Load(), c.Writes, c.Reads)
+		overheads = append(overheads, st.wall-r.z.StampedeBuild)
+		starts = append(starts, st.toStart)
+		maxRuns = max(maxRuns, st.runs, few.runs)
+		r.logf("  round %d: wall %.1f ms, builder started after %.2f ms (%.2f ms with %d callers), builder runs %d, etcd writes %d, reads %d",
+			round, ms(st.wall), ms(st.toStart), ms(few.toStart), len(stores), st.runs, c.Writes, c.Reads)
 		r.res["stampede_etcd_writes"] = float64(c.Writes)
 	}
 	r.res["stampede_overhead_ms"] = ms(quantile(overheads, 0.5))
 	r.res["stampede_overhead_max_ms"] = ms(quantile(overheads, 1))
+	r.res["stampede_start_ms"] = ms(quantile(starts, 0.5))
+	r.res["stampede_start_few_ms"] = ms(quantile(fewStarts, 0.5))
+	r.res["stampede_start_delta_ms"] = ms(quantile(starts, 0.5) - quantile(fewStarts, 0.5))
 	r.res["stampede_builds"] = float64(maxRuns)
 	r.res["stampede_calls"] = float64(r.z.StampedeCalls)
 	return nil
+}
+
+// stampedeResult is one round of stampede.
+type stampedeResult struct {
+	wall, toStart time.Duration
+	runs          int64
+}
+
+// stampedeRound makes calls concurrent Build calls of id over stores.
+func (r *run) stampedeRound(ctx context.Context, stores []*etcdstore.Store, id string, calls int) (stampedeResult, error) {
+	var runs atomic.Int64
+	var started atomic.Int64 // unix ns of the builder's first start
+	builder := func(ctx context.Context) error {
+		started.CompareAndSwap(0, time.Now().UnixNano())
+		runs.Add(1)
+		select {
+		case <-time.After(r.z.StampedeBuild): // the build's work
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make([]error, calls)
+	for i := range calls {
+		wg.Go(func() { errs[i] = stores[i%len(stores)].Handle(id).BuildContext(ctx, builder) })
+	}
+	wg.Wait()
+	res := stampedeResult{wall: time.Since(start), toStart: time.Unix(0, started.Load()).Sub(start), runs: runs.Load()}
+	return res, errors.Join(errs...)
 }
 
 // distinct builds DistinctBuilds trivial packages of distinct IDs at

@@ -17,6 +17,7 @@ func goals(res map[string]float64) []Goal {
 	add("waiters_release_p99_ms", "≤ 25 ms", func(v float64) bool { return v <= 25 })
 	add("stampede_overhead_ms", "≤ 50 ms", func(v float64) bool { return v <= 50 })
 	add("stampede_builds", "exactly 1", func(v float64) bool { return v == 1 })
+	add("stampede_start_delta_ms", "≤ 2 ms", func(v float64) bool { return v <= 2 })
 	limit := res["ttl_s"] + res["lock_delay_s"] + 1
 	add("takeover_s", fmt.Sprintf("≤ TTL + lock delay + 1 s (%.0f s)", limit), func(v float64) bool { return v <= limit })
 	add("prune_100k_s", "≤ 10 s", func(v float64) bool { return v <= 10 })

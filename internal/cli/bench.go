@@ -12,8 +12,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
+	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/bench"
-	"github.com/granary-build/granary/internal/fsutil"
 	"github.com/granary-build/granary/node"
 )
 
@@ -49,7 +49,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		if err != nil {
 			return err
 		}
-		defer fsutil.RemoveAll(tmp) //nolint:errcheck // a temporary directory
+		defer etcdstore.RemoveTree(tmp) //nolint:errcheck // a temporary directory
 		emb, err := node.StartEmbedded(ctx, tmp)
 		if err != nil {
 			return err

@@ -49,8 +49,7 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	h := c.store.Handle(id)
 	var ran bool
 	var logPath string
-	start := time.Now()
-	err = h.BuildContext(ctx, func(bctx context.Context) error {
+	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
 		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
@@ -71,14 +70,14 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 		}
 		return err
 	}
-	switch {
-	case cacheEvents.has(etcdstore.EventCacheHit):
-		fmt.Fprintf(e.stderr, "granary: %s: fetched from the remote cache %s in %v\n", id, c.cache, time.Since(start).Round(time.Millisecond))
-	case ran:
+	switch out.How {
+	case etcdstore.FromCache:
+		fmt.Fprintf(e.stderr, "granary: %s: fetched from the remote cache %s in %v\n", id, c.cache, out.Elapsed.Round(time.Millisecond))
+	case etcdstore.Built:
 		if ev := cacheEvents.last(etcdstore.EventCacheMiss); ev != nil && ev.Err != nil {
 			fmt.Fprintf(e.stderr, "granary: %s: warning: the remote cache failed, so it was built: %v\n", id, ev.Err)
 		}
-		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, time.Since(start).Round(time.Millisecond))
+		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, out.Elapsed.Round(time.Millisecond))
 		if c.cache != nil {
 			// Closing the store waits for the upload to the cache.
 			c.store.Close()
@@ -88,8 +87,8 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 				fmt.Fprintf(e.stderr, "granary: %s: uploaded to the remote cache %s\n", id, c.cache)
 			}
 		}
-	case prog.waited():
-		fmt.Fprintf(e.stderr, "granary: %s: built by another host (waited %v); already available\n", id, time.Since(start).Round(time.Millisecond))
+	case etcdstore.Waited:
+		fmt.Fprintf(e.stderr, "granary: %s: built by %s (waited %v); available\n", id, out.Package.BuiltBy, out.Waited.Round(time.Millisecond))
 	default:
 		fmt.Fprintf(e.stderr, "granary: %s: already available\n", id)
 	}
@@ -179,7 +178,10 @@ func (p *progress) event(ev etcdstore.Event) {
 		}
 		p.printLocked()
 	case etcdstore.EventLockDelay:
-		fmt.Fprintf(p.w, "%sgranary: %s: the previous attempt died; waiting %v before taking over\n", p.clear(), p.id, ev.Elapsed)
+		fmt.Fprintf(p.w, "%sgranary: %s: an earlier attempt did not finish (its host died or lost its lease) and left its output; waiting %v before moving it aside\n", p.clear(), p.id, ev.Elapsed)
+	case etcdstore.EventLastFailed:
+		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
+			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
 	case etcdstore.EventFailed:
 		if p.cur != nil {
 			fmt.Fprintf(p.w, "%sgranary: %s: the build on %s failed; log: %s\n", p.clear(), p.id, ev.Host, ev.LogDir)
@@ -223,12 +225,6 @@ func (p *progress) loop() {
 			p.mu.Unlock()
 		}
 	}
-}
-
-func (p *progress) waited() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.cur != nil
 }
 
 // stop ends the display; it is idempotent.

@@ -83,13 +83,13 @@ func cachePush(ctx context.Context, e *env, c *conn, id string) error {
 }
 
 func cachePull(ctx context.Context, e *env, c *conn, id string, ev *eventLog) error {
-	err := c.store.Handle(id).BuildContext(ctx, func(context.Context) error {
+	out, err := c.store.Handle(id).BuildOutcome(ctx, func(context.Context) error {
 		// Only reached when the cache did not provide the package: give
 		// the attempt up, so that hosts waiting on it build it themselves.
 		return fmt.Errorf("%w: not in the remote cache", etcdstore.ErrAbandon)
 	})
 	switch {
-	case err == nil && ev.has(etcdstore.EventCacheHit):
+	case err == nil && out.How == etcdstore.FromCache:
 		fmt.Fprintf(e.stderr, "granary: %s: fetched from %s\n", id, c.cache)
 		return nil
 	case err == nil:

@@ -17,7 +17,6 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
-	"github.com/granary-build/granary/internal/fsutil"
 	"github.com/granary-build/granary/node"
 )
 
@@ -87,7 +86,7 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	defer fsutil.RemoveAll(tmp) //nolint:errcheck // a temporary directory
+	defer etcdstore.RemoveTree(tmp) //nolint:errcheck // a temporary directory
 	emb, err := node.StartEmbedded(ctx, filepath.Join(tmp, "state"))
 	if err != nil {
 		return err

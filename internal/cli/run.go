@@ -27,8 +27,14 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	lost := make(chan etcdstore.Event, 1)
+	// IncRef waits for a build in progress: show what it waits for.
+	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
+	defer prog.stop()
 	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose(fmt.Sprintf("granary run %s", argv[0])),
 		etcdstore.WithEvents(func(ev etcdstore.Event) {
+			if ev.Kind == etcdstore.EventWaiting {
+				prog.event(ev)
+			}
 			if ev.Kind == etcdstore.EventRefLost && ev.ID == id {
 				select {
 				case lost <- ev:
@@ -41,9 +47,11 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	}
 	defer c.Close()
 	h := c.store.Handle(id)
-	if err := h.IncRefContext(ctx); err != nil {
+	err = h.IncRefContext(ctx)
+	prog.stop()
+	if err != nil {
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist; build it first: granary build %s -- CMD", id, id)}
+			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
 		}
 		return err
 	}

@@ -55,14 +55,20 @@ type Config struct {
 	// NoHardLinks mounts with disable_hardlink: link(2) fails, as on file
 	// systems that have no hard links.
 	NoHardLinks bool
+	// AllowOther mounts with allow_other, so that other users (and
+	// containers the mounts are bind-mounted into) can use them.
+	AllowOther bool
 }
 
 // Export is one exported directory and its mounts.
 type Export struct {
 	// Dir is the exported directory itself (the server's view).
 	Dir string
-	// Hosts are the mount points, one per simulated host.
+	// Hosts are the mount points, one per simulated host: Work/hostA,
+	// Work/hostB, ...
 	Hosts []string
+	// Work is the directory that holds the mount points.
+	Work string
 
 	t      testing.TB
 	work   string
@@ -88,7 +94,7 @@ func Mount(t testing.TB, cfg Config) *Export {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(work) })
-	e := &Export{Dir: filepath.Join(work, "export"), t: t, work: work}
+	e := &Export{Dir: filepath.Join(work, "export"), Work: work, t: t, work: work}
 	if err := os.MkdirAll(e.Dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -96,6 +102,9 @@ func Mount(t testing.TB, cfg Config) *Export {
 	opts := cfg.Options
 	if cfg.NoHardLinks {
 		opts = joinOpts(opts, "disable_hardlink")
+	}
+	if cfg.AllowOther {
+		opts = joinOpts(opts, "allow_other")
 	}
 	for i := range cfg.Hosts {
 		mp := filepath.Join(work, "host"+string(rune('A'+i)))

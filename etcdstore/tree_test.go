@@ -1,12 +1,14 @@
-package fsutil
+package etcdstore_test
 
 import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/granary-build/granary/etcdstore"
 )
 
-func TestRemoveAllReadOnlyTree(t *testing.T) {
+func TestRemoveTreeReadOnly(t *testing.T) {
 	root := filepath.Join(t.TempDir(), "pkg")
 	sub := filepath.Join(root, "a", "b")
 	if err := os.MkdirAll(sub, 0o755); err != nil {
@@ -18,7 +20,7 @@ func TestRemoveAllReadOnlyTree(t *testing.T) {
 	for _, d := range []string{sub, filepath.Dir(sub), root} {
 		os.Chmod(d, 0o555)
 	}
-	if err := RemoveAll(root); err != nil {
+	if err := etcdstore.RemoveTree(root); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Lstat(root); !os.IsNotExist(err) {

@@ -1,0 +1,124 @@
+package etcdstore
+
+import (
+	"context"
+	"errors"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
+)
+
+// TryRemove is TryRemoveContext with a background context.
+func (h *Handle) TryRemove() (bool, error) { return h.TryRemoveContext(context.Background()) }
+
+// TryRemoveContext removes the package if no reference holds it and no
+// build or removal holds its lock: take the lock without waiting, then one
+// Txn that deletes the package's keys only if it is published and has no
+// reference, then a rename of its directory into the trash. It reports
+// (false, nil) when the package is in use and an error wrapping
+// core.ErrPackageNotExist when it is not available.
+func (h *Handle) TryRemoveContext(ctx context.Context) (bool, error) {
+	if h.err != nil {
+		return false, h.fail("remove", h.err)
+	}
+	ok, err := h.s.tryRemove(ctx, h.id, 0)
+	if err != nil {
+		return false, h.fail("remove", err)
+	}
+	return ok, nil
+}
+
+// lockIdle takes the package's lock only if nobody holds it, in this store
+// or anywhere else: the prelude of every step that changes a package
+// without building it (removal, the orphan sweep). It returns a nil lock
+// when the package is busy; otherwise the caller must call unlock.
+func (s *Store) lockIdle(ctx context.Context, id string) (l *lock, unlock func(), err error) {
+	unlockLocal, ok := s.tryLockLocal(id)
+	if !ok {
+		return nil, nil, nil // a build or removal of ours is in progress
+	}
+	ls, err := s.sess.Current(ctx)
+	if err != nil {
+		unlockLocal()
+		return nil, nil, err
+	}
+	l = s.newLock(ls, s.lockPrefix(id))
+	if ok, err := l.tryLock(ctx); !ok || err != nil {
+		unlockLocal()
+		return nil, nil, err
+	}
+	return l, func() { l.release(); unlockLocal() }, nil
+}
+
+// tryRemove is TryRemove; a non-zero atimeRev also requires that the access
+// time was not touched since it was read (Prune's guard against removing a
+// package used after it was listed).
+func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool, error) {
+	l, unlock, err := s.lockIdle(ctx, id)
+	if l == nil {
+		return false, err
+	}
+	defer unlock()
+
+	cmps := []clientv3.Cmp{
+		// It is published (a missing package is ErrPackageNotExist).
+		clientv3.Compare(clientv3.CreateRevision(s.availKey(id)), ">", 0),
+		// No reference exists, on any lease. IncRef checks avail in its own
+		// Txn, so a reference either lands before this (and we fail) or
+		// after (and it fails).
+		clientv3.Compare(clientv3.CreateRevision(s.refPrefix(id)), "=", 0).WithPrefix(),
+		// We still hold the lock: no build started behind our back.
+		l.isOwner(),
+	}
+	if atimeRev > 0 {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.atimeKey(id)), "=", atimeRev))
+	}
+	cctx, cancel := s.opCtx(ctx)
+	resp, err := s.cli.Txn(cctx).If(cmps...).
+		Then(clientv3.OpDelete(s.availKey(id)), clientv3.OpDelete(s.atimeKey(id))).
+		Else(clientv3.OpGet(s.availKey(id), clientv3.WithCountOnly())).
+		Commit()
+	cancel()
+	if err != nil {
+		// Ambiguous. We hold the lock, so only our Txn can have deleted
+		// avail: read it back.
+		rctx, rcancel := s.opCtx(ctx)
+		got, rerr := s.cli.Get(rctx, s.availKey(id), clientv3.WithCountOnly())
+		rcancel()
+		if rerr != nil || got.Count != 0 {
+			return false, errors.Join(err, rerr)
+		}
+	} else if !resp.Succeeded {
+		if resp.Responses[0].GetResponseRange().Count == 0 {
+			return false, core.ErrPackageNotExist
+		}
+		return false, nil // referenced, touched, or our lock is gone
+	}
+	// The package is gone from etcd; nothing can reference it any more.
+	// Move the tree aside while we still hold the lock, so a new build
+	// cannot start in it meanwhile.
+	if err := s.moveToTrash(s.pkgDir(id)); err != nil {
+		s.opt.logger.Warn("package removed but its tree stays until the next prune", "id", id, "err", err)
+	}
+	s.emit(Event{Kind: EventRemoved, ID: id})
+	return true, nil
+}
+
+// sweepOrphan moves an orphan directory aside while holding the package's
+// lock and after checking, under it, that the package is still absent.
+func (s *Store) sweepOrphan(ctx context.Context, id string, dryRun bool) (bool, error) {
+	l, unlock, err := s.lockIdle(ctx, id)
+	if l == nil {
+		return false, err
+	}
+	defer unlock()
+	st, err := s.readState(ctx, id)
+	if err != nil || st.avail != nil || st.build != nil {
+		return false, err
+	}
+	if dryRun {
+		return true, nil
+	}
+	return true, s.moveToTrash(s.pkgDir(id))
+}

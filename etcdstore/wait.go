@@ -1,0 +1,262 @@
+package etcdstore
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// waiter is one attempt's wait for a package: it watches the package's
+// keys and queues for its lock at the same time, and ends with whichever
+// comes first.
+type waiter struct {
+	s         *Store
+	ls        *Lease
+	id        string
+	st        state // the read the wait starts from
+	published func(Outcome, error)
+	start     time.Time
+
+	cancel  context.CancelFunc // ends the watches and the lock attempt
+	availCh clientv3.WatchChan
+	buildCh clientv3.WatchChan
+}
+
+// waitOrLock returns the held lock; or a nil lock and the Waited outcome
+// when another host published first (having called published before it
+// gave up its place in the lock queue); or a *BuildError when the attempt
+// we waited on failed; or a *retryError when the wait must start over.
+func (w *waiter) waitOrLock(ctx context.Context) (*lock, Outcome, error) {
+	s := w.s
+	w.start = time.Now()
+	if s.testHookWait != nil {
+		s.testHookWait(w.id)
+	}
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	w.cancel = cancel
+	if out, done, err := w.watch(ctx, wctx); done || err != nil {
+		return nil, out, err
+	}
+
+	l := s.newLock(w.ls, s.lockPrefix(w.id))
+	lockErr := make(chan error, 1)
+	go func() { lockErr <- l.lock(wctx) }()
+	held, out, err := w.loop(ctx, lockErr)
+	if held {
+		return l, Outcome{}, nil
+	}
+	// Stop the lock attempt and make sure we do not keep the lock.
+	cancel()
+	if <-lockErr == nil {
+		l.release()
+	}
+	return nil, out, err
+}
+
+// watch starts the watches on the package's avail and build keys. They
+// start at the current revision, not at st.rev+1: etcd delivers events to
+// a watch that starts in the past only once it has caught up, which its
+// sync loop does every 100 ms, and a publish in that window would reach us
+// that much later. What changed between st and the watches' start is read
+// again here; done reports that the wait is over already.
+func (w *waiter) watch(ctx, wctx context.Context) (out Outcome, done bool, err error) {
+	s := w.s
+	w.availCh = s.cli.Watch(wctx, s.availKey(w.id), clientv3.WithCreatedNotify())
+	w.buildCh = s.cli.Watch(wctx, s.buildKey(w.id), clientv3.WithCreatedNotify())
+	from := int64(0)
+	for _, ch := range []clientv3.WatchChan{w.availCh, w.buildCh} {
+		select {
+		case wr, ok := <-ch:
+			if !ok || wr.Err() != nil || !wr.Created {
+				return Outcome{}, true, w.watchEnded(ctx, wr.Err())
+			}
+			// Events after this revision reach the watch (etcd reads it
+			// after registering the watch).
+			from = max(from, wr.Header.Revision)
+		case <-ctx.Done():
+			return Outcome{}, true, ctx.Err()
+		}
+	}
+	if from <= w.st.rev {
+		return Outcome{}, false, nil
+	}
+	now, err := s.readState(ctx, w.id)
+	if err != nil {
+		return Outcome{}, true, err
+	}
+	if now.avail != nil {
+		out := w.outcome(now.avail)
+		w.published(out, nil)
+		return out, true, nil
+	}
+	if b := now.build; b != nil && b.State == BuildFailed && now.buildModRev > w.st.rev {
+		return Outcome{}, true, failedAttempt(w.id, b) // the attempt we found running failed meanwhile
+	}
+	w.st.build = now.build
+	return Outcome{}, false, nil
+}
+
+// loop waits for the lock, a publish, or the failure of the attempt we
+// wait on. held reports that the lock is ours.
+func (w *waiter) loop(ctx context.Context, lockErr <-chan error) (held bool, out Outcome, err error) {
+	s := w.s
+	if b := w.st.build; b != nil && b.State == BuildRunning {
+		w.emitWaiting(b)
+	}
+	for {
+		select {
+		case err := <-lockErr:
+			return err == nil, Outcome{}, err
+		case wr, ok := <-w.availCh:
+			if !ok || wr.Err() != nil {
+				return false, Outcome{}, w.watchEnded(ctx, wr.Err())
+			}
+			for _, ev := range wr.Events {
+				if ev.Type != clientv3.EventTypePut {
+					continue
+				}
+				// Release our callers now: the lock key's deletion is one
+				// more round trip they need not wait for (the local lock
+				// stays held until it is done).
+				rec, _ := decode[PackageRecord](ev.Kv.Value)
+				out := w.outcome(rec)
+				w.published(out, nil)
+				if s.testHookCleanup != nil {
+					s.testHookCleanup(w.id)
+				}
+				return false, out, nil
+			}
+		case wr, ok := <-w.buildCh:
+			if !ok || wr.Err() != nil {
+				return false, Outcome{}, w.watchEnded(ctx, wr.Err())
+			}
+			if err := w.buildEvents(wr.Events); err != nil {
+				return false, Outcome{}, err
+			}
+		case <-ctx.Done():
+			return false, Outcome{}, ctx.Err()
+		}
+	}
+}
+
+// buildEvents follows the attempt we wait on: its failure ends our wait;
+// a new attempt is announced; a deletion (its builder's lease ended) means
+// the lock comes our way.
+func (w *waiter) buildEvents(evs []*clientv3.Event) error {
+	for _, ev := range evs {
+		if ev.Type != clientv3.EventTypePut {
+			continue
+		}
+		b, err := decode[BuildRecord](ev.Kv.Value)
+		if err != nil {
+			continue
+		}
+		switch b.State {
+		case BuildFailed:
+			return failedAttempt(w.id, b)
+		case BuildRunning:
+			w.emitWaiting(b)
+		}
+	}
+	return nil
+}
+
+func (w *waiter) emitWaiting(b *BuildRecord) {
+	w.s.emit(Event{Kind: EventWaiting, ID: w.id, Host: b.Host, PID: b.PID, Since: b.Started, LogDir: b.LogDir})
+}
+
+func (w *waiter) outcome(rec *PackageRecord) Outcome {
+	return Outcome{How: Waited, Package: rec, LogDir: w.s.logDir(w.id), Waited: time.Since(w.start)}
+}
+
+// watchEnded turns the end of a watch into a *retryError (so the attempt
+// starts over from a fresh read: compaction, lost leader, lease gone) or
+// ctx's error.
+func (w *waiter) watchEnded(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err == nil {
+		err = errors.New("watch closed")
+	}
+	w.s.opt.logger.Debug("watch ended; reading state again", "err", err)
+	// Avoid spinning while etcd has no leader.
+	select {
+	case <-time.After(100 * time.Millisecond):
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-w.ls.Done():
+	}
+	return &retryError{why: err}
+}
+
+func failedAttempt(id string, b *BuildRecord) *BuildError {
+	return &BuildError{ID: id, Host: b.Host, PID: b.PID, LogDir: b.LogDir, Err: errors.New(b.Error)}
+}
+
+// awaitAttempt waits for the end of the attempt that IncRef found in
+// progress: this store's own flight, or seen, another host's. ended
+// reports that the attempt published, failed or died; it is false when
+// the wait broke off (a watch ended) and the caller should look again.
+func (s *Store) awaitAttempt(ctx context.Context, id string, seen *attemptSeen) (ended bool, err error) {
+	if f := s.flying(id); f != nil {
+		select {
+		case <-f.done:
+			return true, nil
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-s.ctx.Done():
+			return false, ErrClosed
+		}
+	}
+	if seen == nil {
+		return true, nil
+	}
+	s.emit(Event{Kind: EventWaiting, ID: id, Host: seen.rec.Host, PID: seen.rec.PID, Since: seen.rec.Started, LogDir: seen.rec.LogDir})
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
+	// From just after the read that saw the attempt, so nothing is missed.
+	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(seen.rev+1))
+	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(seen.rev+1))
+	for {
+		select {
+		case wr, ok := <-availCh:
+			if !ok || wr.Err() != nil {
+				return false, wctxErr(ctx, wctx)
+			}
+			if len(wr.Events) > 0 {
+				return true, nil // published
+			}
+		case wr, ok := <-buildCh:
+			if !ok || wr.Err() != nil {
+				return false, wctxErr(ctx, wctx)
+			}
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					return true, nil // the attempt died or published
+				}
+				if b, err := decode[BuildRecord](ev.Kv.Value); err == nil && b.State == BuildFailed {
+					return true, nil
+				}
+			}
+		case <-wctx.Done():
+			return false, wctxErr(ctx, wctx)
+		}
+	}
+}
+
+// wctxErr says why a wait under wctx (ctx's, ended also by Close) broke
+// off: ctx's error, ErrClosed, or nil for a watch that ended by itself.
+func wctxErr(ctx, wctx context.Context) error {
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case wctx.Err() != nil:
+		return ErrClosed
+	}
+	return nil
+}
