@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -32,6 +33,12 @@ const (
 var (
 	repoRoot string
 	compose  []string // "docker compose" or "docker-compose"
+	// image is the tag built and run: DefaultImage, or $GRANARY_E2E_IMAGE
+	// (so that two checkouts on one machine do not run each other's).
+	image = cmp.Or(os.Getenv("GRANARY_E2E_IMAGE"), DefaultImage)
+	// projectPrefix starts every compose project name: "granarye2e", or
+	// $GRANARY_E2E_PROJECT (for the same reason).
+	projectPrefix = cmp.Or(os.Getenv("GRANARY_E2E_PROJECT"), "granarye2e")
 )
 
 func TestMain(m *testing.M) {
@@ -56,11 +63,11 @@ func run(m *testing.M) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	start := time.Now()
-	if err := BuildImage(ctx, repoRoot, DefaultImage, os.Stderr); err != nil {
+	if err := BuildImage(ctx, repoRoot, image, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	fmt.Fprintf(os.Stderr, "e2e: image %s built in %v; compose: %s\n", DefaultImage, time.Since(start).Round(time.Second), strings.Join(compose, " "))
+	fmt.Fprintf(os.Stderr, "e2e: image %s built in %v; compose: %s\n", image, time.Since(start).Round(time.Second), strings.Join(compose, " "))
 	return m.Run()
 }
 
@@ -89,9 +96,9 @@ func newCluster(t *testing.T, o clusterOpts) *cluster {
 	t.Helper()
 	c := &cluster{
 		t:       t,
-		project: "granarye2e" + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),
+		project: projectPrefix + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),
 		files:   append([]string{filepath.Join(repoRoot, "docker-compose.yml")}, o.files...),
-		env:     append([]string{"GRANARY_TTL=" + fmt.Sprint(int(ttl.Seconds())), "GRANARY_IMAGE=" + DefaultImage}, o.env...),
+		env:     append([]string{"GRANARY_TTL=" + fmt.Sprint(int(ttl.Seconds())), "GRANARY_IMAGE=" + image}, o.env...),
 		ids:     map[string]string{},
 	}
 	c.compose(context.Background(), "down", "-v", "--remove-orphans") // leftovers of an interrupted run

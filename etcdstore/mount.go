@@ -48,6 +48,11 @@ func (s *Store) checkMount() {
 		return
 	}
 	s.mount = mi
+	if mi.FSType == "fuse.sshfs" {
+		if _, ok := sshfsOptions(mi.MountPoint); !ok {
+			s.opt.logger.Info("the shared root is on sshfs whose process is not visible here: cannot check that it runs with -o dir_cache=no", "root", s.root)
+		}
+	}
 	for _, w := range mi.Warnings {
 		s.opt.logger.Warn("the shared root's mount options are not safe for Granary", "root", s.root, "mount", mi.MountPoint, "fs", mi.FSType, "warning", w)
 		s.emit(Event{Kind: EventMountWarning, Err: fmt.Errorf("%s (%s on %s): %s", s.root, mi.FSType, mi.MountPoint, w)})
@@ -155,8 +160,9 @@ func mountWarnings(mi MountInfo, visibleTimeout time.Duration, sshfsOpts func(mo
 	case mi.FSType == "fuse.sshfs":
 		opts, ok := sshfsOpts(mi.MountPoint)
 		if !ok {
-			w = append(w, "sshfs: cannot see its options (its process is not visible here); unless it runs with -o dir_cache=no, it caches listings for 20 s without revalidating them, "+
-				"so hosts see stale package trees")
+			// Its process is elsewhere (a container's mount made on the
+			// host): nothing to say for sure, so no warning on every
+			// command; checkMount logs it.
 			break
 		}
 		dirCache := true
