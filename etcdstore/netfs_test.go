@@ -562,3 +562,18 @@ func TestNetFSHungServer(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestNetFSRandomHistory is TestRandomHistory with each of the 4 stores on
+// its own NFS-like mount of the shared root.
+func TestNetFSRandomHistory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a randomized history on four sshfs mounts takes a while")
+	}
+	e := netfstest.Mount(t, netfstest.Config{Hosts: 4, Options: netfstest.NFSLike})
+	srv := etcdtest.Start(t)
+	var stores []*etcdstore.Store
+	for i := range 4 {
+		stores = append(stores, newStore(t, srv, e.Path(i, "root"), etcdstore.WithHost(fmt.Sprintf("host-%d", i))))
+	}
+	newHistory("a", "b", "c").run(t, stores, 4, 40)
+}
