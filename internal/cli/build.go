@@ -182,6 +182,9 @@ func (p *progress) event(ev etcdstore.Event) {
 	case etcdstore.EventLastFailed:
 		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
 			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
+	case etcdstore.EventWaitVisible:
+		fmt.Fprintf(p.w, "%sgranary: %s: published by %s, but not visible on this host yet (%v); waiting up to %v (see \"Running on NFS\" in the README)\n",
+			p.clear(), p.id, ev.Host, ev.Err, ev.Elapsed)
 	case etcdstore.EventFailed:
 		if p.cur != nil {
 			fmt.Fprintf(p.w, "%sgranary: %s: the build on %s failed; log: %s\n", p.clear(), p.id, ev.Host, ev.LogDir)
