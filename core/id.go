@@ -7,7 +7,9 @@ const MaxIDLen = 200
 
 // ValidateID reports whether id can name a package. A valid ID is 1 to
 // MaxIDLen bytes of ASCII letters, digits and ._+=@-, does not start with a
-// dot (so it is never "." or ".." and never hides among dot-files), and so
+// dot (so it is never "." or ".." and never hides among dot-files) nor with
+// a '-' (which command lines, granary's and every tool's, take for a
+// flag), and so
 // never contains a path separator, NUL or control byte. IDs are used as path
 // elements and etcd key segments as they are; validation is what keeps a
 // package inside its root. The error wraps ErrInvalidID and says why.
@@ -19,6 +21,8 @@ func ValidateID(id string) error {
 		return fmt.Errorf("%w: %d bytes, longer than %d", ErrInvalidID, len(id), MaxIDLen)
 	case id[0] == '.':
 		return fmt.Errorf("%w %q: must not start with '.'", ErrInvalidID, id)
+	case id[0] == '-':
+		return fmt.Errorf("%w %q: must not start with '-' (it would read as a flag)", ErrInvalidID, id)
 	}
 	for i := 0; i < len(id); i++ {
 		if !idByte(id[i]) {

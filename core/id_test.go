@@ -22,6 +22,8 @@ func TestValidateID(t *testing.T) {
 		{"dot", ".", false},
 		{"dotdot", "..", false},
 		{"leading dot", ".hidden", false},
+		{"leading dash", "-rf", false},
+		{"dash inside", "a-", true},
 		{"slash", "a/b", false},
 		{"traversal", "../etc", false},
 		{"backslash", `a\b`, false},
@@ -53,7 +55,7 @@ func TestValidateID(t *testing.T) {
 // FuzzValidateID checks that every accepted ID is a single, harmless path
 // element: joining it under a root stays directly under that root.
 func FuzzValidateID(f *testing.F) {
-	for _, s := range []string{"pkg", "..", ".", "a/b", "a\x00", "x@1.2+3=4", strings.Repeat("z", 201)} {
+	for _, s := range []string{"pkg", "..", ".", "a/b", "a\x00", "-x", "x@1.2+3=4", strings.Repeat("z", 201)} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, id string) {
@@ -65,8 +67,8 @@ func FuzzValidateID(f *testing.F) {
 		if filepath.Dir(p) != root || filepath.Base(p) != id {
 			t.Fatalf("accepted id %q escapes or is rewritten: %q", id, p)
 		}
-		if len(id) == 0 || len(id) > MaxIDLen || id[0] == '.' {
-			t.Fatalf("accepted id %q breaks the length or dot rule", id)
+		if len(id) == 0 || len(id) > MaxIDLen || id[0] == '.' || id[0] == '-' {
+			t.Fatalf("accepted id %q breaks the length, dot or dash rule", id)
 		}
 		for i := 0; i < len(id); i++ {
 			if id[i] < 0x21 || id[i] > 0x7e || id[i] == '/' || id[i] == '\\' {

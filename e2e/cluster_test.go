@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -33,13 +32,20 @@ const (
 var (
 	repoRoot string
 	compose  []string // "docker compose" or "docker-compose"
-	// image is the tag built and run: DefaultImage, or $GRANARY_E2E_IMAGE
-	// (so that two checkouts on one machine do not run each other's).
-	image = cmp.Or(os.Getenv("GRANARY_E2E_IMAGE"), DefaultImage)
-	// projectPrefix starts every compose project name: "granarye2e", or
-	// $GRANARY_E2E_PROJECT (for the same reason).
-	projectPrefix = cmp.Or(os.Getenv("GRANARY_E2E_PROJECT"), "granarye2e")
+	// image is the tag built and run: $GRANARY_E2E_IMAGE, default
+	// DefaultImage. Sessions sharing a Docker daemon give theirs a tag and
+	// a project prefix ($GRANARY_E2E_PROJECT, default "granarye2e") of
+	// their own.
+	image         = envOr("GRANARY_E2E_IMAGE", DefaultImage)
+	projectPrefix = envOr("GRANARY_E2E_PROJECT", "granarye2e")
 )
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -86,14 +92,23 @@ type clusterOpts struct {
 	files []string // extra compose files (overrides)
 	env   []string // extra environment for compose
 	only  []string // services to start first (default: all)
+	netfs bool     // the shared root is already on network-file-system mounts
 }
 
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
 // newCluster starts a fresh project named after the test and tears it down
 // (volumes too) at the end, printing the containers' logs if the test failed.
+//
+// With GRANARY_E2E_NETFS=1 every cluster runs on network-file-system
+// mounts (see newNetFSCluster): the fault scenarios then run with each
+// worker on its own NFS-like client of the shared root.
 func newCluster(t *testing.T, o clusterOpts) *cluster {
 	t.Helper()
+	if os.Getenv("GRANARY_E2E_NETFS") == "1" && !o.netfs {
+		c, _ := newNetFSCluster(t, o)
+		return c
+	}
 	c := &cluster{
 		t:       t,
 		project: projectPrefix + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),

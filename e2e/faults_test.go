@@ -12,7 +12,7 @@ import (
 )
 
 // TestBuildOnce: 3 workers × 10 concurrent builds of one ID run the builder
-// exactly once (it appends a line to a file on the shared volume), and
+// exactly once (each run leaves one marker file on the shared volume), and
 // every call succeeds.
 func TestBuildOnce(t *testing.T) {
 	c := newCluster(t, clusterOpts{})

@@ -22,7 +22,8 @@ var busyboxPaths = []string{"/bin/busybox", "/usr/bin/busybox"}
 // BuildImage builds the e2e image from the repository at repo and tags it.
 // It builds granary and the etcd server (the version go.mod requires, so
 // client and server match) with CGO_ENABLED=0, adds a static busybox and its
-// applet links, and runs `docker build` on the result. Progress goes to log.
+// applet links (and $GRANARY_TEST_WEED as /bin/weed if set: it must be
+// static), and runs `docker build` on the result. Progress goes to log.
 func BuildImage(ctx context.Context, repo, tag string, log io.Writer) error {
 	dir, err := os.MkdirTemp("", "granary-e2e-image-")
 	if err != nil {
@@ -53,6 +54,16 @@ func BuildImage(ctx context.Context, repo, tag string, log io.Writer) error {
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("e2e image: go build %s: %v\n%s", b.pkg, err, out)
+		}
+	}
+
+	// SeaweedFS for the S3 scenario (docker-compose.s3.yml), when .ci/run
+	// (or the developer) built a static weed: building it here would take
+	// minutes on every image build.
+	if weed := os.Getenv("GRANARY_TEST_WEED"); weed != "" {
+		fmt.Fprintf(log, "e2e image: adding %s as /bin/weed\n", weed)
+		if err := copyFile(weed, filepath.Join(bin, "weed"), 0o755); err != nil {
+			return fmt.Errorf("e2e image: $GRANARY_TEST_WEED: %w", err)
 		}
 	}
 

@@ -14,14 +14,13 @@ import (
 // newNetFSCluster mounts one export three times on the host through sshfs
 // (NFS-like options, allow_other) and starts the cluster with each worker on
 // its own mount (docker-compose.netfs.yml).
-func newNetFSCluster(t *testing.T) (*cluster, *netfstest.Export) {
+func newNetFSCluster(t *testing.T, o clusterOpts) (*cluster, *netfstest.Export) {
 	t.Helper()
 	e := netfstest.Mount(t, netfstest.Config{Options: netfstest.NFSLike, AllowOther: true})
-	c := newCluster(t, clusterOpts{
-		files: []string{filepath.Join(repoRoot, "docker-compose.netfs.yml")},
-		env:   []string{"GRANARY_NETFS=" + e.Work},
-	})
-	return c, e
+	o.files = append(o.files, filepath.Join(repoRoot, "docker-compose.netfs.yml"))
+	o.env = append(o.env, "GRANARY_NETFS="+e.Work)
+	o.netfs = true
+	return newCluster(t, o), e
 }
 
 // TestNetFS runs the build-once scenario with each worker on its own
@@ -29,7 +28,7 @@ func newNetFSCluster(t *testing.T) (*cluster, *netfstest.Export) {
 // (SIGSTOP of its sshfs): the other workers keep building and running, and
 // the hung worker's build finishes once its server answers again.
 func TestNetFS(t *testing.T) {
-	c, e := newNetFSCluster(t)
+	c, e := newNetFSCluster(t, clusterOpts{})
 	if r := c.sh("worker1", "grep ' /shared ' /proc/mounts"); r.code != 0 || !strings.Contains(r.out, "fuse.sshfs") {
 		t.Fatalf("worker1's /shared is not the sshfs mount: %s", r)
 	}

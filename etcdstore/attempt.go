@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -130,6 +129,7 @@ func (a *attempt) prepare(ctx context.Context) error {
 		err := os.Mkdir(out, 0o755)
 		switch {
 		case err == nil:
+			s.pruneLogs(a.id) // keep the newest WithKeptLogs-1 logs of earlier attempts
 			// Not MkdirAll: its stat trusts this host's cache.
 			if err := os.Mkdir(s.logDir(a.id), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 				return err
@@ -212,7 +212,7 @@ func (a *attempt) produce(ctx context.Context, builder func(context.Context) err
 func runBuilder(ctx context.Context, builder func(context.Context) error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			err = fmt.Errorf("builder panicked: %v\n%s", r, debug.Stack())
+			err = recovered(r) // one line; the stack goes to the log (recordFailure)
 		}
 	}()
 	return builder(ctx)
@@ -233,7 +233,7 @@ func stopCause(ctx context.Context, l *Lease) error {
 func (a *attempt) seal(how How) (PackageRecord, error) {
 	s := a.s
 	out := s.outputDir(a.id)
-	digest, size, err := sealTree(out)
+	digest, size, err := s.sealPackage(a.id) // sealTree with EventSealing progress
 	if err == nil {
 		err = syncTree(out)
 	}
@@ -319,6 +319,7 @@ func (a *attempt) fail(ctx context.Context, cause error) error {
 	case err == nil:
 		cause = errors.Join(cause, fmt.Errorf("%w; the tree was left to the new owner", ErrFenced))
 	}
+	s.recordFailure(ctx, id, rec, cause) // P/failed/<id>, outliving our lease
 	s.emit(Event{Kind: EventFailed, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir, Err: cause})
 	return &BuildError{ID: id, Host: s.opt.host, PID: s.pid, LogDir: rec.LogDir, Err: cause}
 }

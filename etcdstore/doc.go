@@ -21,8 +21,11 @@
 //	P/build/<id>                    a build attempt (JSON BuildRecord), on the builder's lease
 //	P/ref/<id>/<lease-hex>/<n>      one reference, on the holder's lease
 //	P/atime/<id>                    last access, unix nanoseconds
-//	P/lock/<id>/<lease-hex>         the package's build/remove lock (etcd Mutex layout)
+//	P/lock/<id>/<lease-hex>         the package's build/remove lock (etcd Mutex layout; value: who queues)
 //	P/gc/<lease-hex>                the collector lock
+//	P/failed/<id>                   the last failed attempt (JSON FailureRecord), on a lease of TTL = retention
+//
+// WatchCluster decodes changes of these keys into ClusterEvents.
 //
 // See docs/design.md in the repository for the protocols and why each
 // transaction compares what it compares.

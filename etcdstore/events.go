@@ -60,6 +60,12 @@ const (
 	// EventMountWarning: the shared root is mounted with options that
 	// make this host's view of it stale or unsafe (Err says which).
 	EventMountWarning
+	// EventSealing: the builder returned and the store is sealing the tree
+	// (making it read-only and computing its digest). Sent once a second
+	// while that lasts more than a second, with Files and Size done so far
+	// and Elapsed since sealing began; a last one with Done set when it
+	// ends.
+	EventSealing
 )
 
 var kindNames = map[EventKind]string{
@@ -67,8 +73,8 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventWaitVisible: "wait-visible", EventTrashFailed: "trash-failed",
-	EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
+	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
+	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 }
 
 func (k EventKind) String() string {
@@ -89,6 +95,8 @@ type Event struct {
 	LogDir  string        // logs of the attempt
 	Elapsed time.Duration // build time, or the lock delay
 	Size    int64
+	Files   int64 // files sealed so far (EventSealing)
+	Done    bool  // the last EventSealing of a tree
 	Digest  string
 	Err     error
 }

@@ -1,6 +1,9 @@
 package etcdstore
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // SetTestHookCleanup installs fn to run when a waiting attempt of s has
 // seen a publish and released its callers, before it leaves the lock
@@ -31,4 +34,12 @@ func Closed(s *Store) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.closed
+}
+
+// SetSealProgressEvery sets how often sealing reports progress and returns
+// a function that restores the default.
+func SetSealProgressEvery(d time.Duration) (restore func()) {
+	old := sealProgressEvery
+	sealProgressEvery = d
+	return func() { sealProgressEvery = old }
 }

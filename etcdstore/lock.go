@@ -43,7 +43,7 @@ func (l *lock) enqueue(ctx context.Context) (first bool, err error) {
 			// Our key is new: create it on our lease...
 			If(clientv3.Compare(clientv3.CreateRevision(l.key), "=", 0)).
 			Then(
-				clientv3.OpPut(l.key, "", clientv3.WithLease(l.sess.ID)),
+				clientv3.OpPut(l.key, s.holderValue(), clientv3.WithLease(l.sess.ID)), // who queues: for watchers
 				clientv3.OpGet(l.pfx, clientv3.WithFirstCreate()...)).
 			// ...or an earlier, ambiguous attempt of ours made it: adopt it.
 			Else(

@@ -24,6 +24,9 @@ type options struct {
 	initRoot  bool
 
 	visibleTimeout time.Duration
+
+	failureRetention time.Duration
+	keptLogs         int
 }
 
 // Defaults.
@@ -51,7 +54,9 @@ func defaultOptions() options {
 		opTimeout: DefaultOpTimeout,
 		host:      host,
 
-		visibleTimeout: DefaultVisibleTimeout,
+		visibleTimeout:   DefaultVisibleTimeout,
+		failureRetention: DefaultFailureRetention,
+		keptLogs:         DefaultKeptLogs,
 	}
 }
 
@@ -71,6 +76,10 @@ func (o *options) validate() error {
 		return fmt.Errorf("visibility timeout %v is negative", o.visibleTimeout)
 	case o.host == "":
 		return fmt.Errorf("host name is empty")
+	case o.failureRetention < time.Second:
+		return fmt.Errorf("failure retention %v is shorter than a second", o.failureRetention)
+	case o.keptLogs < 1:
+		return fmt.Errorf("kept logs %d: keep at least 1", o.keptLogs)
 	}
 	return nil
 }
@@ -115,3 +124,15 @@ func WithHost(name string) Option { return func(o *options) { o.host = name } }
 // WithPurpose sets a free-form purpose recorded with each reference this
 // store takes, shown by Inspect (for example the command a job runs).
 func WithPurpose(p string) Option { return func(o *options) { o.purpose = p } }
+
+// WithFailureRetention sets how long the record of a failed attempt
+// (LastFailure) outlives the attempt, default DefaultFailureRetention (a
+// day), at least a second. etcd drops the record when it is over.
+func WithFailureRetention(d time.Duration) Option {
+	return func(o *options) { o.failureRetention = d }
+}
+
+// WithKeptLogs sets how many log files a package's logging directory keeps
+// across attempts (the newest; default DefaultKeptLogs): each attempt
+// writes its own file, so the logs of failed attempts survive the next one.
+func WithKeptLogs(n int) Option { return func(o *options) { o.keptLogs = n } }

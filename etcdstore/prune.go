@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
+
 	"github.com/granary-build/granary/core"
 )
 
@@ -242,5 +244,13 @@ func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bo
 			}
 		},
 	})
+	if err == nil {
+		// A remembered failure keeps its package directory (its logs)
+		// from the orphan sweep for as long as the record lives.
+		err = s.scan(ctx, "failed/", true, func(id string, _ *mvccpb.KeyValue) error {
+			known[id] = true
+			return nil
+		})
+	}
 	return cands, known, err
 }

@@ -21,16 +21,23 @@ import (
 )
 
 // ClientConfig turns c into an etcd client configuration for endpoints:
-// TLS from CACert/Cert/Key, user and password, and HTTP/2 keep-alive pings
-// every 10 s (above the server's 5 s minimum) with a 5 s timeout.
+// TLS from CACert/Cert/Key, user and password (from PasswordFile if set),
+// and HTTP/2 keep-alive pings every 10 s (gRPC's minimum, above the
+// server's 5 s) answered within TTL/5 (1 to 5 s). Those pings are only a
+// backstop for dead connections; Dial adds the member watch that moves
+// calls and lease keep-alives off a frozen member within the TTL's margin.
 func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
+	password, err := c.password()
+	if err != nil {
+		return clientv3.Config{}, fmt.Errorf("granary: %w", err)
+	}
 	cc := clientv3.Config{
 		Endpoints:            endpoints,
 		DialTimeout:          c.DialTimeout,
 		DialKeepAliveTime:    10 * time.Second,
-		DialKeepAliveTimeout: 5 * time.Second,
+		DialKeepAliveTimeout: max(time.Second, min(c.TTL/5, 5*time.Second)),
 		Username:             c.User,
-		Password:             c.Password,
+		Password:             password,
 		Logger:               zap.NewNop(),
 	}
 	if c.CACert != "" || c.Cert != "" {
@@ -47,22 +54,47 @@ func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
 // Dial returns a client of endpoints (c.Endpoints, or the embedded node's
 // socket when there are none) and checks that etcd answers within
 // OpTimeout. The caller must Close it.
+//
+// With more than one endpoint, the client watches the members (failover.go):
+// a member that stops answering (frozen, paused, cut off) has its
+// connections closed within TTL/5, so calls go to the others, and a lease
+// keep-alive left unanswered for TTL/6 is reopened on another member. Both
+// stop when the client is closed.
 func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
+	cli, _, err := dial(ctx, c, nil)
+	return cli, err
+}
+
+// dial is Dial with a logger for the member watch (nil: no log); it also
+// returns the watch (nil with one endpoint).
+func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, *memberWatch, error) {
 	eps := c.Endpoints
 	if c.Embedded() {
 		eps = []string{c.LocalEndpoint()}
 	}
 	cc, err := c.ClientConfig(eps)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	var watch *memberWatch
+	if len(eps) > 1 {
+		watch = newMemberWatch(c.TTL, log)
+		cc.DialOptions = append(cc.DialOptions, watch.dialOptions()...)
 	}
 	cli, err := clientv3.New(cc)
 	if err != nil {
-		return nil, fmt.Errorf("granary: etcd client for %v: %w", eps, err)
+		return nil, nil, fmt.Errorf("granary: etcd client for %v: %w", eps, err)
+	}
+	if watch != nil {
+		watch.start(cli, eps)
 	}
 	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.OpTimeout)
 	defer cancel()
 	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
+		if why := quorumLoss(ctx, cli, eps); why != "" {
+			cli.Close()
+			return nil, nil, fmt.Errorf("%w: %s", ErrNoQuorum, why)
+		}
 		cli.Close()
 		if errors.Is(err, rpctypes.ErrPermissionDenied) || errors.Is(err, rpctypes.ErrUserNotFound) ||
 			errors.Is(err, rpctypes.ErrAuthFailed) || errors.Is(err, rpctypes.ErrInvalidAuthToken) {
@@ -70,16 +102,16 @@ func Dial(ctx context.Context, c *Config) (*clientv3.Client, error) {
 			if c.User != "" {
 				who = fmt.Sprintf("user %q", c.User)
 			}
-			return nil, fmt.Errorf("%w: etcd at %v refused %s read access to the prefix %q: %v (etcd auth: the user needs a role with read-write on the prefix)",
+			return nil, nil, fmt.Errorf("%w: etcd at %v refused %s read access to the prefix %q: %v (etcd auth: the user needs a role with read-write on the prefix)",
 				ErrPermission, eps, who, c.Prefix, err)
 		}
 		why := err.Error()
 		if d := diagnose(eps, cc.TLS); d != "" {
 			why += "; " + d
 		}
-		return nil, fmt.Errorf("%w: %v within %v: %s", ErrUnreachable, eps, c.OpTimeout, why)
+		return nil, nil, fmt.Errorf("%w: %v within %v: %s", ErrUnreachable, eps, c.OpTimeout, why)
 	}
-	return cli, nil
+	return cli, watch, nil
 }
 
 // ErrPermission means etcd answered but refused the credentials.
@@ -137,21 +169,43 @@ func diagnose(eps []string, tc *tls.Config) string {
 // so a user whose etcd role covers only the prefix may read it.
 func (c *Config) healthKey() string { return c.Prefix + "health" }
 
-// OpenCache opens the remote cache c.Cache names (with c.CacheToken and
-// c.CacheCACert), or returns nil, nil when there is none. It does no network I/O. The caller
-// must Close it after the stores that use it.
-func (c *Config) OpenCache() (*cache.Remote, error) {
+// OpenCache opens the remote cache c.Cache names (with c.CacheToken,
+// c.CacheCACert, the signing and trusted keys and the fetch budget), or
+// returns nil, nil when there is none. It reads the signing key file but
+// does no network I/O. The caller must Close it after the stores that use
+// it.
+func (c *Config) OpenCache(extra ...cache.Option) (*cache.Remote, error) {
 	if c.Cache == "" {
 		return nil, nil
 	}
 	var opts []cache.Option
+	if c.CacheSignKey != "" {
+		k, err := cache.ReadSecretKeyFile(c.CacheSignKey)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, cache.WithSignKey(k))
+	}
+	if c.CacheTrustedKeys != "" {
+		keys, err := cache.ParsePublicKeys(c.CacheTrustedKeys)
+		if err != nil {
+			return nil, fmt.Errorf("trusted cache keys: %w", err)
+		}
+		if len(keys) == 0 {
+			return nil, fmt.Errorf("trusted cache keys %q list no key", c.CacheTrustedKeys)
+		}
+		opts = append(opts, cache.WithTrustedKeys(keys...))
+	}
+	if c.CacheFetchBudget > 0 {
+		opts = append(opts, cache.WithFetchBudget(c.CacheFetchBudget))
+	}
 	if c.CacheToken != "" {
 		opts = append(opts, cache.WithBearerToken(c.CacheToken))
 	}
 	if c.CacheCACert != "" {
 		opts = append(opts, cache.WithCAFile(c.CacheCACert))
 	}
-	return cache.Open(c.Cache, opts...)
+	return cache.Open(c.Cache, append(opts, extra...)...)
 }
 
 // StoreOptions are the etcdstore options c implies, followed by extra.
@@ -161,6 +215,9 @@ func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []
 		etcdstore.WithTTL(c.TTL),
 		etcdstore.WithHost(c.Name),
 		etcdstore.WithOpTimeout(c.OpTimeout),
+	}
+	if c.FailureRetention > 0 {
+		opts = append(opts, etcdstore.WithFailureRetention(c.FailureRetention))
 	}
 	if logger != nil {
 		opts = append(opts, etcdstore.WithLogger(logger))

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 )
 
 // Config is everything a node, or a CLI command acting as one host, needs.
@@ -39,7 +41,8 @@ type Config struct {
 	// User and Password authenticate to etcd. The password comes from
 	// GRANARY_PASSWORD or PasswordFile, never from a flag alone.
 	User, Password string
-	// PasswordFile holds the password (trailing newline ignored).
+	// PasswordFile holds the password (trailing newline ignored). It is
+	// read when a client is made (ClientConfig), so Password stays empty.
 	PasswordFile string
 
 	// Name names this host in records and in P/node/<name>/<lease>. Default
@@ -47,7 +50,8 @@ type Config struct {
 	Name string
 
 	// Cache is the URL of a remote cache of published packages
-	// (etcdstore/cache.Open: http://, https://, file:///path); empty: none.
+	// (etcdstore/cache.Open: http://, https://, s3://bucket/prefix,
+	// file:///path); empty: none.
 	// Builds check it before running a builder and fill it after
 	// publishing.
 	Cache string
@@ -57,6 +61,16 @@ type Config struct {
 	// CacheCACert is a CA bundle to verify an HTTPS cache (default: the
 	// system's).
 	CacheCACert string
+	// CacheSignKey is a secret key file ('granary cache keygen'): entries
+	// this host uploads are signed with it.
+	CacheSignKey string
+	// CacheTrustedKeys lists the public keys (NAME:BASE64, separated by
+	// spaces or commas) whose signatures this host accepts; when set, an
+	// entry not signed by one of them is refused and built instead.
+	CacheTrustedKeys string
+	// CacheFetchBudget bounds each cache fetch under the build lock
+	// (0: cache.DefaultFetchBudget).
+	CacheFetchBudget time.Duration
 
 	// ListenMetrics is the address of /metrics, /healthz and /readyz; empty
 	// disables the HTTP server.
@@ -76,6 +90,10 @@ type Config struct {
 	// Events, if set, receives the node store's events (after the node's
 	// metrics have seen them). It must not block.
 	Events func(etcdstore.Event)
+
+	// FailureRetention is how long the record of a failed build attempt
+	// is kept (0: etcdstore.DefaultFailureRetention, a day).
+	FailureRetention time.Duration
 
 	// OpTimeout bounds each etcd call; DialTimeout bounds the auth token
 	// fetch and the first keep-alive.
@@ -143,6 +161,11 @@ const (
 	EnvCache        = "GRANARY_CACHE"
 	EnvCacheToken   = "GRANARY_CACHE_TOKEN"
 	EnvCacheCACert  = "GRANARY_CACHE_CACERT"
+	EnvCacheSignKey = "GRANARY_CACHE_SIGN_KEY"
+	EnvCacheTrusted = "GRANARY_CACHE_TRUSTED_KEYS"
+	EnvCacheBudget  = "GRANARY_CACHE_FETCH_BUDGET"
+	// EnvFailureRetention sets FailureRetention.
+	EnvFailureRetention = "GRANARY_FAILURE_RETENTION"
 )
 
 // FromEnv applies the GRANARY_* variables that getenv returns non-empty.
@@ -166,15 +189,31 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.Cache, EnvCache)
 	set(&c.CacheToken, EnvCacheToken)
 	set(&c.CacheCACert, EnvCacheCACert)
+	set(&c.CacheSignKey, EnvCacheSignKey)
+	set(&c.CacheTrustedKeys, EnvCacheTrusted)
+	if v := getenv(EnvCacheBudget); v != "" {
+		d, err := parseSeconds(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvCacheBudget, v, err)
+		}
+		c.CacheFetchBudget = d
+	}
 	if v := getenv(EnvEndpoints); v != "" {
 		c.Endpoints = splitList(v)
 	}
 	if v := getenv(EnvIdleTimeout); v != "" {
-		d, err := time.ParseDuration(v)
+		d, err := ParseNonNegative(v)
 		if err != nil {
 			return fmt.Errorf("%s=%q: %w", EnvIdleTimeout, v, err)
 		}
 		c.IdleTimeout = d
+	}
+	if v := getenv(EnvFailureRetention); v != "" {
+		d, err := ParseNonNegative(v)
+		if err != nil {
+			return fmt.Errorf("%s=%q: %w", EnvFailureRetention, v, err)
+		}
+		c.FailureRetention = d
 	}
 	if v := getenv(EnvTTL); v != "" {
 		d, err := parseSeconds(v)
@@ -186,12 +225,74 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	return nil
 }
 
-// parseSeconds accepts a duration ("15s") or a bare number of seconds.
+// ErrNegative is wrapped by the error for a negative duration where only
+// zero or more makes sense.
+var ErrNegative = errors.New("negative duration")
+
+// ParseNonNegative parses a duration (time.ParseDuration) and refuses a
+// negative one: a sign typed by mistake must not turn "older than 5m" into
+// "everything".
+func ParseNonNegative(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	if d < 0 {
+		return 0, ErrNegative
+	}
+	return d, nil
+}
+
+// NonNegative returns a flag.Value that sets *p from a duration and refuses
+// a negative one (the flag package then reports the value as typed:
+// `invalid value "-5m" for flag -older-than: negative duration`).
+func NonNegative(p *time.Duration) flag.Value { return (*nonNegative)(p) }
+
+type nonNegative time.Duration
+
+func (d *nonNegative) String() string { return time.Duration(*d).String() }
+
+func (d *nonNegative) Set(s string) error {
+	v, err := ParseNonNegative(s)
+	if err != nil {
+		return err
+	}
+	*d = nonNegative(v)
+	return nil
+}
+
+// maxSeconds is the largest bare number of seconds parseSeconds accepts:
+// more would overflow a time.Duration (about 292 years).
+const maxSeconds = int64(math.MaxInt64 / time.Second)
+
+// parseSeconds accepts a duration ("15s") or a bare number of seconds. A
+// number too large for a time.Duration is an error naming the value as
+// typed, not a wrapped-around duration.
 func parseSeconds(s string) (time.Duration, error) {
-	if n, err := strconv.Atoi(s); err == nil {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err == nil {
+		if n > maxSeconds || n < -maxSeconds {
+			return 0, fmt.Errorf("%s seconds is out of range (at most %d)", s, maxSeconds)
+		}
 		return time.Duration(n) * time.Second, nil
 	}
+	if errors.Is(err, strconv.ErrRange) {
+		return 0, fmt.Errorf("%s seconds is out of range (at most %d)", s, maxSeconds)
+	}
 	return time.ParseDuration(s)
+}
+
+// password returns the password: Password, or the content of PasswordFile
+// without its trailing newline.
+func (c *Config) password() (string, error) {
+	if c.PasswordFile == "" {
+		return c.Password, nil
+	}
+	b, err := os.ReadFile(c.PasswordFile)
+	if err != nil {
+		return "", fmt.Errorf("password file: %w", err)
+	}
+	return strings.TrimRight(string(b), "\r\n"), nil
 }
 
 func splitList(s string) []string {
@@ -228,17 +329,29 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.User, "user", c.User, "etcd user; password from $"+EnvPassword+" or --password-file ($"+EnvUser+")")
 	fs.StringVar(&c.PasswordFile, "password-file", c.PasswordFile, "file holding the etcd password ($"+EnvPasswordFile+")")
 	fs.StringVar(&c.Name, "host", c.Name, "host name recorded in builds and references ($"+EnvHost+")")
-	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
+	fs.StringVar(&c.Cache, "cache", c.Cache, "remote cache URL: http(s)://[user:pass@]host/path, s3://bucket/prefix[?endpoint=URL] or file:///dir; bearer token from $"+EnvCacheToken+" ($"+EnvCache+")")
 	fs.StringVar(&c.CacheCACert, "cache-cacert", c.CacheCACert, "CA bundle to verify an HTTPS cache ($"+EnvCacheCACert+")")
+	fs.StringVar(&c.CacheSignKey, "cache-sign-key", c.CacheSignKey, "secret key file ('granary cache keygen') that signs the entries this host uploads ($"+EnvCacheSignKey+")")
+	fs.StringVar(&c.CacheTrustedKeys, "cache-trusted-keys", c.CacheTrustedKeys, "public keys NAME:BASE64, space- or comma-separated; when set, only entries signed by one of them are used ($"+EnvCacheTrusted+")")
+	fs.Func("cache-fetch-budget", fmt.Sprintf("longest a cache fetch may hold the build lock before the host builds instead (default %v) ($%s)", cache.DefaultFetchBudget, EnvCacheBudget), func(s string) error {
+		d, err := parseSeconds(s)
+		if err == nil {
+			c.CacheFetchBudget = d
+		}
+		return err
+	})
 	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
+	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
+	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
+	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
 // RegisterNodeFlags binds the flags only `serve` needs.
 func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenMetrics, "listen-metrics", c.ListenMetrics, "address for /metrics, /healthz, /readyz (empty: off)")
-	fs.DurationVar(&c.GCInterval, "gc-interval", c.GCInterval, "how often to prune (0: never)")
-	fs.DurationVar(&c.GC.OlderThan, "gc-older-than", c.GC.OlderThan, "prune packages unused for this long")
+	fs.Var(NonNegative(&c.GCInterval), "gc-interval", "how often to prune (0: never)")
+	fs.Var(NonNegative(&c.GC.OlderThan), "gc-older-than", "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")
 	fs.DurationVar(&c.GC.Grace, "gc-grace", c.GC.Grace, "never prune what was used this recently (0: etcdstore's default, negative: none)")
 	fs.IntVar(&c.GC.MaxRemovals, "gc-max", c.GC.MaxRemovals, "most packages removed per sweep (0: no limit)")
@@ -253,7 +366,9 @@ func (c *Config) SocketPath() string { return filepath.Join(c.StateDir, "etcd.so
 // LocalEndpoint is the client URL of the embedded etcd.
 func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }
 
-// Validate reports the first bad value, and reads the password file.
+// Validate reports every bad value. It changes nothing in c, so it may be
+// called more than once (the CLI validates before node.New does again); the
+// password file is only checked for readability here and read at Dial time.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
@@ -296,21 +411,21 @@ func (c *Config) Validate() error {
 		bad("password given both in $%s and in a file; use one", EnvPassword)
 	}
 	if c.PasswordFile != "" {
-		b, err := os.ReadFile(c.PasswordFile)
-		if err != nil {
-			bad("password file: %v", err)
-		} else {
-			c.Password = strings.TrimRight(string(b), "\r\n")
+		if _, err := c.password(); err != nil {
+			bad("%v", err)
 		}
 	}
-	if c.Password != "" && c.User == "" {
+	if (c.Password != "" || c.PasswordFile != "") && c.User == "" {
 		bad("a password without --user")
 	}
 	if c.Name == "" {
 		bad("empty host name")
 	}
-	if (c.CacheToken != "" || c.CacheCACert != "") && c.Cache == "" {
-		bad("$%s or --cache-cacert set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	if (c.CacheToken != "" || c.CacheCACert != "" || c.CacheSignKey != "" || c.CacheTrustedKeys != "") && c.Cache == "" {
+		bad("$%s, --cache-cacert, --cache-sign-key or --cache-trusted-keys set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
+	}
+	if c.CacheFetchBudget < 0 {
+		bad("negative cache fetch budget %v", c.CacheFetchBudget)
 	}
 	if c.Cache != "" {
 		if r, err := c.OpenCache(); err != nil {

@@ -80,6 +80,22 @@ func newMetrics(n *Node) *metrics {
 			return float64(resp.Count)
 		}
 	}
+	watched := func(c func(w *memberWatch) int64) func() float64 {
+		return func() float64 {
+			if n.watch == nil {
+				return 0
+			}
+			return float64(c(n.watch))
+		}
+	}
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "granary_etcd_member_down_total", Help: "Times an etcd member stopped answering and the node's client closed its connections to it.",
+		}, watched(func(w *memberWatch) int64 { return w.downs.Load() })),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "granary_lease_keepalive_moves_total", Help: "Lease keep-alive streams reopened on another etcd member after a renewal went unanswered.",
+		}, watched(func(w *memberWatch) int64 { return w.stalls.Load() })),
+	)
 	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
@@ -117,9 +133,18 @@ func (m *metrics) registerCache(c *cache.Remote) {
 			func(s cache.Stats) int64 { return s.Uploads }),
 		counter("granary_cache_upload_failures_total", "Uploads to the remote cache that failed (the builds succeeded).",
 			func(s cache.Stats) int64 { return s.UploadFailures }),
+		counter("granary_cache_fetch_budget_spent_total", "Remote cache fetches given up because they took longer than the fetch budget; the package was built instead.",
+			func(s cache.Stats) int64 { return s.BudgetSpent }),
 		bytes("down", func(s cache.Stats) int64 { return s.BytesDown }),
 		bytes("up", func(s cache.Stats) int64 { return s.BytesUp }),
 	)
+	for _, reason := range cache.Reasons {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "granary_cache_rejected_total",
+			Help:        "Remote cache entries refused by the signature checks (--cache-trusted-keys), by reason; the package was built instead.",
+			ConstLabels: prometheus.Labels{"reason": string(reason)},
+		}, func() float64 { return float64(c.Stats().Rejected[reason]) }))
+	}
 }
 
 // event is the store's WithEvents hook: it must not block.

@@ -54,6 +54,7 @@ type Node struct {
 	flock *flock.Flock // embedded: held for the node's lifetime
 
 	cli   *clientv3.Client
+	watch *memberWatch // nil with one endpoint
 	store *etcdstore.Store
 	cache *cache.Remote // nil without Config.Cache
 	m     *metrics
@@ -104,7 +105,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 			return nil, err
 		}
 	}
-	if n.cli, err = Dial(ctx, &n.cfg); err != nil {
+	if n.cli, n.watch, err = dial(ctx, &n.cfg, log); err != nil {
 		return nil, err
 	}
 	opts := []etcdstore.Option{etcdstore.WithEvents(n.event), etcdstore.WithPurpose("granary node")}

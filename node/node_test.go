@@ -20,6 +20,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/etcdstore/cache"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/node"
 )
@@ -296,6 +297,62 @@ func TestNodeCacheMetrics(t *testing.T) {
 	}
 }
 
+// trustedKey is a public key in the format of 'granary cache keygen'.
+const trustedKey = "farm-1:sxJKZHjT5ojytCo41HyETZQd+EgxGu4oMxzIQobnhAQ="
+
+// TestNodeCacheRejectedMetric: with trusted keys, an unsigned entry in the
+// cache is built instead and counted by reason in /metrics.
+func TestNodeCacheRejectedMetric(t *testing.T) {
+	srv := etcdtest.Start(t)
+	cfg := testConfig(t, srv, t.TempDir())
+	cacheDir := t.TempDir()
+	cfg.Cache = "file://" + cacheDir
+	cfg.CacheTrustedKeys = trustedKey
+	cfg.ListenMetrics = "127.0.0.1:0"
+	// Another host, without a signing key, put "c" in the cache.
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "f"), []byte("from a host without the key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d, size, err := etcdstore.TreeDigest(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unsigned, err := cache.NewDir(cacheDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unsigned.Store(context.Background(), "c", src, etcdstore.PackageRecord{Digest: d, Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	n, _ := startNode(t, cfg)
+	h := n.Store().Handle("c")
+	ran := 0
+	if _, err := n.Build(context.Background(), "c", func(ctx context.Context) error {
+		ran++
+		return writeFile(filepath.Join(h.OutputDirectory(), "f"), "built here")(ctx)
+	}); err != nil {
+		t.Fatalf("Build: %v", err)
+	}
+	if ran != 1 {
+		t.Errorf("builder ran %d times, want once: the unsigned entry must be refused", ran)
+	}
+	resp, err := http.Get("http://" + n.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`granary_cache_rejected_total{reason="unsigned"} 1`, `granary_cache_rejected_total{reason="bad_signature"} 0`,
+		"granary_cache_hits_total 0", "granary_cache_fetch_errors_total 0",
+	} {
+		if !strings.Contains(string(b), want+"\n") {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+}
+
 func TestConfigValidate(t *testing.T) {
 	base := func() node.Config {
 		c := node.DefaultConfig()
@@ -319,9 +376,17 @@ func TestConfigValidate(t *testing.T) {
 		{"long socket", func(c *node.Config) { c.StateDir = "/" + strings.Repeat("s", 100) }, "too long for a unix socket"},
 		{"relative state", func(c *node.Config) { c.StateDir = "state" }, "absolute"},
 		{"http cache", func(c *node.Config) { c.Cache = "https://cache.example/granary/" }, ""},
-		{"cache scheme", func(c *node.Config) { c.Cache = "s3://bucket/x" }, `unsupported scheme "s3"`},
+		{"cache scheme", func(c *node.Config) { c.Cache = "gs://bucket/x" }, `unsupported scheme "gs"`},
+		{"s3 cache", func(c *node.Config) { c.Cache = "s3://bucket/x?endpoint=http://127.0.0.1:8333" }, ""},
+		{"s3 cache bad parameter", func(c *node.Config) { c.Cache = "s3://bucket/x?acl=public" }, `unknown parameter "acl"`},
+		{"trusted keys", func(c *node.Config) { c.Cache = "https://c/"; c.CacheTrustedKeys = trustedKey }, ""},
+		{"bad trusted key", func(c *node.Config) { c.Cache = "https://c/"; c.CacheTrustedKeys = "farm:xyz" }, "bad key"},
+		{"empty trusted keys", func(c *node.Config) { c.Cache = "https://c/"; c.CacheTrustedKeys = " , " }, "list no key"},
+		{"sign key missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheSignKey = "/no/such/key" }, "signing key"},
+		{"trusted keys without cache", func(c *node.Config) { c.CacheTrustedKeys = trustedKey }, "without a cache URL"},
+		{"negative fetch budget", func(c *node.Config) { c.Cache = "https://c/"; c.CacheFetchBudget = -time.Second }, "fetch budget"},
 		{"cache dir missing", func(c *node.Config) { c.Cache = "file:///definitely/not/there" }, "cache: directory"},
-		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "GRANARY_CACHE_TOKEN or --cache-cacert set without a cache URL"},
+		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "without a cache URL"},
 		{"cache CA missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheCACert = "/no/such/ca.pem" }, "cache: CA file"},
 	}
 	for _, tt := range tests {
@@ -344,13 +409,15 @@ func TestFromEnv(t *testing.T) {
 		"GRANARY_ROOT": "/r", "GRANARY_ENDPOINTS": "a:1, b:2", "GRANARY_TTL": "7",
 		"GRANARY_PREFIX": "/p/", "GRANARY_USER": "u", "GRANARY_PASSWORD": "pw", "GRANARY_HOST": "h",
 		"GRANARY_CACHE": "https://c/", "GRANARY_CACHE_TOKEN": "tok", "GRANARY_CACHE_CACERT": "/ca.pem",
+		"GRANARY_CACHE_SIGN_KEY": "/k.sec", "GRANARY_CACHE_TRUSTED_KEYS": trustedKey, "GRANARY_CACHE_FETCH_BUDGET": "20",
 	}
 	c := node.DefaultConfig()
 	if err := c.FromEnv(func(k string) string { return env[k] }); err != nil {
 		t.Fatal(err)
 	}
 	if c.Root != "/r" || strings.Join(c.Endpoints, "|") != "a:1|b:2" || c.TTL != 7*time.Second ||
-		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" || c.Cache != "https://c/" || c.CacheToken != "tok" || c.CacheCACert != "/ca.pem" {
+		c.Prefix != "/p/" || c.User != "u" || c.Password != "pw" || c.Name != "h" || c.Cache != "https://c/" || c.CacheToken != "tok" || c.CacheCACert != "/ca.pem" ||
+		c.CacheSignKey != "/k.sec" || c.CacheTrustedKeys != trustedKey || c.CacheFetchBudget != 20*time.Second {
 		t.Fatalf("FromEnv gave %+v", c)
 	}
 	if err := c.FromEnv(func(k string) string {

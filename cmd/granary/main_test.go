@@ -61,6 +61,9 @@ func TestScripts(t *testing.T) {
 			"etcd":     cmdEtcd,
 			"exitcode": cmdExitcode,
 			"waitfile": cmdWaitfile,
+			"waitgrep": cmdWaitgrep,
+			"ptyrun":   cmdPtyrun,
+			"nowrap":   cmdNowrap,
 			"steal":    cmdSteal,
 			"pidgone":  cmdPidgone,
 		},
@@ -148,6 +151,19 @@ func cmdPidgone(ts *testscript.TestScript, neg bool, args []string) {
 	}
 	syscall.Kill(pid, syscall.SIGKILL)
 	ts.Fatalf("process %d still runs after 10s", pid)
+}
+
+// waitgrep FILE PATTERN waits, at most 60 s, until FILE has a line that
+// matches the extended regular expression PATTERN: a background command
+// writing to FILE got that far (the same bounded poll as waitfile).
+func cmdWaitgrep(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 2 {
+		ts.Fatalf("usage: waitgrep FILE PATTERN")
+	}
+	err := ts.Exec("sh", "-c", `i=0; until grep -Eq -e "$2" "$1" 2>/dev/null; do i=$((i+1)); [ $i -gt 1200 ] && exit 1; sleep 0.05; done`, "sh", ts.MkAbs(args[0]), args[1])
+	if err != nil {
+		ts.Fatalf("no line matching %q in %s within 60s", args[1], args[0])
+	}
 }
 
 // steal ID makes the holders of package ID lose it: it revokes the lease of

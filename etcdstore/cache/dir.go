@@ -28,7 +28,7 @@ func NewDir(base string, opts ...Option) (*Remote, error) {
 	} else if !fi.IsDir() {
 		return nil, fmt.Errorf("cache: %s is not a directory", abs)
 	}
-	return &Remote{b: dirBackend(abs), lim: o.limits}, nil
+	return newRemote(dirBackend(abs), o), nil
 }
 
 type dirBackend string

@@ -7,6 +7,7 @@ import (
 	"log"
 	"os"
 	"path/filepath"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -60,4 +61,38 @@ func ExamplePack() {
 	b, _, _ := etcdstore.TreeDigest(dst)
 	fmt.Println(packed.Entries, "entries,", packed.Bytes, "bytes; same digest:", a == b)
 	// Output: 2 entries, 3 bytes; same digest: true
+}
+
+// Signed entries: the hosts that build for the cache sign what they
+// upload; every host accepts only entries signed by a key it trusts.
+func ExampleWithTrustedKeys() {
+	// Once, by an operator: granary cache keygen farm-1 farm.sec farm.pub
+	// does this and writes the two lines to files.
+	k, err := cache.GenerateKey("farm-1", nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	pubLine := k.Public().String() // "farm-1:BASE64", the trusted list entry
+
+	// On a building host: sign uploads.
+	up, err := cache.Open("s3://granary-cache/farm1?endpoint=https://s3.example.com", cache.WithSignKey(k))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer up.Close()
+
+	// On every host: trust farm-1 only, and never wait for the cache more
+	// than 30 s under a build lock.
+	trusted, err := cache.ParsePublicKeys(pubLine)
+	if err != nil {
+		log.Fatal(err)
+	}
+	down, err := cache.Open("s3://granary-cache/farm1?endpoint=https://s3.example.com",
+		cache.WithTrustedKeys(trusted...), cache.WithFetchBudget(30*time.Second))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer down.Close()
+	fmt.Println(trusted[0].Name, down)
+	// Output: farm-1 s3://granary-cache/farm1/ at https://s3.example.com
 }

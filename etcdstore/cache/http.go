@@ -82,7 +82,7 @@ func NewHTTP(baseURL string, opts ...Option) (*Remote, error) {
 		MaxIdleConnsPerHost:   4,
 		ForceAttemptHTTP2:     true,
 	}
-	return &Remote{lim: o.limits, b: &httpBackend{base: u, client: &http.Client{Transport: tr}, o: o}}, nil
+	return newRemote(&httpBackend{base: u, client: &http.Client{Transport: tr}, o: o}, o), nil
 }
 
 type httpBackend struct {
@@ -112,8 +112,12 @@ type request struct {
 	once   sync.Once
 }
 
-func (h *httpBackend) newRequest(ctx context.Context) *request {
-	r := &request{d: h.o.timeout}
+func (h *httpBackend) newRequest(ctx context.Context) *request { return newWatch(ctx, h.o.timeout) }
+
+// newWatch starts a request's watchdog: its context is cancelled with
+// errStalled when touch is not called for d.
+func newWatch(ctx context.Context, d time.Duration) *request {
+	r := &request{d: d}
 	r.ctx, r.cancel = context.WithCancelCause(ctx)
 	r.timer = time.AfterFunc(r.d, func() {
 		r.cancel(fmt.Errorf("%w for %v", errStalled, r.d))

@@ -85,7 +85,7 @@ type nginx struct {
 // startNginx runs nginx (Debian's nginx package has the WebDAV module) on a
 // free loopback port for the life of t, or skips t loudly when there is no
 // nginx.
-func startNginx(t *testing.T) *nginx {
+func startNginx(t testing.TB) *nginx {
 	t.Helper()
 	bin, err := exec.LookPath("nginx")
 	if err != nil {
@@ -140,7 +140,7 @@ func startNginx(t *testing.T) *nginx {
 	return &nginx{url: fmt.Sprintf("http://127.0.0.1:%d", port), tlsURL: fmt.Sprintf("https://127.0.0.1:%d", tlsPort), dir: dir}
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +151,7 @@ func freePort(t *testing.T) int {
 
 // writeCerts makes a CA (dir/ca.pem) and a server certificate for
 // 127.0.0.1 that it signed (dir/server.pem, dir/server-key.pem).
-func writeCerts(t *testing.T, dir string) {
+func writeCerts(t testing.TB, dir string) {
 	t.Helper()
 	key := func() *ecdsa.PrivateKey {
 		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -207,7 +207,7 @@ func (n *nginx) requests(t *testing.T, method, prefix string, want int) int {
 	}
 }
 
-func openHTTP(t *testing.T, url string, opts ...cache.Option) *cache.Remote {
+func openHTTP(t testing.TB, url string, opts ...cache.Option) *cache.Remote {
 	t.Helper()
 	r, err := cache.Open(url, opts...)
 	if err != nil {

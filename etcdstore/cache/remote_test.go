@@ -157,7 +157,7 @@ func rewrite(t *testing.T, p, old, new string) {
 	writeFile(t, p, strings.Replace(string(b), old, new, 1))
 }
 
-func writeFile(t *testing.T, p, content string) {
+func writeFile(t testing.TB, p, content string) {
 	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,9 @@ func TestOpen(t *testing.T) {
 		{"file:///definitely/not/there", false},
 		{"file://host/path", false},
 		{"file:relative", false},
-		{"s3://bucket/x", false},
+		{"s3://bucket/x", true},
+		{"s3://bucket/x?endpoint=http://127.0.0.1:1", true},
+		{"gs://bucket/x", false},
 		{"/just/a/path", false},
 		{"ftp://x/", false},
 		{"http://x/?q=1", false},
@@ -245,5 +247,13 @@ func TestOpen(t *testing.T) {
 	}
 	if _, err := cache.Open("http://u:p@x/", cache.WithBearerToken("t")); err == nil {
 		t.Error("Open with both URL credentials and a bearer token succeeded")
+	}
+}
+
+func TestOpenRejectsBadFetchOptions(t *testing.T) {
+	for _, opt := range []cache.Option{cache.WithFetchBudget(0), cache.WithPartSize(1 << 20)} {
+		if _, err := cache.Open("http://x/", opt); err == nil {
+			t.Error("Open with a zero fetch budget or a 1 MiB part size succeeded")
+		}
 	}
 }

@@ -30,8 +30,12 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 	jsonPath := f.String("json", "", "write the results as JSON to this file")
 	chartPath := f.String("chart", "", "write a PNG chart (hot path and waiter release vs concurrency) to this file")
 	dir := f.String("dir", "", "where to make the temporary shared root (default $TMPDIR); put it on the farm's volume to include its cost")
+	farm := f.Bool("farm", false, "run the farm simulation instead (10, 100, 1000 hosts on a 3-member embedded etcd; --quick: 10 and 100 hosts, shorter)")
 	if err := noArgs(e, f, args); err != nil {
 		return err
+	}
+	if *farm {
+		return cmdFarm(ctx, e, *quick, *jsonPath, *dir)
 	}
 	sizes := bench.FullSizes()
 	if *quick {
@@ -131,11 +135,11 @@ func printBench(e *env, rep *bench.Report) {
 }
 
 // benchChild is the command of a memory scenario's child process: this
-// program as `granary bench-child` with the same connection settings (the
-// password, if any, goes through the environment).
+// program as `granary bench-child` with the same connection settings (a
+// password goes through the environment, a password file by name).
 func benchChild(ctx context.Context, exe string, cfg node.Config, args []string) *exec.Cmd {
 	a := []string{"bench-child", "--endpoints", strings.Join(cfg.Endpoints, ","), "--op-timeout", cfg.OpTimeout.String()}
-	for _, kv := range [][2]string{{"--cacert", cfg.CACert}, {"--cert", cfg.Cert}, {"--key", cfg.Key}, {"--user", cfg.User}} {
+	for _, kv := range [][2]string{{"--cacert", cfg.CACert}, {"--cert", cfg.Cert}, {"--key", cfg.Key}, {"--user", cfg.User}, {"--password-file", cfg.PasswordFile}} {
 		if kv[1] != "" {
 			a = append(a, kv[0], kv[1])
 		}

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
@@ -47,6 +48,9 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	defer c.Close()
 
 	h := c.store.Handle(id)
+	if fr, err := c.store.LastFailure(ctx, id); err == nil && fr != nil {
+		prog.lastFailure(fr)
+	}
 	var ran bool
 	var logPath string
 	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
@@ -57,14 +61,19 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	prog.stop()
 	if err != nil {
 		var xe *exec.ExitError
+		var se *startError
 		switch {
 		case ctx.Err() != nil:
 			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
 		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
 			// Not the builder's fault: say why it was stopped or refused.
 			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
+		case errors.As(err, &se) && ran:
+			// run's rule: 127 when the command cannot start.
+			return &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
 		case errors.As(err, &xe) && ran:
-			return &ExitErr{Code: max(xe.ExitCode(), 1), Err: fmt.Errorf("granary: build %q failed: %s: %v (log: %s)", id, argv[0], xe, logPath)}
+			code, how := exitStatus(xe)
+			return &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 		case ran && logPath != "":
 			return fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
 		}
@@ -115,7 +124,33 @@ func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, s
 	var mu sync.Mutex // the log gets both streams
 	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
 	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})
-	return cmd.Run()
+	// A command that cannot be found fails here, before the guard starts,
+	// so that it is reported as not started (exit 127), as with run.
+	if _, err := exec.LookPath(argv[0]); err != nil {
+		fmt.Fprintf(logf, "granary: cannot start %s: %v\n", argv[0], err)
+		return &startError{err}
+	}
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintf(logf, "granary: cannot start %s: %v\n", argv[0], err)
+		return &startError{err}
+	}
+	return cmd.Wait()
+}
+
+// startError is the error of a builder that could not be started (not
+// found, not executable): `build` exits 127 for it, as `run` does.
+type startError struct{ err error }
+
+func (e *startError) Error() string { return "cannot start builder: " + e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+// exitStatus maps a child's exit to run's exit code rules (its own code, or
+// 128+N when killed by signal N) and says what happened.
+func exitStatus(xe *exec.ExitError) (int, string) {
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
 }
 
 type lockedWriter struct {
@@ -147,15 +182,35 @@ type progress struct {
 	tty bool
 
 	mu      sync.Mutex
+	failure *etcdstore.FailureRecord // the last failed attempt, from before the build
 	cur     *etcdstore.Event
 	started time.Time
-	stopc   chan struct{}
-	done    chan struct{}
-	stopped bool
+
+	building     bool      // our own attempt runs: no more waiting line
+	inPlace      bool      // a line is shown in place (tty) and not yet ended
+	lastSealLine time.Time // non-tty: when the last sealing line was printed
+	stopc        chan struct{}
+	done         chan struct{}
+	stopped      bool
 }
 
 func newProgress(w io.Writer, id string, tty bool) *progress {
 	return &progress{w: w, id: id, tty: tty, stopc: make(chan struct{}), done: make(chan struct{})}
+}
+
+// lastFailure sets the failure record to mention when our attempt starts.
+func (p *progress) lastFailure(fr *etcdstore.FailureRecord) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failure = fr
+}
+
+// lastLog is the newest log of a failed attempt, or its directory.
+func lastLog(fr *etcdstore.FailureRecord) string {
+	if len(fr.Logs) > 0 {
+		return fr.Logs[len(fr.Logs)-1]
+	}
+	return fr.LogDir
 }
 
 // event is the store's event hook; it must not block.
@@ -177,9 +232,22 @@ func (p *progress) event(ev etcdstore.Event) {
 			go p.loop()
 		}
 		p.printLocked()
+	case etcdstore.EventBuilding:
+		// Our attempt runs: the waiting line, if any, is over.
+		p.building = true
+		if p.inPlace {
+			fmt.Fprint(p.w, p.clear())
+		}
+		if fr := p.failure; fr != nil {
+			fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed %s on %s (%s); log: %s; building again\n",
+				p.clear(), p.id, ago(fr.Ended), fr.Host, failureStatus(fr), lastLog(fr))
+		}
+	case etcdstore.EventSealing:
+		p.sealingLocked(ev)
 	case etcdstore.EventLockDelay:
 		fmt.Fprintf(p.w, "%sgranary: %s: an earlier attempt did not finish (its host died or lost its lease) and left its output; waiting %v before moving it aside\n", p.clear(), p.id, ev.Elapsed)
 	case etcdstore.EventLastFailed:
+		p.failure = nil // said here, from the live record: not again at EventBuilding
 		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
 			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
 	case etcdstore.EventWaitVisible:
@@ -193,7 +261,8 @@ func (p *progress) event(ev etcdstore.Event) {
 }
 
 func (p *progress) clear() string {
-	if p.tty && p.cur != nil {
+	if p.tty && p.inPlace {
+		p.inPlace = false // the message written after this ends the line
 		return "\r\033[K"
 	}
 	return ""
@@ -203,10 +272,43 @@ func (p *progress) printLocked() {
 	ev := p.cur
 	line := fmt.Sprintf("granary: waiting for %s: building on %s, pid %d, for %v; log: %s",
 		p.id, ev.Host, ev.PID, time.Since(ev.Since).Round(time.Second), ev.LogDir)
+	p.showLocked(line)
+}
+
+// showLocked shows a status line: on a terminal in place, cut to the
+// terminal's width so that it never wraps (a wrapped line cannot be
+// rewritten in place and leaves a stale copy per update); otherwise as a
+// line of its own.
+func (p *progress) showLocked(line string) {
 	if p.tty {
-		fmt.Fprintf(p.w, "\r\033[K%s", line)
+		fmt.Fprintf(p.w, "\r\033[K%s", fitWidth(line, termWidth(p.w)))
+		p.inPlace = true
 	} else {
 		fmt.Fprintln(p.w, line)
+	}
+}
+
+// sealingLocked shows the store sealing our tree: in place on a terminal,
+// else a line every 5 s and one at the end.
+func (p *progress) sealingLocked(ev etcdstore.Event) {
+	if ev.ID != p.id {
+		return
+	}
+	rate := float64(ev.Size) / max(ev.Elapsed.Seconds(), 0.001)
+	verb := "sealing"
+	if ev.Done {
+		verb = "sealed"
+	}
+	line := fmt.Sprintf("granary: %s: %s the output: %d files, %s in %v (%s/s)",
+		p.id, verb, ev.Files, human(ev.Size), ev.Elapsed.Round(100*time.Millisecond), human(int64(rate)))
+	if !p.tty && !ev.Done && time.Since(p.lastSealLine) < 5*time.Second {
+		return
+	}
+	p.lastSealLine = time.Now()
+	p.showLocked(line)
+	if ev.Done && p.tty {
+		fmt.Fprintln(p.w)
+		p.inPlace = false
 	}
 }
 
@@ -224,7 +326,9 @@ func (p *progress) loop() {
 			return
 		case <-t.C:
 			p.mu.Lock()
-			p.printLocked()
+			if !p.building {
+				p.printLocked()
+			}
 			p.mu.Unlock()
 		}
 	}
@@ -240,8 +344,9 @@ func (p *progress) stop() {
 	p.stopped = true
 	looping := p.cur != nil
 	close(p.stopc)
-	if p.tty && looping {
+	if p.tty && p.inPlace {
 		fmt.Fprintln(p.w)
+		p.inPlace = false
 	}
 	p.mu.Unlock()
 	if looping {

@@ -73,7 +73,7 @@ func Message(err error) string {
 	if err == nil || (errors.As(err, &ee) && ee.Err == nil) {
 		return ""
 	}
-	msg := err.Error()
+	msg := plainErr(err)
 	if !strings.HasPrefix(msg, "granary") {
 		msg = "granary: " + msg
 	}
@@ -108,17 +108,20 @@ var commands map[string]*command
 func init() {
 	commands = map[string]*command{
 		"serve":     {"[flags]", "run a node in the foreground", cmdServe},
+		"version":   {"", "print the module version and VCS revision of this binary", cmdVersion},
 		"build":     {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
 		"run":       {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
 		"ls":        {"[flags]", "list packages", cmdLs},
 		"inspect":   {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
+		"logs":      {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
+		"events":    {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
 		"rm":        {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
 		"gc":        {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
 		"status":    {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
 		"verify":    {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
 		"node":      {"status|stop [flags]", "show or stop the local node", cmdNode},
 		"init-root": {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
-		"cache":     {"push|pull [flags] ID", "upload a published package to the remote cache, or fetch one from it", cmdCache},
+		"cache":     {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
 		"demo":      {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
 		"bench":     {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
 		// bench-child is the child process of bench's memory scenarios.
@@ -133,17 +136,20 @@ usage: granary COMMAND [flags] [ARGS]
 commands:
 %s
 With no --endpoints (or $GRANARY_ENDPOINTS), commands use the local node,
-an embedded etcd started on first use in $XDG_STATE_HOME/granary.
+an embedded etcd started on first use in $XDG_STATE_HOME/granary (else
+~/.local/state/granary); packages live under --root, default
+$XDG_DATA_HOME/granary (else ~/.local/share/granary).
 With --cache URL (or $GRANARY_CACHE), builds check that remote cache before
 building and fill it after publishing.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
-'granary run' exits with its command's code.
+'granary build' and 'granary run' exit with their command's code
+(127: it cannot start, 128+N: signal N killed it).
 `
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench", "version"} {
 		fmt.Fprintf(&b, "  %-9s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
@@ -163,6 +169,8 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage())
 		return nil
+	case "--version", "-version":
+		return cmdVersion(ctx, e, args[1:])
 	}
 	c := commands[args[0]]
 	if c == nil {
@@ -210,6 +218,20 @@ func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
 				f.SetOutput(e.stdout)
 				f.PrintDefaults()
 				return nil, nil, &ExitErr{Code: ExitOK}
+			}
+			undefined := strings.HasPrefix(err.Error(), "flag provided but not defined")
+			if undefined && len(pos) == 0 && strings.Contains(commands[f.name].usage, "ID") {
+				// Where the ID goes: an ID never starts with '-'.
+				return nil, nil, usageErr(f.name, "%v (if it was meant as the package ID: IDs cannot start with '-')", err)
+			}
+			if undefined && len(pos) > 0 && cmd == nil && strings.Contains(commands[f.name].usage, "-- CMD") {
+				// "granary build x sh -c …": the -c was meant for the
+				// command, which goes after "--".
+				what := "command"
+				if f.name == "build" {
+					what = "builder command"
+				}
+				return nil, nil, usageErr(f.name, "%v; put the %s after --", err, what)
 			}
 			return nil, nil, usageErr(f.name, "%v", err)
 		}
@@ -288,7 +310,7 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 		}
 		return nil, err
 	}
-	rc, err := cfg.OpenCache()
+	rc, err := cfg.OpenCache(cache.WithProgress(fetchProgress(e.stderr, isTerminal(e.stderr))))
 	if err != nil {
 		cli.Close()
 		return nil, &ExitErr{Code: ExitUsage, Err: err}

@@ -3,9 +3,11 @@ package cli
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
 )
 
 func TestExitCode(t *testing.T) {
@@ -51,11 +53,45 @@ func TestParseSize(t *testing.T) {
 		{"", 0, false},
 		{"-1G", 0, false},
 		{"ten", 0, false},
+		{"99999999999P", 0, false}, // overflows int64: refused, not wrapped negative
+		{"inf", 0, false},
+		{"NaN", 0, false},
+		{"8191P", 8191 << 50, true},
 	}
 	for _, tt := range tests {
 		got, err := parseSize(tt.in)
 		if (err == nil) != tt.ok || got != tt.want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d, ok=%v", tt.in, got, err, tt.want, tt.ok)
 		}
+	}
+}
+
+func TestMessagePlain(t *testing.T) {
+	be := &etcdstore.BuildError{ID: "pkg", Host: "h1", PID: 7, LogDir: "/r/pkgs/pkg/logs",
+		Err: &etcdstore.PanicError{Value: "kaput", Stack: []byte("goroutine 1 [running]:\n...")}}
+	tests := []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"build error", fmt.Errorf("etcdstore: build %q: %w", "pkg", be),
+			`granary: build "pkg": build "pkg" failed on h1 (pid 7): builder panicked: kaput (stack in the log) (logs in /r/pkgs/pkg/logs)`},
+		{"double prefix", fmt.Errorf("granary: inspect: %w", fmt.Errorf("etcdstore: inspect %q: %w", "x", core.ErrPackageNotExist)),
+			`granary: inspect: inspect "x": package does not exist`},
+		{"no leader", fmt.Errorf("etcdstore: list: %w", errors.New("etcdserver: no leader")),
+			"granary: list: etcd has no leader: quorum lost (a majority of the etcd members must be up)"},
+		{"lease lost", fmt.Errorf("granary: build abandoned: %w", etcdstore.ErrLeaseLost),
+			"granary: build abandoned: the lease with etcd was lost"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := Message(tt.err)
+			if got != tt.want {
+				t.Errorf("Message = %q\nwant      %q", got, tt.want)
+			}
+			if strings.Contains(got, "\n") || strings.Contains(got, "etcdstore:") {
+				t.Errorf("Message %q is not one plain line", got)
+			}
+		})
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -60,7 +62,7 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer c.Close()
-	list, err := c.store.List(ctx)
+	list, err := listWithFailures(ctx, c.store)
 	if err != nil {
 		return err
 	}
@@ -68,7 +70,7 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 		return writeJSON(e.stdout, list)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tSIZE\tREFS\tLAST USED\tBUILT BY")
+	fmt.Fprintln(tw, "ID\tSTATE\tSIZE\tREFS\tLAST USED\tBUILT BY\tLAST FAILURE")
 	for _, p := range list {
 		size, by := "-", "-"
 		if p.Package != nil {
@@ -76,7 +78,11 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 		} else if p.Build != nil {
 			by = p.Build.Host
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", p.ID, p.State, size, p.Refs, ago(p.ATime), by)
+		failed := "-"
+		if p.LastFailure != nil {
+			failed = fmt.Sprintf("%s on %s (%s)", ago(p.LastFailure.Ended), p.LastFailure.Host, failureStatus(p.LastFailure))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.State, size, p.Refs, ago(p.ATime), by, failed)
 	}
 	return tw.Flush()
 }
@@ -91,14 +97,26 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	fr, err := c.store.LastFailure(ctx, id)
+	if err != nil {
+		return err
+	}
+	absent := info.State == etcdstore.StateAbsent
+	if fr != nil && absent {
+		info.State = etcdstore.StateFailed // its builder is gone, its record stays
+	}
 	if f.json {
-		if err := writeJSON(e.stdout, info); err != nil {
+		if err := writeJSON(e.stdout, struct {
+			etcdstore.Info
+			LastFailure *etcdstore.FailureRecord `json:"last_failure,omitempty"`
+		}{info, fr}); err != nil {
 			return err
 		}
 	} else {
 		printInfo(e, info)
+		printFailure(e, fr)
 	}
-	if info.State == etcdstore.StateAbsent {
+	if absent {
 		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist", id)}
 	}
 	return nil
@@ -177,13 +195,21 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	}
 	var opts etcdstore.PruneOptions
 	var target string
-	f.DurationVar(&opts.OlderThan, "older-than", 0, "remove packages unused for longer than this")
+	f.Var(node.NonNegative(&opts.OlderThan), "older-than", "remove packages unused for longer than this")
 	f.StringVar(&target, "target-size", "", "remove oldest first until the store is at most this big (e.g. 50G)")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "say what would be removed; remove nothing")
 	f.DurationVar(&opts.Grace, "grace", 0, "never remove what was used or made within this long (default 10m; negative: none)")
 	f.IntVar(&opts.MaxRemovals, "max", 0, "remove at most this many packages (0: no cap)")
+	var failures bool
+	f.BoolVar(&failures, "failures", false, "drop the records of failed attempts instead of packages (those older than --older-than, if given; else all)")
 	if err := noArgs(e, f, args); err != nil {
 		return err
+	}
+	if failures {
+		if target != "" {
+			return usageErr("gc", "--failures drops failure records only; run it apart from --target-size")
+		}
+		return dropFailures(ctx, e, f, opts)
 	}
 	if target != "" {
 		if opts.TargetBytes, err = parseSize(target); err != nil {
@@ -265,6 +291,24 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	fails, err := c.store.Failures(ctx)
+	if err != nil {
+		return err
+	}
+	for _, p := range list {
+		if p.State == etcdstore.StateFailed {
+			delete(fails, p.ID) // shown from its live record
+		}
+		if p.State == etcdstore.StateAvailable || p.State == etcdstore.StateBuilding {
+			delete(fails, p.ID) // an attempt after the failure published or runs
+		}
+	}
+	for id, fr := range fails {
+		st.Failed = append(st.Failed, etcdstore.Summary{ID: id, State: etcdstore.StateFailed, Build: &etcdstore.BuildRecord{
+			State: etcdstore.BuildFailed, Host: fr.Host, PID: fr.PID, Started: fr.Started, LogDir: fr.LogDir, Attempt: fr.Attempt, Error: fr.Error,
+		}})
+	}
+	slices.SortFunc(st.Failed, func(a, b etcdstore.Summary) int { return strings.Compare(a.ID, b.ID) })
 	for _, p := range list {
 		switch p.State {
 		case etcdstore.StateAvailable:
@@ -364,8 +408,12 @@ func parseSize(s string) (int64, error) {
 		}
 	}
 	n, err := strconv.ParseFloat(t, 64)
-	if err != nil || n < 0 {
+	if err != nil || n < 0 || math.IsNaN(n) {
 		return 0, fmt.Errorf("want a size such as 500M or 20G")
+	}
+	// 2^63 is exact in a float64: anything at or above it overflows int64.
+	if n*float64(mult) >= math.MaxInt64 {
+		return 0, fmt.Errorf("size %s is out of range (at most 8E)", s)
 	}
 	return int64(n * float64(mult)), nil
 }
@@ -375,4 +423,89 @@ func ago(t time.Time) string {
 		return "-"
 	}
 	return time.Since(t).Round(time.Second).String() + " ago"
+}
+
+// listed is one line of `ls`: the store's summary and the last failure.
+type listed struct {
+	etcdstore.Summary
+	LastFailure *etcdstore.FailureRecord `json:"last_failure,omitempty"`
+}
+
+// listWithFailures is List with the failure records joined: a package
+// whose last attempt failed shows as failed even after its builder's record
+// is gone.
+func listWithFailures(ctx context.Context, s *etcdstore.Store) ([]listed, error) {
+	list, err := s.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	fails, err := s.Failures(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]listed, 0, len(list)+len(fails))
+	for _, p := range list {
+		out = append(out, listed{Summary: p, LastFailure: fails[p.ID]})
+		delete(fails, p.ID)
+	}
+	for id, fr := range fails {
+		out = append(out, listed{Summary: etcdstore.Summary{ID: id, State: etcdstore.StateFailed}, LastFailure: fr})
+	}
+	slices.SortFunc(out, func(a, b listed) int { return strings.Compare(a.ID, b.ID) })
+	return out, nil
+}
+
+// failureStatus says how an attempt ended, in a few words.
+func failureStatus(fr *etcdstore.FailureRecord) string {
+	switch {
+	case fr.Panic:
+		return "builder panicked"
+	case fr.Signal != "":
+		return "killed: " + fr.Signal
+	case fr.ExitCode != nil:
+		return fmt.Sprintf("exit status %d", *fr.ExitCode)
+	}
+	return "error"
+}
+
+func printFailure(e *env, fr *etcdstore.FailureRecord) {
+	if fr == nil {
+		return
+	}
+	w := e.stdout
+	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s; failure #%d while records were kept\n",
+		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond), fr.Number)
+	fmt.Fprintf(w, "  error:  %s\n", plainErr(errors.New(fr.Error)))
+	for _, l := range fr.Logs {
+		fmt.Fprintf(w, "  log:    %s\n", l)
+	}
+	fmt.Fprintf(w, "  kept until %s\n", fr.Expires.Format(time.RFC3339))
+}
+
+// dropFailures is `gc --failures` alone: it drops failure records.
+func dropFailures(ctx context.Context, e *env, f *flags, opts etcdstore.PruneOptions) error {
+	c, err := e.open(ctx, f)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ids, err := c.store.DropFailures(ctx, opts.OlderThan, opts.DryRun)
+	if err != nil {
+		return err
+	}
+	if f.json {
+		return writeJSON(e.stdout, struct {
+			DryRun   bool     `json:"dry_run"`
+			Failures []string `json:"failures_dropped"`
+		}{opts.DryRun, ids})
+	}
+	verb := "dropped"
+	if opts.DryRun {
+		verb = "would drop"
+	}
+	for _, id := range ids {
+		fmt.Fprintf(e.stdout, "%s the failure record of %s\n", verb, id)
+	}
+	fmt.Fprintf(e.stdout, "gc: %s %d failure record(s)\n", verb, len(ids))
+	return nil
 }

@@ -8,5 +8,8 @@
 // lease TTL, and one that exits closes its store and drops them at once.
 //
 // Exit codes: 0 ok, 1 error, 2 usage or configuration, 3 package does not
-// exist; `run` exits with its command's code.
+// exist; `build` and `run` exit with their command's code (127 when it
+// cannot start, 128+N when killed by signal N). Message renders errors as
+// one plain line (no package prefixes, a panicking builder's stack left to
+// the log).
 package cli

@@ -44,24 +44,35 @@ func (e *env) ensureLocalNode(ctx context.Context, cfg node.Config) error {
 	if _, err := node.ReadLocal(cfg.StateDir); err == nil {
 		return nil // started while we waited for the lock
 	}
-	return startNode(lctx, cfg)
+	pid, err := startNode(lctx, cfg)
+	if err != nil {
+		return err
+	}
+	idle := cfg.IdleTimeout
+	if idle == 0 {
+		idle = node.DefaultIdleTimeout
+	}
+	fmt.Fprintf(e.stderr, "granary: started the local node (pid %d, state %s, log %s; it stops after %v idle, or: granary node stop)\n",
+		pid, cfg.StateDir, filepath.Join(cfg.StateDir, node.LogFile), idle)
+	return nil
 }
 
 // startNode re-executes this program as `granary serve` in a new session,
-// detached, logging to <state>/node.log, and waits until it is ready.
-func startNode(ctx context.Context, cfg node.Config) error {
+// detached, logging to <state>/node.log, and waits until it is ready. It
+// returns the node's pid.
+func startNode(ctx context.Context, cfg node.Config) (int, error) {
 	idle := cfg.IdleTimeout
 	if idle == 0 {
 		idle = node.DefaultIdleTimeout
 	}
 	exe, err := os.Executable()
 	if err != nil {
-		return fmt.Errorf("granary: cannot find own executable to start the local node: %w", err)
+		return 0, fmt.Errorf("granary: cannot find own executable to start the local node: %w", err)
 	}
 	logPath := filepath.Join(cfg.StateDir, node.LogFile)
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		return fmt.Errorf("granary: node log: %w", err)
+		return 0, fmt.Errorf("granary: node log: %w", err)
 	}
 	defer logf.Close()
 	off, _ := logf.Seek(0, 2)
@@ -77,7 +88,7 @@ func startNode(ctx context.Context, cfg node.Config) error {
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 	}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("granary: start local node: %w", err)
+		return 0, fmt.Errorf("granary: start local node: %w", err)
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
@@ -87,13 +98,13 @@ func startNode(ctx context.Context, cfg node.Config) error {
 	t := time.NewTicker(20 * time.Millisecond)
 	defer t.Stop()
 	for {
-		if _, err := node.ReadLocal(cfg.StateDir); err == nil {
-			return nil
+		if l, err := node.ReadLocal(cfg.StateDir); err == nil {
+			return l.PID, nil
 		}
 		select {
 		case err := <-exited:
-			if _, rerr := node.ReadLocal(cfg.StateDir); rerr == nil {
-				return nil // another node won the state directory
+			if l, rerr := node.ReadLocal(cfg.StateDir); rerr == nil {
+				return l.PID, nil // another node won the state directory
 			}
 			tail := logTail(logPath, off)
 			hint := ""
@@ -101,10 +112,10 @@ func startNode(ctx context.Context, cfg node.Config) error {
 				hint = fmt.Sprintf("\nthe shared root %s belongs to another etcd cluster than the local node's (in %s): "+
 					"pass --endpoints of the cluster that owns it, or --root for another root", cfg.Root, cfg.StateDir)
 			}
-			return fmt.Errorf("granary: the local node exited (%v) before it was ready:\n%s(log: %s)%s", err, tail, logPath, hint)
+			return 0, fmt.Errorf("granary: the local node exited (%v) before it was ready:\n%s(log: %s)%s", err, tail, logPath, hint)
 		case <-ctx.Done():
 			cmd.Process.Kill()
-			return fmt.Errorf("granary: the local node was not ready after %v (log: %s): %w", startTimeout, logPath, ctx.Err())
+			return 0, fmt.Errorf("granary: the local node was not ready after %v (log: %s): %w", startTimeout, logPath, ctx.Err())
 		case <-t.C:
 		}
 	}

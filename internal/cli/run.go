@@ -105,8 +105,6 @@ func childExit(err error) error {
 	if !errors.As(err, &xe) {
 		return err
 	}
-	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return &ExitErr{Code: 128 + int(ws.Signal())}
-	}
-	return &ExitErr{Code: xe.ExitCode()}
+	code, _ := exitStatus(xe)
+	return &ExitErr{Code: code}
 }

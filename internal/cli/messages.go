@@ -1,0 +1,63 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// plainErr renders err for a person at a terminal: the store's errors
+// mapped to plain sentences, and no package prefixes ("etcdstore: ",
+// a second "granary: ") in the middle of the line. The error values
+// themselves keep their prefixes for programs that log them.
+func plainErr(err error) string {
+	if err == nil {
+		return ""
+	}
+	msg := err.Error()
+	var be *etcdstore.BuildError
+	if errors.As(err, &be) {
+		msg = strings.Replace(msg, be.Error(), plainBuildError(be), 1)
+	}
+	var pe *etcdstore.PanicError
+	if errors.As(err, &pe) {
+		// Whatever wrapped it quoted it in one line; keep it so.
+		msg = strings.Replace(msg, pe.Error(), pe.Error()+" (stack in the log)", 1)
+	}
+	for _, known := range []struct {
+		err  error
+		said string
+	}{
+		{etcdstore.ErrLeaseLost, "the lease with etcd was lost"},
+		{etcdstore.ErrFenced, "the build lock was lost before publishing"},
+		{etcdstore.ErrClosed, "the store was closed"},
+		{etcdstore.ErrCollectorBusy, "another collector is sweeping"},
+	} {
+		if errors.Is(err, known.err) {
+			msg = strings.ReplaceAll(msg, known.err.Error(), known.said)
+		}
+	}
+	// etcd's own words for a lost quorum, met in the middle of a command
+	// (at the start, node.Dial names it and the member that answered).
+	msg = strings.ReplaceAll(msg, "etcdserver: no leader", "etcd has no leader: quorum lost (a majority of the etcd members must be up)")
+	msg = strings.ReplaceAll(msg, "etcdstore: ", "")
+	// One "granary: " at the start at most.
+	rest, had := strings.CutPrefix(msg, "granary: ")
+	rest = strings.ReplaceAll(rest, ": granary: ", ": ")
+	rest = strings.ReplaceAll(rest, "granary: ", "")
+	if had {
+		return "granary: " + rest
+	}
+	return rest
+}
+
+// plainBuildError says who failed and where the logs are.
+func plainBuildError(be *etcdstore.BuildError) string {
+	cause := "failed"
+	if be.Err != nil {
+		cause = be.Err.Error()
+	}
+	return fmt.Sprintf("build %q failed on %s (pid %d): %s (logs in %s)", be.ID, be.Host, be.PID, cause, be.LogDir)
+}
