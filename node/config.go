@@ -340,8 +340,6 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 		}
 		return err
 	})
-	fs.DurationVar(&c.OpTimeout, "op-timeout", c.OpTimeout, "deadline of each etcd call")
-	fs.DurationVar(&c.IdleTimeout, "idle-timeout", c.IdleTimeout, "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
 	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
 	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -13,7 +14,7 @@ import (
 )
 
 // cluster is an embedded etcd cluster of several members in this process,
-// on unix sockets, with fsync on (as production runs).
+// with fsync on (as production runs).
 type cluster struct {
 	dir       string
 	members   []*embed.Etcd
@@ -22,6 +23,7 @@ type cluster struct {
 
 // startCluster starts n members under a short temporary directory (unix
 // socket paths are limited to ~107 bytes) and waits until all are ready.
+// Members started but not ready are stopped without waiting for a quorum.
 func startCluster(n int) (*cluster, error) {
 	dir, err := os.MkdirTemp("", "farm")
 	if err != nil {
@@ -34,8 +36,15 @@ func startCluster(n int) (*cluster, error) {
 		cfg := embed.NewConfig()
 		cfg.Name = fmt.Sprintf("m%d", i)
 		cfg.Dir = filepath.Join(dir, cfg.Name)
+		// Clients on unix sockets; peers on loopback TCP (etcd's peer
+		// transport dials a URL's host, which a unix socket URL has not).
 		client := url.URL{Scheme: "unix", Path: filepath.Join(dir, cfg.Name+".c")}
-		peer := url.URL{Scheme: "unix", Path: filepath.Join(dir, cfg.Name+".p")}
+		port, err := freePort()
+		if err != nil {
+			c.close()
+			return nil, err
+		}
+		peer := url.URL{Scheme: "http", Host: fmt.Sprintf("127.0.0.1:%d", port)}
 		cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{client}, []url.URL{client}
 		cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{peer}, []url.URL{peer}
 		cfg.AutoCompactionMode, cfg.AutoCompactionRetention = embed.CompactorModePeriodic, "1h"
@@ -69,4 +78,14 @@ func (c *cluster) close() {
 		e.Close()
 	}
 	os.RemoveAll(c.dir)
+}
+
+// freePort returns a loopback TCP port that was free a moment ago.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
