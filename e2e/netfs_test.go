@@ -20,7 +20,12 @@ func newNetFSCluster(t *testing.T, o clusterOpts) (*cluster, *netfstest.Export) 
 	o.files = append(o.files, filepath.Join(repoRoot, "docker-compose.netfs.yml"))
 	o.env = append(o.env, "GRANARY_NETFS="+e.Work)
 	o.netfs = true
-	return newCluster(t, o), e
+	c := newCluster(t, o)
+	if r := c.sh("worker1", "grep ' /shared ' /proc/mounts"); r.code != 0 || !strings.Contains(r.out, "fuse.sshfs") {
+		t.Fatalf("worker1's /shared is not the sshfs mount: %s", r)
+	}
+	t.Logf("each worker's /shared is its own sshfs mount of %s", e.Dir)
+	return c, e
 }
 
 // TestNetFS runs the build-once scenario with each worker on its own
@@ -29,9 +34,6 @@ func newNetFSCluster(t *testing.T, o clusterOpts) (*cluster, *netfstest.Export) 
 // the hung worker's build finishes once its server answers again.
 func TestNetFS(t *testing.T) {
 	c, e := newNetFSCluster(t, clusterOpts{})
-	if r := c.sh("worker1", "grep ' /shared ' /proc/mounts"); r.code != 0 || !strings.Contains(r.out, "fuse.sshfs") {
-		t.Fatalf("worker1's /shared is not the sshfs mount: %s", r)
-	}
 	buildOnce(t, c, "once", 5)
 
 	// A hung file server for worker3.
