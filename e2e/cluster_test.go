@@ -92,14 +92,23 @@ type clusterOpts struct {
 	files []string // extra compose files (overrides)
 	env   []string // extra environment for compose
 	only  []string // services to start first (default: all)
+	netfs bool     // the shared root is already on network-file-system mounts
 }
 
 var nonAlnum = regexp.MustCompile(`[^a-z0-9]+`)
 
 // newCluster starts a fresh project named after the test and tears it down
 // (volumes too) at the end, printing the containers' logs if the test failed.
+//
+// With GRANARY_E2E_NETFS=1 every cluster runs on network-file-system
+// mounts (see newNetFSCluster): the fault scenarios then run with each
+// worker on its own NFS-like client of the shared root.
 func newCluster(t *testing.T, o clusterOpts) *cluster {
 	t.Helper()
+	if os.Getenv("GRANARY_E2E_NETFS") == "1" && !o.netfs {
+		c, _ := newNetFSCluster(t, o)
+		return c
+	}
 	c := &cluster{
 		t:       t,
 		project: projectPrefix + nonAlnum.ReplaceAllString(strings.ToLower(strings.TrimPrefix(t.Name(), "Test")), ""),

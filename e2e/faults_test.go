@@ -12,7 +12,7 @@ import (
 )
 
 // TestBuildOnce: 3 workers × 10 concurrent builds of one ID run the builder
-// exactly once (it appends a line to a file on the shared volume), and
+// exactly once (each run leaves one marker file on the shared volume), and
 // every call succeeds.
 func TestBuildOnce(t *testing.T) {
 	c := newCluster(t, clusterOpts{})
@@ -20,7 +20,9 @@ func TestBuildOnce(t *testing.T) {
 }
 
 func buildOnce(t *testing.T, c *cluster, id string, perWorker int) {
-	builder := `mkdir -p /shared/e2e && echo "$GRANARY_HOST $$" >> /shared/e2e/` + id + `.builds && sleep 2 && echo ok > "$GRANARY_OUT/ok"`
+	// One marker file per run: appends to one file from several NFS clients
+	// are not atomic.
+	builder := `mkdir -p /shared/e2e/` + id + `.builds && touch "/shared/e2e/` + id + `.builds/$GRANARY_HOST.$$" && sleep 2 && echo ok > "$GRANARY_OUT/ok"`
 	var wg sync.WaitGroup
 	results := make(chan string, 3*perWorker)
 	for _, w := range []string{"worker1", "worker2", "worker3"} {
@@ -39,8 +41,8 @@ func buildOnce(t *testing.T, c *cluster, id string, perWorker int) {
 	for r := range results {
 		t.Errorf("build failed: %s", r)
 	}
-	builds := c.sh("worker1", "cat /shared/e2e/"+id+".builds")
-	if n := len(strings.Fields(builds.out)) / 2; builds.code != 0 || n != 1 {
+	builds := c.sh("worker1", "ls /shared/e2e/"+id+".builds")
+	if n := len(strings.Fields(builds.out)); builds.code != 0 || n != 1 {
 		t.Fatalf("builder ran %d times, want 1: %s", n, builds)
 	}
 	c.must("worker2", "verify", id)

@@ -130,12 +130,23 @@ func (a *attempt) prepare(ctx context.Context) error {
 		switch {
 		case err == nil:
 			s.pruneLogs(a.id) // keep the newest WithKeptLogs-1 logs of earlier attempts
-			return os.MkdirAll(s.logDir(a.id), 0o755)
+			// Not MkdirAll: its stat trusts this host's cache.
+			if err := os.Mkdir(s.logDir(a.id), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				return err
+			}
+			return nil
 		case errors.Is(err, fs.ErrNotExist):
 			// The package directory is missing (or this host thought it
-			// was there): create it and try again.
-			if err := os.MkdirAll(s.pkgDir(a.id), 0o755); err != nil {
-				return err
+			// was there): create it and try again. An exclusive mkdir
+			// asks the server; MkdirAll would stat first and believe a
+			// stale cached entry of a directory another host removed.
+			if err := os.Mkdir(s.pkgDir(a.id), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+				if !errors.Is(err, fs.ErrNotExist) {
+					return err
+				}
+				if err := os.MkdirAll(s.pkgsDir(), 0o755); err != nil {
+					return err
+				}
 			}
 		case errors.Is(err, fs.ErrExist):
 			if !delayed {

@@ -23,6 +23,7 @@
 //	P/atime/<id>                    last access, unix nanoseconds
 //	P/lock/<id>/<lease-hex>         the package's build/remove lock (etcd Mutex layout; value: who queues)
 //	P/gc/<lease-hex>                the collector lock
+//	P/root                          the identity of the prefix's shared root (JSON RootRecord); see binding.go
 //	P/failed/<id>                   the last failed attempt (JSON FailureRecord), on a lease of TTL = retention
 //
 // WatchCluster decodes changes of these keys into ClusterEvents.

@@ -45,6 +45,21 @@ const (
 	// EventLastFailed: the previous attempt failed cleanly (Host, PID,
 	// LogDir and Err name it); this store starts a new attempt.
 	EventLastFailed
+	// EventWaitVisible: etcd says the package is published, but this host
+	// cannot see its tree yet (Err says what is missing; Host, PID and
+	// Since name the publisher; Elapsed is how long it will wait at most).
+	// A stale cache of the shared root: see "Running on NFS".
+	EventWaitVisible
+	// EventTrashFailed: deleting a tree in the trash failed (Err); the
+	// next sweep tries again.
+	EventTrashFailed
+	// EventTrashPending: a trash entry is kept because it holds files of
+	// a deleted file still open somewhere (.nfs*, .fuse_hidden*); Size is
+	// how many. It goes when they are closed, or when they are old.
+	EventTrashPending
+	// EventMountWarning: the shared root is mounted with options that
+	// make this host's view of it stale or unsafe (Err says which).
+	EventMountWarning
 	// EventSealing: the builder returned and the store is sealing the tree
 	// (making it read-only and computing its digest). Sent once a second
 	// while that lasts more than a second, with Files and Size done so far
@@ -58,7 +73,8 @@ var kindNames = map[EventKind]string{
 	EventCacheHit: "cache-hit", EventPublished: "published", EventFailed: "failed",
 	EventRemoved: "removed", EventLeaseLost: "lease-lost", EventLeaseRestored: "lease-restored",
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
-	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing",
+	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
+	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 }
 
 func (k EventKind) String() string {

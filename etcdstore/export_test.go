@@ -1,6 +1,9 @@
 package etcdstore
 
-import "time"
+import (
+	"context"
+	"time"
+)
 
 // SetTestHookCleanup installs fn to run when a waiting attempt of s has
 // seen a publish and released its callers, before it leaves the lock
@@ -11,6 +14,15 @@ func SetTestHookCleanup(s *Store, fn func(id string)) { s.testHookCleanup = fn }
 // between its read of the package's state and the start of its watches.
 // Call it before s is used.
 func SetTestHookWait(s *Store, fn func(id string)) { s.testHookWait = fn }
+
+// AwaitVisible calls s.awaitVisible: the lead wires it into the fast path,
+// the waiters and IncRef; tests call it where that is not done yet.
+func AwaitVisible(ctx context.Context, s *Store, id string, rec *PackageRecord) error {
+	return s.awaitVisible(ctx, id, rec)
+}
+
+// TopEntries is topEntries.
+func TopEntries(dir string) (int, error) { return topEntries(dir) }
 
 // SetTestHookUpload installs fn to run when a build's upload to the remote
 // cache has taken its reference, before the upload starts. Call it before

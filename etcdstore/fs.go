@@ -1,17 +1,13 @@
 package etcdstore
 
 import (
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 )
 
@@ -135,102 +131,4 @@ func walkTreeProgress(dir string, seal bool, progress func(files, bytes int64)) 
 		return "", 0, err
 	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil)), size, nil
-}
-
-// moveToTrash renames path into the root's trash (one atomic rename on the
-// server) and deletes it in the background. A missing path is not an error.
-func (s *Store) moveToTrash(path string) error {
-	var rnd [4]byte
-	rand.Read(rnd[:])
-	dst := filepath.Join(s.trashDir(), fmt.Sprintf("%s.%d.%x", filepath.Base(path), time.Now().UnixNano(), rnd))
-	if err := os.Rename(path, dst); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return fmt.Errorf("move %s to trash: %w", path, err)
-	}
-	// After Close, Prune sweeps the trash later.
-	s.spawn(func() {
-		if err := RemoveTree(dst); err != nil {
-			s.opt.logger.Warn("cannot delete trash; the next prune retries", "path", dst, "err", err)
-		}
-	})
-	return nil
-}
-
-// binding is the content of <root>/.granary/cluster.
-type binding struct {
-	ClusterID string    `json:"cluster_id"`
-	Prefix    string    `json:"prefix"`
-	BoundAt   time.Time `json:"bound_at"`
-}
-
-// bindRoot binds root to (cluster, prefix) on first use and refuses a root
-// bound to anything else: two etcd clusters, or two prefixes, on one volume
-// would build the same package twice and delete each other's packages.
-func bindRoot(root string, cluster uint64, prefix string) error {
-	want := binding{ClusterID: strconv.FormatUint(cluster, 16), Prefix: prefix, BoundAt: time.Now().UTC()}
-	path := filepath.Join(root, ".granary", "cluster")
-	var b []byte
-	var err error
-	// A binding that vanishes between a failed link and the read (an
-	// operator resetting the root, an NFS client's stale negative lookup)
-	// is looked up again rather than reported.
-	for attempt := 1; ; attempt++ {
-		b, err = readOrBind(path, want)
-		if errors.Is(err, errBound) {
-			return nil
-		}
-		if !errors.Is(err, fs.ErrNotExist) || attempt == 3 {
-			break
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("etcdstore: root binding: %w", err)
-	}
-	var got binding
-	if err := json.Unmarshal(b, &got); err != nil {
-		return fmt.Errorf("etcdstore: root binding %s is corrupt (%v); if no other cluster uses this root, delete the file", path, err)
-	}
-	if got.ClusterID != want.ClusterID || got.Prefix != want.Prefix {
-		return fmt.Errorf("%w: %s is bound to etcd cluster %s with prefix %q (since %s), but this client reaches cluster %s with prefix %q; "+
-			"point --endpoints at the members of cluster %s, or use another root for this cluster",
-			ErrForeignCluster, root, got.ClusterID, got.Prefix, got.BoundAt.Format(time.RFC3339), want.ClusterID, want.Prefix, got.ClusterID)
-	}
-	return nil
-}
-
-// errBound: readOrBind bound the root itself.
-var errBound = errors.New("bound")
-
-// readOrBind returns the binding at path, or writes want there if there is
-// none and returns errBound.
-func readOrBind(path string, want binding) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		// Write a temporary file, then link it into place: link fails if
-		// another host bound the root first, and never leaves half a file.
-		tmp, err := os.CreateTemp(filepath.Dir(path), "cluster.tmp*")
-		if err != nil {
-			return nil, fmt.Errorf("bind root: %w", err)
-		}
-		data, _ := json.MarshalIndent(want, "", "  ")
-		_, werr := tmp.Write(append(data, '\n'))
-		cerr := tmp.Close()
-		if werr == nil && cerr == nil {
-			err = os.Link(tmp.Name(), path)
-		}
-		os.Remove(tmp.Name())
-		if werr != nil || cerr != nil {
-			return nil, fmt.Errorf("bind root: %w", errors.Join(werr, cerr))
-		}
-		if err == nil {
-			return nil, errBound
-		}
-		if !errors.Is(err, fs.ErrExist) {
-			return nil, fmt.Errorf("bind root: %w", err)
-		}
-		b, err = os.ReadFile(path)
-	}
-	return b, err
 }

@@ -245,9 +245,14 @@ func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(re
 }
 
 // Verify recomputes the digest of a published package and compares it with
-// the one recorded at publish. It returns an error wrapping
-// ErrDigestMismatch if the tree changed, core.ErrPackageNotExist if the
-// package is not available.
+// the one recorded at publish. It first waits, like IncRef, until this host
+// can see the tree (ErrNotVisible if it cannot within the visibility
+// timeout). A walk that does not match is not trusted alone: this host's
+// cache of the shared root may be stale, so Verify revalidates and walks
+// again, and reports a mismatch only if the second walk does not match
+// either, saying whether the two walks differed. It returns an error
+// wrapping ErrDigestMismatch if the tree changed, core.ErrPackageNotExist if
+// the package is not available.
 func (s *Store) Verify(ctx context.Context, id string) error {
 	info, err := s.Inspect(ctx, id)
 	if err != nil {
@@ -256,12 +261,28 @@ func (s *Store) Verify(ctx context.Context, id string) error {
 	if info.Package == nil {
 		return fmt.Errorf("etcdstore: verify %q: %w", id, core.ErrPackageNotExist)
 	}
-	got, _, err := TreeDigest(info.OutputDir)
-	if err != nil {
+	if err := s.awaitVisible(ctx, id, info.Package); err != nil {
 		return fmt.Errorf("etcdstore: verify %q: %w", id, err)
 	}
-	if got != info.Package.Digest {
-		return fmt.Errorf("%w: %q: recorded %s, tree has %s", ErrDigestMismatch, id, info.Package.Digest, got)
+	want := info.Package.Digest
+	first, _, err1 := TreeDigest(info.OutputDir)
+	if err1 == nil && first == want {
+		return nil
 	}
-	return nil
+	// Look again from the server's side of every directory of the tree.
+	revalidateTree(s.pkgsDir(), s.pkgDir(id), info.OutputDir)
+	second, _, err2 := TreeDigest(info.OutputDir)
+	switch {
+	case err2 == nil && second == want:
+		s.opt.logger.Warn("verify: the first walk did not match but a second, after revalidation, did: this host's cache of the shared root was stale",
+			"id", id, "first", first, "first_err", err1)
+		return nil
+	case err2 != nil:
+		return fmt.Errorf("etcdstore: verify %q: %w", id, err2)
+	case err1 == nil && first != second:
+		return fmt.Errorf("%w: %q: recorded %s, two walks of the tree differed (%s, then %s after revalidation): "+
+			"this host's view of the tree is changing (a stale cache of the shared root, or something writing to it)",
+			ErrDigestMismatch, id, want, first, second)
+	}
+	return fmt.Errorf("%w: %q: recorded %s, tree has %s (the same in two walks, the second after revalidation)", ErrDigestMismatch, id, want, second)
 }

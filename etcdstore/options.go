@@ -21,6 +21,9 @@ type options struct {
 	opTimeout time.Duration
 	host      string
 	purpose   string
+	initRoot  bool
+
+	visibleTimeout time.Duration
 
 	failureRetention time.Duration
 	keptLogs         int
@@ -51,6 +54,7 @@ func defaultOptions() options {
 		opTimeout: DefaultOpTimeout,
 		host:      host,
 
+		visibleTimeout:   DefaultVisibleTimeout,
 		failureRetention: DefaultFailureRetention,
 		keptLogs:         DefaultKeptLogs,
 	}
@@ -68,6 +72,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("lock delay %v is negative", o.lockDelay)
 	case o.opTimeout <= 0:
 		return fmt.Errorf("operation timeout %v must be positive", o.opTimeout)
+	case o.visibleTimeout < 0:
+		return fmt.Errorf("visibility timeout %v is negative", o.visibleTimeout)
 	case o.host == "":
 		return fmt.Errorf("host name is empty")
 	case o.failureRetention < time.Second:

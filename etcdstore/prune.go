@@ -50,6 +50,13 @@ type PruneReport struct {
 	InUse        []string        `json:"in_use"`        // candidates kept: referenced, building or touched
 	Orphans      []string        `json:"orphans"`       // directories without a package, moved to trash
 	TrashEntries int             `json:"trash_entries"` // old trash entries deleted
+	// TrashPending counts files kept in the trash because a process on
+	// some host may still have them open (.nfs*, .fuse_hidden*, younger
+	// than SillyMaxAge); their entries stay until they are closed.
+	TrashPending int `json:"trash_pending"`
+	// TrashErrors lists every failure to delete from the trash (at most
+	// ten per entry); the next sweep tries again.
+	TrashErrors []string `json:"trash_errors,omitempty"`
 }
 
 // Prune removes packages as opts says, oldest access first, each with
@@ -163,10 +170,21 @@ func (s *Store) sweepDirs(ctx context.Context, known map[string]bool, grace time
 		return err
 	}
 	for _, e := range trash {
-		if old(e, grace) {
-			if err := RemoveTree(s.trashDir() + "/" + e.Name()); err == nil {
-				rep.TrashEntries++
-			}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !old(e, grace) {
+			continue
+		}
+		path := s.trashDir() + "/" + e.Name()
+		r := s.deleteTrash(ctx, path)
+		s.reportTrash(path, r)
+		if r.Deleted {
+			rep.TrashEntries++
+		}
+		rep.TrashPending += r.Pending
+		for _, err := range r.Errs {
+			rep.TrashErrors = append(rep.TrashErrors, err.Error())
 		}
 	}
 	return nil

@@ -20,6 +20,11 @@ type PackageRecord struct {
 	Digest       string    `json:"digest"` // "sha256:…" over the tree, see TreeDigest
 	FromCache    bool      `json:"from_cache,omitempty"`
 	Attempt      int64     `json:"attempt"` // lock revision of the attempt that published
+	// Entries is the number of top-level entries of contents/ (see
+	// topEntries), so that another host can tell its stale listing from
+	// the published tree. Zero in records of older versions: only the
+	// tree's existence is checked then.
+	Entries int `json:"entries,omitempty"`
 }
 
 // Build attempt states.

@@ -35,6 +35,9 @@ type Store struct {
 	sess *Session // the lease that references, locks and build records ride on
 	refs refTable // references held by this store
 
+	mount   MountInfo   // the root's mount, checked by New (mount.go)
+	visible visibleMemo // published attempts this store has seen (visible.go)
+
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // flights, background clean-up and uploads (see spawn)
@@ -57,9 +60,12 @@ type Store struct {
 }
 
 // New returns a Store that keeps packages under root and coordinates
-// through cli. It checks that etcd answers, binds root to etcd's cluster (or
-// refuses a root bound to another one with ErrForeignCluster) and creates
-// the store's lease. The caller keeps ownership of cli and must Close the
+// through cli. It checks that etcd answers, binds root to etcd's cluster and
+// prefix both ways (refusing a root bound to another one with
+// ErrForeignCluster, and a root that is not the prefix's shared root with
+// ErrNotSharedRoot; see WithInitRoot) and creates the store's lease. A root
+// that does not exist is created, with a warning, only when the prefix has
+// no shared root yet. The caller keeps ownership of cli and must Close the
 // Store before closing cli.
 func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option) (*Store, error) {
 	o := defaultOptions()
@@ -82,18 +88,7 @@ func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option)
 		flights: make(map[string]*flight),
 		locals:  make(map[string]*localLock),
 	}
-	for _, d := range []string{s.pkgsDir(), s.trashDir(), filepath.Join(s.root, ".granary")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			return nil, fmt.Errorf("etcdstore: prepare root: %w", err)
-		}
-	}
-	cctx, cancel := s.opCtx(ctx)
-	resp, err := cli.Get(cctx, o.prefix+"node/", clientv3.WithPrefix(), clientv3.WithCountOnly())
-	cancel()
-	if err != nil {
-		return nil, fmt.Errorf("etcdstore: cannot reach etcd at %v within %v: %w", cli.Endpoints(), o.opTimeout, err)
-	}
-	if err := bindRoot(s.root, resp.Header.ClusterId, o.prefix); err != nil {
+	if err := s.openRoot(ctx); err != nil {
 		return nil, err
 	}
 	s.sess, err = NewSession(ctx, cli, SessionConfig{

@@ -24,6 +24,8 @@ type metrics struct {
 	gcSweeps     *prometheus.CounterVec
 	gcRemovals   prometheus.Counter
 	gcBytes      prometheus.Counter
+	trashPending prometheus.Gauge
+	trashErrors  prometheus.Counter
 	leaseLosses  prometheus.Counter
 }
 
@@ -48,6 +50,12 @@ func newMetrics(n *Node) *metrics {
 	})
 	m.gcBytes = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_gc_removed_bytes_total", Help: "Bytes of packages removed by this node's GC.",
+	})
+	m.trashPending = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "granary_trash_pending_files", Help: "Files kept in the trash at this node's last GC sweep because a process may still have them open (.nfs*, .fuse_hidden*).",
+	})
+	m.trashErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_trash_delete_errors_total", Help: "Failures to delete from the trash in this node's GC sweeps (retried by the next sweep).",
 	})
 	m.leaseLosses = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_lease_losses_total", Help: "Store and registration leases this node lost.",
@@ -88,7 +96,7 @@ func newMetrics(n *Node) *metrics {
 			Name: "granary_lease_keepalive_moves_total", Help: "Lease keep-alive streams reopened on another etcd member after a renewal went unanswered.",
 		}, watched(func(w *memberWatch) int64 { return w.stalls.Load() })),
 	)
-	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.leaseLosses,
+	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
 		}, count("ref/")),
@@ -175,6 +183,10 @@ func (m *metrics) sweep(rep etcdstore.PruneReport, err error) {
 	if !rep.DryRun {
 		m.gcRemovals.Add(float64(len(rep.Removed)))
 		m.gcBytes.Add(float64(rep.FreedBytes))
+		m.trashErrors.Add(float64(len(rep.TrashErrors)))
+		if err == nil {
+			m.trashPending.Set(float64(rep.TrashPending))
+		}
 	}
 }
 

@@ -348,8 +348,9 @@ func (n *Node) GC(ctx context.Context) (etcdstore.PruneReport, error) {
 		n.log.Debug("gc: another collector is sweeping")
 	case err != nil && ctx.Err() == nil:
 		n.log.Warn("gc sweep failed", "err", err)
-	case err == nil && (len(rep.Removed) > 0 || len(rep.Orphans) > 0):
-		n.log.Info("gc sweep", "removed", len(rep.Removed), "freed_bytes", rep.FreedBytes, "orphans", len(rep.Orphans), "in_use", len(rep.InUse))
+	case err == nil && (len(rep.Removed) > 0 || len(rep.Orphans) > 0 || rep.TrashPending > 0 || len(rep.TrashErrors) > 0):
+		n.log.Info("gc sweep", "removed", len(rep.Removed), "freed_bytes", rep.FreedBytes, "orphans", len(rep.Orphans), "in_use", len(rep.InUse),
+			"trash_deleted", rep.TrashEntries, "trash_pending_files", rep.TrashPending, "trash_errors", len(rep.TrashErrors))
 	}
 	return rep, err
 }

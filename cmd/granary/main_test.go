@@ -7,8 +7,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/rogpeppe/go-internal/testscript"
 	"go.etcd.io/etcd/client/pkg/v3/testutil"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
+	"github.com/granary-build/granary/internal/reaper"
 	"github.com/granary-build/granary/node"
 )
 
@@ -23,6 +26,7 @@ import (
 // a child process (and the auto-started node re-executes it), and checks for
 // leaked goroutines in the test process (the in-process etcd servers).
 func TestMain(m *testing.M) {
+	reaper.Main() // builders run under a guard that re-executes this binary
 	testscript.Main(leakChecked{m}, map[string]func(){"granary": main})
 }
 
@@ -61,6 +65,7 @@ func TestScripts(t *testing.T) {
 			"ptyrun":   cmdPtyrun,
 			"nowrap":   cmdNowrap,
 			"steal":    cmdSteal,
+			"pidgone":  cmdPidgone,
 		},
 	})
 }
@@ -112,6 +117,40 @@ func cmdWaitfile(ts *testscript.TestScript, neg bool, args []string) {
 	if err != nil {
 		ts.Fatalf("%s did not appear within 60s", args[0])
 	}
+}
+
+// pidgone FILE waits, at most 10 s, until the process whose pid FILE holds
+// no longer runs (a zombie counts as gone); with !, checks that it runs,
+// and kills it afterwards at the end of the script.
+func cmdPidgone(ts *testscript.TestScript, neg bool, args []string) {
+	if len(args) != 1 {
+		ts.Fatalf("usage: [!] pidgone FILE")
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(ts.ReadFile(args[0])))
+	ts.Check(err)
+	running := func() bool {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return false
+		}
+		i := strings.LastIndexByte(string(b), ')')
+		return i > 0 && i+2 < len(b) && b[i+2] != 'Z'
+	}
+	if neg {
+		ts.Defer(func() { syscall.Kill(pid, syscall.SIGKILL) })
+		if !running() {
+			ts.Fatalf("process %d is not running", pid)
+		}
+		return
+	}
+	for range 500 {
+		if !running() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+	ts.Fatalf("process %d still runs after 10s", pid)
 }
 
 // waitgrep FILE PATTERN waits, at most 60 s, until FILE has a line that

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/reaper"
 )
 
 // Environment of a builder and of a `run` command.
@@ -110,23 +111,31 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 }
 
 // runBuilder runs argv as the builder: GRANARY_OUT and GRANARY_LOGS set, its
-// output shown and copied to logPath. The builder gets its own process group,
-// all of which is killed when ctx ends (the build was cancelled or the lease
-// is in doubt).
+// output shown and copied to logPath. It runs under a guard
+// (internal/reaper) that kills the builder's whole tree, including
+// processes that left its process group or session, when ctx ends (the
+// build was cancelled or the lease is in doubt), when the builder exits, and
+// when this process dies, even by SIGKILL.
 func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, stdout, stderr io.Writer) error {
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return fmt.Errorf("build log: %w", err)
 	}
 	defer logf.Close()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvOut+"="+out, EnvLogs+"="+logs)
+	cmd, err := reaper.Command(ctx, argv...)
+	if err != nil {
+		return err
+	}
+	cmd.Env = append(cmd.Env, EnvOut+"="+out, EnvLogs+"="+logs)
 	var mu sync.Mutex // the log gets both streams
 	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
 	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 5 * time.Second
+	// A command that cannot be found fails here, before the guard starts,
+	// so that it is reported as not started (exit 127), as with run.
+	if _, err := exec.LookPath(argv[0]); err != nil {
+		fmt.Fprintf(logf, "granary: cannot start %s: %v\n", argv[0], err)
+		return &startError{err}
+	}
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(logf, "granary: cannot start %s: %v\n", argv[0], err)
 		return &startError{err}
@@ -247,6 +256,9 @@ func (p *progress) event(ev etcdstore.Event) {
 		p.failure = nil // said here, from the live record: not again at EventBuilding
 		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
 			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
+	case etcdstore.EventWaitVisible:
+		fmt.Fprintf(p.w, "%sgranary: %s: published by %s, but not visible on this host yet (%v); waiting up to %v (see \"Running on NFS\" in the README)\n",
+			p.clear(), p.id, ev.Host, ev.Err, ev.Elapsed)
 	case etcdstore.EventFailed:
 		if p.cur != nil {
 			fmt.Fprintf(p.w, "%sgranary: %s: the build on %s failed; log: %s\n", p.clear(), p.id, ev.Host, ev.LogDir)

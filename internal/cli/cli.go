@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
@@ -106,22 +107,23 @@ var commands map[string]*command
 
 func init() {
 	commands = map[string]*command{
-		"serve":   {"[flags]", "run a node in the foreground", cmdServe},
-		"version": {"", "print the module version and VCS revision of this binary", cmdVersion},
-		"build":   {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
-		"run":     {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
-		"ls":      {"[flags]", "list packages", cmdLs},
-		"inspect": {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
-		"logs":    {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
-		"events":  {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
-		"rm":      {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
-		"gc":      {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
-		"status":  {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
-		"verify":  {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
-		"node":    {"status|stop [flags]", "show or stop the local node", cmdNode},
-		"cache":   {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
-		"demo":    {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
-		"bench":   {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
+		"serve":     {"[flags]", "run a node in the foreground", cmdServe},
+		"version":   {"", "print the module version and VCS revision of this binary", cmdVersion},
+		"build":     {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
+		"run":       {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
+		"ls":        {"[flags]", "list packages", cmdLs},
+		"inspect":   {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
+		"logs":      {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
+		"events":    {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
+		"rm":        {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
+		"gc":        {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
+		"status":    {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
+		"verify":    {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
+		"node":      {"status|stop [flags]", "show or stop the local node", cmdNode},
+		"init-root": {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
+		"cache":     {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
+		"demo":      {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+		"bench":     {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
 		// bench-child is the child process of bench's memory scenarios.
 		"bench-child": {"[flags] -- ROLE ROOT PREFIX [ARGS...]", "(internal) one memory scenario of bench", cmdBenchChild},
 	}
@@ -147,8 +149,8 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "serve", "demo", "bench", "version"} {
-		fmt.Fprintf(&b, "  %-8s %s\n", name, commands[name].short)
+	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench", "version"} {
+		fmt.Fprintf(&b, "  %-9s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
 }
@@ -316,7 +318,16 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 	if rc != nil {
 		opts = append([]etcdstore.Option{etcdstore.WithCache(rc)}, opts...)
 	}
+	_, statErr := os.Stat(cfg.Root)
 	s, err := etcdstore.New(ctx, cli, cfg.Root, cfg.StoreOptions(nil, opts...)...)
+	if err == nil && errors.Is(statErr, fs.ErrNotExist) {
+		fmt.Fprintf(e.stderr, "granary: created the shared root %s (it did not exist)\n", s.Root())
+	}
+	if err == nil {
+		for _, w := range s.Mount().Warnings {
+			fmt.Fprintf(e.stderr, "granary: warning: the shared root %s is on %s (%s): %s\n", s.Root(), s.Mount().MountPoint, s.Mount().FSType, w)
+		}
+	}
 	if err != nil {
 		if rc != nil {
 			rc.Close()

@@ -167,7 +167,8 @@ func cmdRm(ctx context.Context, e *env, args []string) error {
 	case err != nil:
 		return err
 	case ok:
-		fmt.Fprintf(e.stderr, "granary: removed %s\n", id)
+		fmt.Fprintf(e.stderr, "granary: removed %s; its tree is in %s/.trash and is deleted in the background "+
+			"(files still open on some host are kept until closed; 'granary gc' finishes and reports what is pending)\n", id, c.store.Root())
 		return nil
 	}
 	info, err := c.store.Inspect(ctx, id)
@@ -249,6 +250,13 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "%s orphan directory %s\n", verb, id)
 	}
 	fmt.Fprintf(e.stdout, "gc: %s %d of %d packages, %s of %s\n", verb, len(rep.Removed), rep.Packages, human(rep.FreedBytes), human(rep.TotalBytes))
+	if !rep.DryRun {
+		fmt.Fprintf(e.stdout, "gc: trash: %d entries deleted, %d file(s) pending (still open on some host; kept until closed or %v old)\n",
+			rep.TrashEntries, rep.TrashPending, etcdstore.SillyMaxAge)
+	}
+	for _, msg := range rep.TrashErrors {
+		fmt.Fprintf(e.stderr, "granary: gc: cannot delete from the trash (the next gc tries again): %s\n", msg)
+	}
 	return nil
 }
 

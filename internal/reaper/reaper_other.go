@@ -1,0 +1,27 @@
+//go:build !linux
+
+package reaper
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"time"
+)
+
+// Cmd is a command; without Linux's child subreaper there is no guard, and
+// the builder's descendants can outlive it.
+type Cmd struct{ *exec.Cmd }
+
+// Main does nothing here.
+func Main() {}
+
+// Command returns a plain command for argv.
+func Command(ctx context.Context, argv ...string) (*Cmd, error) {
+	if len(argv) == 0 {
+		return nil, errors.New("reaper: empty command")
+	}
+	c := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	c.WaitDelay = 5 * time.Second
+	return &Cmd{c}, nil
+}
