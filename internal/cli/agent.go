@@ -4,12 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"sync"
 	"syscall"
 	"time"
 
@@ -83,11 +81,12 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
-		return runAgentBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
+		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
 	})
 	prog.stop()
 	if err != nil {
 		var xe *exec.ExitError
+		var se *startError
 		switch {
 		case ctx.Err() != nil:
 			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
@@ -95,8 +94,11 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 			return fmt.Errorf("granary: build %q abandoned, nothing published: the local node went away: %w", id, err)
 		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
 			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
+		case errors.As(err, &se) && ran:
+			return &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
 		case errors.As(err, &xe) && ran:
-			return &ExitErr{Code: max(xe.ExitCode(), 1), Err: fmt.Errorf("granary: build %q failed: %s: %v (log: %s)", id, argv[0], xe, logPath)}
+			code, how := exitStatus(xe)
+			return &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 		case ran && logPath != "":
 			return fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
 		}
@@ -288,28 +290,4 @@ func (e *env) tryRemove(ctx context.Context, cfg node.Config, c *conn, id string
 		return ac.Handle(id).TryRemoveContext(ctx)
 	}
 	return c.store.Handle(id).TryRemoveContext(ctx)
-}
-
-// runAgentBuilder is runBuilder for a build through the node: it also
-// tells the node the builder's process group, which the node kills if this
-// process dies mid-build (its Setpgid group would outlive it otherwise).
-func runAgentBuilder(ctx context.Context, argv []string, out, logs, logPath string, stdout, stderr io.Writer) error {
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return fmt.Errorf("build log: %w", err)
-	}
-	defer logf.Close()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvOut+"="+out, EnvLogs+"="+logs)
-	var mu sync.Mutex // the log gets both streams
-	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
-	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	node.BuilderProcessGroup(ctx, cmd.Process.Pid)
-	return cmd.Wait()
 }
