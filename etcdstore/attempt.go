@@ -23,6 +23,9 @@ type attempt struct {
 	l         *lock
 	startRev  int64     // revision the wait started from
 	waitStart time.Time // when the wait started
+	// sawRunning: the wait began with another attempt running, so a
+	// package found published under the lock came from that attempt.
+	sawRunning bool
 
 	rec      BuildRecord // our record in P/build/<id>
 	buildRev int64       // its revision, which publish requires unchanged
@@ -39,7 +42,7 @@ func (a *attempt) run(ctx context.Context, builder func(context.Context) error) 
 	}
 	if st.avail != nil { // published by the holder before us
 		out := Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(a.id)}
-		if a.l.queued {
+		if a.l.queued || a.sawRunning {
 			out.How, out.Waited = Waited, time.Since(a.waitStart)
 		}
 		return out, nil
@@ -237,12 +240,18 @@ func (a *attempt) seal(how How) (PackageRecord, error) {
 	if err == nil {
 		err = syncTree(out)
 	}
+	var entries int
+	if err == nil {
+		// What another host checks to tell its stale listing from the
+		// published tree (awaitVisible).
+		entries, err = topEntries(out)
+	}
 	if err != nil {
 		return PackageRecord{}, err
 	}
 	return PackageRecord{
 		BuiltBy: s.opt.host, PID: s.pid, BuiltAt: time.Now().UTC(), BuildSeconds: time.Since(a.started).Seconds(),
-		Size: size, Digest: digest, FromCache: how == FromCache, Attempt: a.l.rev,
+		Size: size, Digest: digest, FromCache: how == FromCache, Attempt: a.l.rev, Entries: entries,
 	}, nil
 }
 

@@ -101,6 +101,11 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 			return Outcome{}, h.fail("build", f.err)
 		}
 		out := f.out
+		// Hand the package out only once this host can see it: its view
+		// of the shared root may be stale (NFS lookup caches).
+		if err := h.s.awaitVisibleWhilePublished(ctx, h.id, out.Package); err != nil {
+			return Outcome{}, h.fail("build", err)
+		}
 		if settled {
 			// The flight had seen the publish before we came: for us the
 			// package was there already.
@@ -265,7 +270,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 		case err != nil || l == nil:
 			return out, err
 		}
-		a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start}
+		a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start, sawRunning: w.sawRunning()}
 		return a.run(ctx, builder)
 	}
 }

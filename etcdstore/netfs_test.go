@@ -133,10 +133,11 @@ func record(t *testing.T, s *etcdstore.Store, e *netfstest.Export, id string) *e
 
 // TestNetFSNegativeEntryThenRun: host B looked the package up before it
 // existed (a negative entry, trusted for 30 s like NFS's lookupcache=all),
-// host A builds it. etcd tells B at once that it is available, and B's
-// reference succeeds, but B cannot see the tree: that is the failure. The
-// wait for visibility makes the reference usable, and a host that cannot
-// wait that long gets ErrNotVisible naming the mount option.
+// host A builds it. etcd tells B at once that it is available; B's IncRef
+// then waits until B can see the tree (it did not, before: `run` failed
+// with "No such file or directory" for 30 s), and a host that cannot wait
+// that long gets ErrNotVisible naming the mount option, holding no
+// reference.
 func TestNetFSNegativeEntryThenRun(t *testing.T) {
 	e, srv, st, ev := netHosts(t, netfstest.NFSLike)
 	a, b := st[0], st[1]
@@ -148,40 +149,33 @@ func TestNetFSNegativeEntryThenRun(t *testing.T) {
 		}
 	}
 	buildFiles(t, a, "p", map[string]string{"f": "v1", "g": "more"})
-	rec := record(t, a, e, "p")
-
-	hb := b.Handle("p")
-	if err := hb.IncRef(); err != nil {
-		t.Fatalf("B: IncRef of a published package: %v", err)
-	}
-	f := filepath.Join(hb.OutputDirectory(), "f")
-	if _, err := os.ReadFile(f); !errors.Is(err, fs.ErrNotExist) {
-		t.Fatalf("B read the tree at once (err %v): the negative entry was not cached, so this test shows nothing", err)
-	}
 
 	// C cannot wait as long as its cache keeps the negative entry.
-	err := etcdstore.AwaitVisible(ctx, c, "p", rec)
+	err := c.Handle("p").IncRefContext(ctx)
 	if !errors.Is(err, etcdstore.ErrNotVisible) || !strings.Contains(err.Error(), "lookupcache=positive") {
-		t.Fatalf("C, 1s timeout: %v, want ErrNotVisible naming lookupcache=positive", err)
+		t.Fatalf("C, 1s timeout: IncRef = %v, want ErrNotVisible naming lookupcache=positive", err)
+	}
+	if n := c.HeldRefs("p"); n != 0 {
+		t.Errorf("C holds %d references after a failed IncRef, want 0", n)
 	}
 	t.Logf("C: %v", err)
 
-	// B waits (up to the default 60 s) and then sees the whole tree.
-	var verr error
-	done := make(chan struct{})
-	go func() { defer close(done); verr = b.Verify(ctx, "p") }()
-	if err := etcdstore.AwaitVisible(ctx, b, "p", rec); err != nil {
-		t.Fatalf("B: %v", err)
-	}
-	if got, err := os.ReadFile(f); err != nil || string(got) != "v1" {
-		t.Fatalf("B after waiting: %q %v", got, err)
-	}
-	<-done
-	if verr != nil {
-		t.Fatalf("B: verify: %v", verr)
+	// B waits (up to the default 60 s), says so, and then sees the tree.
+	hb := b.Handle("p")
+	if err := hb.IncRefContext(ctx); err != nil {
+		t.Fatalf("B: IncRef of a published package: %v", err)
 	}
 	if n := ev.count("hostB", etcdstore.EventWaitVisible); n == 0 {
-		t.Errorf("B waited without saying so (%d wait-visible events)", n)
+		t.Fatalf("B's IncRef did not wait (%d wait-visible events): the negative entry was not cached, so this test shows nothing", n)
+	}
+	if got, err := os.ReadFile(filepath.Join(hb.OutputDirectory(), "f")); err != nil || string(got) != "v1" {
+		t.Fatalf("B right after IncRef: %q %v", got, err)
+	}
+	if err := b.Verify(ctx, "p"); err != nil {
+		t.Fatalf("B: verify: %v", err)
+	}
+	if err := hb.DecRef(); err != nil {
+		t.Fatal(err)
 	}
 }
 

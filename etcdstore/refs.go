@@ -33,6 +33,9 @@ type ref struct {
 	key   string // current key; changes when the reference moves to a new lease
 	since time.Time
 	lost  bool // the package was gone when the lease was renewed
+	// pkg is the published record read in the Txn that took the
+	// reference (nil when the Txn's outcome had to be read back).
+	pkg *PackageRecord
 }
 
 func (t *refTable) add(id string, r *ref) {
@@ -89,10 +92,10 @@ func (h *Handle) IncRefContext(ctx context.Context) error {
 	s := h.s
 	waited := false
 	for {
-		building, err := s.incRef(ctx, h.id)
+		r, building, err := s.incRef(ctx, h.id)
 		switch {
 		case err == nil:
-			return nil
+			return h.visible(ctx, r)
 		case !errors.Is(err, core.ErrPackageNotExist):
 			return h.fail("incref", err)
 		case waited || (building == nil && s.flying(h.id) == nil):
@@ -107,14 +110,34 @@ func (h *Handle) IncRefContext(ctx context.Context) error {
 	}
 }
 
+// visible returns once this host can see the package that r references
+// (its view of the shared root may be stale); if it cannot within the
+// visibility timeout, it releases the reference and says why.
+func (h *Handle) visible(ctx context.Context, r *ref) error {
+	rec := r.pkg
+	if rec == nil {
+		st, err := h.s.readState(ctx, h.id)
+		if err != nil || st.avail == nil {
+			rec = &PackageRecord{} // check existence only
+		} else {
+			rec = st.avail
+		}
+	}
+	if err := h.s.awaitVisible(ctx, h.id, rec); err != nil {
+		h.DecRefContext(context.WithoutCancel(ctx)) //nolint:errcheck // retried in the background; the lease takes it anyway
+		return h.fail("incref", err)
+	}
+	return nil
+}
+
 // incRef takes one reference. When the package is not available it
 // returns core.ErrPackageNotExist and the revision and record of a build
 // in progress, if any.
-func (s *Store) incRef(ctx context.Context, id string) (*attemptSeen, error) {
+func (s *Store) incRef(ctx context.Context, id string) (*ref, *attemptSeen, error) {
 	for {
 		l, err := s.sess.Current(ctx)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		s.refs.move.RLock()
 		if l.Err() != nil { // lost while we waited for the move lock
@@ -130,7 +153,7 @@ func (s *Store) incRef(ctx context.Context, id string) (*attemptSeen, error) {
 		if errors.Is(err, ErrLeaseLost) && ctx.Err() == nil {
 			continue // a new lease is on its way; take the reference on it
 		}
-		return building, err
+		return r, building, err
 	}
 }
 
@@ -157,7 +180,9 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attem
 				// The reference, on our lease: it dies with us.
 				clientv3.OpPut(key, val, clientv3.WithLease(l.ID)),
 				// The access time that pruning orders by.
-				clientv3.OpPut(s.atimeKey(id), formatNanos(now))).
+				clientv3.OpPut(s.atimeKey(id), formatNanos(now)),
+				// What was published: this host checks it can see it.
+				clientv3.OpGet(s.availKey(id))).
 			// Not available: is it being built? (IncRef then waits.)
 			Else(clientv3.OpGet(s.buildKey(id))).
 			Commit()
@@ -165,6 +190,9 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attem
 		switch {
 		case err == nil && resp.Succeeded:
 			r.key = key
+			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
+				r.pkg, _ = decode[PackageRecord](kvs[0].Value)
+			}
 			return nil, nil
 		case err == nil:
 			return runningAttempt(resp), core.ErrPackageNotExist

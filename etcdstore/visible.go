@@ -10,6 +10,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // DefaultVisibleTimeout is how long a host waits, by default, to see a tree
@@ -163,4 +165,66 @@ func (v *visibleMemo) add(id string, rec *PackageRecord) {
 		v.m = make(map[string]int64)
 	}
 	v.m[id] = rec.Attempt
+}
+
+// errUnpublished ends a visibility wait whose package was removed or
+// replaced meanwhile.
+var errUnpublished = errors.New("removed or replaced meanwhile")
+
+// awaitVisibleWhilePublished is awaitVisible for a caller that holds no
+// reference (Build): if the package is removed or replaced meanwhile, the
+// wait ends without an error. Build made it available; a user of the tree
+// takes a reference, and IncRef checks again. The watch that notices the
+// removal starts only when the first look fails.
+func (s *Store) awaitVisibleWhilePublished(ctx context.Context, id string, rec *PackageRecord) error {
+	if rec == nil || s.visible.seen(id, rec.Attempt) {
+		return nil
+	}
+	if s.visibleNow(id, rec) == nil {
+		s.visible.add(id, rec)
+		return nil
+	}
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.watchUnpublished(wctx, id, rec.Attempt, cancel)
+	}()
+	err := s.awaitVisible(wctx, id, rec)
+	gone := errors.Is(context.Cause(wctx), errUnpublished)
+	cancel(nil)
+	<-done
+	if gone {
+		return nil
+	}
+	return err
+}
+
+// watchUnpublished calls stop(errUnpublished) when the package is no
+// longer the one published by attempt, and returns when ctx ends.
+func (s *Store) watchUnpublished(ctx context.Context, id string, attempt int64, stop context.CancelCauseFunc) {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	ch := s.cli.Watch(wctx, s.availKey(id), clientv3.WithCreatedNotify())
+	for wr := range ch {
+		if wr.Created {
+			// Whatever happened before the watch: read it.
+			if st, err := s.readState(ctx, id); err == nil && (st.avail == nil || st.avail.Attempt != attempt) {
+				stop(errUnpublished)
+				return
+			}
+			continue
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypeDelete {
+				stop(errUnpublished)
+				return
+			}
+			if p, err := decode[PackageRecord](ev.Kv.Value); err == nil && p.Attempt != attempt {
+				stop(errUnpublished)
+				return
+			}
+		}
+	}
 }

@@ -164,6 +164,11 @@ func (w *waiter) buildEvents(evs []*clientv3.Event) error {
 	return nil
 }
 
+// sawRunning reports whether the wait began with another attempt running.
+func (w *waiter) sawRunning() bool {
+	return w.st.build != nil && w.st.build.State == BuildRunning
+}
+
 func (w *waiter) emitWaiting(b *BuildRecord) {
 	w.s.emit(Event{Kind: EventWaiting, ID: w.id, Host: b.Host, PID: b.PID, Since: b.Started, LogDir: b.LogDir})
 }

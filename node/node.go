@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -40,6 +41,31 @@ type Registration struct {
 	Address string    `json:"address,omitempty"` // metrics/health address
 	Root    string    `json:"root"`
 	Started time.Time `json:"started"`
+	// Machine is the node's os.Hostname (Name may differ), so that a
+	// process on the same machine can tell whether PID is still running.
+	Machine string `json:"machine,omitempty"`
+}
+
+// liveNodes holds the start times (unix ns) of this process's nodes that
+// are not closed, for Registration.Gone.
+var liveNodes sync.Map
+
+// Gone reports whether the node that made the registration is known to
+// have exited: it ran on this machine and its PID is no longer running
+// (or is this process, started at another time). A registration lives
+// until its lease expires, up to a TTL after its node was killed.
+func (r Registration) Gone() bool {
+	host, _ := os.Hostname()
+	if r.Machine == "" || r.Machine != host {
+		return false
+	}
+	if r.PID == os.Getpid() {
+		// PIDs repeat (PID 1 in every container), but not at once: it is
+		// gone unless it is a node of this process.
+		_, live := liveNodes.Load(r.Started.UnixNano())
+		return !live
+	}
+	return errors.Is(syscall.Kill(r.PID, 0), syscall.ESRCH)
 }
 
 // Node is one host's membership of a Granary cluster: an etcd client (and,
@@ -203,6 +229,8 @@ func (n *Node) Build(ctx context.Context, id string, builder func(context.Contex
 //
 // Run returns nil after a requested or idle stop, and the reason otherwise.
 func (n *Node) Run(ctx context.Context) error {
+	liveNodes.Store(n.started.UnixNano(), true)
+	defer liveNodes.Delete(n.started.UnixNano())
 	rctx, stop := context.WithCancelCause(ctx)
 	var wg sync.WaitGroup
 	goRun := func(fn func(context.Context) error) {
@@ -457,7 +485,8 @@ func (r *registration) run(ctx context.Context) error {
 // ctx does.
 func (r *registration) put(ctx context.Context, l *etcdstore.Lease) {
 	n := r.n
-	val, _ := json.Marshal(Registration{Name: n.cfg.Name, Version: Version, PID: os.Getpid(), Address: n.MetricsAddr(), Root: n.store.Root(), Started: n.started})
+	machine, _ := os.Hostname()
+	val, _ := json.Marshal(Registration{Name: n.cfg.Name, Version: Version, PID: os.Getpid(), Address: n.MetricsAddr(), Root: n.store.Root(), Started: n.started, Machine: machine})
 	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(5*time.Second)), ctx)
 	var resp *clientv3.TxnResponse
 	err := backoff.RetryNotify(func() error {
@@ -482,7 +511,16 @@ func (r *registration) put(ctx context.Context, l *etcdstore.Lease) {
 		var other Registration
 		// A registration of ours from an earlier lease has our PID and
 		// start time; PIDs alone repeat (PID 1 in every container).
-		if json.Unmarshal(kv.Value, &other) == nil && (other.PID != os.Getpid() || !other.Started.Equal(n.started)) {
+		switch {
+		case json.Unmarshal(kv.Value, &other) != nil || (other.PID == os.Getpid() && other.Started.Equal(n.started)):
+		case other.Gone():
+			// Our killed predecessor on this machine: its registration
+			// would linger until its lease expires. Drop it.
+			rctx, cancel := context.WithTimeout(ctx, n.cfg.OpTimeout)
+			_, err := n.cli.Revoke(rctx, clientv3.LeaseID(kv.Lease))
+			cancel()
+			n.log.Info("dropped the registration of a node of the same name that is no longer running", "other_pid", other.PID, "other_started", other.Started, "err", err)
+		default:
 			n.log.Warn("another live node has the same name; builds and references will not tell them apart",
 				"name", n.cfg.Name, "other_pid", other.PID, "other_started", other.Started, "hint", "give each node its own --host")
 		}

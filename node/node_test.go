@@ -3,12 +3,15 @@ package node_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -522,8 +525,11 @@ func TestSameNameNodes(t *testing.T) {
 	var logs syncBuffer
 	_, stopB := startNodeLog(t, testConfig(t, srv, root), slog.New(slog.NewTextHandler(&logs, nil)))
 	count(2)
-	if !strings.Contains(logs.String(), "another live node has the same name") {
-		t.Errorf("no warning about the other node of the same name; logs:\n%s", logs.String())
+	// The warning comes right after the registration lands.
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "another live node has the same name"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warning about the other node of the same name; logs:\n%s", logs.String())
+		}
 	}
 	if err := stopA(); err != nil {
 		t.Fatal(err)
@@ -614,4 +620,46 @@ func TestRegistrationComesBack(t *testing.T) {
 		}
 	}
 	t.Fatalf("registration did not come back after its lease was revoked: %v", ctx.Err())
+}
+
+// TestDeadPredecessorDropped: a node of the same name that ran on this
+// machine and is no longer running (killed: its registration lingers until
+// its lease expires) is dropped by its successor, without the warning
+// meant for two live nodes of one name.
+func TestDeadPredecessorDropped(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	cli := observer(t, srv, root).Client()
+	ctx := context.Background()
+
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	machine, _ := os.Hostname()
+	reg := node.Registration{Name: cfg.Name, PID: dead.Process.Pid, Started: time.Now().Add(-time.Hour), Machine: machine}
+	if !reg.Gone() {
+		t.Fatalf("a registration of an exited process on this machine is not Gone")
+	}
+	lease, err := cli.Grant(ctx, 60)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := fmt.Sprintf("%snode/%s/%x", cfg.Prefix, cfg.Name, int64(lease.ID))
+	val, _ := json.Marshal(reg)
+	if _, err := cli.Put(ctx, key, string(val), clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	w := cli.Watch(ctx, key)
+	var logs syncBuffer
+	startNodeLog(t, cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	select {
+	case <-w:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the dead predecessor's registration was not dropped")
+	}
+	if strings.Contains(logs.String(), "another live node") {
+		t.Errorf("warned about a dead predecessor as if it were live; logs:\n%s", logs.String())
+	}
 }

@@ -335,7 +335,11 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 	fmt.Fprintf(w, "root %s, prefix %s, etcd %s\n", st.Root, st.Prefix, strings.Join(c.cli.Endpoints(), ","))
 	fmt.Fprintf(w, "nodes: %d\n", len(st.Nodes))
 	for _, n := range st.Nodes {
-		fmt.Fprintf(w, "  - %s pid %d, up %s, version %s\n", n.Name, n.PID, time.Since(n.Started).Round(time.Second), n.Version)
+		gone := ""
+		if n.Gone() {
+			gone = " (not running: its registration expires with its lease)"
+		}
+		fmt.Fprintf(w, "  - %s pid %d, up %s, version %s%s\n", n.Name, n.PID, time.Since(n.Started).Round(time.Second), n.Version, gone)
 	}
 	fmt.Fprintf(w, "builds in progress: %d\n", len(st.Building))
 	for _, b := range st.Building {
