@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/metrics"
 	"strconv"
@@ -71,6 +72,12 @@ func (r *run) refs(ctx context.Context) error {
 	}
 	if err := r.load(ctx, cli, "refd", r.z.RefPackages, time.Now()); err != nil {
 		return err
+	}
+	// IncRef hands a package out only once this host sees its (empty) tree.
+	for i := range r.z.RefPackages {
+		if err := os.MkdirAll(filepath.Join(r.root, "pkgs", fmt.Sprintf("refd-%d", i), "contents"), 0o755); err != nil {
+			return err
+		}
 	}
 	out, err := r.child(ctx, "refs", strconv.Itoa(r.z.Refs), strconv.Itoa(r.z.RefPackages), r.z.TTL.String())
 	if err != nil {
