@@ -76,49 +76,11 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 			cacheEvents.add(ev)
 		}
 	})
-	var ran bool
-	var logPath string
-	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
-		ran = true
-		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
-		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
-	})
-	prog.stop()
+	out, ran, err := e.buildWith(ctx, h, id, argv, prog)
 	if err != nil {
-		var xe *exec.ExitError
-		var se *startError
-		switch {
-		case ctx.Err() != nil:
-			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
-		case errors.Is(err, node.ErrNodeGone):
-			return fmt.Errorf("granary: build %q abandoned, nothing published: the local node went away: %w", id, err)
-		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
-			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
-		case errors.As(err, &se) && ran:
-			return &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
-		case errors.As(err, &xe) && ran:
-			code, how := exitStatus(xe)
-			return &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
-		case ran && logPath != "":
-			return fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
-		}
 		return err
 	}
-	switch {
-	case out.How == etcdstore.FromCache:
-		fmt.Fprintf(e.stderr, "granary: %s: fetched from the local node's remote cache in %v\n", id, out.Elapsed.Round(time.Millisecond))
-	case out.How == etcdstore.Built && ran:
-		if ev := cacheEvents.last(etcdstore.EventCacheMiss); ev != nil && ev.Err != nil {
-			fmt.Fprintf(e.stderr, "granary: %s: warning: the remote cache failed, so it was built: %v\n", id, ev.Err)
-		}
-		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, out.Elapsed.Round(time.Millisecond))
-	case out.How == etcdstore.Built:
-		fmt.Fprintf(e.stderr, "granary: %s: built by another job on this host (waited %v); available\n", id, out.Elapsed.Round(time.Millisecond))
-	case out.How == etcdstore.Waited && out.Package != nil:
-		fmt.Fprintf(e.stderr, "granary: %s: built by %s (waited %v); available\n", id, out.Package.BuiltBy, out.Waited.Round(time.Millisecond))
-	default:
-		fmt.Fprintf(e.stderr, "granary: %s: already available\n", id)
-	}
+	e.reportBuilt(id, out, ran, &cacheEvents, "the local node's remote cache")
 	return nil
 }
 

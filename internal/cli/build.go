@@ -14,6 +14,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/reaper"
+	"github.com/granary-build/granary/node"
 )
 
 // Environment of a builder and of a `run` command.
@@ -57,57 +58,86 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	if fr, err := c.store.LastFailure(ctx, id); err == nil && fr != nil {
 		prog.lastFailure(fr)
 	}
-	var ran bool
+	out, ran, err := e.buildWith(ctx, h, id, argv, prog)
+	if err != nil {
+		return err
+	}
+	e.reportBuilt(id, out, ran, &cacheEvents, "the remote cache "+fmt.Sprint(c.cache))
+	if out.How == etcdstore.Built && ran && c.cache != nil {
+		// Closing the store waits for the upload to the cache.
+		c.store.Close()
+		if ev := cacheEvents.last(etcdstore.EventCacheUploadFailed); ev != nil {
+			fmt.Fprintf(e.stderr, "granary: %s: warning: not uploaded to the remote cache: %v\n", id, ev.Err)
+		} else if cacheEvents.has(etcdstore.EventCacheStored) {
+			fmt.Fprintf(e.stderr, "granary: %s: uploaded to the remote cache %s\n", id, c.cache)
+		}
+	}
+	return nil
+}
+
+// builderHandle is what `build` needs of a package: a store's handle or
+// the local node's.
+type builderHandle interface {
+	OutputDirectory() string
+	LoggingDirectory() string
+	BuildOutcome(ctx context.Context, builder func(context.Context) error) (etcdstore.Outcome, error)
+}
+
+// buildWith builds id through h with argv as the builder, and turns a
+// failure into build's message and exit code (the builder's code, 127
+// when it cannot start, 128+N when signal N killed it). ran reports that
+// the builder ran in this process.
+func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []string, prog *progress) (out etcdstore.Outcome, ran bool, err error) {
 	var logPath string
-	out, err := h.BuildOutcome(ctx, func(bctx context.Context) error {
+	out, err = h.BuildOutcome(ctx, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
 		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
 	})
 	prog.stop()
-	if err != nil {
-		var xe *exec.ExitError
-		var se *startError
-		switch {
-		case ctx.Err() != nil:
-			return &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
-		case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
-			// Not the builder's fault: say why it was stopped or refused.
-			return fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
-		case errors.As(err, &se) && ran:
-			// run's rule: 127 when the command cannot start.
-			return &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
-		case errors.As(err, &xe) && ran:
-			code, how := exitStatus(xe)
-			return &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
-		case ran && logPath != "":
-			return fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
-		}
-		return err
+	if err == nil {
+		return out, ran, nil
 	}
-	switch out.How {
-	case etcdstore.FromCache:
-		fmt.Fprintf(e.stderr, "granary: %s: fetched from the remote cache %s in %v\n", id, c.cache, out.Elapsed.Round(time.Millisecond))
-	case etcdstore.Built:
+	var xe *exec.ExitError
+	var se *startError
+	switch {
+	case ctx.Err() != nil:
+		err = &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
+	case errors.Is(err, node.ErrNodeGone):
+		err = fmt.Errorf("granary: build %q abandoned, nothing published: the local node went away: %w", id, err)
+	case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
+		// Not the builder's fault: say why it was stopped or refused.
+		err = fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
+	case errors.As(err, &se) && ran:
+		// run's rule: 127 when the command cannot start.
+		err = &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
+	case errors.As(err, &xe) && ran:
+		code, how := exitStatus(xe)
+		err = &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
+	case ran && logPath != "":
+		err = fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
+	}
+	return out, ran, err
+}
+
+// reportBuilt says how build came by the package; cache names the remote
+// cache for a fetch.
+func (e *env) reportBuilt(id string, out etcdstore.Outcome, ran bool, cacheEvents *eventLog, cache string) {
+	switch {
+	case out.How == etcdstore.FromCache:
+		fmt.Fprintf(e.stderr, "granary: %s: fetched from %s in %v\n", id, cache, out.Elapsed.Round(time.Millisecond))
+	case out.How == etcdstore.Built && ran:
 		if ev := cacheEvents.last(etcdstore.EventCacheMiss); ev != nil && ev.Err != nil {
 			fmt.Fprintf(e.stderr, "granary: %s: warning: the remote cache failed, so it was built: %v\n", id, ev.Err)
 		}
 		fmt.Fprintf(e.stderr, "granary: %s: built in %v\n", id, out.Elapsed.Round(time.Millisecond))
-		if c.cache != nil {
-			// Closing the store waits for the upload to the cache.
-			c.store.Close()
-			if ev := cacheEvents.last(etcdstore.EventCacheUploadFailed); ev != nil {
-				fmt.Fprintf(e.stderr, "granary: %s: warning: not uploaded to the remote cache: %v\n", id, ev.Err)
-			} else if cacheEvents.has(etcdstore.EventCacheStored) {
-				fmt.Fprintf(e.stderr, "granary: %s: uploaded to the remote cache %s\n", id, c.cache)
-			}
-		}
-	case etcdstore.Waited:
+	case out.How == etcdstore.Built:
+		fmt.Fprintf(e.stderr, "granary: %s: built by another job on this host (waited %v); available\n", id, out.Elapsed.Round(time.Millisecond))
+	case out.How == etcdstore.Waited && out.Package != nil:
 		fmt.Fprintf(e.stderr, "granary: %s: built by %s (waited %v); available\n", id, out.Package.BuiltBy, out.Waited.Round(time.Millisecond))
 	default:
 		fmt.Fprintf(e.stderr, "granary: %s: already available\n", id)
 	}
-	return nil
 }
 
 // runBuilder runs argv as the builder: GRANARY_OUT and GRANARY_LOGS set, its
