@@ -59,29 +59,11 @@ func NewHTTP(baseURL string, opts ...Option) (*Remote, error) {
 		u.Path += "/"
 		u.RawPath = ""
 	}
-	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: o.insecure}
-	if o.caFile != "" {
-		pem, err := os.ReadFile(o.caFile)
-		if err != nil {
-			return nil, fmt.Errorf("cache: CA file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("cache: CA file %s holds no PEM certificate", o.caFile)
-		}
-		tlsCfg.RootCAs = pool
+	tr, err := o.transport()
+	if err != nil {
+		return nil, err
 	}
-	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: min(o.timeout, MaxConnectTimeout), KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       tlsCfg,
-		TLSHandshakeTimeout:   o.timeout,
-		ResponseHeaderTimeout: o.timeout,
-		ExpectContinueTimeout: time.Second,
-		IdleConnTimeout:       90 * time.Second,
-		MaxIdleConnsPerHost:   4,
-		ForceAttemptHTTP2:     true,
-	}
+	tr.ForceAttemptHTTP2 = true
 	return newRemote(&httpBackend{base: u, client: &http.Client{Transport: tr}, o: o}, o), nil
 }
 
@@ -293,4 +275,31 @@ func (h *httpBackend) write(ctx context.Context, name string, fill func(io.Write
 	}
 	drain(res)
 	return nil
+}
+
+// transport is the HTTP transport of a remote cache: TLS with the
+// configured CA, and the connect, handshake and header deadlines.
+func (o *options) transport() (*http.Transport, error) {
+	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: o.insecure}
+	if o.caFile != "" {
+		pem, err := os.ReadFile(o.caFile)
+		if err != nil {
+			return nil, fmt.Errorf("cache: CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("cache: CA file %s holds no PEM certificate", o.caFile)
+		}
+		tlsCfg.RootCAs = pool
+	}
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: min(o.timeout, MaxConnectTimeout), KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       tlsCfg,
+		TLSHandshakeTimeout:   o.timeout,
+		ResponseHeaderTimeout: o.timeout,
+		ExpectContinueTimeout: time.Second,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConnsPerHost:   4,
+	}, nil
 }

@@ -3,12 +3,9 @@ package cache
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -91,29 +88,11 @@ func NewS3(rawURL string, opts ...Option) (*Remote, error) {
 		lookup = minio.BucketLookupPath
 	}
 
-	tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: o.insecure}
-	if o.caFile != "" {
-		pem, err := os.ReadFile(o.caFile)
-		if err != nil {
-			return nil, fmt.Errorf("cache: CA file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("cache: CA file %s holds no PEM certificate", o.caFile)
-		}
-		tlsCfg.RootCAs = pool
-	}
-	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: min(o.timeout, MaxConnectTimeout), KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       tlsCfg,
-		TLSHandshakeTimeout:   o.timeout,
-		ResponseHeaderTimeout: o.timeout,
-		ExpectContinueTimeout: time.Second,
-		IdleConnTimeout:       90 * time.Second,
-		MaxIdleConnsPerHost:   4,
-		// S3 clients stay on HTTP/1.1: a stalled HTTP/2 connection would
-		// stall every request multiplexed on it.
+	// S3 clients stay on HTTP/1.1: a stalled HTTP/2 connection would
+	// stall every request multiplexed on it.
+	tr, err := o.transport()
+	if err != nil {
+		return nil, err
 	}
 	creds := credentials.NewChainCredentials([]credentials.Provider{
 		&credentials.EnvAWS{},
