@@ -663,3 +663,74 @@ func TestDeadPredecessorDropped(t *testing.T) {
 		t.Errorf("warned about a dead predecessor as if it were live; logs:\n%s", logs.String())
 	}
 }
+
+// TestMetricsAgreeWithEvents: what a node's Prometheus metrics count
+// (builds published and failed) is what `granary events` shows for that
+// node, from etcd.
+func TestMetricsAgreeWithEvents(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cfg := testConfig(t, srv, root)
+	cfg.ListenMetrics = "127.0.0.1:0"
+	obs := observer(t, srv, root)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	seen := map[string]int{} // kind → events by our node
+	ready := make(chan struct{})
+	watched := make(chan error, 1)
+	go func() {
+		watched <- obs.WatchCluster(ctx, 0, func(int64) { close(ready) }, func(ev etcdstore.ClusterEvent) error {
+			if ev.Host == cfg.Name {
+				mu.Lock()
+				seen[ev.Kind]++
+				mu.Unlock()
+			}
+			return nil
+		})
+	}()
+	<-ready
+	n, _ := startNode(t, cfg)
+	for _, id := range []string{"ok1", "ok2"} {
+		h := n.Store().Handle(id)
+		if _, err := n.Build(ctx, id, writeFile(filepath.Join(h.OutputDirectory(), "f"), "x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := n.Build(ctx, "bad", func(context.Context) error { return errors.New("exit status 42") }); err == nil {
+		t.Fatal("failing build succeeded")
+	}
+
+	resp, err := http.Get("http://" + n.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	metric := func(result string) int {
+		for _, line := range strings.Split(string(body), "\n") {
+			var v float64
+			if _, err := fmt.Sscanf(line, `granary_builds_total{result="`+result+`"} %g`, &v); err == nil {
+				return int(v)
+			}
+		}
+		return 0
+	}
+	want := map[string]int{etcdstore.ClusterPublished: metric("built"), etcdstore.ClusterFailed: metric("failed")}
+	if want[etcdstore.ClusterPublished] != 2 || want[etcdstore.ClusterFailed] != 1 {
+		t.Fatalf("metrics: built %d, failed %d; want 2 and 1\n%s", want[etcdstore.ClusterPublished], want[etcdstore.ClusterFailed], body)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		mu.Lock()
+		got := map[string]int{etcdstore.ClusterPublished: seen[etcdstore.ClusterPublished], etcdstore.ClusterFailed: seen[etcdstore.ClusterFailed]}
+		mu.Unlock()
+		if got[etcdstore.ClusterPublished] == want[etcdstore.ClusterPublished] && got[etcdstore.ClusterFailed] == want[etcdstore.ClusterFailed] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("events of %s: %v; metrics: %v", cfg.Name, got, want)
+		}
+	}
+	cancel()
+	<-watched
+}
