@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 )
@@ -243,6 +245,7 @@ func (c *agentConn) send(m msg) {
 }
 
 func (c *agentConn) reply(seq uint64, err error, fill func(*msg)) {
+	err = c.a.explain(err)
 	m := msg{Op: opReply, Seq: seq, OK: err == nil}
 	if err != nil {
 		m.Err = err.Error()
@@ -917,3 +920,20 @@ func (l *LocalAPI) Event(e etcdstore.Event) { l.a.event(e) }
 
 // Holders lists the local references to id, oldest first.
 func (l *LocalAPI) Holders(id string) []Holder { return l.a.holders(id) }
+
+// explain names etcd as the cause of an error that says only "context
+// deadline exceeded" or "no leader": it asks each member for its status and
+// wraps ErrNoQuorum when the members that answer have no leader, as Dial
+// does for a CLI that talks to etcd itself.
+func (a *agent) explain(err error) error {
+	if err == nil || !(errors.Is(err, context.DeadlineExceeded) || errors.Is(err, rpctypes.ErrNoLeader) || errors.Is(err, rpctypes.ErrGRPCNoLeader)) {
+		return err
+	}
+	cli := a.store.Client()
+	ctx, cancel := context.WithTimeout(context.Background(), a.opTimeout)
+	defer cancel()
+	if why := quorumLoss(ctx, cli, cli.Endpoints()); why != "" {
+		return fmt.Errorf("%w: %s (%w)", ErrNoQuorum, why, err)
+	}
+	return fmt.Errorf("etcd did not answer in time (%w)", err)
+}

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -82,6 +83,8 @@ func TestMessagePlain(t *testing.T) {
 			"granary: list: etcd has no leader: quorum lost (a majority of the etcd members must be up)"},
 		{"lease lost", fmt.Errorf("granary: build abandoned: %w", etcdstore.ErrLeaseLost),
 			"granary: build abandoned: the lease with etcd was lost"},
+		{"operation named twice", fmt.Errorf("granary: build %q: %w", "x", fmt.Errorf("etcdstore: build %q: %w", "x", context.DeadlineExceeded)),
+			`granary: build "x": context deadline exceeded`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
