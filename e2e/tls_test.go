@@ -43,6 +43,9 @@ func TestTLSAuth(t *testing.T) {
 	}
 	c.killMatching("worker2", "sleep 1004")
 	c.wait(holder, takeover, "run after its command was killed")
+	// worker2's node keeps its etcd reference for the linger after its
+	// last local holder ended.
+	c.waitRefs("tls-once")
 	c.must("worker1", "rm", "tls-once")
 
 	for _, bad := range []struct {

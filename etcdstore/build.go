@@ -6,7 +6,10 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // How says how a Build call came by its package.
@@ -249,28 +252,64 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 		return Outcome{}, err
 	}
 	defer unlock()
-	for {
-		ls, err := s.sess.Current(ctx)
-		if err != nil {
-			return Outcome{}, err
-		}
-		st, err := s.readState(ctx, id)
-		if err != nil {
-			return Outcome{}, err
-		}
-		if st.avail != nil {
-			return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(id)}, nil
-		}
-		w := &waiter{s: s, ls: ls, id: id, st: st, published: published}
-		l, out, err := w.waitOrLock(ctx)
+	for tries := 1; ; tries++ {
+		out, err := s.pass(ctx, id, builder, published)
 		var retry *retryError
+		var be *BuildError
 		switch {
-		case errors.As(err, &retry), errors.Is(err, ErrLeaseLost) && ctx.Err() == nil:
-			continue // queue again, on the new lease if it was replaced
-		case err != nil || l == nil:
+		case err == nil:
+			return out, nil
+		case ctx.Err() != nil:
 			return out, err
+		case errors.As(err, &retry), errors.Is(err, ErrLeaseLost):
+			continue // queue again, on the new lease if it was replaced
+		case transient(err) && !errors.As(err, &be) && tries < 4:
+			// No answer from the member the call went to (it froze or
+			// its connection was closed to move off it). Nothing was
+			// claimed yet: start over on another member.
+			s.opt.logger.Debug("etcd call failed without an answer; starting over", "id", id, "err", err)
+			select {
+			case <-time.After(time.Duration(tries) * 100 * time.Millisecond):
+			case <-ctx.Done():
+				return out, err
+			}
+			continue
 		}
-		a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start, sawRunning: w.sawRunning()}
-		return a.run(ctx, builder)
+		return out, err
 	}
+}
+
+// pass is one pass of the attempt from a fresh read: the fast path, the
+// wait, and the attempt under the lock.
+func (s *Store) pass(ctx context.Context, id string, builder func(context.Context) error, published func(Outcome, error)) (Outcome, error) {
+	ls, err := s.sess.Current(ctx)
+	if err != nil {
+		return Outcome{}, err
+	}
+	st, err := s.readState(ctx, id)
+	if err != nil {
+		return Outcome{}, err
+	}
+	if st.avail != nil {
+		return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(id)}, nil
+	}
+	w := &waiter{s: s, ls: ls, id: id, st: st, published: published}
+	l, out, err := w.waitOrLock(ctx)
+	if err != nil || l == nil {
+		return out, err
+	}
+	a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start, sawRunning: w.sawRunning()}
+	return a.run(ctx, builder)
+}
+
+// transient reports an etcd call that failed without an answer because
+// the member it went to became unavailable (a closed connection, a
+// member being left because it froze, a leader change): the same call on
+// another member may succeed.
+func transient(err error) bool {
+	if errors.Is(err, rpctypes.ErrLeaderChanged) {
+		return true
+	}
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Unavailable
 }
