@@ -261,7 +261,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 			return out, nil
 		case ctx.Err() != nil:
 			return out, err
-		case errors.As(err, &retry), errors.Is(err, ErrLeaseLost):
+		case errors.As(err, &retry):
 			continue // queue again, on the new lease if it was replaced
 		case transient(err) && !errors.As(err, &be) && tries < 4:
 			// No answer from the member the call went to (it froze or
@@ -295,6 +295,11 @@ func (s *Store) pass(ctx context.Context, id string, builder func(context.Contex
 	}
 	w := &waiter{s: s, ls: ls, id: id, st: st, published: published}
 	l, out, err := w.waitOrLock(ctx)
+	if errors.Is(err, ErrLeaseLost) && ctx.Err() == nil {
+		// The lease ended while we queued: queue again on the new one
+		// (Current above fails if there is none within the deadline).
+		return out, &retryError{why: err}
+	}
 	if err != nil || l == nil {
 		return out, err
 	}
