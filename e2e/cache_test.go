@@ -31,18 +31,7 @@ func TestCacheRestoresWipedCluster(t *testing.T) {
 
 	// Wipe: every container, the shared root and etcd's data; the cache
 	// volume stays.
-	if out, err := c.compose(context.Background(), "rm", "-s", "-f", "-v"); err != nil {
-		t.Fatalf("compose rm: %v\n%s", err, out)
-	}
-	vols := []string{"volume", "rm"}
-	for _, v := range []string{"shared", "etcd1", "etcd2", "etcd3"} {
-		vols = append(vols, c.project+"_"+v)
-	}
-	if out, err := c.docker(context.Background(), vols...); err != nil {
-		t.Fatalf("docker volume rm: %v\n%s", err, out)
-	}
-	c.forget()
-	c.up()
+	c.wipe()
 	if _, r := c.inspect("worker1", "warm"); r.code != 3 {
 		t.Fatalf("after the wipe, inspect warm: %s; want exit 3 (does not exist)", r)
 	}
@@ -92,18 +81,7 @@ func TestCacheS3SignedRestoresWipedCluster(t *testing.T) {
 		t.Fatalf("cache verify warm: %s; want a valid signature by farm-1", r)
 	}
 
-	if out, err := c.compose(context.Background(), "rm", "-s", "-f", "-v"); err != nil {
-		t.Fatalf("compose rm: %v\n%s", err, out)
-	}
-	vols := []string{"volume", "rm"}
-	for _, v := range []string{"shared", "etcd1", "etcd2", "etcd3"} {
-		vols = append(vols, c.project+"_"+v)
-	}
-	if out, err := c.docker(context.Background(), vols...); err != nil {
-		t.Fatalf("docker volume rm: %v\n%s", err, out)
-	}
-	c.forget()
-	c.up()
+	c.wipe()
 
 	r := c.granary("worker2", "build", "warm", "--", "sh", "-c", "echo the builder ran; exit 42")
 	if r.code != 0 || strings.Contains(r.out, "the builder ran") {
@@ -121,4 +99,22 @@ func TestCacheS3SignedRestoresWipedCluster(t *testing.T) {
 	if r := c.granary("worker1", "cache", "verify", "unsigned"); r.code != 1 || !strings.Contains(r.out, "rejected: unsigned") {
 		t.Fatalf("cache verify unsigned: %s; want exit 1, rejected: unsigned", r)
 	}
+}
+
+// wipe removes every container, the shared root and etcd's data, keeping
+// the cache volume, and brings the cluster up again.
+func (c *cluster) wipe() {
+	c.t.Helper()
+	if out, err := c.compose(context.Background(), "rm", "-s", "-f", "-v"); err != nil {
+		c.t.Fatalf("compose rm: %v\n%s", err, out)
+	}
+	vols := []string{"volume", "rm"}
+	for _, v := range []string{"shared", "etcd1", "etcd2", "etcd3"} {
+		vols = append(vols, c.project+"_"+v)
+	}
+	if out, err := c.docker(context.Background(), vols...); err != nil {
+		c.t.Fatalf("docker volume rm: %v\n%s", err, out)
+	}
+	c.forget()
+	c.up()
 }
