@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/etcdtest"
 )
 
 // FarmConfig is a farm simulation: Hosts simulated hosts in one process
@@ -66,7 +67,7 @@ var farmModes = []farmMode{{name: "direct", hosts: directHosts}}
 
 type farm struct {
 	cfg    FarmConfig
-	cl     *cluster
+	cl     *etcdtest.Cluster
 	cnt    *Counter
 	cli    *clientv3.Client
 	base   string // the temporary directory holding every run's root
@@ -87,12 +88,12 @@ func Farm(ctx context.Context, cfg FarmConfig) (res map[string]float64, err erro
 	}
 	f := &farm{cfg: cfg, cnt: &Counter{}, res: map[string]float64{}}
 	fmt.Fprintf(cfg.Progress, "farm: starting a 3-member etcd cluster\n")
-	if f.cl, err = startCluster(3); err != nil {
+	if f.cl, err = etcdtest.StartClusterServers(3, true); err != nil {
 		return nil, err
 	}
-	defer f.cl.close()
+	defer f.cl.Close()
 	f.cli, err = clientv3.New(clientv3.Config{
-		Endpoints: f.cl.endpoints, DialTimeout: 5 * time.Second,
+		Endpoints: f.cl.Endpoints, DialTimeout: 5 * time.Second,
 		DialOptions: []grpc.DialOption{grpc.WithChainUnaryInterceptor(f.cnt.interceptor)},
 	})
 	if err != nil {
