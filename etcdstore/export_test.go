@@ -21,9 +21,6 @@ func AwaitVisible(ctx context.Context, s *Store, id string, rec *PackageRecord) 
 	return s.awaitVisible(ctx, id, rec)
 }
 
-// TopEntries is topEntries.
-func TopEntries(dir string) (int, error) { return topEntries(dir) }
-
 // SetTestHookUpload installs fn to run when a build's upload to the remote
 // cache has taken its reference, before the upload starts. Call it before
 // s is used.
