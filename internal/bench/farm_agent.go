@@ -9,8 +9,6 @@ import (
 	"github.com/granary-build/granary/node"
 )
 
-func init() { farmModes = append(farmModes, farmMode{name: "agent", hosts: agentHosts}) }
-
 // agentHosts: one store per host, served to the host's jobs by the node's
 // local API (node.LocalAPI, the code `granary serve` runs) on a socket in a
 // state directory of its own. A job connects, takes its reference through
@@ -20,37 +18,61 @@ func init() { farmModes = append(farmModes, farmMode{name: "agent", hosts: agent
 func agentHosts(ctx context.Context, f *farm, n int) ([]farmHost, error) {
 	hosts := make([]farmHost, n)
 	for i := range n {
-		name := fmt.Sprintf("host-%d", i)
-		s, err := etcdstore.New(ctx, f.cli, f.root, f.storeOptions(name)...)
+		_, state, err := f.agentHost(ctx, i)
 		if err != nil {
 			return nil, err
 		}
-		f.closes = append(f.closes, s.Close)
-		state, err := os.MkdirTemp("", "gf") // short: unix socket paths are limited
-		if err != nil {
-			return nil, err
-		}
-		f.closes = append(f.closes, func() error { return os.RemoveAll(state) })
-		cfg := node.DefaultConfig()
-		cfg.StateDir, cfg.Root, cfg.Prefix, cfg.Name = state, f.root, f.prefix, name
-		cfg.Linger = f.cfg.Linger
-		api, err := node.NewLocalAPI(s, cfg, nil)
-		if err != nil {
-			return nil, err
-		}
-		actx, cancel := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- api.Run(actx) }()
-		// Closed before the store (closes run in reverse order).
-		f.closes = append(f.closes, func() error { cancel(); return <-done })
-		hosts[i] = agentHost{state}
+		hosts[i] = socketHost{state}
 	}
 	return hosts, nil
 }
 
-type agentHost struct{ state string }
+// inProcessHosts: the same hosts as agentHosts, the jobs taking their
+// references in process through the LocalAPI's LocalRefs (the same
+// aggregation, without the socket).
+func inProcessHosts(ctx context.Context, f *farm, n int) ([]farmHost, error) {
+	hosts := make([]farmHost, n)
+	for i := range n {
+		api, _, err := f.agentHost(ctx, i)
+		if err != nil {
+			return nil, err
+		}
+		refs := api.LocalRefs()
+		f.closes = append(f.closes, refs.Close)
+		hosts[i] = inProcessHost{refs}
+	}
+	return hosts, nil
+}
 
-func (h agentHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
+// agentHost makes host i's store and serves its local API until the
+// farm's closes run.
+func (f *farm) agentHost(ctx context.Context, i int) (*node.LocalAPI, string, error) {
+	name := fmt.Sprintf("host-%d", i)
+	s, err := etcdstore.New(ctx, f.cli, f.root, f.storeOptions(name)...)
+	if err != nil {
+		return nil, "", err
+	}
+	f.closes = append(f.closes, s.Close)
+	state, err := os.MkdirTemp("", "gf") // short: unix socket paths are limited
+	if err != nil {
+		return nil, "", err
+	}
+	f.closes = append(f.closes, func() error { return os.RemoveAll(state) })
+	api, err := node.NewLocalAPI(s, f.agentConfig(name, state), nil)
+	if err != nil {
+		return nil, "", err
+	}
+	actx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- api.Run(actx) }()
+	// Closed before the store (closes run in reverse order).
+	f.closes = append(f.closes, func() error { cancel(); return <-done })
+	return api, state, nil
+}
+
+type socketHost struct{ state string }
+
+func (h socketHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
 	c, err := node.Connect(ctx, h.state)
 	if err != nil {
 		return nil, err
@@ -65,4 +87,13 @@ func (h agentHost) acquire(ctx context.Context, id string) (func(context.Context
 		c.Close()
 		return err
 	}, nil
+}
+
+type inProcessHost struct{ refs *node.LocalRefs }
+
+func (h inProcessHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
+	if err := h.refs.IncRef(ctx, id); err != nil {
+		return nil, err
+	}
+	return func(context.Context) error { return h.refs.DecRef(id) }, nil
 }
