@@ -42,8 +42,9 @@ type FarmConfig struct {
 	ZipfS    float64       `json:"zipf_s"`
 	Hold     time.Duration `json:"hold_ns"`
 	Linger   time.Duration `json:"linger_ns"` // the agents' linger; 0: none
-	// Warm is the warm-up of the agent modes; 0: Linger + Hold + 1 s, the
-	// shortest that reaches steady state (with a margin).
+	// Warm is the warm-up of the agent modes; 0: Linger + Hold + 5 s, the
+	// shortest that reaches steady state, with a margin for the prewarmed
+	// references that expire together at the end of the first linger.
 	Warm time.Duration `json:"warm_ns"`
 	// DirectWarm is the warm-up of the direct mode, which has no linger to
 	// wait out.
@@ -148,6 +149,9 @@ func FarmPredictedWrites(packages int, s, rate float64, linger, hold time.Durati
 // farmHost is one simulated host: how a job on it takes a package.
 type farmHost interface {
 	acquire(ctx context.Context, id string) (release func(context.Context) error, err error)
+	// prewarm leaves the host holding id as a job that just ended would
+	// (lingering); a no-op where nothing lingers.
+	prewarm(ctx context.Context, id string) error
 }
 
 // farmHosts makes the n hosts of one mode on the farm's shared etcd
@@ -180,7 +184,7 @@ func Farm(ctx context.Context, cfg FarmConfig) (res []FarmResult, err error) {
 		}
 	}
 	if cfg.Warm == 0 {
-		cfg.Warm = cfg.Linger + cfg.Hold + time.Second
+		cfg.Warm = cfg.Linger + cfg.Hold + 5*time.Second
 	}
 	if cfg.Progress == nil {
 		cfg.Progress = io.Discard
@@ -244,6 +248,15 @@ func (f *farm) runMode(ctx context.Context, mode string, n int) (r FarmResult, e
 	}
 	rng := rand.New(rand.NewPCG(uint64(n), 1))
 	rate := r.HostRate * float64(n)
+	if mode != FarmDirect && f.cfg.Linger > 0 {
+		fmt.Fprintf(f.cfg.Progress, "farm: %s, %d hosts: prewarming\n", mode, n)
+		t := time.Now()
+		takes, err := f.prewarm(ctx, hosts, rng, r.HostRate)
+		if err != nil {
+			return r, fmt.Errorf("prewarm: %w", err)
+		}
+		fmt.Fprintf(f.cfg.Progress, "farm: %s, %d hosts: prewarmed %d host references in %v\n", mode, n, takes, time.Since(t).Round(time.Millisecond))
+	}
 	fmt.Fprintf(f.cfg.Progress, "farm: %s, %d hosts: %.0f jobs/s in total (%.3g per host%s), warming up for %v\n",
 		mode, n, rate, r.HostRate, map[bool]string{true: ", capped", false: ""}[r.Capped], warm)
 	if _, err := f.jobs(ctx, hosts, rng, rate, warm); err != nil {
@@ -300,8 +313,13 @@ func (f *farm) closeAll() error {
 	return errors.Join(errs...)
 }
 
+// farmTTL is the simulated hosts' lease TTL: longer than a node's default,
+// since a thousand hosts' keep-alives share two cores with everything else
+// here, and a lease lost to a starved keep-alive would end the run.
+const farmTTL = 60 * time.Second
+
 func (f *farm) storeOptions(host string) []etcdstore.Option {
-	return []etcdstore.Option{etcdstore.WithPrefix(f.prefix), etcdstore.WithHost(host)}
+	return []etcdstore.Option{etcdstore.WithPrefix(f.prefix), etcdstore.WithHost(host), etcdstore.WithTTL(farmTTL)}
 }
 
 // publish builds the packages once, from a store of its own.
@@ -329,6 +347,64 @@ func (f *farm) revision(ctx context.Context) int64 {
 		return 0
 	}
 	return resp.Header.Revision
+}
+
+// ErrFarmOverload is returned by Farm when this machine cannot start the
+// jobs of a mode at the configured rate (the simulation would pile up
+// instead of measuring): lower the rate per host, or the mode's MaxRate.
+var ErrFarmOverload = errors.New("bench: farm: rate not sustainable here")
+
+// farmMaxLag is how far the job generator may fall behind its schedule
+// before the run stops with ErrFarmOverload.
+const farmMaxLag = 2 * time.Second
+
+// prewarm makes each host hold each package k with the steady state's
+// probability, 1 − exp(−pₖ·rate·(linger + hold)), before the clock starts,
+// with a bounded number of takes in flight. Without it the first linger of
+// the run is a storm of first takes (up to hosts × packages etcd writes at
+// once), which a real farm spreads over its start-up but which would swamp
+// one small machine. The warm-up that follows (≥ linger + hold) lets every
+// prewarmed reference the simulation does not use again expire, so the
+// measured window does not depend on the prewarm.
+func (f *farm) prewarm(ctx context.Context, hosts []farmHost, rng *rand.Rand, rate float64) (int, error) {
+	type take struct {
+		h  farmHost
+		id string
+	}
+	var sum float64
+	w := make([]float64, f.cfg.Packages)
+	for k := range w {
+		w[k] = math.Pow(1+float64(k), -f.cfg.ZipfS)
+		sum += w[k]
+	}
+	x := rate * (f.cfg.Linger + f.cfg.Hold).Seconds()
+	var takes []take
+	for _, h := range hosts {
+		for k, wk := range w {
+			if rng.Float64() < 1-math.Exp(-wk/sum*x) {
+				takes = append(takes, take{h, farmID(k)})
+			}
+		}
+	}
+	const inFlight = 256
+	ch := make(chan take)
+	errs := make([]error, inFlight)
+	var wg sync.WaitGroup
+	for i := range inFlight {
+		wg.Go(func() {
+			for t := range ch {
+				if errs[i] == nil {
+					errs[i] = t.h.prewarm(ctx, t.id)
+				}
+			}
+		})
+	}
+	for _, t := range takes {
+		ch <- t
+	}
+	close(ch)
+	wg.Wait()
+	return len(takes), errors.Join(errs...)
 }
 
 type farmStats struct {
@@ -372,13 +448,20 @@ func (f *farm) jobs(ctx context.Context, hosts []farmHost, rng *rand.Rand, rate 
 		// Sleep only when a millisecond or more ahead of the schedule: the
 		// timer's resolution, and at high rates one sleep per job would
 		// be the generator's main cost.
-		if wait := time.Until(at); wait >= time.Millisecond {
+		wait := time.Until(at)
+		if wait >= time.Millisecond {
 			select {
 			case <-time.After(wait):
 			case <-ctx.Done():
-				wg.Wait()
-				return st, ctx.Err()
 			}
+		}
+		if err := ctx.Err(); err != nil {
+			wg.Wait()
+			return st, err
+		}
+		if -wait > farmMaxLag {
+			wg.Wait()
+			return st, fmt.Errorf("%w: the job generator fell %v behind its schedule at %.0f jobs/s in total", ErrFarmOverload, -wait.Round(time.Millisecond), rate)
 		}
 		wg.Add(1)
 		go func() {
@@ -424,6 +507,8 @@ func (h directHost) acquire(ctx context.Context, id string) (func(context.Contex
 	}
 	return p.DecRefContext, nil
 }
+
+func (directHost) prewarm(context.Context, string) error { return nil }
 
 // agentConfig is the node configuration of a simulated host: the node's
 // defaults with the farm's linger.

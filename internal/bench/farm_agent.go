@@ -18,11 +18,13 @@ import (
 func agentHosts(ctx context.Context, f *farm, n int) ([]farmHost, error) {
 	hosts := make([]farmHost, n)
 	for i := range n {
-		_, state, err := f.agentHost(ctx, i)
+		api, state, err := f.agentHost(ctx, i)
 		if err != nil {
 			return nil, err
 		}
-		hosts[i] = socketHost{state}
+		refs := api.LocalRefs()
+		f.closes = append(f.closes, refs.Close)
+		hosts[i] = socketHost{state, inProcessHost{refs}}
 	}
 	return hosts, nil
 }
@@ -70,7 +72,12 @@ func (f *farm) agentHost(ctx context.Context, i int) (*node.LocalAPI, string, er
 	return api, state, nil
 }
 
-type socketHost struct{ state string }
+// socketHost's jobs go through the socket; its prewarm takes in process
+// (the host's state is the same either way).
+type socketHost struct {
+	state string
+	inProcessHost
+}
 
 func (h socketHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
 	c, err := node.Connect(ctx, h.state)
@@ -96,4 +103,11 @@ func (h inProcessHost) acquire(ctx context.Context, id string) (func(context.Con
 		return nil, err
 	}
 	return func(context.Context) error { return h.refs.DecRef(id) }, nil
+}
+
+func (h inProcessHost) prewarm(ctx context.Context, id string) error {
+	if err := h.refs.IncRef(ctx, id); err != nil {
+		return err
+	}
+	return h.refs.DecRef(id)
 }

@@ -30,13 +30,13 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 	jsonPath := f.String("json", "", "write the results as JSON to this file")
 	chartPath := f.String("chart", "", "write a PNG chart (hot path and waiter release vs concurrency) to this file")
 	dir := f.String("dir", "", "where to make the temporary shared root (default $TMPDIR); put it on the farm's volume to include its cost")
-	farm := f.Bool("farm", false, "run the farm simulation instead (H hosts × a job rate per host on a 3-member embedded etcd; the agents use --linger; --quick: 10 and 100 hosts, shorter)")
-	ff := farmFlags(f.FlagSet)
+	farm := f.Bool("farm", false, "run the farm simulation instead (H hosts × a job rate per host on a 3-member embedded etcd; --quick: 10 and 100 hosts, shorter)")
+	ff := farmFlags(f.FlagSet, f.cfg.Linger)
 	if err := noArgs(e, f, args); err != nil {
 		return err
 	}
 	if *farm {
-		return cmdFarm(ctx, e, ff, f.cfg.Linger, *quick, *jsonPath, *dir)
+		return cmdFarm(ctx, e, ff, *quick, *jsonPath, *dir)
 	}
 	sizes := bench.FullSizes()
 	if *quick {

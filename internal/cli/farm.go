@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/granary-build/granary/internal/bench"
+	"github.com/granary-build/granary/node"
 )
 
 // farmFlagValues are the flags of `granary bench --farm`; zero values
@@ -23,10 +24,13 @@ type farmFlagValues struct {
 	maxRate              float64
 	packages             int
 	warm, duration, hold time.Duration
+	linger               time.Duration
 }
 
-func farmFlags(fs *flag.FlagSet) *farmFlagValues {
-	v := &farmFlagValues{}
+// farmFlags registers the farm's flags on fs; the agents' linger defaults
+// to the node's (node.DefaultConfig's).
+func farmFlags(fs *flag.FlagSet, linger time.Duration) *farmFlagValues {
+	v := &farmFlagValues{linger: linger}
 	d := bench.DefaultFarm()
 	fs.StringVar(&v.hosts, "hosts", "", "farm: host counts, comma-separated (default 10,100,1000)")
 	fs.StringVar(&v.modes, "modes", "", "farm: modes, comma-separated (default "+strings.Join(d.Modes, ",")+")")
@@ -34,17 +38,18 @@ func farmFlags(fs *flag.FlagSet) *farmFlagValues {
 	fs.Float64Var(&v.maxRate, "max-rate", 0, fmt.Sprintf("farm: cap on the total job rate of the direct and socket agent modes (default %g)", d.MaxRate[bench.FarmDirect]))
 	fs.IntVar(&v.packages, "packages", 0, fmt.Sprintf("farm: published packages (default %d)", d.Packages))
 	fs.Float64Var(&v.zipfS, "zipf-s", 0, fmt.Sprintf("farm: Zipf exponent of the packages' popularity, > 1 (default %g)", d.ZipfS))
-	fs.DurationVar(&v.warm, "warm", 0, "farm: warm-up of the agent modes (default linger + hold + 1s: steady state)")
+	fs.Var(node.NonNegative(&v.linger), "linger", "farm: the agents' linger: how long a host keeps a package's etcd reference after its last local job (default: the node's)")
+	fs.DurationVar(&v.warm, "warm", 0, "farm: warm-up of the agent modes (default linger + hold + 5s: steady state)")
 	fs.DurationVar(&v.duration, "duration", 0, fmt.Sprintf("farm: measured time per host count and mode (default %v)", d.Duration))
 	fs.DurationVar(&v.hold, "hold", 0, fmt.Sprintf("farm: how long each job holds its package (default %v)", d.Hold))
 	return v
 }
 
 // cmdFarm is `granary bench --farm`: the farm simulation on a private
-// 3-member embedded etcd cluster, its agents with the given linger.
-func cmdFarm(ctx context.Context, e *env, v *farmFlagValues, linger time.Duration, quick bool, jsonPath, dir string) error {
+// 3-member embedded etcd cluster.
+func cmdFarm(ctx context.Context, e *env, v *farmFlagValues, quick bool, jsonPath, dir string) error {
 	cfg := bench.DefaultFarm()
-	cfg.Linger = linger
+	cfg.Linger = v.linger
 	if quick {
 		cfg.Hosts, cfg.Duration = []int{10, 100}, 5*time.Second
 	}
