@@ -61,6 +61,29 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool,
 	}
 	defer unlock()
 
+	removed, err := s.removeTxn(ctx, l, id, atimeRev)
+	if err == nil && !removed && atimeRev == 0 && s.askYield(ctx, l.sess, id) {
+		// Only cached references held it, and their owners let go.
+		removed, err = s.removeTxn(ctx, l, id, atimeRev)
+	}
+	if !removed || err != nil {
+		return false, err
+	}
+	// The package is gone from etcd; nothing can reference it any more.
+	// Move the tree aside while we still hold the lock, so a new build
+	// cannot start in it meanwhile.
+	if err := s.moveToTrash(s.pkgDir(id)); err != nil {
+		s.opt.logger.Warn("package removed but its tree stays until the next prune", "id", id, "err", err)
+	}
+	s.emit(Event{Kind: EventRemoved, ID: id})
+	return true, nil
+}
+
+// removeTxn deletes id's keys in one Txn if it is published, unreferenced,
+// still locked by l and (for a non-zero atimeRev) untouched. It reports
+// (false, nil) when the package is in use and core.ErrPackageNotExist when
+// it is not available.
+func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int64) (bool, error) {
 	cmps := []clientv3.Cmp{
 		// It is published (a missing package is ErrPackageNotExist).
 		clientv3.Compare(clientv3.CreateRevision(s.availKey(id)), ">", 0),
@@ -95,13 +118,6 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool,
 		}
 		return false, nil // referenced, touched, or our lock is gone
 	}
-	// The package is gone from etcd; nothing can reference it any more.
-	// Move the tree aside while we still hold the lock, so a new build
-	// cannot start in it meanwhile.
-	if err := s.moveToTrash(s.pkgDir(id)); err != nil {
-		s.opt.logger.Warn("package removed but its tree stays until the next prune", "id", id, "err", err)
-	}
-	s.emit(Event{Kind: EventRemoved, ID: id})
 	return true, nil
 }
 
