@@ -22,7 +22,7 @@ func (h *Handle) TryRemoveContext(ctx context.Context) (bool, error) {
 	if h.err != nil {
 		return false, h.fail("remove", h.err)
 	}
-	ok, err := h.s.tryRemove(ctx, h.id, 0)
+	ok, err := h.s.tryRemove(ctx, h.id, 0, true)
 	if err != nil {
 		return false, h.fail("remove", err)
 	}
@@ -53,8 +53,10 @@ func (s *Store) lockIdle(ctx context.Context, id string) (l *lock, unlock func()
 
 // tryRemove is TryRemove; a non-zero atimeRev also requires that the access
 // time was not touched since it was read (Prune's guard against removing a
-// package used after it was listed).
-func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool, error) {
+// package used after it was listed). With yield, a package that only
+// nodes' cached references hold is asked for (yield.go); Prune does not
+// ask: a lingering package was used within its node's linger.
+func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64, yield bool) (bool, error) {
 	l, unlock, err := s.lockIdle(ctx, id)
 	if l == nil {
 		return false, err
@@ -62,7 +64,7 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool,
 	defer unlock()
 
 	removed, err := s.removeTxn(ctx, l, id, atimeRev)
-	if err == nil && !removed && atimeRev == 0 && s.askYield(ctx, l.sess, id) {
+	if err == nil && !removed && yield && s.askYield(ctx, l.sess, id) {
 		// Only cached references held it, and their owners let go.
 		removed, err = s.removeTxn(ctx, l, id, atimeRev)
 	}
