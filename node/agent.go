@@ -932,7 +932,9 @@ type LocalAPI struct{ a *agent }
 // cfg.SocketGroup) for store, aggregating references with cfg.Linger.
 // cfg.Name and cfg.OpTimeout are used as a node uses them. Wire the
 // store's events to Event (etcdstore.WithEvents) so connections learn of
-// lost references. Call Run once.
+// lost references and removals on other hosts can ask for lingering
+// references (without it, a lingering reference blocks them until the
+// linger ends). Call Run once.
 func NewLocalAPI(store *etcdstore.Store, cfg Config, log *slog.Logger) (*LocalAPI, error) {
 	a, err := newAgent(store, cfg, log, nil)
 	if err != nil {
@@ -946,7 +948,8 @@ func NewLocalAPI(store *etcdstore.Store, cfg Config, log *slog.Logger) (*LocalAP
 func (l *LocalAPI) Run(ctx context.Context) error { return l.a.serve(ctx) }
 
 // Event takes the store's events (lost references, lease changes, build
-// progress) to the connections concerned. It does not block.
+// progress) to the connections concerned, and releases a lingering
+// reference a removal asks for. It does not block.
 func (l *LocalAPI) Event(e etcdstore.Event) { l.a.event(e) }
 
 // Holders lists the local references to id, oldest first.
