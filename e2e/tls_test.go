@@ -52,7 +52,6 @@ func TestTLSAuth(t *testing.T) {
 		r := c.granary("worker1", "rm", "tls-once")
 		return r.code == 0, r.String()
 	})
-	c.waitRefs("tls-once")
 
 	for _, bad := range []struct {
 		name string
