@@ -3,8 +3,10 @@ package node_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -477,4 +479,63 @@ func TestRefLostReachesConn(t *testing.T) {
 			t.Fatal("no ref-lost notice within 30 s")
 		}
 	}
+}
+
+// A job starting on a lingering host races a removal from another host
+// that asks the host to yield: either the job gets the package and the
+// removal is refused, or the removal wins and the job is told the package
+// does not exist; never both.
+func TestYieldRacesIncRef(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	ca := connect(t, na)
+	// A short yield wait: a refused removal waits it out.
+	obs := observer(t, srv, root, etcdstore.WithYieldWait(300*time.Millisecond))
+	ctx := context.Background()
+	won := map[string]int{}
+	for i := range 20 {
+		id := fmt.Sprintf("race-%d", i)
+		build(t, obs, id)
+		h := ca.Handle(id)
+		if err := h.IncRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.DecRefContext(ctx); err != nil { // lingering now
+			t.Fatal(err)
+		}
+		var (
+			wg      sync.WaitGroup
+			incErr  error
+			removed bool
+			rmErr   error
+		)
+		wg.Go(func() {
+			// Start at a different point of the removal each time
+			// (its lock, its request, the node's release, its Txn).
+			time.Sleep(time.Duration(i) * 3 * time.Millisecond)
+			incErr = h.IncRefContext(ctx)
+		})
+		wg.Go(func() { removed, rmErr = obs.Handle(id).TryRemoveContext(ctx) })
+		wg.Wait()
+		switch {
+		case rmErr != nil:
+			t.Fatalf("%s: TryRemove: %v", id, rmErr)
+		case incErr == nil && removed:
+			t.Fatalf("%s: the job holds the package and the removal succeeded", id)
+		case incErr == nil:
+			won["job"]++
+			if _, err := os.Stat(h.OutputDirectory()); err != nil {
+				t.Fatalf("%s: held package's tree: %v", id, err)
+			}
+			if err := h.DecRefContext(ctx); err != nil {
+				t.Fatal(err)
+			}
+		case !removed || !errors.Is(incErr, core.ErrPackageNotExist):
+			t.Fatalf("%s: IncRef = %v, TryRemove = %v; want one of them to win", id, incErr, removed)
+		default:
+			won["removal"]++
+		}
+	}
+	t.Logf("winners: %v", won)
 }
