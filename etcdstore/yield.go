@@ -2,6 +2,7 @@ package etcdstore
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -15,16 +16,27 @@ import (
 // the next job costs etcd nothing. Such a reference is a cache: nobody uses
 // the package through it while no local job holds it. It is taken with
 // IncRefCachedContext and marked so in its record. A removal that finds
-// only cached references does not fail at once: it puts P/yield/<id> (on
-// its lease), and every store that holds cached references watches
-// P/yield/ and reports the request as EventYieldRequested; its owner
+// only cached references does not fail at once: it puts P/ask/yield/<id>
+// (on its lease), and every store that holds cached references watches
+// P/ask/ and reports the request as EventYieldRequested; its owner
 // releases the reference if no job holds it. The removal waits (at most
 // the store's yield wait) until the references are gone, then checks again
 // in the same Txn as always, so atomicity against IncRef is unchanged: a
 // job that takes the package meanwhile keeps it.
+//
+// The same watch carries P/ask/holders/<id>: AskHolders on another host
+// wants to know how many local jobs hold the package through each cached
+// reference; the owner writes the count into its reference's record
+// (RecordHolders), and the asker reads it back (holders.go).
 
-// yieldKey is the key a removal puts to ask cached references to go.
-func (s *Store) yieldKey(id string) string { return s.key("yield", id) }
+// Requests, under P/ask/<kind>/<id>.
+const (
+	askYield   = "yield"
+	askHolders = "holders"
+)
+
+// askKey is the key a request of kind about id is put at.
+func (s *Store) askKey(kind, id string) string { return s.key("ask", kind+"/"+id) }
 
 // IncRefCachedContext is IncRefContext for a reference that its owner keeps
 // only as a cache for local users (a node's host reference while no job
@@ -37,15 +49,16 @@ func (h *Handle) IncRefCachedContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("incref", h.err)
 	}
-	h.s.yieldWatch.Do(func() { h.s.spawn(h.s.watchYield) })
+	h.s.askWatch.Do(func() { h.s.spawn(h.s.watchAsk) })
 	return h.incRef(ctx, true)
 }
 
-// watchYield reports every yield request as EventYieldRequested until the
-// store closes. A request missed while the watch restarts only makes its
-// removal wait its bound and report the package in use.
-func (s *Store) watchYield() {
-	pfx := s.key("yield", "")
+// watchAsk reports every request as EventYieldRequested or
+// EventHoldersRequested until the store closes. A request missed while the
+// watch restarts only makes its asker wait its bound (a removal then
+// reports the package in use).
+func (s *Store) watchAsk() {
+	pfx := s.key("ask", "")
 	b := backoff.NewExponentialBackOff()
 	b.MaxInterval = 5 * time.Second
 	b.MaxElapsedTime = 0
@@ -57,7 +70,17 @@ func (s *Store) watchYield() {
 			}
 			b.Reset()
 			for _, ev := range wr.Events {
-				s.emit(Event{Kind: EventYieldRequested, ID: string(ev.Kv.Key[len(pfx):]), Host: string(ev.Kv.Value)})
+				kind, id, _ := strings.Cut(string(ev.Kv.Key[len(pfx):]), "/")
+				e := Event{ID: id, Host: string(ev.Kv.Value)}
+				switch kind {
+				case askYield:
+					e.Kind = EventYieldRequested
+				case askHolders:
+					e.Kind = EventHoldersRequested
+				default:
+					continue
+				}
+				s.emit(e)
 			}
 		}
 		cancel()
@@ -95,12 +118,12 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 	// Watch first, then ask: no release is missed.
 	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	pctx, pcancel := s.opCtx(ctx)
-	_, err = s.cli.Put(pctx, s.yieldKey(id), s.opt.host, clientv3.WithLease(l.ID))
+	_, err = s.cli.Put(pctx, s.askKey(askYield, id), s.opt.host, clientv3.WithLease(l.ID))
 	pcancel()
 	if err != nil {
 		return false
 	}
-	defer s.deleteYield(id)
+	defer s.deleteAsk(askYield, id)
 	for wr := range wch {
 		for _, ev := range wr.Events {
 			if ev.Type == clientv3.EventTypeDelete {
@@ -122,11 +145,11 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 	return false
 }
 
-// deleteYield withdraws a removal's request (it also goes with the lease).
-func (s *Store) deleteYield(id string) {
+// deleteAsk withdraws a request (it also goes with the asker's lease).
+func (s *Store) deleteAsk(kind, id string) {
 	ctx, cancel := s.opCtx(context.Background())
 	defer cancel()
-	if _, err := s.cli.Delete(ctx, s.yieldKey(id)); err != nil {
-		s.deleteLater(s.yieldKey(id))
+	if _, err := s.cli.Delete(ctx, s.askKey(kind, id)); err != nil {
+		s.deleteLater(s.askKey(kind, id))
 	}
 }
