@@ -60,25 +60,11 @@ func (s *Store) askHolders(ctx context.Context, id string, wait time.Duration) e
 	if len(waiting) == 0 || wait <= 0 {
 		return nil
 	}
-	wctx, wcancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), wait)
-	defer wcancel()
-	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
-	pctx, pcancel := s.opCtx(ctx)
-	_, err = s.cli.Put(pctx, s.askKey(askHolders, id), s.opt.host, clientv3.WithLease(l.ID))
-	pcancel()
-	if err != nil {
-		return err
-	}
-	defer s.deleteAsk(askHolders, id)
-	for wr := range wch {
-		for _, ev := range wr.Events {
-			delete(waiting, string(ev.Kv.Key))
-		}
-		if len(waiting) == 0 || wr.Err() != nil {
-			break
-		}
-	}
-	return nil
+	_, err = s.ask(ctx, l, askHolders, id, resp.Header.Revision, wait, func(ev *clientv3.Event) bool {
+		delete(waiting, string(ev.Kv.Key)) // rewritten with its count, or released
+		return len(waiting) == 0
+	})
+	return err
 }
 
 // RecordHolders answers EventHoldersRequested: it writes n, the number of

@@ -94,7 +94,7 @@ func (s *Store) watchAsk() {
 // askYield is a removal's answer to finding references: if every one of
 // them is cached, it asks their owners to let go and waits until they are
 // gone, for at most the store's yield wait. It reports whether the
-// removal should check again (some references went, or all of them).
+// removal should check again (all of them went).
 func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 	if s.opt.yieldWait <= 0 {
 		return false
@@ -113,36 +113,49 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 		}
 		left[string(kv.Key)] = true
 	}
-	wctx, wcancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), s.opt.yieldWait)
-	defer wcancel()
-	// Watch first, then ask: no release is missed.
-	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+	refused := false
+	done, err := s.ask(ctx, l, askYield, id, resp.Header.Revision, s.opt.yieldWait, func(ev *clientv3.Event) bool {
+		if ev.Type == clientv3.EventTypeDelete {
+			delete(left, string(ev.Kv.Key))
+			return len(left) == 0
+		}
+		if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached {
+			refused = true // a job took it meanwhile
+			return true
+		}
+		left[string(ev.Kv.Key)] = true
+		return false
+	})
+	return err == nil && done && !refused
+}
+
+// ask puts the request kind about id (on lease l), feeds every change of
+// id's references after revision rev to answered until it reports the
+// answer complete or wait passes, and withdraws the request. It reports
+// whether answered did.
+func (s *Store) ask(ctx context.Context, l *Lease, kind, id string, rev int64, wait time.Duration, answered func(*clientv3.Event) bool) (bool, error) {
+	wctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), wait)
+	defer cancel()
+	// Watch first, then ask: no answer is missed.
+	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	pctx, pcancel := s.opCtx(ctx)
-	_, err = s.cli.Put(pctx, s.askKey(askYield, id), s.opt.host, clientv3.WithLease(l.ID))
+	_, err := s.cli.Put(pctx, s.askKey(kind, id), s.opt.host, clientv3.WithLease(l.ID))
 	pcancel()
 	if err != nil {
-		return false
+		return false, err
 	}
-	defer s.deleteAsk(askYield, id)
+	defer s.deleteAsk(kind, id)
 	for wr := range wch {
 		for _, ev := range wr.Events {
-			if ev.Type == clientv3.EventTypeDelete {
-				delete(left, string(ev.Kv.Key))
-				continue
+			if answered(ev) {
+				return true, nil
 			}
-			if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached {
-				return false // a job took it meanwhile
-			}
-			left[string(ev.Kv.Key)] = true
-		}
-		if len(left) == 0 {
-			return true
 		}
 		if wr.Err() != nil {
 			break
 		}
 	}
-	return false
+	return false, nil
 }
 
 // deleteAsk withdraws a request (it also goes with the asker's lease).
