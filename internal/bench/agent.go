@@ -98,6 +98,14 @@ func (r *run) agent(ctx context.Context) error {
 		}
 		r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
 			c, rate, direct, r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)], r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)])
+		floor, floorP50, err := r.socketFloor(ctx, c, n)
+		if err != nil {
+			return err
+		}
+		r.res[fmt.Sprintf("socket_floor_ops_per_s_c%d", c)] = floor
+		r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)] = float64(floorP50) / float64(time.Microsecond)
+		r.logf("  c=%d: the floor, two bare round trips on a unix socket: %.0f pairs/s, p50 %.0f µs (the agent reaches %.0f %% of it)",
+			c, floor, r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)], 100*rate/floor)
 	}
 	if r.cfg.Run == nil {
 		return nil
