@@ -1,0 +1,259 @@
+package agentwire
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/granary-build/granary/core"
+)
+
+// ErrWaiting is returned by Client.IncRef when the node reports that the
+// reference waits for a build in progress (it sent a store event): the
+// light client shows no waiting line, so its caller hands the job to the
+// full CLI instead.
+var ErrWaiting = errors.New("granary: the reference waits for a build in progress")
+
+// Error is an error the node answered with: its message and the names of
+// the sentinels it wraps (Code*). Those of core's sentinels unwrap to
+// them, so errors.Is(err, core.ErrPackageNotExist) works.
+type Error struct {
+	Msg   string
+	Codes []string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Unwrap returns core's sentinels named by Codes.
+func (e *Error) Unwrap() []error {
+	var out []error
+	for _, c := range e.Codes {
+		switch c {
+		case CodeInvalid:
+			out = append(out, core.ErrInvalidID)
+		case CodeNotExist:
+			out = append(out, core.ErrPackageNotExist)
+		case CodeBuildFailed:
+			out = append(out, core.ErrBuildFailed)
+		}
+	}
+	return out
+}
+
+// Has reports whether the error wraps the sentinel named code.
+func (e *Error) Has(code string) bool { return slices.Contains(e.Codes, code) }
+
+// Client is a light connection to the local node, enough for a job: the
+// handshake, references, notices. (The full client, with builds, events
+// and inspection, is node.Conn.) The node holds the references a Client
+// takes until DecRef, Close or the connection's end. It is safe for
+// concurrent use.
+type Client struct {
+	c     net.Conn
+	hello Hello
+
+	wmu sync.Mutex
+	bw  *bufio.Writer
+	enc *json.Encoder
+
+	mu      sync.Mutex
+	seq     uint64
+	pending map[uint64]chan Msg
+	err     error
+
+	waiting chan struct{} // a store event arrived (a reference waits for a build)
+	done    chan struct{}
+	readerr chan struct{}
+	notices chan Notice
+}
+
+// Dial connects to the node listening on socket (paths.Socket of its
+// state directory) and shakes hands, giving purpose for its references. It fails with an
+// error wrapping ErrNodeGone if no node answers.
+func Dial(ctx context.Context, socket, purpose string) (*Client, error) {
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("%w (socket %s: %v)", ErrNodeGone, socket, err)
+	}
+	c := &Client{
+		c: nc, bw: bufio.NewWriter(nc), pending: make(map[uint64]chan Msg),
+		waiting: make(chan struct{}, 1), done: make(chan struct{}), readerr: make(chan struct{}),
+		notices: make(chan Notice, 16),
+	}
+	c.enc = json.NewEncoder(c.bw)
+	go c.read()
+	r, err := c.request(ctx, Msg{Op: OpHello, Purpose: purpose})
+	if err == nil && r.Hello == nil {
+		err = errors.New("no handshake")
+	}
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("granary: handshake with the local node (%s): %w", socket, err)
+	}
+	c.hello = *r.Hello
+	return c, nil
+}
+
+// Hello is what the node said of itself in the handshake.
+func (c *Client) Hello() Hello { return c.hello }
+
+// NodePID is the node's process ID.
+func (c *Client) NodePID() int { return c.hello.PID }
+
+// Done is closed when the connection has ended; Err then says why.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Err is nil while the connection is open, then why it ended (wrapping
+// ErrNodeGone).
+func (c *Client) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// Notices delivers what the node reports unasked, and NoticeNodeGone when
+// the connection ends. Notices that find the channel full (16) are
+// dropped; Done is never missed.
+func (c *Client) Notices() <-chan Notice { return c.notices }
+
+// IncRef takes a reference to id, held by the node for this connection.
+// It fails with an error wrapping core.ErrPackageNotExist if the package
+// is not available, and with ErrWaiting as soon as the node reports that
+// it waits for a build in progress (the request stays pending: Close the
+// Client to give it up).
+func (c *Client) IncRef(ctx context.Context, id string) error {
+	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id})
+	return err
+}
+
+// DecRef releases a reference to id this connection holds.
+func (c *Client) DecRef(ctx context.Context, id string) error {
+	_, err := c.request(ctx, Msg{Op: OpDecRef, ID: id})
+	return err
+}
+
+// Close says bye (the node releases every reference of this connection
+// before it answers; at most 10 s are spent waiting) and closes the
+// connection.
+func (c *Client) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	c.request(ctx, Msg{Op: OpBye}) //nolint:errcheck // closing either way
+	cancel()
+	c.end(fmt.Errorf("%w: closed", ErrNodeGone))
+	<-c.readerr
+	return nil
+}
+
+// end records why the connection ends and closes it; the first call wins.
+func (c *Client) end(why error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.err = why
+	c.pending = map[uint64]chan Msg{}
+	c.mu.Unlock()
+	c.c.Close()
+	close(c.done)
+	c.notify(Notice{Kind: NoticeNodeGone, Err: why})
+}
+
+func (c *Client) notify(n Notice) {
+	select {
+	case c.notices <- n:
+	default:
+	}
+}
+
+// read dispatches the node's messages until the connection ends.
+func (c *Client) read() {
+	defer close(c.readerr)
+	dec := json.NewDecoder(bufio.NewReader(c.c))
+	for {
+		var m Msg
+		if err := dec.Decode(&m); err != nil {
+			c.end(fmt.Errorf("%w: %v", ErrNodeGone, err))
+			return
+		}
+		switch m.Op {
+		case OpReply:
+			c.mu.Lock()
+			ch := c.pending[m.Seq]
+			delete(c.pending, m.Seq)
+			c.mu.Unlock()
+			if ch != nil {
+				ch <- m
+			}
+		case OpEvent:
+			select {
+			case c.waiting <- struct{}{}:
+			default:
+			}
+		default:
+			if n, ok := NoticeOf(m); ok {
+				c.notify(n)
+			}
+		}
+	}
+}
+
+// request sends m with a new sequence number and waits for the reply, the
+// end of the connection, ctx, or (for an IncRef) a store event.
+func (c *Client) request(ctx context.Context, m Msg) (Msg, error) {
+	ch := make(chan Msg, 1)
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return Msg{}, err
+	}
+	c.seq++
+	m.Seq = c.seq
+	c.pending[m.Seq] = ch
+	c.mu.Unlock()
+	c.wmu.Lock()
+	err := c.enc.Encode(m)
+	if err == nil {
+		err = c.bw.Flush()
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("%w: %v", ErrNodeGone, err)
+		c.end(err)
+		return Msg{}, err
+	}
+	var waiting chan struct{}
+	if m.Op == OpIncRef {
+		waiting = c.waiting
+	}
+	select {
+	case r := <-ch:
+		return r, replyErr(r)
+	case <-c.done:
+		select {
+		case r := <-ch:
+			return r, replyErr(r)
+		default:
+		}
+		return Msg{}, c.Err()
+	case <-waiting:
+		return Msg{}, ErrWaiting
+	case <-ctx.Done():
+		return Msg{}, ctx.Err()
+	}
+}
+
+func replyErr(m Msg) error {
+	if m.Err == "" && len(m.Codes) == 0 {
+		return nil
+	}
+	return &Error{Msg: m.Err, Codes: m.Codes}
+}

@@ -1,0 +1,231 @@
+// Package jobrun runs a job's command while it holds a reference to a
+// package through the local node: what `granary run` does through the
+// host agent, shared by the full CLI (internal/cli, over node.Conn) and
+// the light launcher cmd/granary-run (over agentwire.Client). It owns the
+// command's process: signals are forwarded to it, its exit code passed on,
+// and it is stopped, with a reason, when its reference is lost. It imports
+// only the standard library and the light project packages.
+package jobrun
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/agentwire"
+)
+
+// EnvPkg is set, for the command of `run`, to the package's contents
+// directory.
+const EnvPkg = "GRANARY_PKG"
+
+// Exit codes of the granary commands.
+const (
+	ExitOK       = 0 // success
+	ExitError    = 1 // any other failure
+	ExitUsage    = 2 // bad command line or configuration
+	ExitNotExist = 3 // the package does not exist
+)
+
+// ExitErr carries an exit code. A nil Err means the reason was already
+// printed (or there is none to print, as when `run` passes on its child's
+// code).
+type ExitErr struct {
+	Code int
+	Err  error
+}
+
+// Error returns the reason, or the exit status when there is none.
+func (e *ExitErr) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+
+// Unwrap returns the reason.
+func (e *ExitErr) Unwrap() error { return e.Err }
+
+// NotExist is `run`'s error for a package that is neither available nor
+// being built.
+func NotExist(id string) error {
+	return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
+}
+
+// Forwarded are the signals `run` passes on to its command.
+var Forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
+
+// ChildExit passes on a child's exit: nil, an ExitErr with its code or
+// 128+signal, or err itself if it is not an exit.
+func ChildExit(err error) error {
+	if err == nil {
+		return nil
+	}
+	var xe *exec.ExitError
+	if !errors.As(err, &xe) {
+		return err
+	}
+	code, _ := ExitStatus(xe)
+	return &ExitErr{Code: code}
+}
+
+// ExitStatus returns the exit code to pass on for a child's exit (its
+// status, at least 1, or 128+N for signal N) and words for it.
+func ExitStatus(xe *exec.ExitError) (int, string) {
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
+}
+
+// ReconnectWithin bounds how long a job tries to reach a restarted local
+// node before it stops its command.
+const ReconnectWithin = 30 * time.Second
+
+// Ref is a connection to the local node that holds the job's reference
+// (node.Conn and agentwire.Client are).
+type Ref interface {
+	// Done is closed when the connection ended (the reference with it);
+	// Err then says why.
+	Done() <-chan struct{}
+	Err() error
+	// Notices delivers what the node reports unasked.
+	Notices() <-chan agentwire.Notice
+	// NodePID is the node's process ID.
+	NodePID() int
+	// Close releases the reference and ends the connection.
+	Close() error
+}
+
+// Job is one command run holding a reference to package ID.
+type Job struct {
+	ID   string
+	Argv []string // the command and its arguments
+	// Pkg is the package's contents directory, given to the command as
+	// $GRANARY_PKG.
+	Pkg            string
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// Hold reaches the local node and takes the reference to ID again,
+	// after the node went away. It returns an error wrapping
+	// core.ErrPackageNotExist if the package is gone, and any other error
+	// (no node yet, ...) to be retried.
+	Hold func(ctx context.Context) (Ref, error)
+}
+
+// Run starts the command holding r's reference and waits for it: it
+// forwards signals (Forwarded), passes on the command's exit (ChildExit;
+// 127 when it cannot start), and closes the connection it holds last. If
+// the node goes away it takes the reference again with Hold, for at most
+// ReconnectWithin; if the package is gone by then, no node comes back, or
+// the node reports the reference lost, it stops the command (SIGTERM, then
+// SIGKILL 10 s later) and says why.
+func (j *Job) Run(ctx context.Context, r Ref) error {
+	defer func() { r.Close() }()
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, Forwarded...)
+	defer signal.Stop(sigs)
+
+	prog := j.Argv[0]
+	cmd := exec.Command(prog, j.Argv[1:]...)
+	cmd.Env = append(os.Environ(), EnvPkg+"="+j.Pkg)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = j.Stdin, j.Stdout, j.Stderr
+	if err := cmd.Start(); err != nil {
+		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", prog, err)}
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+
+	var stopped error // why the command was stopped
+	var kill <-chan time.Time
+	stop := func(why error) {
+		if stopped != nil {
+			return
+		}
+		stopped = why
+		fmt.Fprintf(j.Stderr, "granary: %v: stopping %s\n", why, prog)
+		cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have exited
+		kill = time.After(10 * time.Second)
+	}
+	type held struct {
+		r   Ref
+		err error
+	}
+	reconnected := make(chan held, 1)
+	reconnecting := false
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	for {
+		var done <-chan struct{}
+		var notices <-chan agentwire.Notice
+		if !reconnecting && stopped == nil {
+			done, notices = r.Done(), r.Notices()
+		}
+		select {
+		case s := <-sigs:
+			cmd.Process.Signal(s) //nolint:errcheck
+		case n := <-notices:
+			if n.Kind == agentwire.NoticeRefLost && n.ID == j.ID {
+				stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", j.ID, n.Err))
+			}
+		case <-done:
+			reconnecting = true
+			fmt.Fprintf(j.Stderr, "granary: the local node went away (%v); reconnecting\n", r.Err())
+			go func() {
+				nr, err := j.reconnect(rctx)
+				reconnected <- held{nr, err}
+			}()
+		case h := <-reconnected:
+			reconnecting = false
+			if h.err != nil {
+				stop(h.err)
+				continue
+			}
+			r = h.r
+			fmt.Fprintf(j.Stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
+		case <-kill:
+			cmd.Process.Kill() //nolint:errcheck
+		case err := <-waited:
+			if reconnecting {
+				rcancel()
+				if h := <-reconnected; h.r != nil {
+					r = h.r
+				}
+			}
+			if stopped != nil {
+				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", prog, stopped)}
+			}
+			return ChildExit(err)
+		}
+	}
+}
+
+// reconnect takes the reference again with Hold, retrying with backoff
+// for at most ReconnectWithin.
+func (j *Job) reconnect(ctx context.Context) (Ref, error) {
+	ctx, cancel := context.WithTimeout(ctx, ReconnectWithin)
+	defer cancel()
+	var last error
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+		r, err := j.Hold(ctx)
+		if err == nil {
+			return r, nil
+		}
+		if errors.Is(err, core.ErrPackageNotExist) {
+			return nil, fmt.Errorf("the package %s is gone: it was removed while the local node was away", j.ID)
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the local node did not come back within %v (%v)", ReconnectWithin, last)
+		case <-time.After(wait):
+		}
+	}
+}
