@@ -89,7 +89,7 @@ func Dial(ctx context.Context, socket, purpose string) (*Client, error) {
 	}
 	c.enc = json.NewEncoder(c.bw)
 	go c.read()
-	r, err := c.request(ctx, Msg{Op: OpHello, Purpose: purpose})
+	r, err := c.request(ctx, Msg{Op: OpHello, Purpose: purpose}, false)
 	if err == nil && r.Hello == nil {
 		err = errors.New("no handshake")
 	}
@@ -123,19 +123,25 @@ func (c *Client) Err() error {
 // dropped; Done is never missed.
 func (c *Client) Notices() <-chan Notice { return c.notices }
 
-// IncRef takes a reference to id, held by the node for this connection.
-// It fails with an error wrapping core.ErrPackageNotExist if the package
-// is not available, and with ErrWaiting as soon as the node reports that
-// it waits for a build in progress (the request stays pending: Close the
-// Client to give it up).
+// IncRef takes a reference to id, held by the node for this connection;
+// if a build of id is in progress, it waits for it. It fails with an error
+// wrapping core.ErrPackageNotExist if the package is not available.
 func (c *Client) IncRef(ctx context.Context, id string) error {
-	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id})
+	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id}, false)
+	return err
+}
+
+// IncRefUnlessWaiting is IncRef, but fails with ErrWaiting as soon as the
+// node reports that the reference waits for a build in progress. The
+// request then stays pending: Close the Client to give it up.
+func (c *Client) IncRefUnlessWaiting(ctx context.Context, id string) error {
+	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id}, true)
 	return err
 }
 
 // DecRef releases a reference to id this connection holds.
 func (c *Client) DecRef(ctx context.Context, id string) error {
-	_, err := c.request(ctx, Msg{Op: OpDecRef, ID: id})
+	_, err := c.request(ctx, Msg{Op: OpDecRef, ID: id}, false)
 	return err
 }
 
@@ -144,7 +150,7 @@ func (c *Client) DecRef(ctx context.Context, id string) error {
 // connection.
 func (c *Client) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	c.request(ctx, Msg{Op: OpBye}) //nolint:errcheck // closing either way
+	c.request(ctx, Msg{Op: OpBye}, false) //nolint:errcheck // closing either way
 	cancel()
 	c.end(fmt.Errorf("%w: closed", ErrNodeGone))
 	<-c.readerr
@@ -206,8 +212,8 @@ func (c *Client) read() {
 }
 
 // request sends m with a new sequence number and waits for the reply, the
-// end of the connection, ctx, or (for an IncRef) a store event.
-func (c *Client) request(ctx context.Context, m Msg) (Msg, error) {
+// end of the connection, ctx, or (with noWait) a store event.
+func (c *Client) request(ctx context.Context, m Msg, noWait bool) (Msg, error) {
 	ch := make(chan Msg, 1)
 	c.mu.Lock()
 	if c.err != nil {
@@ -231,7 +237,7 @@ func (c *Client) request(ctx context.Context, m Msg) (Msg, error) {
 		return Msg{}, err
 	}
 	var waiting chan struct{}
-	if m.Op == OpIncRef {
+	if noWait {
 		waiting = c.waiting
 	}
 	select {

@@ -16,7 +16,7 @@ import (
 // EnvAgent set to "off" makes `build` and `run` use a store of their own
 // (their own etcd client and lease) even when a local node serves their
 // configuration.
-const EnvAgent = "GRANARY_AGENT"
+const EnvAgent = jobrun.EnvAgent
 
 // agentFor returns a connection to the local node that serves cfg (same
 // state directory, shared root and prefix), starting the embedded node

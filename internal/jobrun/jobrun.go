@@ -26,6 +26,12 @@ import (
 // directory.
 const EnvPkg = "GRANARY_PKG"
 
+// EnvAgent set to "off" makes `granary build` and `granary run` use a store
+// of their own (their own etcd client and lease) even when a local node
+// serves their configuration; granary-run then hands the job to the full
+// binary.
+const EnvAgent = "GRANARY_AGENT"
+
 // Exit codes of the granary commands.
 const (
 	ExitOK       = 0 // success

@@ -73,6 +73,5 @@ func (p Places) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(p.Prefix, "prefix", *p.Prefix, "etcd key prefix ($"+EnvPrefix+")")
 }
 
-
 // Socket is the node's local API socket of stateDir.
 func Socket(stateDir string) string { return filepath.Join(stateDir, AgentSocket) }
