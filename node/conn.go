@@ -16,6 +16,7 @@ import (
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/agentwire"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 var (
@@ -431,7 +432,7 @@ func (h *ConnHandle) OutputDirectory() string {
 	if h.err != nil {
 		return ""
 	}
-	return filepath.Join(h.c.hello.Root, "pkgs", h.id, "contents")
+	return paths.Contents(h.c.hello.Root, h.id)
 }
 
 // LoggingDirectory is <root>/pkgs/<id>/logs, or "" for an invalid ID.

@@ -14,13 +14,10 @@ package main
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
 
-	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/internal/thinrun"
 )
 
@@ -28,21 +25,5 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := thinrun.Main(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
-	os.Exit(exit(err))
-}
-
-// exit prints err's message, if any, and returns the exit code.
-func exit(err error) int {
-	if err == nil {
-		return jobrun.ExitOK
-	}
-	var ee *jobrun.ExitErr
-	if !errors.As(err, &ee) {
-		fmt.Fprintln(os.Stderr, err)
-		return jobrun.ExitError
-	}
-	if ee.Err != nil {
-		fmt.Fprintln(os.Stderr, ee.Err)
-	}
-	return ee.Code
+	os.Exit(thinrun.Exit(err, os.Stderr))
 }

@@ -75,3 +75,7 @@ func (p Places) RegisterFlags(fs *flag.FlagSet) {
 
 // Socket is the node's local API socket of stateDir.
 func Socket(stateDir string) string { return filepath.Join(stateDir, AgentSocket) }
+
+// Contents is the contents directory of package id under root
+// (etcdstore's layout: <root>/pkgs/<id>/contents), $GRANARY_PKG of a job.
+func Contents(root, id string) string { return filepath.Join(root, "pkgs", id, "contents") }

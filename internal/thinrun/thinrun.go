@@ -149,7 +149,7 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 		switch {
 		case err == nil:
 			j := &jobrun.Job{
-				ID: c.id, Argv: c.argv, Pkg: filepath.Join(c.root, "pkgs", c.id, "contents"),
+				ID: c.id, Argv: c.argv, Pkg: paths.Contents(cl.Hello().Root, c.id),
 				Stdin: stdin, Stdout: stdout, Stderr: stderr,
 				Hold: func(ctx context.Context) (jobrun.Ref, error) {
 					r, err := hold(ctx, c, false)
@@ -170,6 +170,23 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 		return err
 	}
 	return execFull(args, fb.why)
+}
+
+// Exit prints err's message to stderr, if it has one, and returns the exit
+// code for it: 0 for nil, an ExitErr's code, 1 otherwise.
+func Exit(err error, stderr io.Writer) int {
+	if err == nil {
+		return jobrun.ExitOK
+	}
+	var ee *jobrun.ExitErr
+	if !errors.As(err, &ee) {
+		fmt.Fprintln(stderr, err)
+		return jobrun.ExitError
+	}
+	if ee.Err != nil {
+		fmt.Fprintln(stderr, ee.Err)
+	}
+	return ee.Code
 }
 
 // execFull replaces this process with the full binary's `run` and args.
