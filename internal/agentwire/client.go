@@ -6,9 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
+	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/granary-build/granary/core"
@@ -55,7 +56,7 @@ func (e *Error) Has(code string) bool { return slices.Contains(e.Codes, code) }
 // takes until DecRef, Close or the connection's end. It is safe for
 // concurrent use.
 type Client struct {
-	c     net.Conn
+	c     *os.File // the connected socket
 	hello Hello
 
 	wmu sync.Mutex
@@ -77,8 +78,7 @@ type Client struct {
 // state directory) and shakes hands, giving purpose for its references. It fails with an
 // error wrapping ErrNodeGone if no node answers.
 func Dial(ctx context.Context, socket, purpose string) (*Client, error) {
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, "unix", socket)
+	nc, err := dialUnix(socket)
 	if err != nil {
 		return nil, fmt.Errorf("%w (socket %s: %v)", ErrNodeGone, socket, err)
 	}
@@ -99,6 +99,33 @@ func Dial(ctx context.Context, socket, purpose string) (*Client, error) {
 	}
 	c.hello = *r.Hello
 	return c, nil
+}
+
+// dialUnix connects to a unix stream socket with syscalls, not package
+// net: net's cgo DNS resolver would make the binary dynamically linked,
+// and loading libc costs more than everything else granary-run does. A
+// unix socket's connect does not block for long (it fails at once when
+// nobody listens), so it takes no context. The file is non-blocking, so
+// its reads go through the runtime's poller and Close interrupts them.
+func dialUnix(path string) (*os.File, error) {
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, os.NewSyscallError("socket", err)
+	}
+	for {
+		err = syscall.Connect(fd, &syscall.SockaddrUnix{Name: path})
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err == nil {
+		err = syscall.SetNonblock(fd, true)
+	}
+	if err != nil {
+		syscall.Close(fd)
+		return nil, os.NewSyscallError("connect", err)
+	}
+	return os.NewFile(uintptr(fd), path), nil
 }
 
 // Hello is what the node said of itself in the handshake.

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -85,10 +86,17 @@ func ChildExit(err error) error {
 // ExitStatus returns the exit code to pass on for a child's exit (its
 // status, at least 1, or 128+N for signal N) and words for it.
 func ExitStatus(xe *exec.ExitError) (int, string) {
-	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok {
+		return waitStatus(ws)
 	}
 	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
+}
+
+func waitStatus(ws syscall.WaitStatus) (int, string) {
+	if ws.Signaled() {
+		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return max(ws.ExitStatus(), 1), fmt.Sprintf("exited with status %d", ws.ExitStatus())
 }
 
 // ReconnectWithin bounds how long a job tries to reach a restarted local
@@ -140,14 +148,10 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 	defer signal.Stop(sigs)
 
 	prog := j.Argv[0]
-	cmd := exec.Command(prog, j.Argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvPkg+"="+j.Pkg)
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = j.Stdin, j.Stdout, j.Stderr
-	if err := cmd.Start(); err != nil {
+	cmd, err := start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, j.Stderr)
+	if err != nil {
 		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", prog, err)}
 	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
 
 	var stopped error // why the command was stopped
 	var kill <-chan time.Time
@@ -157,7 +161,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 		}
 		stopped = why
 		fmt.Fprintf(j.Stderr, "granary: %v: stopping %s\n", why, prog)
-		cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have exited
+		cmd.signal(syscall.SIGTERM)
 		kill = time.After(10 * time.Second)
 	}
 	type held struct {
@@ -176,7 +180,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 		}
 		select {
 		case s := <-sigs:
-			cmd.Process.Signal(s) //nolint:errcheck
+			cmd.signal(s)
 		case n := <-notices:
 			if n.Kind == agentwire.NoticeRefLost && n.ID == j.ID {
 				stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", j.ID, n.Err))
@@ -197,8 +201,8 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 			r = h.r
 			fmt.Fprintf(j.Stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
 		case <-kill:
-			cmd.Process.Kill() //nolint:errcheck
-		case err := <-waited:
+			cmd.signal(syscall.SIGKILL)
+		case err := <-cmd.waited:
 			if reconnecting {
 				rcancel()
 				if h := <-reconnected; h.r != nil {
@@ -208,7 +212,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 			if stopped != nil {
 				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", prog, stopped)}
 			}
-			return ChildExit(err)
+			return err
 		}
 	}
 }
@@ -233,5 +237,85 @@ func (j *Job) reconnect(ctx context.Context) (Ref, error) {
 			return nil, fmt.Errorf("the local node did not come back within %v (%v)", ReconnectWithin, last)
 		case <-time.After(wait):
 		}
+	}
+}
+
+// child is the job's running command.
+type child struct {
+	pid    int
+	cmd    *exec.Cmd  // nil: started by syscall.ForkExec
+	waited chan error // its exit, as ChildExit reports it
+}
+
+// start starts argv with env and the given standard streams. When they are
+// all files it forks and execs the command itself: os.StartProcess, which
+// os/exec uses, first forks a throw-away child to check that the kernel's
+// pidfds work, at every launch of a program, and granary-run is all about
+// launch time. Otherwise it uses os/exec, which copies to and from
+// non-file streams.
+func start(argv, env []string, stdin io.Reader, stdout, stderr io.Writer) (*child, error) {
+	c := &child{waited: make(chan error, 1)}
+	in, ok0 := stdin.(*os.File)
+	out, ok1 := stdout.(*os.File)
+	errf, ok2 := stderr.(*os.File)
+	if !ok0 || !ok1 || !ok2 || in == nil || out == nil || errf == nil {
+		c.cmd = exec.Command(argv[0], argv[1:]...)
+		c.cmd.Env = env
+		c.cmd.Stdin, c.cmd.Stdout, c.cmd.Stderr = stdin, stdout, stderr
+		if err := c.cmd.Start(); err != nil {
+			return nil, err
+		}
+		c.pid = c.cmd.Process.Pid
+		go func() { c.waited <- ChildExit(c.cmd.Wait()) }()
+		return c, nil
+	}
+	path := argv[0]
+	if !strings.Contains(path, "/") {
+		p, err := exec.LookPath(path)
+		if err != nil {
+			return nil, err
+		}
+		path = p
+	}
+	pid, err := syscall.ForkExec(path, argv, &syscall.ProcAttr{Env: env, Files: []uintptr{in.Fd(), out.Fd(), errf.Fd()}})
+	if err != nil {
+		return nil, &os.PathError{Op: "fork/exec", Path: path, Err: err}
+	}
+	c.pid = pid
+	go func() {
+		var ws syscall.WaitStatus
+		for {
+			_, err := syscall.Wait4(pid, &ws, 0, nil)
+			if err == syscall.EINTR {
+				continue
+			}
+			if err != nil {
+				c.waited <- fmt.Errorf("granary: wait for %s: %w", argv[0], err)
+				return
+			}
+			break
+		}
+		if ws.Exited() && ws.ExitStatus() == 0 {
+			c.waited <- nil
+			return
+		}
+		code, _ := waitStatus(ws)
+		c.waited <- &ExitErr{Code: code}
+	}()
+	return c, nil
+}
+
+// signal sends sig to the command, which may have exited already.
+func (c *child) signal(sig os.Signal) {
+	if c.cmd != nil {
+		c.cmd.Process.Signal(sig) //nolint:errcheck // it may have exited
+		return
+	}
+	// Only the select loop of Run signals, and it stops once it has
+	// received the exit, so the pid is not reused yet, unless the wait
+	// above reaped it in between: the same window os/exec has without
+	// pidfds.
+	if s, ok := sig.(syscall.Signal); ok {
+		syscall.Kill(c.pid, s) //nolint:errcheck // it may have exited
 	}
 }
