@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -15,7 +14,7 @@ import (
 	"github.com/granary-build/granary/core"
 )
 
-// ErrWaiting is returned by Client.IncRef when the node reports that the
+// ErrWaiting is returned by DialHold when the node reports that the
 // reference waits for a build in progress (it sent a store event): the
 // light client shows no waiting line, so its caller hands the job to the
 // full CLI instead.
@@ -47,11 +46,8 @@ func (e *Error) Unwrap() []error {
 	return out
 }
 
-// Has reports whether the error wraps the sentinel named code.
-func (e *Error) Has(code string) bool { return slices.Contains(e.Codes, code) }
-
 // Client is a light connection to the local node, enough for a job: the
-// handshake, references, notices. (The full client, with builds, events
+// handshake, one reference, notices. (The full client, with builds, events
 // and inspection, is node.Conn.) The node holds the references a Client
 // takes until DecRef, Close or the connection's end. It is safe for
 // concurrent use.
@@ -74,31 +70,75 @@ type Client struct {
 	notices chan Notice
 }
 
-// Dial connects to the node listening on socket (paths.Socket of its
-// state directory) and shakes hands, giving purpose for its references. It fails with an
-// error wrapping ErrNodeGone if no node answers.
-func Dial(ctx context.Context, socket, purpose string) (*Client, error) {
-	nc, err := dialUnix(socket)
+// DialHold connects to the node listening on socket (paths.Socket of its
+// state directory), shakes hands giving purpose for its references, and
+// takes a reference to id, held by the node for this connection; the
+// handshake and the IncRef are sent at once, so that both take one round
+// trip. err (wrapping ErrNodeGone if no node answers) is the connection's;
+// incref is the IncRef's: an error wrapping core.ErrPackageNotExist if the
+// package is not available, or, with noWait, ErrWaiting as soon as the
+// node reports that the reference waits for a build in progress (without
+// noWait, it waits for the build). The reference comes from whichever node
+// serves socket: check Hello before using it. Close releases it.
+func DialHold(ctx context.Context, socket, purpose, id string, noWait bool) (c *Client, incref, err error) {
+	if c, err = dial(socket); err != nil {
+		return nil, nil, err
+	}
+	hello := c.sendHello(purpose)
+	inc, incref := c.send(Msg{Op: OpIncRef, ID: id})
+	if err := c.hello1(ctx, hello); err != nil {
+		return nil, nil, err
+	}
+	if incref == nil {
+		_, incref = c.await(ctx, inc, noWait)
+	}
+	return c, incref, nil
+}
+
+// dial connects to socket and starts the reader.
+func dial(socket string) (*Client, error) {
+	f, err := dialUnix(socket)
 	if err != nil {
 		return nil, fmt.Errorf("%w (socket %s: %v)", ErrNodeGone, socket, err)
 	}
 	c := &Client{
-		c: nc, bw: bufio.NewWriter(nc), pending: make(map[uint64]chan Msg),
+		c: f, bw: bufio.NewWriter(f), pending: make(map[uint64]chan Msg),
 		waiting: make(chan struct{}, 1), done: make(chan struct{}), readerr: make(chan struct{}),
 		notices: make(chan Notice, 16),
 	}
 	c.enc = json.NewEncoder(c.bw)
 	go c.read()
-	r, err := c.request(ctx, Msg{Op: OpHello, Purpose: purpose}, false)
+	return c, nil
+}
+
+// sent is a request sent: where its reply comes, or why it was not sent.
+type sent struct {
+	ch  chan Msg
+	err error
+}
+
+// sendHello sends the handshake.
+func (c *Client) sendHello(purpose string) sent {
+	ch, err := c.send(Msg{Op: OpHello, Purpose: purpose})
+	return sent{ch, err}
+}
+
+// hello1 waits for the handshake's answer; on failure it closes c.
+func (c *Client) hello1(ctx context.Context, s sent) error {
+	err := s.err
+	var r Msg
+	if err == nil {
+		r, err = c.await(ctx, s.ch, false)
+	}
 	if err == nil && r.Hello == nil {
 		err = errors.New("no handshake")
 	}
 	if err != nil {
 		c.Close()
-		return nil, fmt.Errorf("granary: handshake with the local node (%s): %w", socket, err)
+		return fmt.Errorf("granary: handshake with the local node (%s): %w", c.c.Name(), err)
 	}
 	c.hello = *r.Hello
-	return c, nil
+	return nil
 }
 
 // dialUnix connects to a unix stream socket with syscalls, not package
@@ -149,28 +189,6 @@ func (c *Client) Err() error {
 // the connection ends. Notices that find the channel full (16) are
 // dropped; Done is never missed.
 func (c *Client) Notices() <-chan Notice { return c.notices }
-
-// IncRef takes a reference to id, held by the node for this connection;
-// if a build of id is in progress, it waits for it. It fails with an error
-// wrapping core.ErrPackageNotExist if the package is not available.
-func (c *Client) IncRef(ctx context.Context, id string) error {
-	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id}, false)
-	return err
-}
-
-// IncRefUnlessWaiting is IncRef, but fails with ErrWaiting as soon as the
-// node reports that the reference waits for a build in progress. The
-// request then stays pending: Close the Client to give it up.
-func (c *Client) IncRefUnlessWaiting(ctx context.Context, id string) error {
-	_, err := c.request(ctx, Msg{Op: OpIncRef, ID: id}, true)
-	return err
-}
-
-// DecRef releases a reference to id this connection holds.
-func (c *Client) DecRef(ctx context.Context, id string) error {
-	_, err := c.request(ctx, Msg{Op: OpDecRef, ID: id}, false)
-	return err
-}
 
 // Close says bye (the node releases every reference of this connection
 // before it answers; at most 10 s are spent waiting) and closes the
@@ -241,12 +259,22 @@ func (c *Client) read() {
 // request sends m with a new sequence number and waits for the reply, the
 // end of the connection, ctx, or (with noWait) a store event.
 func (c *Client) request(ctx context.Context, m Msg, noWait bool) (Msg, error) {
+	ch, err := c.send(m)
+	if err != nil {
+		return Msg{}, err
+	}
+	return c.await(ctx, ch, noWait)
+}
+
+// send sends m with a new sequence number; the reply will come on the
+// channel it returns.
+func (c *Client) send(m Msg) (chan Msg, error) {
 	ch := make(chan Msg, 1)
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
-		return Msg{}, err
+		return nil, err
 	}
 	c.seq++
 	m.Seq = c.seq
@@ -261,8 +289,14 @@ func (c *Client) request(ctx context.Context, m Msg, noWait bool) (Msg, error) {
 	if err != nil {
 		err = fmt.Errorf("%w: %v", ErrNodeGone, err)
 		c.end(err)
-		return Msg{}, err
+		return nil, err
 	}
+	return ch, nil
+}
+
+// await waits for the reply on ch (from send), the end of the connection,
+// ctx, or (with noWait) a store event.
+func (c *Client) await(ctx context.Context, ch chan Msg, noWait bool) (Msg, error) {
 	var waiting chan struct{}
 	if noWait {
 		waiting = c.waiting

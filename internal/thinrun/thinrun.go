@@ -112,7 +112,7 @@ func parse(args []string, getenv func(string) string) (config, error) {
 // noWait, it gives up (ErrWaiting) as soon as the node reports that the
 // reference waits for a build.
 func hold(ctx context.Context, c config, noWait bool) (*agentwire.Client, error) {
-	cl, err := agentwire.Dial(ctx, paths.Socket(c.stateDir), "granary run "+c.argv[0])
+	cl, incref, err := agentwire.DialHold(ctx, paths.Socket(c.stateDir), "granary run "+c.argv[0], c.id, noWait)
 	if err != nil {
 		return nil, &fallback{"no local node serves " + c.stateDir}
 	}
@@ -120,14 +120,9 @@ func hold(ctx context.Context, c config, noWait bool) (*agentwire.Client, error)
 		cl.Close()
 		return nil, &fallback{fmt.Sprintf("the local node serves root %s prefix %s", h.Root, h.Prefix)}
 	}
-	if noWait {
-		err = cl.IncRefUnlessWaiting(ctx, c.id)
-	} else {
-		err = cl.IncRef(ctx, c.id)
-	}
-	if err != nil {
+	if incref != nil {
 		cl.Close()
-		return nil, err
+		return nil, incref
 	}
 	return cl, nil
 }
