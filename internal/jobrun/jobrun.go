@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -148,7 +149,13 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 	defer signal.Stop(sigs)
 
 	prog := j.Argv[0]
-	cmd, err := start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, j.Stderr)
+	stderr := j.Stderr
+	if _, ok := stderr.(*os.File); !ok {
+		// Run's messages and the command's output (copied by os/exec) go
+		// to the same writer.
+		stderr = &lockedWriter{w: stderr}
+	}
+	cmd, err := start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, stderr)
 	if err != nil {
 		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", prog, err)}
 	}
@@ -160,7 +167,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 			return
 		}
 		stopped = why
-		fmt.Fprintf(j.Stderr, "granary: %v: stopping %s\n", why, prog)
+		fmt.Fprintf(stderr, "granary: %v: stopping %s\n", why, prog)
 		cmd.signal(syscall.SIGTERM)
 		kill = time.After(10 * time.Second)
 	}
@@ -187,7 +194,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 			}
 		case <-done:
 			reconnecting = true
-			fmt.Fprintf(j.Stderr, "granary: the local node went away (%v); reconnecting\n", r.Err())
+			fmt.Fprintf(stderr, "granary: the local node went away (%v); reconnecting\n", r.Err())
 			go func() {
 				nr, err := j.reconnect(rctx)
 				reconnected <- held{nr, err}
@@ -199,7 +206,7 @@ func (j *Job) Run(ctx context.Context, r Ref) error {
 				continue
 			}
 			r = h.r
-			fmt.Fprintf(j.Stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
+			fmt.Fprintf(stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
 		case <-kill:
 			cmd.signal(syscall.SIGKILL)
 		case err := <-cmd.waited:
@@ -318,4 +325,16 @@ func (c *child) signal(sig os.Signal) {
 	if s, ok := sig.(syscall.Signal); ok {
 		syscall.Kill(c.pid, s) //nolint:errcheck // it may have exited
 	}
+}
+
+// lockedWriter serialises the writes to w.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
