@@ -27,6 +27,7 @@ const (
 	ClusterNodeJoined  = "node-joined"  // a node registered (Host: its name, PID, Version)
 	ClusterNodeLeft    = "node-left"    // a node's registration ended
 	ClusterFailureGone = "failure-gone" // the record of a failed attempt expired or was dropped
+	ClusterYield       = "yield"        // a removal (Host) asks nodes that only linger on the package to release it
 )
 
 // ClusterEvent is one thing the cluster did, decoded from a change of the
@@ -265,6 +266,11 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 			if json.Unmarshal(val, &reg) == nil {
 				ce.PID, ce.Version = reg.PID, reg.Version
 			}
+		case "yield":
+			if !created {
+				continue
+			}
+			ce.Kind, ce.ID, ce.Host = ClusterYield, rest, string(ev.Kv.Value)
 		case "failed":
 			if put {
 				continue // reported by the build record's "failed"

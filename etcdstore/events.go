@@ -66,6 +66,11 @@ const (
 	// and Elapsed since sealing began; a last one with Done set when it
 	// ends.
 	EventSealing
+	// EventYieldRequested: a removal on host Host asks the owners of
+	// cached references to ID (IncRefCachedContext) to release them if no
+	// job holds the package. Sent only to stores that took a cached
+	// reference.
+	EventYieldRequested
 )
 
 var kindNames = map[EventKind]string{
@@ -75,6 +80,7 @@ var kindNames = map[EventKind]string{
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
+	EventYieldRequested: "yield-requested",
 }
 
 func (k EventKind) String() string {

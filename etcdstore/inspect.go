@@ -42,6 +42,10 @@ type RefInfo struct {
 	Since   time.Time `json:"since"`
 	Purpose string    `json:"purpose,omitempty"`
 	Lease   string    `json:"lease"`
+	// Cached: a node's host reference for its local jobs
+	// (IncRefCachedContext); it stays while the node lingers after the
+	// last one, and a removal asks the node to let it go.
+	Cached bool `json:"cached,omitempty"`
 }
 
 // Inspect describes package id from one consistent read.
@@ -93,7 +97,7 @@ func (s *Store) refInfo(id string, kv *mvccpb.KeyValue) RefInfo {
 	lease, _, _ := strings.Cut(rest, "/")
 	ri := RefInfo{Lease: lease}
 	if rec, err := decode[refRecord](kv.Value); err == nil {
-		ri.Host, ri.PID, ri.Since, ri.Purpose = rec.Host, rec.PID, rec.Since, rec.Purpose
+		ri.Host, ri.PID, ri.Since, ri.Purpose, ri.Cached = rec.Host, rec.PID, rec.Since, rec.Purpose, rec.Cached
 	}
 	return ri
 }

@@ -29,6 +29,7 @@ type options struct {
 
 	failureRetention time.Duration
 	keptLogs         int
+	yieldWait        time.Duration
 }
 
 // Defaults.
@@ -41,6 +42,9 @@ const (
 	// two keep-alive rounds (every TTL/3, polled every 0.5 s) before it
 	// gives up on the lease.
 	MinTTL = 3 * time.Second
+	// DefaultYieldWait bounds how long a removal that finds only cached
+	// references waits for their owners to release them.
+	DefaultYieldWait = 2 * time.Second
 )
 
 func defaultOptions() options {
@@ -59,6 +63,7 @@ func defaultOptions() options {
 		visibleTimeout:   DefaultVisibleTimeout,
 		failureRetention: DefaultFailureRetention,
 		keptLogs:         DefaultKeptLogs,
+		yieldWait:        DefaultYieldWait,
 	}
 }
 
@@ -76,6 +81,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("operation timeout %v must be positive", o.opTimeout)
 	case o.visibleTimeout < 0:
 		return fmt.Errorf("visibility timeout %v is negative", o.visibleTimeout)
+	case o.yieldWait < 0:
+		return fmt.Errorf("yield wait %v is negative", o.yieldWait)
 	case o.host == "":
 		return fmt.Errorf("host name is empty")
 	case o.failureRetention < time.Second:
@@ -118,6 +125,12 @@ func WithLockDelay(d time.Duration) Option { return func(o *options) { o.lockDel
 // for another host's build is not one call: it is bounded by the caller's
 // context and the builder's lease.
 func WithOpTimeout(d time.Duration) Option { return func(o *options) { o.opTimeout = d } }
+
+// WithYieldWait sets how long TryRemove waits for the owners of cached
+// references (IncRefCachedContext) to release them when they are all it
+// finds (default DefaultYieldWait); 0 makes it report such a package in
+// use at once.
+func WithYieldWait(d time.Duration) Option { return func(o *options) { o.yieldWait = d } }
 
 // WithHost sets the host name recorded in build records and references
 // (default os.Hostname()).

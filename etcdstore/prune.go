@@ -124,7 +124,7 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 			remaining -= pp.Size
 			continue
 		}
-		removed, err := s.tryRemove(ctx, p.id, p.atimeRev)
+		removed, err := s.tryRemove(ctx, p.id, p.atimeRev, false)
 		switch {
 		case err != nil && !errors.Is(err, core.ErrPackageNotExist):
 			return rep, fmt.Errorf("etcdstore: prune %q: %w", p.id, err)

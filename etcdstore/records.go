@@ -51,6 +51,9 @@ type refRecord struct {
 	PID     int       `json:"pid"`
 	Since   time.Time `json:"since"`
 	Purpose string    `json:"purpose,omitempty"`
+	// Cached: a node's host reference, which a removal may ask it to
+	// release when no job on the host holds the package (yield.go).
+	Cached bool `json:"cached,omitempty"`
 }
 
 func mustJSON(v any) string {

@@ -33,6 +33,8 @@ type ref struct {
 	key   string // current key; changes when the reference moves to a new lease
 	since time.Time
 	lost  bool // the package was gone when the lease was renewed
+	// cached: taken by IncRefCachedContext; a removal asks for it.
+	cached bool
 	// pkg is the published record read in the Txn that took the
 	// reference (nil when the Txn's outcome had to be read back).
 	pkg *PackageRecord
@@ -89,10 +91,15 @@ func (h *Handle) IncRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("incref", h.err)
 	}
+	return h.incRef(ctx, false)
+}
+
+// incRef is IncRefContext, for a plain or a cached reference.
+func (h *Handle) incRef(ctx context.Context, cached bool) error {
 	s := h.s
 	waited := false
 	for {
-		r, building, err := s.incRef(ctx, h.id)
+		r, building, err := s.incRef(ctx, h.id, cached)
 		switch {
 		case err == nil:
 			return h.visible(ctx, r)
@@ -133,7 +140,7 @@ func (h *Handle) visible(ctx context.Context, r *ref) error {
 // incRef takes one reference. When the package is not available it
 // returns core.ErrPackageNotExist and the revision and record of a build
 // in progress, if any.
-func (s *Store) incRef(ctx context.Context, id string) (*ref, *attemptSeen, error) {
+func (s *Store) incRef(ctx context.Context, id string, cached bool) (*ref, *attemptSeen, error) {
 	for {
 		l, err := s.sess.Current(ctx)
 		if err != nil {
@@ -144,7 +151,7 @@ func (s *Store) incRef(ctx context.Context, id string) (*ref, *attemptSeen, erro
 			s.refs.move.RUnlock()
 			continue
 		}
-		r := &ref{since: time.Now()}
+		r := &ref{since: time.Now(), cached: cached}
 		building, err := s.putRef(ctx, l, id, r)
 		if err == nil {
 			s.refs.add(id, r)
@@ -168,7 +175,7 @@ type attemptSeen struct {
 func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attemptSeen, error) {
 	key := s.refPrefix(id) + l.hex + "/" + strconv.FormatUint(s.refs.nextSeq(), 10)
 	now := time.Now()
-	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: r.since, Purpose: s.opt.purpose})
+	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: r.since, Purpose: s.opt.purpose, Cached: r.cached})
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := s.opCtx(ctx)
 		resp, err := s.cli.Txn(cctx).
@@ -248,7 +255,19 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	if _, err := s.cli.Delete(cctx, r.key); err != nil {
+	var err error
+	if r.cached {
+		// A cached reference stands for its host's jobs: their last use is
+		// now, as far as pruning is concerned.
+		_, err = s.cli.Txn(cctx).
+			If(clientv3.Compare(clientv3.CreateRevision(s.availKey(h.id)), ">", 0)).
+			Then(clientv3.OpDelete(r.key), clientv3.OpPut(s.atimeKey(h.id), formatNanos(time.Now()))).
+			Else(clientv3.OpDelete(r.key)).
+			Commit()
+	} else {
+		_, err = s.cli.Delete(cctx, r.key)
+	}
+	if err != nil {
 		s.deleteLater(r.key)
 		return h.fail("decref", fmt.Errorf("%w (will keep trying in the background)", err))
 	}

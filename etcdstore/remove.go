@@ -22,7 +22,7 @@ func (h *Handle) TryRemoveContext(ctx context.Context) (bool, error) {
 	if h.err != nil {
 		return false, h.fail("remove", h.err)
 	}
-	ok, err := h.s.tryRemove(ctx, h.id, 0)
+	ok, err := h.s.tryRemove(ctx, h.id, 0, true)
 	if err != nil {
 		return false, h.fail("remove", err)
 	}
@@ -53,14 +53,39 @@ func (s *Store) lockIdle(ctx context.Context, id string) (l *lock, unlock func()
 
 // tryRemove is TryRemove; a non-zero atimeRev also requires that the access
 // time was not touched since it was read (Prune's guard against removing a
-// package used after it was listed).
-func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool, error) {
+// package used after it was listed). With yield, a package that only
+// nodes' cached references hold is asked for (yield.go); Prune does not
+// ask: a lingering package was used within its node's linger.
+func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64, yield bool) (bool, error) {
 	l, unlock, err := s.lockIdle(ctx, id)
 	if l == nil {
 		return false, err
 	}
 	defer unlock()
 
+	removed, err := s.removeTxn(ctx, l, id, atimeRev)
+	if err == nil && !removed && yield && s.askYield(ctx, l.sess, id) {
+		// Only cached references held it, and their owners let go.
+		removed, err = s.removeTxn(ctx, l, id, atimeRev)
+	}
+	if !removed || err != nil {
+		return false, err
+	}
+	// The package is gone from etcd; nothing can reference it any more.
+	// Move the tree aside while we still hold the lock, so a new build
+	// cannot start in it meanwhile.
+	if err := s.moveToTrash(s.pkgDir(id)); err != nil {
+		s.opt.logger.Warn("package removed but its tree stays until the next prune", "id", id, "err", err)
+	}
+	s.emit(Event{Kind: EventRemoved, ID: id})
+	return true, nil
+}
+
+// removeTxn deletes id's keys in one Txn if it is published, unreferenced,
+// still locked by l and (for a non-zero atimeRev) untouched. It reports
+// (false, nil) when the package is in use and core.ErrPackageNotExist when
+// it is not available.
+func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int64) (bool, error) {
 	cmps := []clientv3.Cmp{
 		// It is published (a missing package is ErrPackageNotExist).
 		clientv3.Compare(clientv3.CreateRevision(s.availKey(id)), ">", 0),
@@ -95,13 +120,6 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64) (bool,
 		}
 		return false, nil // referenced, touched, or our lock is gone
 	}
-	// The package is gone from etcd; nothing can reference it any more.
-	// Move the tree aside while we still hold the lock, so a new build
-	// cannot start in it meanwhile.
-	if err := s.moveToTrash(s.pkgDir(id)); err != nil {
-		s.opt.logger.Warn("package removed but its tree stays until the next prune", "id", id, "err", err)
-	}
-	s.emit(Event{Kind: EventRemoved, ID: id})
 	return true, nil
 }
 

@@ -35,6 +35,8 @@ type Store struct {
 	sess *Session // the lease that references, locks and build records ride on
 	refs refTable // references held by this store
 
+	yieldWatch sync.Once // starts watchYield at the first cached reference
+
 	mount   MountInfo   // the root's mount, checked by New (mount.go)
 	visible visibleMemo // published attempts this store has seen (visible.go)
 

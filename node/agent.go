@@ -588,7 +588,9 @@ func (a *agent) incRef(ctx context.Context, id string) error {
 		p.busy = make(chan struct{})
 		p.taking = true
 		a.mu.Unlock()
-		err := a.store.Handle(id).IncRefContext(ctx)
+		// Cached: a removal elsewhere may ask for it back while no local
+		// holder has the package (yield).
+		err := a.store.Handle(id).IncRefCachedContext(ctx)
 		a.mu.Lock()
 		p.taking = false
 		if err == nil {
@@ -657,6 +659,33 @@ func (a *agent) expire(id string, p *hostRef, gen uint64) {
 	if err := a.release(id, p); err != nil {
 		a.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
 	}
+}
+
+// yield is a removal's request (from host by) for the host's reference to
+// id: released now, in the background, if no local holder has the
+// package; otherwise the removal finds it in use.
+func (a *agent) yield(id, by string) {
+	a.mu.Lock()
+	p := a.pkgs[id]
+	if a.closed || p == nil || p.holders > 0 || !p.etcd || p.busy != nil {
+		a.mu.Unlock()
+		return
+	}
+	p.gen++ // the linger release must not happen as well
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+	p.busy = make(chan struct{})
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		a.log.Info("agent: releasing the host's idle reference for a removal", "id", id, "by", by)
+		if err := a.release(id, p); err != nil {
+			a.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
+		}
+	}()
 }
 
 // release drops the host's etcd reference; the caller owns p.busy.
@@ -794,6 +823,8 @@ func (a *agent) event(e etcdstore.Event) {
 	switch e.Kind {
 	case etcdstore.EventRefLost:
 		a.refLost(e.ID, e.Err)
+	case etcdstore.EventYieldRequested:
+		a.yield(e.ID, e.Host)
 	case etcdstore.EventLeaseLost:
 		a.broadcast(wire(agentwire.Msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)}))
 	case etcdstore.EventLeaseRestored:
@@ -903,7 +934,9 @@ type LocalAPI struct{ a *agent }
 // cfg.SocketGroup) for store, aggregating references with cfg.Linger.
 // cfg.Name and cfg.OpTimeout are used as a node uses them. Wire the
 // store's events to Event (etcdstore.WithEvents) so connections learn of
-// lost references. Call Run once.
+// lost references and removals on other hosts can ask for lingering
+// references (without it, a lingering reference blocks them until the
+// linger ends). Call Run once.
 func NewLocalAPI(store *etcdstore.Store, cfg Config, log *slog.Logger) (*LocalAPI, error) {
 	a, err := newAgent(store, cfg, log, nil)
 	if err != nil {
@@ -917,7 +950,8 @@ func NewLocalAPI(store *etcdstore.Store, cfg Config, log *slog.Logger) (*LocalAP
 func (l *LocalAPI) Run(ctx context.Context) error { return l.a.serve(ctx) }
 
 // Event takes the store's events (lost references, lease changes, build
-// progress) to the connections concerned. It does not block.
+// progress) to the connections concerned, and releases a lingering
+// reference a removal asks for. It does not block.
 func (l *LocalAPI) Event(e etcdstore.Event) { l.a.event(e) }
 
 // Holders lists the local references to id, oldest first.

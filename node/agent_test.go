@@ -3,8 +3,10 @@ package node_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -70,16 +72,16 @@ func TestConnConformance(t *testing.T) {
 		})
 	})
 	// Every manager a Conn of its own node, the nodes sharing one etcd and
-	// one root, as hosts do. Without a linger, a host's reference goes with
-	// its last local holder (the suite removes from another host right
-	// after a DecRef).
+	// one root, as hosts do, with the default linger: the suite removes
+	// from one host right after a DecRef on another, which asks the other
+	// node to let its lingering reference go.
 	t.Run("NodePerManager", func(t *testing.T) {
 		coretest.TestPackageManager(t, func(t *testing.T, n int) []core.PackageManager {
 			srv := etcdtest.Start(t)
 			root := t.TempDir()
 			pms := make([]core.PackageManager, n)
 			for i := range pms {
-				nd, _ := agentNode(t, srv, root, "host-"+string(rune('a'+i)), 0)
+				nd, _ := agentNode(t, srv, root, "host-"+string(rune('a'+i)), node.DefaultLinger)
 				pms[i] = connect(t, nd)
 			}
 			return pms
@@ -172,8 +174,11 @@ func TestHostAggregatesRefs(t *testing.T) {
 	if got := etcdRefs(t, cli, "agg"); got != 1 {
 		t.Errorf("etcd refs during the linger = %d, want 1", got)
 	}
-	if ok, err := obs.Handle("agg").TryRemoveContext(context.Background()); ok || err != nil {
-		t.Fatalf("TryRemove from another host during the linger = %v, %v; want false, nil", ok, err)
+	// A remover that does not ask lingering hosts to let go (no yield
+	// wait) finds it in use.
+	impatient := observer(t, srv, root, etcdstore.WithYieldWait(0))
+	if ok, err := impatient.Handle("agg").TryRemoveContext(context.Background()); ok || err != nil {
+		t.Fatalf("TryRemove from another host without a yield wait during the linger = %v, %v; want false, nil", ok, err)
 	}
 	// Removal through the node lets the lingering reference go first.
 	if ok, err := h.TryRemoveContext(context.Background()); !ok || err != nil {
@@ -189,7 +194,8 @@ func TestLingerReleases(t *testing.T) {
 	root := t.TempDir()
 	n, _ := agentNode(t, srv, root, "host-a", 50*time.Millisecond)
 	cli := srv.Client(t)
-	obs := observer(t, srv, root)
+	// It does not ask the node to let go: only the linger can release.
+	obs := observer(t, srv, root, etcdstore.WithYieldWait(0))
 	build(t, obs, "ling")
 	c := connect(t, n)
 	h := c.Handle("ling")
@@ -339,22 +345,79 @@ func TestTwoNodesNeverRemoveHeld(t *testing.T) {
 			t.Errorf("%s: TryRemove = %v, %v; want false, nil", tc.name, ok, err)
 		}
 	}
-	// Host a's job ends: its reference lingers (an hour), which host b
-	// respects; host b's job ends with no linger: host a may remove p2.
+	// Host a's job ends: its reference lingers (an hour) as a cache for
+	// host a's next job. Host b's removal asks host a to let it go, and
+	// removes p1; host a's next job finds it gone. Host b's job ends: host a
+	// removes p2 (host b's own lingering reference goes the same way).
 	if err := ca.Handle("p1").DecRefContext(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if err := cb.Handle("p2").DecRefContext(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := cb.Handle("p1").TryRemoveContext(context.Background()); ok || err != nil {
-		t.Errorf("host b removing p1 during host a's linger = %v, %v; want false, nil", ok, err)
+	if ok, err := cb.Handle("p1").TryRemoveContext(context.Background()); !ok || err != nil {
+		t.Errorf("host b removing p1 that host a only lingers on = %v, %v; want true, nil", ok, err)
+	}
+	if err := ca.Handle("p1").IncRefContext(context.Background()); !errors.Is(err, core.ErrPackageNotExist) {
+		t.Errorf("host a's IncRef of the removed p1 = %v; want ErrPackageNotExist", err)
 	}
 	if ok, err := ca.Handle("p2").TryRemoveContext(context.Background()); !ok || err != nil {
 		t.Errorf("host a removing p2 nobody holds = %v, %v; want true, nil", ok, err)
 	}
-	if ok, err := ca.Handle("p1").TryRemoveContext(context.Background()); !ok || err != nil {
-		t.Errorf("host a removing p1 it only lingers on = %v, %v; want true, nil", ok, err)
+}
+
+// A removal asks lingering hosts to let go, but a reference that a job
+// holds (through a node, or a process's own) keeps the package, and a
+// job that comes back to a lingering host keeps it too.
+func TestYieldKeepsHeld(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cli := srv.Client(t)
+	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	nb, _ := agentNode(t, srv, root, "host-b", time.Hour)
+	ca, cb := connect(t, na), connect(t, nb)
+	obs := observer(t, srv, root)
+	build(t, obs, "y")
+	ctx := context.Background()
+	// Both hosts linger on y; a process on a third host holds it.
+	for _, c := range []*node.Conn{ca, cb} {
+		if err := c.Handle("y").IncRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Handle("y").DecRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := obs.Handle("y").IncRefContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := cb.Handle("y").TryRemoveContext(ctx); ok || err != nil {
+		t.Fatalf("TryRemove while a process holds y = %v, %v; want false, nil", ok, err)
+	}
+	// Not asked: host a still lingers on it (and host b, through which
+	// the removal went, let its own go first).
+	if got := etcdRefs(t, cli, "y"); got != 2 {
+		t.Errorf("etcd references after the refused removal = %d; want 2 (the process's, host a's)", got)
+	}
+	if err := obs.Handle("y").DecRefContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A job on host a holds it again: asked, host a keeps it.
+	if err := ca.Handle("y").IncRefContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := obs.Handle("y").TryRemoveContext(ctx); ok || err != nil {
+		t.Fatalf("TryRemove while a job on host a holds y = %v, %v; want false, nil", ok, err)
+	}
+	if got := etcdRefs(t, cli, "y"); got != 1 {
+		t.Errorf("etcd references after the refused removal = %d; want 1 (host a's)", got)
+	}
+	// The job ends; now host a lets go when asked.
+	if err := ca.Handle("y").DecRefContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := obs.Handle("y").TryRemoveContext(ctx); !ok || err != nil {
+		t.Fatalf("TryRemove with only host a lingering = %v, %v; want true, nil", ok, err)
 	}
 }
 
@@ -416,4 +479,63 @@ func TestRefLostReachesConn(t *testing.T) {
 			t.Fatal("no ref-lost notice within 30 s")
 		}
 	}
+}
+
+// A job starting on a lingering host races a removal from another host
+// that asks the host to yield: either the job gets the package and the
+// removal is refused, or the removal wins and the job is told the package
+// does not exist; never both.
+func TestYieldRacesIncRef(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	ca := connect(t, na)
+	// A short yield wait: a refused removal waits it out.
+	obs := observer(t, srv, root, etcdstore.WithYieldWait(300*time.Millisecond))
+	ctx := context.Background()
+	won := map[string]int{}
+	for i := range 20 {
+		id := fmt.Sprintf("race-%d", i)
+		build(t, obs, id)
+		h := ca.Handle(id)
+		if err := h.IncRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.DecRefContext(ctx); err != nil { // lingering now
+			t.Fatal(err)
+		}
+		var (
+			wg      sync.WaitGroup
+			incErr  error
+			removed bool
+			rmErr   error
+		)
+		wg.Go(func() {
+			// Start at a different point of the removal each time
+			// (its lock, its request, the node's release, its Txn).
+			time.Sleep(time.Duration(i) * 3 * time.Millisecond)
+			incErr = h.IncRefContext(ctx)
+		})
+		wg.Go(func() { removed, rmErr = obs.Handle(id).TryRemoveContext(ctx) })
+		wg.Wait()
+		switch {
+		case rmErr != nil:
+			t.Fatalf("%s: TryRemove: %v", id, rmErr)
+		case incErr == nil && removed:
+			t.Fatalf("%s: the job holds the package and the removal succeeded", id)
+		case incErr == nil:
+			won["job"]++
+			if _, err := os.Stat(h.OutputDirectory()); err != nil {
+				t.Fatalf("%s: held package's tree: %v", id, err)
+			}
+			if err := h.DecRefContext(ctx); err != nil {
+				t.Fatal(err)
+			}
+		case !removed || !errors.Is(incErr, core.ErrPackageNotExist):
+			t.Fatalf("%s: IncRef = %v, TryRemove = %v; want one of them to win", id, incErr, removed)
+		default:
+			won["removal"]++
+		}
+	}
+	t.Logf("winners: %v", won)
 }

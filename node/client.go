@@ -215,6 +215,7 @@ func (c *Config) StoreOptions(logger *slog.Logger, extra ...etcdstore.Option) []
 		etcdstore.WithTTL(c.TTL),
 		etcdstore.WithHost(c.Name),
 		etcdstore.WithOpTimeout(c.OpTimeout),
+		etcdstore.WithYieldWait(c.YieldWait),
 	}
 	if c.FailureRetention > 0 {
 		opts = append(opts, etcdstore.WithFailureRetention(c.FailureRetention))

@@ -96,6 +96,10 @@ type Config struct {
 	// after the last local holder (a Conn of the local API) let go, so that
 	// a package used job after job costs etcd nothing. 0 releases at once.
 	Linger time.Duration
+	// YieldWait is how long a removal from this host that finds only
+	// other nodes' lingering (cached) references waits for them to be
+	// released at its request (etcdstore.WithYieldWait); 0 refuses at once.
+	YieldWait time.Duration
 	// SocketMode is the permission of the local API socket
 	// <StateDir>/agent.sock (default 0600: the node's user only). A mode
 	// that lets group or others in also makes StateDir searchable (o+x),
@@ -120,7 +124,7 @@ const (
 	DefaultGCInterval = 10 * time.Minute
 	// DefaultLinger is how long a node keeps a package's etcd reference
 	// after its last local holder.
-	DefaultLinger = 5 * time.Second
+	DefaultLinger = 10 * time.Minute
 	// DefaultIdleTimeout is the idle period of a node the CLI starts.
 	DefaultIdleTimeout = 15 * time.Minute
 	// MaxSocketPath is the longest unix socket path accepted (the kernel
@@ -144,6 +148,7 @@ func DefaultConfig() Config {
 		Name:        host,
 		GCInterval:  DefaultGCInterval,
 		Linger:      DefaultLinger,
+		YieldWait:   etcdstore.DefaultYieldWait,
 		SocketMode:  0o600,
 		GC:          etcdstore.PruneOptions{OlderThan: 30 * 24 * time.Hour, MaxRemovals: 100},
 		OpTimeout:   etcdstore.DefaultOpTimeout,
@@ -346,6 +351,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	})
 	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
 	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
+	fs.Var(NonNegative(&c.YieldWait), "yield-wait", "rm: how long to wait for other hosts' nodes to release a package they only keep lingering")
 	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
@@ -461,7 +467,7 @@ func (c *Config) Validate() error {
 			r.Close()
 		}
 	}
-	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.Linger < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
+	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.Linger < 0 || c.YieldWait < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
 		bad("negative interval, or non-positive timeout")
 	}
 	if len(errs) > 0 {

@@ -80,10 +80,11 @@ func startNodeLog(t *testing.T, cfg node.Config, log *slog.Logger) (*node.Node, 
 }
 
 // observer is a store of another host on srv.
-func observer(t *testing.T, srv *etcdtest.Server, root string) *etcdstore.Store {
+func observer(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstore.Option) *etcdstore.Store {
 	t.Helper()
 	cli := srv.Client(t)
-	s, err := etcdstore.New(context.Background(), cli, root, etcdstore.WithHost("observer"), etcdstore.WithTTL(3*time.Second))
+	opts = append([]etcdstore.Option{etcdstore.WithHost("observer"), etcdstore.WithTTL(3 * time.Second)}, opts...)
+	s, err := etcdstore.New(context.Background(), cli, root, opts...)
 	if err != nil {
 		t.Fatalf("etcdstore.New: %v", err)
 	}

@@ -151,6 +151,9 @@ func holder(r etcdstore.RefInfo) string {
 	if r.Purpose != "" {
 		s += ": " + r.Purpose
 	}
+	if r.Cached {
+		s += " (the node's reference for its host's jobs; held by a job there, or lingering)"
+	}
 	return s
 }
 
