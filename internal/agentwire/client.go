@@ -85,7 +85,7 @@ func DialHold(ctx context.Context, socket, purpose, id string, noWait bool) (c *
 		return nil, nil, err
 	}
 	hello := c.sendHello(purpose)
-	inc, incref := c.send(Msg{Op: OpIncRef, ID: id})
+	inc, incref := c.send(Msg{Op: OpIncRef, ID: id}, true)
 	if err := c.hello1(ctx, hello); err != nil {
 		return nil, nil, err
 	}
@@ -117,9 +117,9 @@ type sent struct {
 	err error
 }
 
-// sendHello sends the handshake.
+// sendHello buffers the handshake; the next message sent flushes it.
 func (c *Client) sendHello(purpose string) sent {
-	ch, err := c.send(Msg{Op: OpHello, Purpose: purpose})
+	ch, err := c.send(Msg{Op: OpHello, Purpose: purpose}, false) // flushed with the IncRef
 	return sent{ch, err}
 }
 
@@ -259,7 +259,7 @@ func (c *Client) read() {
 // request sends m with a new sequence number and waits for the reply, the
 // end of the connection, ctx, or (with noWait) a store event.
 func (c *Client) request(ctx context.Context, m Msg, noWait bool) (Msg, error) {
-	ch, err := c.send(m)
+	ch, err := c.send(m, true)
 	if err != nil {
 		return Msg{}, err
 	}
@@ -267,8 +267,9 @@ func (c *Client) request(ctx context.Context, m Msg, noWait bool) (Msg, error) {
 }
 
 // send sends m with a new sequence number; the reply will come on the
-// channel it returns.
-func (c *Client) send(m Msg) (chan Msg, error) {
+// channel it returns. Without flush, m waits in the buffer for the next
+// message sent with it.
+func (c *Client) send(m Msg, flush bool) (chan Msg, error) {
 	ch := make(chan Msg, 1)
 	c.mu.Lock()
 	if c.err != nil {
@@ -282,7 +283,7 @@ func (c *Client) send(m Msg) (chan Msg, error) {
 	c.mu.Unlock()
 	c.wmu.Lock()
 	err := c.enc.Encode(m)
-	if err == nil {
+	if err == nil && flush {
 		err = c.bw.Flush()
 	}
 	c.wmu.Unlock()
