@@ -266,11 +266,12 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 			if json.Unmarshal(val, &reg) == nil {
 				ce.PID, ce.Version = reg.PID, reg.Version
 			}
-		case "yield":
-			if !created {
-				continue
+		case "ask":
+			what, id, _ := strings.Cut(rest, "/")
+			if !created || what != askYield {
+				continue // a holder count request is not news
 			}
-			ce.Kind, ce.ID, ce.Host = ClusterYield, rest, string(ev.Kv.Value)
+			ce.Kind, ce.ID, ce.Host = ClusterYield, id, string(ev.Kv.Value)
 		case "failed":
 			if put {
 				continue // reported by the build record's "failed"

@@ -71,6 +71,10 @@ const (
 	// job holds the package. Sent only to stores that took a cached
 	// reference.
 	EventYieldRequested
+	// EventHoldersRequested: AskHolders on host Host wants the number of
+	// local users of the cached reference to ID; its owner answers with
+	// RecordHolders. Sent only to stores that took a cached reference.
+	EventHoldersRequested
 )
 
 var kindNames = map[EventKind]string{
@@ -80,7 +84,7 @@ var kindNames = map[EventKind]string{
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
-	EventYieldRequested: "yield-requested",
+	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested",
 }
 
 func (k EventKind) String() string {

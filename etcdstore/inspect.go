@@ -46,6 +46,11 @@ type RefInfo struct {
 	// (IncRefCachedContext); it stays while the node lingers after the
 	// last one, and a removal asks the node to let it go.
 	Cached bool `json:"cached,omitempty"`
+	// Holders is how many jobs on the node's host held the package through
+	// a cached reference at HoldersAt (zero time: never asked; see
+	// AskHolders).
+	Holders   int       `json:"holders,omitempty"`
+	HoldersAt time.Time `json:"holders_at,omitzero"`
 }
 
 // Inspect describes package id from one consistent read.
@@ -97,7 +102,7 @@ func (s *Store) refInfo(id string, kv *mvccpb.KeyValue) RefInfo {
 	lease, _, _ := strings.Cut(rest, "/")
 	ri := RefInfo{Lease: lease}
 	if rec, err := decode[refRecord](kv.Value); err == nil {
-		ri.Host, ri.PID, ri.Since, ri.Purpose, ri.Cached = rec.Host, rec.PID, rec.Since, rec.Purpose, rec.Cached
+		ri.Host, ri.PID, ri.Since, ri.Purpose, ri.Cached, ri.Holders, ri.HoldersAt = rec.Host, rec.PID, rec.Since, rec.Purpose, rec.Cached, rec.Holders, rec.HoldersAt
 	}
 	return ri
 }

@@ -54,6 +54,11 @@ type refRecord struct {
 	// Cached: a node's host reference, which a removal may ask it to
 	// release when no job on the host holds the package (yield.go).
 	Cached bool `json:"cached,omitempty"`
+	// Holders is how many local jobs held the package through a cached
+	// reference at HoldersAt, written when another host asked
+	// (AskHolders).
+	Holders   int       `json:"holders,omitempty"`
+	HoldersAt time.Time `json:"holders_at,omitzero"`
 }
 
 func mustJSON(v any) string {

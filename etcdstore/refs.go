@@ -35,6 +35,7 @@ type ref struct {
 	lost  bool // the package was gone when the lease was renewed
 	// cached: taken by IncRefCachedContext; a removal asks for it.
 	cached bool
+	lease  clientv3.LeaseID // the lease key is on
 	// pkg is the published record read in the Txn that took the
 	// reference (nil when the Txn's outcome had to be read back).
 	pkg *PackageRecord
@@ -196,7 +197,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attem
 		cancel()
 		switch {
 		case err == nil && resp.Succeeded:
-			r.key = key
+			r.key, r.lease = key, l.ID
 			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
 				r.pkg, _ = decode[PackageRecord](kvs[0].Value)
 			}
@@ -211,7 +212,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attem
 		got, rerr := s.cli.Get(rctx, key, clientv3.WithCountOnly())
 		rcancel()
 		if rerr == nil && got.Count == 1 {
-			r.key = key
+			r.key, r.lease = key, l.ID
 			return nil, nil
 		}
 		if rerr == nil && attempt < 2 && ctx.Err() == nil {

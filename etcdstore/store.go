@@ -35,7 +35,7 @@ type Store struct {
 	sess *Session // the lease that references, locks and build records ride on
 	refs refTable // references held by this store
 
-	yieldWatch sync.Once // starts watchYield at the first cached reference
+	askWatch sync.Once // starts watchAsk at the first cached reference
 
 	mount   MountInfo   // the root's mount, checked by New (mount.go)
 	visible visibleMemo // published attempts this store has seen (visible.go)

@@ -2,6 +2,7 @@ package etcdstore
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -15,16 +16,27 @@ import (
 // the next job costs etcd nothing. Such a reference is a cache: nobody uses
 // the package through it while no local job holds it. It is taken with
 // IncRefCachedContext and marked so in its record. A removal that finds
-// only cached references does not fail at once: it puts P/yield/<id> (on
-// its lease), and every store that holds cached references watches
-// P/yield/ and reports the request as EventYieldRequested; its owner
+// only cached references does not fail at once: it puts P/ask/yield/<id>
+// (on its lease), and every store that holds cached references watches
+// P/ask/ and reports the request as EventYieldRequested; its owner
 // releases the reference if no job holds it. The removal waits (at most
 // the store's yield wait) until the references are gone, then checks again
 // in the same Txn as always, so atomicity against IncRef is unchanged: a
 // job that takes the package meanwhile keeps it.
+//
+// The same watch carries P/ask/holders/<id>: AskHolders on another host
+// wants to know how many local jobs hold the package through each cached
+// reference; the owner writes the count into its reference's record
+// (RecordHolders), and the asker reads it back (holders.go).
 
-// yieldKey is the key a removal puts to ask cached references to go.
-func (s *Store) yieldKey(id string) string { return s.key("yield", id) }
+// Requests, under P/ask/<kind>/<id>.
+const (
+	askYield   = "yield"
+	askHolders = "holders"
+)
+
+// askKey is the key a request of kind about id is put at.
+func (s *Store) askKey(kind, id string) string { return s.key("ask", kind+"/"+id) }
 
 // IncRefCachedContext is IncRefContext for a reference that its owner keeps
 // only as a cache for local users (a node's host reference while no job
@@ -37,15 +49,16 @@ func (h *Handle) IncRefCachedContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("incref", h.err)
 	}
-	h.s.yieldWatch.Do(func() { h.s.spawn(h.s.watchYield) })
+	h.s.askWatch.Do(func() { h.s.spawn(h.s.watchAsk) })
 	return h.incRef(ctx, true)
 }
 
-// watchYield reports every yield request as EventYieldRequested until the
-// store closes. A request missed while the watch restarts only makes its
-// removal wait its bound and report the package in use.
-func (s *Store) watchYield() {
-	pfx := s.key("yield", "")
+// watchAsk reports every request as EventYieldRequested or
+// EventHoldersRequested until the store closes. A request missed while the
+// watch restarts only makes its asker wait its bound (a removal then
+// reports the package in use).
+func (s *Store) watchAsk() {
+	pfx := s.key("ask", "")
 	b := backoff.NewExponentialBackOff()
 	b.MaxInterval = 5 * time.Second
 	b.MaxElapsedTime = 0
@@ -57,7 +70,17 @@ func (s *Store) watchYield() {
 			}
 			b.Reset()
 			for _, ev := range wr.Events {
-				s.emit(Event{Kind: EventYieldRequested, ID: string(ev.Kv.Key[len(pfx):]), Host: string(ev.Kv.Value)})
+				kind, id, _ := strings.Cut(string(ev.Kv.Key[len(pfx):]), "/")
+				e := Event{ID: id, Host: string(ev.Kv.Value)}
+				switch kind {
+				case askYield:
+					e.Kind = EventYieldRequested
+				case askHolders:
+					e.Kind = EventHoldersRequested
+				default:
+					continue
+				}
+				s.emit(e)
 			}
 		}
 		cancel()
@@ -71,7 +94,7 @@ func (s *Store) watchYield() {
 // askYield is a removal's answer to finding references: if every one of
 // them is cached, it asks their owners to let go and waits until they are
 // gone, for at most the store's yield wait. It reports whether the
-// removal should check again (some references went, or all of them).
+// removal should check again (all of them went).
 func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 	if s.opt.yieldWait <= 0 {
 		return false
@@ -90,43 +113,56 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 		}
 		left[string(kv.Key)] = true
 	}
-	wctx, wcancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), s.opt.yieldWait)
-	defer wcancel()
-	// Watch first, then ask: no release is missed.
-	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+	refused := false
+	done, err := s.ask(ctx, l, askYield, id, resp.Header.Revision, s.opt.yieldWait, func(ev *clientv3.Event) bool {
+		if ev.Type == clientv3.EventTypeDelete {
+			delete(left, string(ev.Kv.Key))
+			return len(left) == 0
+		}
+		if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached {
+			refused = true // a job took it meanwhile
+			return true
+		}
+		left[string(ev.Kv.Key)] = true
+		return false
+	})
+	return err == nil && done && !refused
+}
+
+// ask puts the request kind about id (on lease l), feeds every change of
+// id's references after revision rev to answered until it reports the
+// answer complete or wait passes, and withdraws the request. It reports
+// whether answered did.
+func (s *Store) ask(ctx context.Context, l *Lease, kind, id string, rev int64, wait time.Duration, answered func(*clientv3.Event) bool) (bool, error) {
+	wctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), wait)
+	defer cancel()
+	// Watch first, then ask: no answer is missed.
+	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	pctx, pcancel := s.opCtx(ctx)
-	_, err = s.cli.Put(pctx, s.yieldKey(id), s.opt.host, clientv3.WithLease(l.ID))
+	_, err := s.cli.Put(pctx, s.askKey(kind, id), s.opt.host, clientv3.WithLease(l.ID))
 	pcancel()
 	if err != nil {
-		return false
+		return false, err
 	}
-	defer s.deleteYield(id)
+	defer s.deleteAsk(kind, id)
 	for wr := range wch {
 		for _, ev := range wr.Events {
-			if ev.Type == clientv3.EventTypeDelete {
-				delete(left, string(ev.Kv.Key))
-				continue
+			if answered(ev) {
+				return true, nil
 			}
-			if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached {
-				return false // a job took it meanwhile
-			}
-			left[string(ev.Kv.Key)] = true
-		}
-		if len(left) == 0 {
-			return true
 		}
 		if wr.Err() != nil {
 			break
 		}
 	}
-	return false
+	return false, nil
 }
 
-// deleteYield withdraws a removal's request (it also goes with the lease).
-func (s *Store) deleteYield(id string) {
+// deleteAsk withdraws a request (it also goes with the asker's lease).
+func (s *Store) deleteAsk(kind, id string) {
 	ctx, cancel := s.opCtx(context.Background())
 	defer cancel()
-	if _, err := s.cli.Delete(ctx, s.yieldKey(id)); err != nil {
-		s.deleteLater(s.yieldKey(id))
+	if _, err := s.cli.Delete(ctx, s.askKey(kind, id)); err != nil {
+		s.deleteLater(s.askKey(kind, id))
 	}
 }

@@ -108,7 +108,7 @@ func TestYieldReleasesCachedRefs(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, kv := range resp.Kvs {
-		if k := string(kv.Key); k == etcdstore.DefaultPrefix+"yield/c" || k == etcdstore.DefaultPrefix+"atime/c" {
+		if k := string(kv.Key); k == etcdstore.DefaultPrefix+"ask/yield/c" || k == etcdstore.DefaultPrefix+"atime/c" {
 			t.Errorf("%s left behind after the removal", k)
 		}
 	}

@@ -347,7 +347,8 @@ func (c *agentConn) run() {
 			reqs.Add(1)
 			go func() {
 				defer reqs.Done()
-				info, err := a.store.Inspect(c.ctx, m.ID)
+				// Other hosts' nodes say how many of their jobs hold it.
+				info, err := a.store.AskHolders(c.ctx, m.ID, etcdstore.DefaultHoldersWait)
 				c.reply(m.Seq, err, func(r *msg) {
 					if err == nil {
 						r.Info = &info
@@ -688,6 +689,28 @@ func (a *agent) yield(id, by string) {
 	}()
 }
 
+// census answers another host's AskHolders: the number of local holders
+// of id goes into the host's etcd reference, if it holds one.
+func (a *agent) census(id string) {
+	a.mu.Lock()
+	p := a.pkgs[id]
+	if a.closed || p == nil || !p.etcd {
+		a.mu.Unlock()
+		return
+	}
+	n := p.holders
+	a.wg.Add(1)
+	a.mu.Unlock()
+	go func() {
+		defer a.wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*a.opTimeout)
+		defer cancel()
+		if err := a.store.Handle(id).RecordHolders(ctx, n); err != nil {
+			a.log.Warn("agent: recording the holder count failed", "id", id, "err", err)
+		}
+	}()
+}
+
 // release drops the host's etcd reference; the caller owns p.busy.
 func (a *agent) release(id string, p *hostRef) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*a.opTimeout)
@@ -825,6 +848,8 @@ func (a *agent) event(e etcdstore.Event) {
 		a.refLost(e.ID, e.Err)
 	case etcdstore.EventYieldRequested:
 		a.yield(e.ID, e.Host)
+	case etcdstore.EventHoldersRequested:
+		a.census(e.ID)
 	case etcdstore.EventLeaseLost:
 		a.broadcast(wire(agentwire.Msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)}))
 	case etcdstore.EventLeaseRestored:

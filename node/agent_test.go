@@ -539,3 +539,45 @@ func TestYieldRacesIncRef(t *testing.T) {
 	}
 	t.Logf("winners: %v", won)
 }
+
+// Inspect from another host asks the node for its local holder count,
+// which the node writes into its reference: 3 jobs, then none (lingering).
+func TestInspectCountsOtherHostsHolders(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
+	nb, _ := agentNode(t, srv, root, "host-b", time.Hour)
+	obs := observer(t, srv, root)
+	build(t, obs, "n")
+	ctx := context.Background()
+	jobs := []*node.Conn{connect(t, na), connect(t, na), connect(t, na)}
+	for _, c := range jobs {
+		if err := c.Handle("n").IncRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	count := func(want int, via string, info etcdstore.Info) {
+		t.Helper()
+		if len(info.Refs) != 1 || info.Refs[0].Host != "host-a" || !info.Refs[0].Cached {
+			t.Fatalf("%s: refs = %+v; want host-a's cached reference", via, info.Refs)
+		}
+		if r := info.Refs[0]; r.HoldersAt.IsZero() || r.Holders != want {
+			t.Errorf("%s: host-a's holders = %d at %v; want %d, answered", via, r.Holders, r.HoldersAt, want)
+		}
+	}
+	info, _, err := connect(t, nb).Inspect(ctx, "n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	count(3, "through host-b's node", info)
+	for _, c := range jobs {
+		if err := c.Handle("n").DecRefContext(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	info, err = obs.AskHolders(ctx, "n", 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	count(0, "from a process's store", info)
+}

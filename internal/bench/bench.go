@@ -184,9 +184,12 @@ type Series struct {
 	HotConcurrency []int     `json:"hot_concurrency"`
 	HotGranary     []float64 `json:"hot_granary_ops_per_s"`
 	HotRaw         []float64 `json:"hot_raw_ops_per_s"`
-	Waiters        []int     `json:"waiters"` // total goroutines waiting
-	WaiterP50      []float64 `json:"waiters_p50_ms"`
-	WaiterP99      []float64 `json:"waiters_p99_ms"`
+	// HotAgent: the same pairs through the host agent (a node.Conn per
+	// caller, on a package the host holds: no etcd request).
+	HotAgent  []float64 `json:"hot_agent_ops_per_s,omitempty"`
+	Waiters   []int     `json:"waiters"` // total goroutines waiting
+	WaiterP50 []float64 `json:"waiters_p50_ms"`
+	WaiterP99 []float64 `json:"waiters_p99_ms"`
 }
 
 // Goal is one target of the issue.
@@ -290,6 +293,15 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 			return nil, fmt.Errorf("bench: %s: %w", st.name, err)
 		}
 		r.logf("%s done in %.1fs", st.name, time.Since(t).Seconds())
+	}
+	r.series.HotAgent = nil
+	for _, c := range r.series.HotConcurrency {
+		if v, ok := r.res[fmt.Sprintf("agent_ops_per_s_c%d", c)]; ok {
+			r.series.HotAgent = append(r.series.HotAgent, v)
+		}
+	}
+	if len(r.series.HotAgent) != len(r.series.HotConcurrency) {
+		r.series.HotAgent = nil // the agent scenario did not run at every level
 	}
 	rep = &Report{Results: r.res, Series: r.series, Goals: goals(r.res)}
 	rep.Meta = Meta{

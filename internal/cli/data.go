@@ -93,7 +93,8 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer c.Close()
-	info, err := c.store.Inspect(ctx, id)
+	// Nodes on other hosts say how many of their jobs hold it.
+	info, err := c.store.AskHolders(ctx, id, etcdstore.DefaultHoldersWait)
 	if err != nil {
 		return err
 	}
@@ -151,7 +152,10 @@ func holder(r etcdstore.RefInfo) string {
 	if r.Purpose != "" {
 		s += ": " + r.Purpose
 	}
-	if r.Cached {
+	switch {
+	case r.Cached && !r.HoldersAt.IsZero():
+		s += fmt.Sprintf(" (the node's reference for its host's jobs: %d held it at %s)", r.Holders, r.HoldersAt.Format(time.TimeOnly))
+	case r.Cached:
 		s += " (the node's reference for its host's jobs; held by a job there, or lingering)"
 	}
 	return s
@@ -174,7 +178,7 @@ func cmdRm(ctx context.Context, e *env, args []string) error {
 			"(files still open on some host are kept until closed; 'granary gc' finishes and reports what is pending)\n", id, c.store.Root())
 		return nil
 	}
-	info, err := c.store.Inspect(ctx, id)
+	info, err := c.store.AskHolders(ctx, id, etcdstore.DefaultHoldersWait)
 	if err != nil {
 		return fmt.Errorf("granary: rm %s refused: in use (and cannot say by whom: %w)", id, err)
 	}
