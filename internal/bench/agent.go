@@ -73,8 +73,14 @@ func (r *run) agent(ctx context.Context) error {
 				return err
 			}
 		}
+		free := make(chan *node.Conn, c)
+		for _, cn := range conns {
+			free <- cn
+		}
 		pair := func(ctx context.Context, i int) (time.Duration, error) {
-			h := conns[i%c].Handle(id)
+			cn := <-free // one caller at a time per Conn, as a process's
+			defer func() { free <- cn }()
+			h := cn.Handle(id)
 			t := time.Now()
 			if err := h.IncRefContext(ctx); err != nil {
 				return 0, err

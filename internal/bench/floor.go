@@ -43,18 +43,20 @@ func (r *run) socketFloor(ctx context.Context, c, n int) (rate float64, p50 time
 		conn net.Conn
 		rd   *bufio.Reader
 	}
-	peers := make([]peer, c)
-	for i := range peers {
+	// A connection is used by one caller at a time (as a process's).
+	peers := make(chan peer, c)
+	for range c {
 		conn, err := net.Dial("unix", ln.Addr().String())
 		if err != nil {
 			return 0, 0, err
 		}
 		defer conn.Close()
-		peers[i] = peer{conn, bufio.NewReader(conn)}
+		peers <- peer{conn, bufio.NewReader(conn)}
 	}
 	line := []byte(`{"op":"incref","seq":1,"id":"agent-hot"}` + "\n")
 	pair := func(ctx context.Context, i int) (time.Duration, error) {
-		p := peers[i%c]
+		p := <-peers
+		defer func() { peers <- p }()
 		t := time.Now()
 		for range 2 {
 			if _, err := p.conn.Write(line); err != nil {
