@@ -49,6 +49,11 @@ func buildOnce(t *testing.T, c *cluster, id string, perWorker int) {
 	if r := c.granary("worker3", "run", id, "--", "sh", "-c", `cat "$GRANARY_PKG/ok"`); r.code != 0 || strings.TrimSpace(r.out) != "ok" {
 		t.Fatalf("run: %s", r)
 	}
+	// granary-run, the light launcher, does the job through worker3's node
+	// itself (its command's parent is granary-run, not the full binary).
+	if r := c.sh("worker3", "granary-run "+id+` -- sh -c 'cat "$GRANARY_PKG/ok"; cat /proc/$PPID/comm'`); r.code != 0 || strings.Join(strings.Fields(r.out), " ") != "ok granary-run" {
+		t.Fatalf("granary-run: %s", r)
+	}
 	t.Logf("%d concurrent builds of %s: builder ran once (%s)", 3*perWorker, id, strings.TrimSpace(builds.out))
 }
 

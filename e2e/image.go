@@ -20,9 +20,9 @@ const DefaultImage = "granary-e2e:dev"
 var busyboxPaths = []string{"/bin/busybox", "/usr/bin/busybox"}
 
 // BuildImage builds the e2e image from the repository at repo and tags it.
-// It builds granary and the etcd server (the version go.mod requires, so
-// client and server match) with CGO_ENABLED=0, adds a static busybox and its
-// applet links (and $GRANARY_TEST_WEED as /bin/weed if set: it must be
+// It builds granary, granary-run (the light job launcher) and the etcd
+// server (the version go.mod requires, so client and server match) with
+// CGO_ENABLED=0, adds a static busybox and its applet links (and $GRANARY_TEST_WEED as /bin/weed if set: it must be
 // static), and runs `docker build` on the result. Progress goes to log.
 func BuildImage(ctx context.Context, repo, tag string, log io.Writer) error {
 	dir, err := os.MkdirTemp("", "granary-e2e-image-")
@@ -46,6 +46,7 @@ func BuildImage(ctx context.Context, repo, tag string, log io.Writer) error {
 
 	for _, b := range []struct{ out, pkg string }{
 		{"granary", "./cmd/granary"},
+		{"granary-run", "./cmd/granary-run"},
 		{"etcd", "go.etcd.io/etcd/server/v3"},
 	} {
 		fmt.Fprintf(log, "e2e image: go build %s (static)\n", b.pkg)

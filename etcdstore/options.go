@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/granary-build/granary/internal/paths"
 )
 
 // Option configures a Store.
@@ -32,7 +34,7 @@ type options struct {
 
 // Defaults.
 const (
-	DefaultPrefix    = "/granary/"
+	DefaultPrefix    = paths.DefaultPrefix
 	DefaultTTL       = 15 * time.Second
 	DefaultLockDelay = 5 * time.Second
 	DefaultOpTimeout = 5 * time.Second

@@ -20,11 +20,13 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/agentwire"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 // AgentSocket is the file name of the node's local API socket in the state
 // directory.
-const AgentSocket = "agent.sock"
+const AgentSocket = paths.AgentSocket
 
 // buildFunc is the store's BuildOutcome for an ID.
 type buildFunc func(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error)
@@ -246,7 +248,7 @@ func (c *agentConn) send(m msg) {
 
 func (c *agentConn) reply(seq uint64, err error, fill func(*msg)) {
 	err = c.a.explain(err)
-	m := msg{Op: opReply, Seq: seq, OK: err == nil}
+	m := wire(agentwire.Msg{Op: opReply, Seq: seq, OK: err == nil})
 	if err != nil {
 		m.Err = err.Error()
 		m.Codes = errCodes(err)
@@ -285,9 +287,9 @@ func (c *agentConn) run() {
 			c.purpose = m.Purpose
 			c.mu.Unlock()
 			st := a.store
-			c.send(msg{Op: opReply, Seq: m.Seq, OK: true, Hello: &helloInfo{
+			c.send(wire(agentwire.Msg{Op: opReply, Seq: m.Seq, OK: true, Hello: &helloInfo{
 				Version: agentProtoVersion, Host: a.host, PID: os.Getpid(),
-				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid, Linger: a.linger}})
+				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid, Linger: a.linger}}))
 		case opIncRef:
 			if a.incRefFast(m.ID) {
 				c.addRef(m.ID)
@@ -806,7 +808,7 @@ func (a *agent) refLost(id string, cause error) {
 			n := len(c.refs[id])
 			c.mu.Unlock()
 			if n > 0 {
-				c.send(msg{Op: opRefLost, ID: id, Err: fmt.Sprint(cause)})
+				c.send(wire(agentwire.Msg{Op: opRefLost, ID: id, Err: fmt.Sprint(cause)}))
 			}
 		}
 	}()
@@ -849,9 +851,9 @@ func (a *agent) event(e etcdstore.Event) {
 	case etcdstore.EventHoldersRequested:
 		a.census(e.ID)
 	case etcdstore.EventLeaseLost:
-		a.broadcast(msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)})
+		a.broadcast(wire(agentwire.Msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)}))
 	case etcdstore.EventLeaseRestored:
-		a.broadcast(msg{Op: opLeaseBack})
+		a.broadcast(wire(agentwire.Msg{Op: opLeaseBack}))
 	case etcdstore.EventWaiting, etcdstore.EventLockDelay, etcdstore.EventFailed, etcdstore.EventCacheHit,
 		etcdstore.EventCacheMiss, etcdstore.EventPublished, etcdstore.EventCacheStored, etcdstore.EventCacheUploadFailed:
 		a.toBuilders(e)
@@ -886,7 +888,7 @@ func (a *agent) toBuilders(e etcdstore.Event) {
 	a.mu.Unlock()
 	go func() {
 		defer a.wg.Done()
-		m := msg{Op: opEvent, ID: e.ID, Event: toWire(e)}
+		m := msg{Msg: agentwire.Msg{Op: opEvent, ID: e.ID}, Event: toWire(e)}
 		for _, c := range to {
 			c.send(m)
 		}
@@ -927,7 +929,7 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 		}
 		return fmt.Errorf("%w: the caller's process (pid %d) went away mid-build", etcdstore.ErrAbandon, c.pid)
 	}
-	c.send(msg{Op: opBuildNow, Seq: seq})
+	c.send(wire(agentwire.Msg{Op: opBuildNow, Seq: seq}))
 	select {
 	case err := <-b.result:
 		return err
@@ -935,7 +937,7 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 		return gone()
 	case <-bctx.Done():
 	}
-	c.send(msg{Op: opBuildStop, Seq: seq})
+	c.send(wire(agentwire.Msg{Op: opBuildStop, Seq: seq}))
 	select {
 	case err := <-b.result:
 		if err == nil {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,6 +19,8 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
+	"github.com/granary-build/granary/internal/jobrun"
+	"github.com/granary-build/granary/internal/thinrun"
 	"github.com/granary-build/granary/node"
 )
 
@@ -26,6 +29,9 @@ import (
 //
 //   - "hold": connect to the node of $STATE, take a reference to $ID,
 //     print "held" and wait to be killed;
+//   - "granary-run": run granary-run (internal/thinrun, as the light
+//     binary does) with --state-dir $STATE --root $ROOT $ID -- sh -c '...',
+//     whose command prints "held" and sleeps;
 //   - "node": run a node of etcd $ENDPOINT on $ROOT with state dir $STATE
 //     (TTL $TTL seconds), print "ready" once it listens, and run until
 //     killed.
@@ -46,6 +52,21 @@ func childMain() int {
 		}
 		fmt.Println("held")
 		select {}
+	case "granary-run":
+		err := thinrun.Main(ctx, []string{"--state-dir", os.Getenv("STATE"), "--root", os.Getenv("ROOT"), os.Getenv("ID"),
+			"--", "sh", "-c", "echo held; exec sleep 1000"}, os.Stdin, os.Stdout, os.Stderr)
+		var ee *jobrun.ExitErr
+		if errors.As(err, &ee) {
+			if ee.Err != nil {
+				fmt.Fprintln(os.Stderr, ee.Err)
+			}
+			return ee.Code
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return 0
 	case "builder":
 		// Build $ID with a builder that starts `sleep` in a process group
 		// of its own (holding fd 3, the parent's pipe), reports the group
@@ -99,19 +120,22 @@ func childMain() int {
 }
 
 // startChild starts this test binary in mode with env and waits until it
-// prints want. Cleanup kills it.
+// prints want. Cleanup kills it and its process group (a granary-run's
+// command).
 func startChild(t *testing.T, mode, want string, env ...string) *exec.Cmd {
 	t.Helper()
-	return startChildFiles(t, mode, want, nil, env...)
+	return startChildFiles(t, mode, want, nil, os.Stderr, env...)
 }
 
-// startChildFiles is startChild with extra files (fd 3 on).
-func startChildFiles(t *testing.T, mode, want string, files []*os.File, env ...string) *exec.Cmd {
+// startChildFiles is startChild with extra files (fd 3 on) and the
+// child's stderr.
+func startChildFiles(t *testing.T, mode, want string, files []*os.File, stderr io.Writer, env ...string) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.ExtraFiles = files
 	cmd.Env = append(append(os.Environ(), childEnv+"="+mode), env...)
-	cmd.Stderr = os.Stderr
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -119,7 +143,7 @@ func startChildFiles(t *testing.T, mode, want string, files []*os.File, env ...s
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	t.Cleanup(func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); cmd.Wait() })
 	line, err := bufio.NewReader(out).ReadString('\n')
 	if strings.TrimSpace(line) != want {
 		t.Fatalf("child %s printed %q (%v), want %q", mode, line, err, want)
@@ -144,72 +168,167 @@ func waitRefDeleted(t *testing.T, cli *clientv3.Client, id string, rev int64, wi
 	t.Fatalf("the reference to %s was not deleted within %v", id, within)
 }
 
+// holderKinds are the processes that hold a reference through the node:
+// a library user (node.Conn) and a job run by granary-run.
+var holderKinds = []struct {
+	name, mode, purpose string
+}{
+	{"conn", "hold", "test holder"},
+	{"granary-run", "granary-run", "granary run sh"},
+}
+
 // A holder process killed with SIGKILL: the node sees its connection end
 // and releases its reference at once (no linger here, so the host's etcd
 // reference goes too, while the node's lease lives on).
 func TestKilledHolderReleasesAtOnce(t *testing.T) {
-	srv := etcdtest.Start(t)
-	root := t.TempDir()
-	n, _ := agentNode(t, srv, root, "host-a", 0)
-	cli := srv.Client(t)
-	build(t, observer(t, srv, root), "held")
+	for _, k := range holderKinds {
+		t.Run(k.name, func(t *testing.T) {
+			srv := etcdtest.Start(t)
+			root := t.TempDir()
+			n, _ := agentNode(t, srv, root, "host-a", 0)
+			cli := srv.Client(t)
+			build(t, observer(t, srv, root), "held")
 
-	child := startChild(t, "hold", "held", "STATE="+n.Config().StateDir, "ID=held")
-	hs := n.Holders("held")
-	if len(hs) != 1 || hs[0].PID != child.Process.Pid || hs[0].UID != os.Getuid() || hs[0].Purpose != "test holder" {
-		t.Fatalf("holders = %+v, want the child (pid %d, uid %d, purpose %q)", hs, child.Process.Pid, os.Getuid(), "test holder")
-	}
-	if got := etcdRefs(t, cli, "held"); got != 1 {
-		t.Fatalf("etcd refs = %d, want 1", got)
-	}
-	rev := revision(t, cli)
-	child.Process.Signal(syscall.SIGKILL)
-	// The node's lease is alive and kept alive: only the node releasing the
-	// reference can delete the key.
-	waitRefDeleted(t, cli, "held", rev, 10*time.Second)
-	if hs := n.Holders("held"); len(hs) != 0 {
-		t.Errorf("holders after the kill = %+v, want none", hs)
+			child := startChild(t, k.mode, "held", "STATE="+n.Config().StateDir, "ROOT="+root, "ID=held")
+			hs := n.Holders("held")
+			if len(hs) != 1 || hs[0].PID != child.Process.Pid || hs[0].UID != os.Getuid() || hs[0].Purpose != k.purpose {
+				t.Fatalf("holders = %+v, want the child (pid %d, uid %d, purpose %q)", hs, child.Process.Pid, os.Getuid(), k.purpose)
+			}
+			if got := etcdRefs(t, cli, "held"); got != 1 {
+				t.Fatalf("etcd refs = %d, want 1", got)
+			}
+			rev := revision(t, cli)
+			child.Process.Signal(syscall.SIGKILL)
+			// The node's lease is alive and kept alive: only the node
+			// releasing the reference can delete the key.
+			waitRefDeleted(t, cli, "held", rev, 10*time.Second)
+			if hs := n.Holders("held"); len(hs) != 0 {
+				t.Errorf("holders after the kill = %+v, want none", hs)
+			}
+		})
 	}
 }
 
 // A node killed with SIGKILL: its connections learn it at once (their
 // reference in etcd is still there, on the dead node's lease), and the
-// etcd reference goes after the TTL.
+// etcd reference goes after the TTL. A job run by granary-run is told too,
+// and re-joins a node restarted on the same state directory: it holds its
+// reference again there.
 func TestKilledNodeTellsConns(t *testing.T) {
-	srv := etcdtest.Start(t)
-	root := t.TempDir()
-	state := shortDir(t)
-	cli := srv.Client(t)
-	build(t, observer(t, srv, root), "pkg")
-	const ttl = 5 * time.Second
-	child := startChild(t, "node", "ready", "ENDPOINT="+srv.Endpoint, "ROOT="+root, "STATE="+state, "TTL="+ttl.String())
+	for _, k := range holderKinds {
+		t.Run(k.name, func(t *testing.T) {
+			srv := etcdtest.Start(t)
+			root := t.TempDir()
+			state := shortDir(t)
+			cli := srv.Client(t)
+			build(t, observer(t, srv, root), "pkg")
+			const ttl = 5 * time.Second
+			nodeEnv := []string{"ENDPOINT=" + srv.Endpoint, "ROOT=" + root, "STATE=" + state, "TTL=" + ttl.String()}
+			child := startChild(t, "node", "ready", nodeEnv...)
 
-	c, err := node.Connect(context.Background(), state)
-	if err != nil {
-		t.Fatalf("Connect: %v", err)
+			var told func(within time.Duration) bool
+			var c *node.Conn
+			var job *exec.Cmd
+			stderr := &lineWatch{changed: make(chan struct{})}
+			if k.mode == "hold" {
+				var err error
+				c, err = node.Connect(context.Background(), state)
+				if err != nil {
+					t.Fatalf("Connect: %v", err)
+				}
+				defer c.Close()
+				if err := c.Handle("pkg").IncRefContext(context.Background()); err != nil {
+					t.Fatalf("IncRef: %v", err)
+				}
+				told = func(within time.Duration) bool {
+					select {
+					case <-c.Done():
+						return true
+					case <-time.After(within):
+						return false
+					}
+				}
+			} else {
+				job = startChildFiles(t, k.mode, "held", nil, stderr, "STATE="+state, "ROOT="+root, "ID=pkg")
+				told = func(within time.Duration) bool { return stderr.wait("the local node went away", within) }
+			}
+			rev := revision(t, cli)
+			child.Process.Signal(syscall.SIGKILL)
+			if !told(ttl) {
+				t.Fatalf("the holder was not told within the TTL (%v) that its node died", ttl)
+			}
+			if got := etcdRefs(t, cli, "pkg"); got != 1 {
+				t.Errorf("etcd refs when the holder learnt the node died = %d, want 1 (it learnt before the lease expired)", got)
+			}
+			if c != nil {
+				if !errors.Is(c.Err(), node.ErrNodeGone) {
+					t.Errorf("Err = %v, want ErrNodeGone", c.Err())
+				}
+				n := <-c.Notices()
+				for n.Kind != node.NoticeNodeGone {
+					n = <-c.Notices()
+				}
+			}
+			waitRefDeleted(t, cli, "pkg", rev, 3*ttl)
+			if job == nil {
+				return
+			}
+			// The node comes back: the job takes its reference again.
+			startChild(t, "node", "ready", nodeEnv...)
+			if !stderr.wait("reconnected to the local node", jobrun.ReconnectWithin) {
+				t.Fatal("the job did not reconnect to the restarted node")
+			}
+			oc, err := node.Connect(context.Background(), state)
+			if err != nil {
+				t.Fatalf("Connect: %v", err)
+			}
+			defer oc.Close()
+			_, hs, err := oc.Inspect(context.Background(), "pkg")
+			if err != nil || len(hs) != 1 || hs[0].PID != job.Process.Pid {
+				t.Fatalf("holders on the restarted node = %+v (%v), want the job (pid %d)", hs, err, job.Process.Pid)
+			}
+			if got := etcdRefs(t, cli, "pkg"); got != 1 {
+				t.Errorf("etcd refs after the job re-joined = %d, want 1 (the restarted node's)", got)
+			}
+		})
 	}
-	defer c.Close()
-	if err := c.Handle("pkg").IncRefContext(context.Background()); err != nil {
-		t.Fatalf("IncRef: %v", err)
+}
+
+// lineWatch is a child's stderr: it copies it to the test's and lets the
+// test wait until it contains a string.
+type lineWatch struct {
+	mu      sync.Mutex
+	buf     strings.Builder
+	changed chan struct{} // closed and replaced at each write
+}
+
+func (w *lineWatch) Write(p []byte) (int, error) {
+	os.Stderr.Write(p)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(p)
+	close(w.changed)
+	w.changed = make(chan struct{})
+	return len(p), nil
+}
+
+// wait reports whether the output contains s within the given time.
+func (w *lineWatch) wait(s string, within time.Duration) bool {
+	deadline := time.NewTimer(within)
+	defer deadline.Stop()
+	for {
+		w.mu.Lock()
+		found, changed := strings.Contains(w.buf.String(), s), w.changed
+		w.mu.Unlock()
+		if found {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			return false
+		}
 	}
-	rev := revision(t, cli)
-	child.Process.Signal(syscall.SIGKILL)
-	select {
-	case <-c.Done():
-	case <-time.After(ttl):
-		t.Fatalf("the Conn was not told within the TTL (%v) that its node died", ttl)
-	}
-	if got := etcdRefs(t, cli, "pkg"); got != 1 {
-		t.Errorf("etcd refs when the Conn learnt the node died = %d, want 1 (it learnt before the lease expired)", got)
-	}
-	if !errors.Is(c.Err(), node.ErrNodeGone) {
-		t.Errorf("Err = %v, want ErrNodeGone", c.Err())
-	}
-	n := <-c.Notices()
-	for n.Kind != node.NoticeNodeGone {
-		n = <-c.Notices()
-	}
-	waitRefDeleted(t, cli, "pkg", rev, 3*ttl)
 }
 
 // A caller killed with SIGKILL mid-build: the node abandons the attempt at
@@ -223,7 +342,7 @@ func TestKilledBuilderCallerAbandons(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	child := startChildFiles(t, "builder", "building", []*os.File{w}, "STATE="+n.Config().StateDir, "ID=orphan")
+	child := startChildFiles(t, "builder", "building", []*os.File{w}, os.Stderr, "STATE="+n.Config().StateDir, "ID=orphan")
 	w.Close()
 	child.Process.Signal(syscall.SIGKILL)
 	// EOF once every holder of the pipe's write end is dead: the child and

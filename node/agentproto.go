@@ -7,55 +7,46 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/agentwire"
 )
 
-// The host agent's protocol: JSON lines over the unix socket
-// <state>/agent.sock, one msg per line in each direction. A request carries
-// a sequence number chosen by the client; the node answers it with op
-// "reply" and the same number, in any order (slow requests do not hold up
-// fast ones). The node also sends, unasked, "build_now" / "build_stop"
-// for a build request whose builder must run or stop in the caller's
-// process, and notices ("ref_lost", "lease_lost", "lease_restored").
-// docs/design.md says why JSON lines and not gRPC.
-const agentProtoVersion = 1
+// The host agent's protocol is package internal/agentwire (JSON lines over
+// <state>/agent.sock); msg adds to its Msg the fields that carry etcdstore's
+// types.
+const agentProtoVersion = agentwire.Version
 
-// Operations.
+// Operations (agentwire's).
 const (
-	opHello     = "hello"        // client → node: purpose; reply: helloInfo
-	opIncRef    = "incref"       // ID
-	opDecRef    = "decref"       // ID
-	opTryRemove = "tryremove"    // ID; reply OK says whether it was removed
-	opBuild     = "build"        // ID; reply when the build settled
-	opCancel    = "cancel"       // Seq of a build request the caller gave up
-	opBuilt     = "built"        // Seq of a build request: the builder's result (Err, Codes)
-	opBuilderPG = "builder_pgid" // Seq of a build request: its builder runs in process group PID
-	opInspect   = "inspect"      // ID; reply Info and Holders
-	opBye       = "bye"          // client → node: release everything; reply, then the client closes
-	opReply     = "reply"        // node → client: the answer to Seq
-	opBuildNow  = "build_now"    // node → client: run the builder of build request Seq
-	opBuildStop = "build_stop"
-	opRefLost   = "ref_lost" // node → client: the host's reference to ID is gone with the package
-	opLeaseLost = "lease_lost"
-	opLeaseBack = "lease_restored"
-	opEvent     = "event" // node → client: a store event about a package the client is building
+	opHello     = agentwire.OpHello
+	opIncRef    = agentwire.OpIncRef
+	opDecRef    = agentwire.OpDecRef
+	opTryRemove = agentwire.OpTryRemove
+	opBuild     = agentwire.OpBuild
+	opCancel    = agentwire.OpCancel
+	opBuilt     = agentwire.OpBuilt
+	opBuilderPG = agentwire.OpBuilderPG
+	opInspect   = agentwire.OpInspect
+	opBye       = agentwire.OpBye
+	opReply     = agentwire.OpReply
+	opBuildNow  = agentwire.OpBuildNow
+	opBuildStop = agentwire.OpBuildStop
+	opRefLost   = agentwire.OpRefLost
+	opLeaseLost = agentwire.OpLeaseLost
+	opLeaseBack = agentwire.OpLeaseBack
+	opEvent     = agentwire.OpEvent
 )
 
-// msg is every message, in both directions. Unused fields are omitted.
+// msg is every message, in both directions: agentwire's fields, flattened
+// on the wire, plus those of etcdstore's types. Unused fields are omitted.
 type msg struct {
-	Op      string             `json:"op"`
-	Seq     uint64             `json:"seq,omitempty"`
-	ID      string             `json:"id,omitempty"`
-	Purpose string             `json:"purpose,omitempty"`
-	PID     int                `json:"pid,omitempty"`
-	OK      bool               `json:"ok,omitempty"`
-	Err     string             `json:"err,omitempty"`
-	Codes   []string           `json:"codes,omitempty"` // sentinels the error wraps
-	Hello   *helloInfo         `json:"hello,omitempty"`
+	agentwire.Msg
 	Info    *etcdstore.Info    `json:"info,omitempty"`
-	Holders []Holder           `json:"holders,omitempty"`
 	Event   *wireEvent         `json:"event,omitempty"`
 	Outcome *etcdstore.Outcome `json:"outcome,omitempty"`
 }
+
+// wire returns a msg of agentwire's fields only.
+func wire(m agentwire.Msg) msg { return msg{Msg: m} }
 
 // wireEvent is an etcdstore.Event on the wire.
 type wireEvent struct {
@@ -91,43 +82,28 @@ func (w *wireEvent) event() etcdstore.Event {
 }
 
 // helloInfo is the node's side of the handshake.
-type helloInfo struct {
-	Version int    `json:"version"`
-	Host    string `json:"host"`
-	PID     int    `json:"pid"`
-	Root    string `json:"root"`
-	Prefix  string `json:"prefix"`
-	UID     int    `json:"uid"` // the caller's, as the node saw it
-	// Linger is the node's: how long it keeps a package's etcd reference
-	// after its last local holder.
-	Linger time.Duration `json:"linger"`
-}
+type helloInfo = agentwire.Hello
 
 // Holder is one local reference held through the node: the process that
 // holds it (from SO_PEERCRED on its connection), since when, and the purpose
 // its connection gave.
-type Holder struct {
-	UID     int       `json:"uid"`
-	PID     int       `json:"pid"`
-	Since   time.Time `json:"since"`
-	Purpose string    `json:"purpose,omitempty"`
-}
+type Holder = agentwire.Holder
 
 // wireCodes maps the sentinel errors that cross the socket to their names.
 var wireCodes = []struct {
 	name string
 	err  error
 }{
-	{"invalid", core.ErrInvalidID},
-	{"notexist", core.ErrPackageNotExist},
-	{"buildfailed", core.ErrBuildFailed},
-	{"noref", etcdstore.ErrNoRef},
-	{"leaselost", etcdstore.ErrLeaseLost},
-	{"fenced", etcdstore.ErrFenced},
-	{"abandon", etcdstore.ErrAbandon},
-	{"closed", etcdstore.ErrClosed},
-	{"canceled", context.Canceled},
-	{"deadline", context.DeadlineExceeded},
+	{agentwire.CodeInvalid, core.ErrInvalidID},
+	{agentwire.CodeNotExist, core.ErrPackageNotExist},
+	{agentwire.CodeBuildFailed, core.ErrBuildFailed},
+	{agentwire.CodeNoRef, etcdstore.ErrNoRef},
+	{agentwire.CodeLeaseLost, etcdstore.ErrLeaseLost},
+	{agentwire.CodeFenced, etcdstore.ErrFenced},
+	{agentwire.CodeAbandon, etcdstore.ErrAbandon},
+	{agentwire.CodeClosed, etcdstore.ErrClosed},
+	{agentwire.CodeCanceled, context.Canceled},
+	{agentwire.CodeDeadline, context.DeadlineExceeded},
 }
 
 // errCodes lists the names of the sentinels err wraps.
@@ -172,7 +148,7 @@ func (e *RemoteError) Unwrap() []error {
 }
 
 // remoteErr rebuilds an error from a message's Err and Codes (nil if none).
-func remoteErr(m msg) error {
+func remoteErr(m agentwire.Msg) error {
 	if m.Err == "" && len(m.Codes) == 0 {
 		return nil
 	}

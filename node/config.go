@@ -14,6 +14,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 // Config is everything a node, or a CLI command acting as one host, needs.
@@ -140,9 +141,9 @@ func DefaultConfig() Config {
 		host = "localhost"
 	}
 	return Config{
-		Root:        xdgDir("XDG_DATA_HOME", ".local/share"),
-		StateDir:    xdgDir("XDG_STATE_HOME", ".local/state"),
-		Prefix:      etcdstore.DefaultPrefix,
+		Root:        paths.DefaultRoot(),
+		StateDir:    paths.DefaultStateDir(),
+		Prefix:      paths.DefaultPrefix,
 		TTL:         etcdstore.DefaultTTL,
 		Name:        host,
 		GCInterval:  DefaultGCInterval,
@@ -155,23 +156,12 @@ func DefaultConfig() Config {
 	}
 }
 
-func xdgDir(env, fallback string) string {
-	if d := os.Getenv(env); d != "" && filepath.IsAbs(d) {
-		return filepath.Join(d, "granary")
-	}
-	home, err := os.UserHomeDir()
-	if err != nil || home == "" {
-		return "" // Validate reports it
-	}
-	return filepath.Join(home, fallback, "granary")
-}
-
 // Environment variables read by FromEnv.
 const (
-	EnvRoot         = "GRANARY_ROOT"
-	EnvStateDir     = "GRANARY_STATE_DIR"
+	EnvRoot         = paths.EnvRoot
+	EnvStateDir     = paths.EnvStateDir
 	EnvEndpoints    = "GRANARY_ENDPOINTS"
-	EnvPrefix       = "GRANARY_PREFIX"
+	EnvPrefix       = paths.EnvPrefix
 	EnvTTL          = "GRANARY_TTL"
 	EnvCACert       = "GRANARY_CACERT"
 	EnvCert         = "GRANARY_CERT"
@@ -199,9 +189,7 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 			*dst = v
 		}
 	}
-	set(&c.Root, EnvRoot)
-	set(&c.StateDir, EnvStateDir)
-	set(&c.Prefix, EnvPrefix)
+	c.places().FromEnv(getenv)
 	set(&c.CACert, EnvCACert)
 	set(&c.Cert, EnvCert)
 	set(&c.Key, EnvKey)
@@ -332,13 +320,11 @@ func splitList(s string) []string {
 // exist) to c. Their defaults are c's current values, so call it after
 // FromEnv.
 func (c *Config) RegisterFlags(fs *flag.FlagSet) {
-	fs.StringVar(&c.Root, "root", c.Root, "shared package root ($"+EnvRoot+")")
-	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "host-local state directory ($"+EnvStateDir+")")
+	c.places().RegisterFlags(fs)
 	fs.Func("endpoints", "comma-separated etcd endpoints; none: the local embedded node ($"+EnvEndpoints+")", func(s string) error {
 		c.Endpoints = splitList(s)
 		return nil
 	})
-	fs.StringVar(&c.Prefix, "prefix", c.Prefix, "etcd key prefix ($"+EnvPrefix+")")
 	fs.Func("ttl", fmt.Sprintf("lease TTL, whole seconds (default %v) ($%s)", c.TTL, EnvTTL), func(s string) error {
 		d, err := parseSeconds(s)
 		if err == nil {
@@ -388,6 +374,12 @@ func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 	fs.IntVar(&c.GC.MaxRemovals, "gc-max", c.GC.MaxRemovals, "most packages removed per sweep (0: no limit)")
 }
 
+// places binds paths' resolution of the root, state directory and prefix
+// (shared with cmd/granary-run) to c.
+func (c *Config) places() paths.Places {
+	return paths.Places{Root: &c.Root, StateDir: &c.StateDir, Prefix: &c.Prefix}
+}
+
 // Embedded reports whether c uses the embedded etcd (no endpoints).
 func (c *Config) Embedded() bool { return len(c.Endpoints) == 0 }
 
@@ -395,7 +387,7 @@ func (c *Config) Embedded() bool { return len(c.Endpoints) == 0 }
 func (c *Config) SocketPath() string { return filepath.Join(c.StateDir, "etcd.sock") }
 
 // AgentSocketPath is the node's local API socket in StateDir.
-func (c *Config) AgentSocketPath() string { return filepath.Join(c.StateDir, AgentSocket) }
+func (c *Config) AgentSocketPath() string { return paths.Socket(c.StateDir) }
 
 // LocalEndpoint is the client URL of the embedded etcd.
 func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }

@@ -15,6 +15,8 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/agentwire"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 var (
@@ -24,7 +26,7 @@ var (
 
 // ErrNodeGone is wrapped by the errors of a Conn whose node closed the
 // connection (it stopped, crashed or was killed) or that was closed.
-var ErrNodeGone = errors.New("granary: connection to the local node ended")
+var ErrNodeGone = agentwire.ErrNodeGone
 
 // Conn is a connection to the local node of a state directory: a
 // core.PackageManager whose references live in the node (aggregated with
@@ -74,30 +76,26 @@ type clientBuild struct {
 }
 
 // NoticeKind says what a Notice reports.
-type NoticeKind string
+type NoticeKind = agentwire.NoticeKind
 
 // Notice kinds.
 const (
 	// NoticeRefLost: the host's reference to ID is gone with the package
 	// (the node's lease was lost and the package removed meanwhile).
 	// Whoever uses the package should stop.
-	NoticeRefLost NoticeKind = "ref-lost"
+	NoticeRefLost = agentwire.NoticeRefLost
 	// NoticeLeaseLost: the node's lease is in doubt; it is taking its
 	// references again.
-	NoticeLeaseLost NoticeKind = "lease-lost"
+	NoticeLeaseLost = agentwire.NoticeLeaseLost
 	// NoticeLeaseRestored: the node has a new lease.
-	NoticeLeaseRestored NoticeKind = "lease-restored"
+	NoticeLeaseRestored = agentwire.NoticeLeaseRestored
 	// NoticeNodeGone: the connection ended (Err says why); every reference
 	// of this Conn is gone with it.
-	NoticeNodeGone NoticeKind = "node-gone"
+	NoticeNodeGone = agentwire.NoticeNodeGone
 )
 
 // Notice is something the node told this Conn without being asked.
-type Notice struct {
-	Kind NoticeKind
-	ID   string // NoticeRefLost: the package
-	Err  error
-}
+type Notice = agentwire.Notice
 
 // ConnectOptions tune ConnectWith.
 type ConnectOptions struct {
@@ -131,7 +129,7 @@ func ConnectWith(ctx context.Context, stateDir string, o ConnectOptions) (*Conn,
 	}
 	c.enc = json.NewEncoder(c.bw)
 	go c.read()
-	r, err := c.request(ctx, msg{Op: opHello, Purpose: o.Purpose})
+	r, err := c.request(ctx, wire(agentwire.Msg{Op: opHello, Purpose: o.Purpose}))
 	if err == nil && r.Hello == nil {
 		err = errors.New("no handshake")
 	}
@@ -194,7 +192,7 @@ func (c *Conn) notify(n Notice) {
 // references when it sees the connection end.
 func (c *Conn) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	c.request(ctx, msg{Op: opBye}) //nolint:errcheck // closing either way
+	c.request(ctx, wire(agentwire.Msg{Op: opBye})) //nolint:errcheck // closing either way
 	cancel()
 	c.end(fmt.Errorf("%w: closed", ErrNodeGone))
 	<-c.readerr
@@ -259,12 +257,9 @@ func (c *Conn) read() {
 			if fn != nil && m.Event != nil {
 				fn(m.Event.event())
 			}
-		case opRefLost:
-			c.notify(Notice{Kind: NoticeRefLost, ID: m.ID, Err: errors.New(m.Err)})
-		case opLeaseLost:
-			c.notify(Notice{Kind: NoticeLeaseLost, Err: errors.New(m.Err)})
-		case opLeaseBack:
-			c.notify(Notice{Kind: NoticeLeaseRestored})
+		case opRefLost, opLeaseLost, opLeaseBack:
+			n, _ := agentwire.NoticeOf(m.Msg)
+			c.notify(n)
 		}
 	}
 }
@@ -303,11 +298,11 @@ func (c *Conn) request(ctx context.Context, m msg) (msg, error) {
 	}
 	select {
 	case r := <-cl.reply:
-		return r, remoteErr(r)
+		return r, remoteErr(r.Msg)
 	case <-c.done:
 		select {
 		case r := <-cl.reply:
-			return r, remoteErr(r)
+			return r, remoteErr(r.Msg)
 		default:
 		}
 		return msg{}, c.Err()
@@ -318,7 +313,7 @@ func (c *Conn) request(ctx context.Context, m msg) (msg, error) {
 				select {
 				case r := <-cl.reply:
 					if r.OK {
-						c.request(context.Background(), msg{Op: opDecRef, ID: m.ID}) //nolint:errcheck // Close releases it anyway
+						c.request(context.Background(), wire(agentwire.Msg{Op: opDecRef, ID: m.ID})) //nolint:errcheck // Close releases it anyway
 					}
 				case <-c.done:
 				}
@@ -340,7 +335,7 @@ func (c *Conn) runBuilder(seq uint64) {
 	if b == nil || b.ran || c.err != nil {
 		c.mu.Unlock()
 		if b == nil {
-			c.send(msg{Op: opBuilt, Seq: seq, Err: "granary: no such build", Codes: []string{"abandon"}}) //nolint:errcheck
+			c.send(wire(agentwire.Msg{Op: opBuilt, Seq: seq, Err: "granary: no such build", Codes: []string{"abandon"}})) //nolint:errcheck
 		}
 		return
 	}
@@ -355,7 +350,7 @@ func (c *Conn) runBuilder(seq uint64) {
 		b.err = err
 		c.mu.Unlock()
 		close(b.done)
-		m := msg{Op: opBuilt, Seq: seq}
+		m := wire(agentwire.Msg{Op: opBuilt, Seq: seq})
 		if err != nil {
 			m.Err = err.Error()
 			if errors.Is(err, etcdstore.ErrAbandon) {
@@ -387,7 +382,7 @@ func BuilderProcessGroup(ctx context.Context, pgid int) bool {
 	if !ok {
 		return false
 	}
-	return r.c.send(msg{Op: opBuilderPG, Seq: r.seq, PID: pgid}) == nil
+	return r.c.send(wire(agentwire.Msg{Op: opBuilderPG, Seq: r.seq, PID: pgid})) == nil
 }
 
 // callBuilder calls builder, turning a panic into an error.
@@ -411,7 +406,7 @@ func (c *Conn) Handle(id string) *ConnHandle {
 // Inspect returns the package's etcd record (as Store.Inspect) and the
 // local references held through the node, oldest first.
 func (c *Conn) Inspect(ctx context.Context, id string) (etcdstore.Info, []Holder, error) {
-	r, err := c.request(ctx, msg{Op: opInspect, ID: id})
+	r, err := c.request(ctx, wire(agentwire.Msg{Op: opInspect, ID: id}))
 	if err != nil {
 		return etcdstore.Info{}, nil, err
 	}
@@ -437,7 +432,7 @@ func (h *ConnHandle) OutputDirectory() string {
 	if h.err != nil {
 		return ""
 	}
-	return filepath.Join(h.c.hello.Root, "pkgs", h.id, "contents")
+	return paths.Contents(h.c.hello.Root, h.id)
 }
 
 // LoggingDirectory is <root>/pkgs/<id>/logs, or "" for an invalid ID.
@@ -475,7 +470,7 @@ func (h *ConnHandle) IncRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail("incref", h.err)
 	}
-	if _, err := h.c.request(ctx, msg{Op: opIncRef, ID: h.id}); err != nil {
+	if _, err := h.c.request(ctx, wire(agentwire.Msg{Op: opIncRef, ID: h.id})); err != nil {
 		return h.fail("incref", err)
 	}
 	h.c.mu.Lock()
@@ -505,7 +500,7 @@ func (h *ConnHandle) DecRefContext(ctx context.Context) error {
 		delete(c.held, h.id)
 	}
 	c.mu.Unlock()
-	if _, err := c.request(ctx, msg{Op: opDecRef, ID: h.id}); err != nil {
+	if _, err := c.request(ctx, wire(agentwire.Msg{Op: opDecRef, ID: h.id})); err != nil {
 		return h.fail("decref", err)
 	}
 	return nil
@@ -518,7 +513,7 @@ func (h *ConnHandle) TryRemoveContext(ctx context.Context) (bool, error) {
 	if h.err != nil {
 		return false, h.fail("remove", h.err)
 	}
-	r, err := h.c.request(ctx, msg{Op: opTryRemove, ID: h.id})
+	r, err := h.c.request(ctx, wire(agentwire.Msg{Op: opTryRemove, ID: h.id}))
 	if err != nil {
 		return false, h.fail("remove", err)
 	}
@@ -577,7 +572,7 @@ func (h *ConnHandle) BuildOutcome(ctx context.Context, builder func(ctx context.
 			c.mu.Unlock()
 		}()
 	}()
-	if err := c.send(msg{Op: opBuild, Seq: seq, ID: h.id}); err != nil {
+	if err := c.send(wire(agentwire.Msg{Op: opBuild, Seq: seq, ID: h.id})); err != nil {
 		return etcdstore.Outcome{}, h.fail("build", err)
 	}
 	var r msg
@@ -593,7 +588,7 @@ func (h *ConnHandle) BuildOutcome(ctx context.Context, builder func(ctx context.
 		c.mu.Lock()
 		delete(c.pending, seq)
 		c.mu.Unlock()
-		c.send(msg{Op: opCancel, Seq: seq}) //nolint:errcheck
+		c.send(wire(agentwire.Msg{Op: opCancel, Seq: seq})) //nolint:errcheck
 		return etcdstore.Outcome{}, h.fail("build", ctx.Err())
 	}
 	if r.OK {

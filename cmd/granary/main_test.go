@@ -19,6 +19,7 @@ import (
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/internal/reaper"
+	"github.com/granary-build/granary/internal/thinrun"
 	"github.com/granary-build/granary/node"
 )
 
@@ -27,7 +28,13 @@ import (
 // leaked goroutines in the test process (the in-process etcd servers).
 func TestMain(m *testing.M) {
 	reaper.Main() // builders run under a guard that re-executes this binary
-	testscript.Main(leakChecked{m}, map[string]func(){"granary": main})
+	testscript.Main(leakChecked{m}, map[string]func(){"granary": main, "granary-run": granaryRun})
+}
+
+// granaryRun is the main of cmd/granary-run (a package main of its own).
+func granaryRun() {
+	err := thinrun.Main(context.Background(), os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	os.Exit(thinrun.Exit(err, os.Stderr))
 }
 
 type leakChecked struct{ m *testing.M }

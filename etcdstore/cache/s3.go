@@ -211,6 +211,17 @@ func (s *s3Backend) write(ctx context.Context, name string, fill func(io.Writer)
 	})
 	pr.CloseWithError(errors.New("upload ended")) // unblock fill if the upload gave up
 	wg.Wait()
+	if fillErr != nil || err != nil {
+		// The library aborts the upload it knows; a retried initiation
+		// whose first answer was lost (stallTransport) can leave another
+		// open upload of the key, which only a listing finds. Detached:
+		// a cancelled Store must still clean up.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		if rerr := s.client.RemoveIncompleteUpload(cctx, s.bucket, s.key(name)); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("abort the open uploads of %s: %w", name, rerr))
+		}
+		cancel()
+	}
 	if fillErr != nil {
 		return fillErr
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -19,7 +20,10 @@ import (
 // store's figures of the hot path scenario in the same run; then, if
 // Config.Run is set, the wall time of a warm `granary run ID -- true` (the
 // process start included) and the etcd revisions it costs, through the
-// agent and with a direct store ($GRANARY_AGENT=off).
+// agent and with a direct store ($GRANARY_AGENT=off), and, if
+// Config.RunLight is set, of `granary-run ID -- true` through the agent;
+// next to the floors of process start: `granary help`, `granary-run
+// --version` and `true`.
 func (r *run) agent(ctx context.Context) error {
 	const id = "agent-hot"
 	s, cli, err := r.store(ctx, "agent-host")
@@ -69,8 +73,14 @@ func (r *run) agent(ctx context.Context) error {
 				return err
 			}
 		}
+		free := make(chan *node.Conn, c)
+		for _, cn := range conns {
+			free <- cn
+		}
 		pair := func(ctx context.Context, i int) (time.Duration, error) {
-			h := conns[i%c].Handle(id)
+			cn := <-free // one caller at a time per Conn, as a process's
+			defer func() { free <- cn }()
+			h := cn.Handle(id)
 			t := time.Now()
 			if err := h.IncRefContext(ctx); err != nil {
 				return 0, err
@@ -98,50 +108,83 @@ func (r *run) agent(ctx context.Context) error {
 		}
 		r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
 			c, rate, direct, r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)], r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)])
+		floor, floorP50, err := r.socketFloor(ctx, c, n)
+		if err != nil {
+			return err
+		}
+		r.res[fmt.Sprintf("socket_floor_ops_per_s_c%d", c)] = floor
+		r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)] = float64(floorP50) / float64(time.Microsecond)
+		r.logf("  c=%d: the floor, two bare round trips on a unix socket: %.0f pairs/s, p50 %.0f µs (the agent reaches %.0f %% of it)",
+			c, floor, r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)], 100*rate/floor)
 	}
 	if r.cfg.Run == nil {
 		return nil
 	}
 	jobs := max(r.z.HotRounds*7, 3)
-	// The floor: this program's start and exit (`granary help`).
-	var floor []time.Duration
-	for range jobs + 1 {
-		cmd := r.cfg.Run(ctx, []string{"help"}, nil)
-		t := time.Now()
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("granary help: %w: %s", err, out)
-		}
-		floor = append(floor, time.Since(t))
+	// The floors: this program's start and exit (`granary help`), the
+	// light launcher's (`granary-run --version`), and /bin/true's.
+	floors := []struct {
+		key, what string
+		cmd       func() *exec.Cmd
+	}{
+		{"run_floor_wall_p50_ms", "granary help", func() *exec.Cmd { return r.cfg.Run(ctx, []string{"help"}, nil) }},
+		{"run_light_floor_wall_p50_ms", "granary-run --version", func() *exec.Cmd { return r.cfg.RunLight(ctx, []string{"--version"}, nil) }},
+		{"run_true_floor_wall_p50_ms", "true", func() *exec.Cmd { return exec.CommandContext(ctx, "true") }},
 	}
-	r.res["run_floor_wall_p50_ms"] = ms(quantile(floor[1:], 0.5))
-	r.logf("  granary help (process start and exit, the floor): p50 %.1f ms", r.res["run_floor_wall_p50_ms"])
-	for _, mode := range []struct{ name, env string }{{"agent", ""}, {"direct", "off"}} {
-		args := []string{"run", "--root", r.root, "--state-dir", state, "--prefix", r.prefix,
-			"--ttl", strconv.Itoa(int(r.z.TTL / time.Second)), id, "--", "true"}
-		env := []string{"GRANARY_AGENT=" + mode.env}
-		job := func() (time.Duration, error) {
-			cmd := r.cfg.Run(ctx, args, env)
-			t := time.Now()
-			out, err := cmd.CombinedOutput()
-			if err != nil {
-				return 0, fmt.Errorf("granary run (%s): %w: %s", mode.name, err, out)
-			}
-			return time.Since(t), nil
+	for _, f := range floors {
+		if f.key == "run_light_floor_wall_p50_ms" && r.cfg.RunLight == nil {
+			continue
 		}
-		if _, err := job(); err != nil { // warm the page cache
+		if _, err := timeJobs(1, f.what, f.cmd); err != nil { // warm the page cache
+			return err
+		}
+		walls, err := timeJobs(jobs, f.what, f.cmd)
+		if err != nil {
+			return err
+		}
+		r.res[f.key] = ms(quantile(walls, 0.5))
+		r.logf("  %s (process start and exit, a floor): p50 %.1f ms", f.what, r.res[f.key])
+	}
+	ttl := strconv.Itoa(int(r.z.TTL / time.Second))
+	type runMode struct {
+		name, what string
+		cmd        func(argv ...string) *exec.Cmd // the job running argv
+	}
+	modes := []runMode{
+		{"agent", "granary run", func(argv ...string) *exec.Cmd {
+			return r.cfg.Run(ctx, append([]string{"run", "--root", r.root, "--state-dir", state, "--prefix", r.prefix, "--ttl", ttl, id, "--"}, argv...), []string{"GRANARY_AGENT="})
+		}},
+		{"direct", "granary run", func(argv ...string) *exec.Cmd {
+			return r.cfg.Run(ctx, append([]string{"run", "--root", r.root, "--state-dir", state, "--prefix", r.prefix, "--ttl", ttl, id, "--"}, argv...), []string{"GRANARY_AGENT=off"})
+		}},
+	}
+	if r.cfg.RunLight != nil {
+		modes = append(modes, runMode{"light", "granary-run", func(argv ...string) *exec.Cmd {
+			// Only the flags granary-run knows: any other hands the job to
+			// the full binary.
+			return r.cfg.RunLight(ctx, append([]string{"--root", r.root, "--state-dir", state, "--prefix", r.prefix, id, "--"}, argv...), []string{"GRANARY_AGENT="})
+		}})
+	}
+	for _, mode := range modes {
+		if mode.name == "light" {
+			// The job must run under granary-run itself, not under the full
+			// binary it hands jobs to when it cannot do them.
+			out, err := mode.cmd("sh", "-c", "cat /proc/$PPID/comm").CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != "granary-run" {
+				return fmt.Errorf("granary-run did not run the job itself (its command's parent is %q, %v)", strings.TrimSpace(string(out)), err)
+			}
+		}
+		job := func() *exec.Cmd { return mode.cmd("true") }
+		if _, err := timeJobs(1, mode.what, job); err != nil { // warm the page cache
 			return err
 		}
 		rev0, err := revision(ctx, r, cli)
 		if err != nil {
 			return err
 		}
-		var walls []time.Duration
-		for range jobs {
-			d, err := job()
-			if err != nil {
-				return err
-			}
-			walls = append(walls, d)
+		walls, err := timeJobs(jobs, mode.what, job)
+		if err != nil {
+			return err
 		}
 		rev1, err := revision(ctx, r, cli)
 		if err != nil {
@@ -150,11 +193,27 @@ func (r *run) agent(ctx context.Context) error {
 		r.res["run_"+mode.name+"_wall_p50_ms"] = ms(quantile(walls, 0.5))
 		r.res["run_"+mode.name+"_wall_p90_ms"] = ms(quantile(walls, 0.9))
 		r.res["run_"+mode.name+"_etcd_revisions_per_job"] = float64(rev1-rev0) / float64(jobs)
-		r.logf("  granary run -- true (%s): p50 %.1f ms, p90 %.1f ms, etcd revisions per job %.2f over %d jobs",
-			mode.name, r.res["run_"+mode.name+"_wall_p50_ms"], r.res["run_"+mode.name+"_wall_p90_ms"],
+		r.logf("  %s -- true (%s): p50 %.1f ms, p90 %.1f ms, etcd revisions per job %.2f over %d jobs",
+			mode.what, mode.name, r.res["run_"+mode.name+"_wall_p50_ms"], r.res["run_"+mode.name+"_wall_p90_ms"],
 			r.res["run_"+mode.name+"_etcd_revisions_per_job"], jobs)
 	}
 	return nil
+}
+
+// timeJobs runs n commands made by cmd, one after the other, and returns
+// the wall time of each (from start to exit).
+func timeJobs(n int, what string, cmd func() *exec.Cmd) ([]time.Duration, error) {
+	var walls []time.Duration
+	for range n {
+		c := cmd()
+		t := time.Now()
+		out, err := c.CombinedOutput()
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w: %s", what, err, out)
+		}
+		walls = append(walls, time.Since(t))
+	}
+	return walls, nil
 }
 
 // revision is etcd's current revision: it grows by one per write

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -141,6 +142,13 @@ type Config struct {
 	// scenario times warm `granary run` jobs with it. Without it, that part
 	// is skipped.
 	Run runCommand
+	// RunLight, if set, returns the command `granary-run ARGS` (the light
+	// job launcher, cmd/granary-run) with env added to its environment;
+	// the agent scenario times warm jobs with it next to `granary run`.
+	RunLight runCommand
+	// Only, if set, names the scenarios to run (Scenarios lists them);
+	// empty runs them all.
+	Only []string
 	// Progress receives one line per step; nil discards.
 	Progress io.Writer
 	// OpTimeout bounds each etcd call of the bench itself and of its stores.
@@ -208,11 +216,46 @@ type run struct {
 	stores  []*etcdstore.Store
 }
 
+// scenarios are the steps of a run, in order: a key for Config.Only and a
+// name for the progress lines.
+var scenarios = []struct{ key, name string }{
+	{key: "hotpath", name: "hot path"},
+	{key: "agent", name: "host agent"},
+	{key: "waiters", name: "waiters"},
+	{key: "stampede", name: "stampede"},
+	{key: "distinct", name: "distinct builds"},
+	{key: "takeover", name: "takeover"},
+	{key: "prune", name: "prune"},
+	{key: "refs", name: "references"},
+}
+
+// Scenarios returns the keys of the scenarios, in the order they run.
+func Scenarios() []string {
+	var out []string
+	for _, s := range scenarios {
+		out = append(out, s.key)
+	}
+	return out
+}
+
+// validateOnly reports a name in Only that is not a scenario.
+func (c *Config) validateOnly() error {
+	for _, o := range c.Only {
+		if !slices.Contains(Scenarios(), o) {
+			return fmt.Errorf("bench: no scenario %q (scenarios: %s)", o, strings.Join(Scenarios(), ", "))
+		}
+	}
+	return nil
+}
+
 // Run runs every scenario against the etcd that cfg.NewClient reaches,
 // under a key prefix of its own (deleted at the end) and a temporary root.
 // It blocks for the whole run; ctx cancels it.
 func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	if err := cfg.Sizes.Validate(); err != nil {
+		return nil, err
+	}
+	if err := cfg.validateOnly(); err != nil {
 		return nil, err
 	}
 	if cfg.NewClient == nil {
@@ -236,23 +279,17 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	defer func() { err = errors.Join(err, r.close()) }()
 
 	start := time.Now()
-	steps := []struct {
-		name string
-		fn   func(context.Context) error
-	}{
-		{"hot path", r.hotpath},
-		{"host agent", r.agent},
-		{"waiters", r.waiters},
-		{"stampede", r.stampede},
-		{"distinct builds", r.distinct},
-		{"takeover", r.takeover},
-		{"prune", r.prune},
-		{"references", r.refs},
+	fns := map[string]func(context.Context) error{
+		"hotpath": r.hotpath, "agent": r.agent, "waiters": r.waiters, "stampede": r.stampede,
+		"distinct": r.distinct, "takeover": r.takeover, "prune": r.prune, "refs": r.refs,
 	}
-	for _, st := range steps {
+	for _, st := range scenarios {
+		if len(cfg.Only) > 0 && !slices.Contains(cfg.Only, st.key) {
+			continue
+		}
 		t := time.Now()
 		r.logf("%s…", st.name)
-		if err := st.fn(ctx); err != nil {
+		if err := fns[st.key](ctx); err != nil {
 			return nil, fmt.Errorf("bench: %s: %w", st.name, err)
 		}
 		r.logf("%s done in %.1fs", st.name, time.Since(t).Seconds())

@@ -270,8 +270,9 @@ func (r *run) distinct(ctx context.Context) error {
 
 // takeover starts a build on one store, makes a second store wait for it,
 // then closes the first store's etcd client (its lease is neither renewed
-// nor revoked: a crash, as etcd sees it) and measures the time until the
-// second store's builder starts.
+// nor revoked: a crash, as etcd sees it; its builder stays stuck, as a
+// crashed host's would) and measures the time until the second store's
+// builder starts.
 func (r *run) takeover(ctx context.Context) error {
 	t := newTracker()
 	dead, deadCli, err := r.store(ctx, "takeover-dead", t.hook("takeover-dead"))
@@ -284,11 +285,22 @@ func (r *run) takeover(ctx context.Context) error {
 	}
 	const id = "takeover"
 	deadDone := make(chan error, 1)
+	frozen := make(chan struct{}) // closed once the heir has taken over
 	go func() {
-		deadDone <- dead.Handle(id).BuildContext(ctx, func(ctx context.Context) error {
-			<-ctx.Done() // hangs until its lease is lost
-			return ctx.Err()
+		deadDone <- dead.Handle(id).BuildContext(ctx, func(bctx context.Context) error {
+			// A crashed host's builder never returns: it would otherwise
+			// release the lock cleanly once its store gives up the lease,
+			// which a closed client can still do in the moment it closes.
+			<-frozen
+			return bctx.Err()
 		})
+	}()
+	defer func() {
+		select {
+		case <-frozen:
+		default:
+			close(frozen)
+		}
 	}()
 	if err := t.await(ctx, 30*time.Second, "the first build start", func() bool { _, ok := t.building[id]; return ok }); err != nil {
 		return err
@@ -317,6 +329,7 @@ func (r *run) takeover(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+	close(frozen)
 	if err := <-deadDone; err == nil {
 		return errors.New("the dead builder's build succeeded")
 	}

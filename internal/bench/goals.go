@@ -20,6 +20,8 @@ func goals(res map[string]float64) []Goal {
 	add("agent_ops_per_s_c64", "≥ 43,000 pairs/s (cipkg's rate)", func(v float64) bool { return v >= 43000 })
 	add("run_agent_wall_p50_ms", "≤ 10 ms", func(v float64) bool { return v <= 10 })
 	add("run_agent_etcd_revisions_per_job", "0", func(v float64) bool { return v == 0 })
+	add("run_light_wall_p50_ms", "≤ 10 ms", func(v float64) bool { return v <= 10 })
+	add("run_light_etcd_revisions_per_job", "0", func(v float64) bool { return v == 0 })
 	add("waiters_release_p99_ms", "≤ 25 ms", func(v float64) bool { return v <= 25 })
 	add("stampede_overhead_ms", "≤ 50 ms", func(v float64) bool { return v <= 50 })
 	add("stampede_builds", "exactly 1", func(v float64) bool { return v == 1 })

@@ -4,26 +4,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
-	"os/signal"
 	"path/filepath"
-	"syscall"
 	"time"
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/node"
 )
 
 // EnvAgent set to "off" makes `build` and `run` use a store of their own
 // (their own etcd client and lease) even when a local node serves their
 // configuration.
-const EnvAgent = "GRANARY_AGENT"
-
-// reconnectWithin bounds how long `run` tries to reach a restarted local
-// node before it stops its command.
-const reconnectWithin = 30 * time.Second
+const EnvAgent = jobrun.EnvAgent
 
 // agentFor returns a connection to the local node that serves cfg (same
 // state directory, shared root and prefix), starting the embedded node
@@ -88,9 +81,9 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 // node as long as this process's connection. If the node goes away, run
 // reconnects (starting the embedded node again, if it is one) and takes
 // its reference again; if the package is gone by then, or no node comes
-// back within reconnectWithin, it stops its command and says why.
+// back within jobrun.ReconnectWithin, it stops its command and says why
+// (jobrun.Job.Run, shared with cmd/granary-run).
 func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id string, argv []string) error {
-	defer func() { c.Close() }()
 	// IncRef waits for a build in progress: show what it waits for.
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	c.OnEvent(func(ev etcdstore.Event) {
@@ -102,115 +95,31 @@ func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id
 	prog.stop()
 	c.OnEvent(nil)
 	if err != nil {
+		c.Close()
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
+			return jobrun.NotExist(id)
 		}
 		return err
 	}
-
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, forwarded...)
-	defer signal.Stop(sigs)
-
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvPkg+"="+c.Handle(id).OutputDirectory())
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
-	if err := cmd.Start(); err != nil {
-		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", argv[0], err)}
+	j := &jobrun.Job{
+		ID: id, Argv: argv, Pkg: c.Handle(id).OutputDirectory(),
+		Stdin: e.stdin, Stdout: e.stdout, Stderr: e.stderr,
+		Hold: func(ctx context.Context) (jobrun.Ref, error) {
+			c, err := e.agentFor(ctx, cfg, "granary run "+argv[0], false)
+			if err == nil && c == nil {
+				err = node.ErrNoLocalNode
+			}
+			if err != nil {
+				return nil, err
+			}
+			if err := c.Handle(id).IncRefContext(ctx); err != nil {
+				c.Close()
+				return nil, err
+			}
+			return c, nil
+		},
 	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-
-	var stopped error // why the command was stopped
-	var kill <-chan time.Time
-	stop := func(why error) {
-		if stopped != nil {
-			return
-		}
-		stopped = why
-		fmt.Fprintf(e.stderr, "granary: %v: stopping %s\n", why, argv[0])
-		cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have exited
-		kill = time.After(10 * time.Second)
-	}
-	reconnected := make(chan reconnectResult, 1)
-	reconnecting := false
-	rctx, rcancel := context.WithCancel(ctx)
-	defer rcancel()
-	for {
-		var done <-chan struct{}
-		var notices <-chan node.Notice
-		if !reconnecting && stopped == nil {
-			done, notices = c.Done(), c.Notices()
-		}
-		select {
-		case s := <-sigs:
-			cmd.Process.Signal(s) //nolint:errcheck
-		case n := <-notices:
-			if n.Kind == node.NoticeRefLost && n.ID == id {
-				stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", id, n.Err))
-			}
-		case <-done:
-			reconnecting = true
-			fmt.Fprintf(e.stderr, "granary: the local node went away (%v); reconnecting\n", c.Err())
-			go func() { reconnected <- e.reconnect(rctx, cfg, id, argv[0]) }()
-		case r := <-reconnected:
-			reconnecting = false
-			if r.err != nil {
-				stop(r.err)
-				continue
-			}
-			c = r.c
-			fmt.Fprintf(e.stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", c.NodePID(), id)
-		case <-kill:
-			cmd.Process.Kill() //nolint:errcheck
-		case err := <-waited:
-			if reconnecting {
-				rcancel()
-				if r := <-reconnected; r.c != nil {
-					c = r.c
-				}
-			}
-			if stopped != nil {
-				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", argv[0], stopped)}
-			}
-			return childExit(err)
-		}
-	}
-}
-
-type reconnectResult struct {
-	c   *node.Conn
-	err error
-}
-
-// reconnect reaches the local node again and takes the reference to id
-// again, for at most reconnectWithin.
-func (e *env) reconnect(ctx context.Context, cfg node.Config, id, prog string) reconnectResult {
-	ctx, cancel := context.WithTimeout(ctx, reconnectWithin)
-	defer cancel()
-	var last error
-	for wait := 50 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
-		c, err := e.agentFor(ctx, cfg, "granary run "+prog, false)
-		if err == nil && c == nil {
-			err = node.ErrNoLocalNode
-		}
-		if err == nil {
-			err = c.Handle(id).IncRefContext(ctx)
-			if err == nil {
-				return reconnectResult{c: c}
-			}
-			c.Close()
-			if errors.Is(err, core.ErrPackageNotExist) {
-				return reconnectResult{err: fmt.Errorf("the package %s is gone: it was removed while the local node was away", id)}
-			}
-		}
-		last = err
-		select {
-		case <-ctx.Done():
-			return reconnectResult{err: fmt.Errorf("the local node did not come back within %v (%v)", reconnectWithin, last)}
-		case <-time.After(wait):
-		}
-	}
+	return j.Run(ctx, c)
 }
 
 // localHolders lists the local holders of id that the local node knows,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 
@@ -30,6 +31,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 	jsonPath := f.String("json", "", "write the results as JSON to this file")
 	chartPath := f.String("chart", "", "write a PNG chart (hot path and waiter release vs concurrency) to this file")
 	dir := f.String("dir", "", "where to make the temporary shared root (default $TMPDIR); put it on the farm's volume to include its cost")
+	only := f.String("only", "", "run only these scenarios, comma-separated ("+strings.Join(bench.Scenarios(), ", ")+"); the agent scenario times granary-run too when it is next to this program")
 	farm := f.Bool("farm", false, "run the farm simulation instead (H hosts × a job rate per host on a 3-member embedded etcd; --quick: 10 and 100 hosts, shorter)")
 	ff := farmFlags(f.FlagSet, f.cfg.Linger)
 	if err := noArgs(e, f, args); err != nil {
@@ -84,6 +86,8 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 		Dir:       *dir,
 		Child:     func(ctx context.Context, args []string) *exec.Cmd { return benchChild(ctx, exe, cfg, args) },
 		Run:       func(ctx context.Context, args, env []string) *exec.Cmd { return benchRun(ctx, exe, cfg, args, env) },
+		RunLight:  benchRunLight(exe),
+		Only:      splitOnly(*only),
 		Progress:  e.stderr,
 		OpTimeout: cfg.OpTimeout,
 	})
@@ -164,6 +168,30 @@ func benchRun(ctx context.Context, exe string, cfg node.Config, args, env []stri
 	cmd.Args[0] = "granary"
 	cmd.Env = append(c.Env, env...)
 	return cmd
+}
+
+// benchRunLight returns the commands `granary-run ARGS` of the agent
+// scenario, or nil when there is no granary-run next to this program.
+func benchRunLight(exe string) func(ctx context.Context, args, env []string) *exec.Cmd {
+	light := filepath.Join(filepath.Dir(exe), "granary-run")
+	if st, err := os.Stat(light); err != nil || st.Mode()&0o111 == 0 {
+		return nil
+	}
+	return func(ctx context.Context, args, env []string) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, light, args...)
+		cmd.Env = append(os.Environ(), env...)
+		return cmd
+	}
+}
+
+func splitOnly(s string) []string {
+	var out []string
+	for _, o := range strings.Split(s, ",") {
+		if o = strings.TrimSpace(o); o != "" {
+			out = append(out, o)
+		}
+	}
+	return out
 }
 
 // cmdBenchChild is the hidden child of `granary bench`.

@@ -9,10 +9,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/internal/reaper"
 	"github.com/granary-build/granary/node"
 )
@@ -21,7 +21,7 @@ import (
 const (
 	EnvOut  = "GRANARY_OUT"
 	EnvLogs = "GRANARY_LOGS"
-	EnvPkg  = "GRANARY_PKG"
+	EnvPkg  = jobrun.EnvPkg
 )
 
 func cmdBuild(ctx context.Context, e *env, args []string) error {
@@ -112,7 +112,7 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []
 		// run's rule: 127 when the command cannot start.
 		err = &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
 	case errors.As(err, &xe) && ran:
-		code, how := exitStatus(xe)
+		code, how := jobrun.ExitStatus(xe)
 		err = &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 	case ran && logPath != "":
 		err = fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
@@ -179,15 +179,6 @@ type startError struct{ err error }
 
 func (e *startError) Error() string { return "cannot start builder: " + e.err.Error() }
 func (e *startError) Unwrap() error { return e.err }
-
-// exitStatus maps a child's exit to run's exit code rules (its own code, or
-// 128+N when killed by signal N) and says what happened.
-func exitStatus(xe *exec.ExitError) (int, string) {
-	if ws, ok := xe.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
-	}
-	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
-}
 
 type lockedWriter struct {
 	mu *sync.Mutex

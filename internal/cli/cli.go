@@ -15,35 +15,22 @@ import (
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
+	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/node"
 )
 
-// Exit codes.
+// Exit codes (jobrun's, shared with cmd/granary-run).
 const (
-	ExitOK       = 0 // success
-	ExitError    = 1 // any other failure
-	ExitUsage    = 2 // bad command line or configuration
-	ExitNotExist = 3 // the package does not exist
+	ExitOK       = jobrun.ExitOK       // success
+	ExitError    = jobrun.ExitError    // any other failure
+	ExitUsage    = jobrun.ExitUsage    // bad command line or configuration
+	ExitNotExist = jobrun.ExitNotExist // the package does not exist
 )
 
 // ExitErr carries an exit code. A nil Err means the reason was already
 // printed (or there is none to print, as when `run` passes on its child's
 // code).
-type ExitErr struct {
-	Code int
-	Err  error
-}
-
-// Error returns the reason, or the exit status when there is none.
-func (e *ExitErr) Error() string {
-	if e.Err == nil {
-		return fmt.Sprintf("exit status %d", e.Code)
-	}
-	return e.Err.Error()
-}
-
-// Unwrap returns the reason.
-func (e *ExitErr) Unwrap() error { return e.Err }
+type ExitErr = jobrun.ExitErr
 
 // ErrUsage is wrapped by every command-line error.
 var ErrUsage = errors.New("usage")

@@ -12,10 +12,8 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/jobrun"
 )
-
-// forwarded are the signals `run` passes on to its command.
-var forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
 
 func cmdRun(ctx context.Context, e *env, args []string) error {
 	f, err := e.newFlags("run", false)
@@ -56,7 +54,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	prog.stop()
 	if err != nil {
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
+			return jobrun.NotExist(id)
 		}
 		return err
 	}
@@ -67,7 +65,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	}()
 
 	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, forwarded...)
+	signal.Notify(sigs, jobrun.Forwarded...)
 	defer signal.Stop(sigs)
 
 	cmd := exec.Command(argv[0], argv[1:]...)
@@ -96,20 +94,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 			if refLost {
 				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: its reference to %s was lost", argv[0], id)}
 			}
-			return childExit(err)
+			return jobrun.ChildExit(err)
 		}
 	}
-}
-
-// childExit passes on a child's exit: its code, or 128+signal.
-func childExit(err error) error {
-	if err == nil {
-		return nil
-	}
-	var xe *exec.ExitError
-	if !errors.As(err, &xe) {
-		return err
-	}
-	code, _ := exitStatus(xe)
-	return &ExitErr{Code: code}
 }

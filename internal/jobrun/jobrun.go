@@ -1,0 +1,340 @@
+// Package jobrun runs a job's command while it holds a reference to a
+// package through the local node: what `granary run` does through the
+// host agent, shared by the full CLI (internal/cli, over node.Conn) and
+// the light launcher cmd/granary-run (over agentwire.Client). It owns the
+// command's process: signals are forwarded to it, its exit code passed on,
+// and it is stopped, with a reason, when its reference is lost. It imports
+// only the standard library and the light project packages.
+package jobrun
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/agentwire"
+)
+
+// EnvPkg is set, for the command of `run`, to the package's contents
+// directory.
+const EnvPkg = "GRANARY_PKG"
+
+// EnvAgent set to "off" makes `granary build` and `granary run` use a store
+// of their own (their own etcd client and lease) even when a local node
+// serves their configuration; granary-run then hands the job to the full
+// binary.
+const EnvAgent = "GRANARY_AGENT"
+
+// Exit codes of the granary commands.
+const (
+	ExitOK       = 0 // success
+	ExitError    = 1 // any other failure
+	ExitUsage    = 2 // bad command line or configuration
+	ExitNotExist = 3 // the package does not exist
+)
+
+// ExitErr carries an exit code. A nil Err means the reason was already
+// printed (or there is none to print, as when `run` passes on its child's
+// code).
+type ExitErr struct {
+	Code int
+	Err  error
+}
+
+// Error returns the reason, or the exit status when there is none.
+func (e *ExitErr) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+
+// Unwrap returns the reason.
+func (e *ExitErr) Unwrap() error { return e.Err }
+
+// NotExist is `run`'s error for a package that is neither available nor
+// being built.
+func NotExist(id string) error {
+	return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
+}
+
+// Forwarded are the signals `run` passes on to its command.
+var Forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
+
+// ChildExit passes on a child's exit: nil, an ExitErr with its code or
+// 128+signal, or err itself if it is not an exit.
+func ChildExit(err error) error {
+	if err == nil {
+		return nil
+	}
+	var xe *exec.ExitError
+	if !errors.As(err, &xe) {
+		return err
+	}
+	code, _ := ExitStatus(xe)
+	return &ExitErr{Code: code}
+}
+
+// ExitStatus returns the exit code to pass on for a child's exit (its
+// status, at least 1, or 128+N for signal N) and words for it.
+func ExitStatus(xe *exec.ExitError) (int, string) {
+	if ws, ok := xe.Sys().(syscall.WaitStatus); ok {
+		return waitStatus(ws)
+	}
+	return max(xe.ExitCode(), 1), fmt.Sprintf("exited with status %d", xe.ExitCode())
+}
+
+func waitStatus(ws syscall.WaitStatus) (int, string) {
+	if ws.Signaled() {
+		return 128 + int(ws.Signal()), fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return max(ws.ExitStatus(), 1), fmt.Sprintf("exited with status %d", ws.ExitStatus())
+}
+
+// ReconnectWithin bounds how long a job tries to reach a restarted local
+// node before it stops its command.
+const ReconnectWithin = 30 * time.Second
+
+// Ref is a connection to the local node that holds the job's reference
+// (node.Conn and agentwire.Client are).
+type Ref interface {
+	// Done is closed when the connection ended (the reference with it);
+	// Err then says why.
+	Done() <-chan struct{}
+	Err() error
+	// Notices delivers what the node reports unasked.
+	Notices() <-chan agentwire.Notice
+	// NodePID is the node's process ID.
+	NodePID() int
+	// Close releases the reference and ends the connection.
+	Close() error
+}
+
+// Job is one command run holding a reference to package ID.
+type Job struct {
+	ID   string
+	Argv []string // the command and its arguments
+	// Pkg is the package's contents directory, given to the command as
+	// $GRANARY_PKG.
+	Pkg            string
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// Hold reaches the local node and takes the reference to ID again,
+	// after the node went away. It returns an error wrapping
+	// core.ErrPackageNotExist if the package is gone, and any other error
+	// (no node yet, ...) to be retried.
+	Hold func(ctx context.Context) (Ref, error)
+}
+
+// Run starts the command holding r's reference and waits for it: it
+// forwards signals (Forwarded), passes on the command's exit (ChildExit;
+// 127 when it cannot start), and closes the connection it holds last. If
+// the node goes away it takes the reference again with Hold, for at most
+// ReconnectWithin; if the package is gone by then, no node comes back, or
+// the node reports the reference lost, it stops the command (SIGTERM, then
+// SIGKILL 10 s later) and says why.
+func (j *Job) Run(ctx context.Context, r Ref) error {
+	defer func() { r.Close() }()
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, Forwarded...)
+	defer signal.Stop(sigs)
+
+	prog := j.Argv[0]
+	stderr := j.Stderr
+	if _, ok := stderr.(*os.File); !ok {
+		// Run's messages and the command's output (copied by os/exec) go
+		// to the same writer.
+		stderr = &lockedWriter{w: stderr}
+	}
+	cmd, err := start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, stderr)
+	if err != nil {
+		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", prog, err)}
+	}
+
+	var stopped error // why the command was stopped
+	var kill <-chan time.Time
+	stop := func(why error) {
+		if stopped != nil {
+			return
+		}
+		stopped = why
+		fmt.Fprintf(stderr, "granary: %v: stopping %s\n", why, prog)
+		cmd.signal(syscall.SIGTERM)
+		kill = time.After(10 * time.Second)
+	}
+	type held struct {
+		r   Ref
+		err error
+	}
+	reconnected := make(chan held, 1)
+	reconnecting := false
+	rctx, rcancel := context.WithCancel(ctx)
+	defer rcancel()
+	for {
+		var done <-chan struct{}
+		var notices <-chan agentwire.Notice
+		if !reconnecting && stopped == nil {
+			done, notices = r.Done(), r.Notices()
+		}
+		select {
+		case s := <-sigs:
+			cmd.signal(s)
+		case n := <-notices:
+			if n.Kind == agentwire.NoticeRefLost && n.ID == j.ID {
+				stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", j.ID, n.Err))
+			}
+		case <-done:
+			reconnecting = true
+			fmt.Fprintf(stderr, "granary: the local node went away (%v); reconnecting\n", r.Err())
+			go func() {
+				nr, err := j.reconnect(rctx)
+				reconnected <- held{nr, err}
+			}()
+		case h := <-reconnected:
+			reconnecting = false
+			if h.err != nil {
+				stop(h.err)
+				continue
+			}
+			r = h.r
+			fmt.Fprintf(stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
+		case <-kill:
+			cmd.signal(syscall.SIGKILL)
+		case err := <-cmd.waited:
+			if reconnecting {
+				rcancel()
+				if h := <-reconnected; h.r != nil {
+					r = h.r
+				}
+			}
+			if stopped != nil {
+				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", prog, stopped)}
+			}
+			return err
+		}
+	}
+}
+
+// reconnect takes the reference again with Hold, retrying with backoff
+// for at most ReconnectWithin.
+func (j *Job) reconnect(ctx context.Context) (Ref, error) {
+	ctx, cancel := context.WithTimeout(ctx, ReconnectWithin)
+	defer cancel()
+	var last error
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
+		r, err := j.Hold(ctx)
+		if err == nil {
+			return r, nil
+		}
+		if errors.Is(err, core.ErrPackageNotExist) {
+			return nil, fmt.Errorf("the package %s is gone: it was removed while the local node was away", j.ID)
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the local node did not come back within %v (%v)", ReconnectWithin, last)
+		case <-time.After(wait):
+		}
+	}
+}
+
+// child is the job's running command.
+type child struct {
+	pid    int
+	cmd    *exec.Cmd  // nil: started by syscall.ForkExec
+	waited chan error // its exit, as ChildExit reports it
+}
+
+// start starts argv with env and the given standard streams. When they are
+// all files it forks and execs the command itself: os.StartProcess, which
+// os/exec uses, first forks a throw-away child to check that the kernel's
+// pidfds work, at every launch of a program, and granary-run is all about
+// launch time. Otherwise it uses os/exec, which copies to and from
+// non-file streams.
+func start(argv, env []string, stdin io.Reader, stdout, stderr io.Writer) (*child, error) {
+	c := &child{waited: make(chan error, 1)}
+	in, ok0 := stdin.(*os.File)
+	out, ok1 := stdout.(*os.File)
+	errf, ok2 := stderr.(*os.File)
+	if !ok0 || !ok1 || !ok2 || in == nil || out == nil || errf == nil {
+		c.cmd = exec.Command(argv[0], argv[1:]...)
+		c.cmd.Env = env
+		c.cmd.Stdin, c.cmd.Stdout, c.cmd.Stderr = stdin, stdout, stderr
+		if err := c.cmd.Start(); err != nil {
+			return nil, err
+		}
+		c.pid = c.cmd.Process.Pid
+		go func() { c.waited <- ChildExit(c.cmd.Wait()) }()
+		return c, nil
+	}
+	path := argv[0]
+	if !strings.Contains(path, "/") {
+		p, err := exec.LookPath(path)
+		if err != nil {
+			return nil, err
+		}
+		path = p
+	}
+	pid, err := syscall.ForkExec(path, argv, &syscall.ProcAttr{Env: env, Files: []uintptr{in.Fd(), out.Fd(), errf.Fd()}})
+	if err != nil {
+		return nil, &os.PathError{Op: "fork/exec", Path: path, Err: err}
+	}
+	c.pid = pid
+	go func() {
+		var ws syscall.WaitStatus
+		for {
+			_, err := syscall.Wait4(pid, &ws, 0, nil)
+			if err == syscall.EINTR {
+				continue
+			}
+			if err != nil {
+				c.waited <- fmt.Errorf("granary: wait for %s: %w", argv[0], err)
+				return
+			}
+			break
+		}
+		if ws.Exited() && ws.ExitStatus() == 0 {
+			c.waited <- nil
+			return
+		}
+		code, _ := waitStatus(ws)
+		c.waited <- &ExitErr{Code: code}
+	}()
+	return c, nil
+}
+
+// signal sends sig to the command, which may have exited already.
+func (c *child) signal(sig os.Signal) {
+	if c.cmd != nil {
+		c.cmd.Process.Signal(sig) //nolint:errcheck // it may have exited
+		return
+	}
+	// Only the select loop of Run signals, and it stops once it has
+	// received the exit, so the pid is not reused yet, unless the wait
+	// above reaped it in between: the same window os/exec has without
+	// pidfds.
+	if s, ok := sig.(syscall.Signal); ok {
+		syscall.Kill(c.pid, s) //nolint:errcheck // it may have exited
+	}
+}
+
+// lockedWriter serialises the writes to w.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}

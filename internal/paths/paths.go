@@ -1,0 +1,81 @@
+// Package paths resolves where a host's Granary lives: the shared package
+// root, the host-local state directory and the etcd key prefix, from their
+// defaults, the GRANARY_* environment and the command line. It is the one
+// copy of that resolution: node.Config (the full CLI and the node) and the
+// light job launcher cmd/granary-run both use it, so they always agree on
+// which node serves a command. It imports only the standard library.
+package paths
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+)
+
+// Environment variables that name the three places.
+const (
+	EnvRoot     = "GRANARY_ROOT"
+	EnvStateDir = "GRANARY_STATE_DIR"
+	EnvPrefix   = "GRANARY_PREFIX"
+)
+
+// DefaultPrefix is the default etcd key prefix (etcdstore.DefaultPrefix).
+const DefaultPrefix = "/granary/"
+
+// AgentSocket is the file name of the node's local API socket in the state
+// directory.
+const AgentSocket = "agent.sock"
+
+// DefaultRoot is the default shared root: $XDG_DATA_HOME/granary if that
+// is an absolute path, else ~/.local/share/granary; "" without a home
+// directory (node.Config.Validate reports it).
+func DefaultRoot() string { return xdgDir("XDG_DATA_HOME", ".local/share") }
+
+// DefaultStateDir is the default state directory: $XDG_STATE_HOME/granary
+// if that is an absolute path, else ~/.local/state/granary; "" without a
+// home directory.
+func DefaultStateDir() string { return xdgDir("XDG_STATE_HOME", ".local/state") }
+
+func xdgDir(env, fallback string) string {
+	if d := os.Getenv(env); d != "" && filepath.IsAbs(d) {
+		return filepath.Join(d, "granary")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil || home == "" {
+		return ""
+	}
+	return filepath.Join(home, fallback, "granary")
+}
+
+// Places are the three places a command is configured with.
+type Places struct {
+	Root, StateDir, Prefix *string
+}
+
+// FromEnv sets each place whose GRANARY_* variable getenv returns
+// non-empty.
+func (p Places) FromEnv(getenv func(string) string) {
+	for _, v := range []struct {
+		dst  *string
+		name string
+	}{{p.Root, EnvRoot}, {p.StateDir, EnvStateDir}, {p.Prefix, EnvPrefix}} {
+		if s := getenv(v.name); s != "" {
+			*v.dst = s
+		}
+	}
+}
+
+// RegisterFlags binds --root, --state-dir and --prefix to the places; their
+// defaults are the places' current values, so call it after FromEnv.
+func (p Places) RegisterFlags(fs *flag.FlagSet) {
+	fs.StringVar(p.Root, "root", *p.Root, "shared package root ($"+EnvRoot+")")
+	fs.StringVar(p.StateDir, "state-dir", *p.StateDir, "host-local state directory ($"+EnvStateDir+")")
+	fs.StringVar(p.Prefix, "prefix", *p.Prefix, "etcd key prefix ($"+EnvPrefix+")")
+}
+
+// Socket is the node's local API socket of stateDir.
+func Socket(stateDir string) string { return filepath.Join(stateDir, AgentSocket) }
+
+// Contents is the contents directory of package id under root
+// (etcdstore's layout: <root>/pkgs/<id>/contents), $GRANARY_PKG of a job.
+func Contents(root, id string) string { return filepath.Join(root, "pkgs", id, "contents") }

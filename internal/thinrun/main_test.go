@@ -1,0 +1,9 @@
+package thinrun
+
+import (
+	"testing"
+
+	"go.etcd.io/etcd/client/pkg/v3/testutil"
+)
+
+func TestMain(m *testing.M) { testutil.MustTestMainWithLeakDetection(m) }
