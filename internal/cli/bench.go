@@ -33,7 +33,7 @@ func cmdBench(ctx context.Context, e *env, args []string) error {
 	dir := f.String("dir", "", "where to make the temporary shared root (default $TMPDIR); put it on the farm's volume to include its cost")
 	only := f.String("only", "", "run only these scenarios, comma-separated ("+strings.Join(bench.Scenarios(), ", ")+"); the agent scenario times granary-run too when it is next to this program")
 	farm := f.Bool("farm", false, "run the farm simulation instead (H hosts × a job rate per host on a 3-member embedded etcd; --quick: 10 and 100 hosts, shorter)")
-	ff := farmFlags(f.FlagSet, f.cfg.Linger)
+	ff := farmFlags(f.FlagSet, bench.DefaultFarm().Linger)
 	if err := noArgs(e, f, args); err != nil {
 		return err
 	}

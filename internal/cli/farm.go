@@ -28,7 +28,7 @@ type farmFlagValues struct {
 }
 
 // farmFlags registers the farm's flags on fs; the agents' linger defaults
-// to the node's (node.DefaultConfig's).
+// to linger (the published run's, bench.DefaultFarm's).
 func farmFlags(fs *flag.FlagSet, linger time.Duration) *farmFlagValues {
 	v := &farmFlagValues{linger: linger}
 	d := bench.DefaultFarm()
@@ -38,7 +38,7 @@ func farmFlags(fs *flag.FlagSet, linger time.Duration) *farmFlagValues {
 	fs.Float64Var(&v.maxRate, "max-rate", 0, fmt.Sprintf("farm: cap on the total job rate of the direct and socket agent modes (default %g)", d.MaxRate[bench.FarmDirect]))
 	fs.IntVar(&v.packages, "packages", 0, fmt.Sprintf("farm: published packages (default %d)", d.Packages))
 	fs.Float64Var(&v.zipfS, "zipf-s", 0, fmt.Sprintf("farm: Zipf exponent of the packages' popularity, > 1 (default %g)", d.ZipfS))
-	fs.Var(node.NonNegative(&v.linger), "linger", "farm: the agents' linger: how long a host keeps a package's etcd reference after its last local job (default: the node's)")
+	fs.Var(node.NonNegative(&v.linger), "linger", fmt.Sprintf("farm: the agents' linger: how long a host keeps a package's etcd reference after its last local job (default %v; the node's is %v)", linger, node.DefaultLinger))
 	fs.DurationVar(&v.warm, "warm", 0, "farm: warm-up of the agent modes (default linger + hold + 5s: steady state)")
 	fs.DurationVar(&v.duration, "duration", 0, fmt.Sprintf("farm: measured time per host count and mode (default %v)", d.Duration))
 	fs.DurationVar(&v.hold, "hold", 0, fmt.Sprintf("farm: how long each job holds its package (default %v)", d.Hold))
