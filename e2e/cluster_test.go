@@ -304,11 +304,12 @@ func (c *cluster) refHosts(service, id string) []string {
 }
 
 // waitRefs waits until the hosts holding references to id, as worker1
-// sees them, are exactly want (none if want is empty).
+// sees them, are exactly want, sorted (none if want is empty).
 func (c *cluster) waitRefs(id string, want ...string) {
 	c.t.Helper()
 	c.eventually(takeover, fmt.Sprintf("references to %s held by %v", id, want), func() (bool, string) {
 		hosts := c.refHosts("worker1", id)
+		slices.Sort(hosts) // etcd lists them by lease
 		return slices.Equal(hosts, want), fmt.Sprint(hosts)
 	})
 }

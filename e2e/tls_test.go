@@ -36,8 +36,10 @@ func TestTLSAuth(t *testing.T) {
 
 	buildOnce(t, c, "tls-once", 4)
 
+	// worker3's node lingers on tls-once after buildOnce's jobs there.
 	holder := c.background("worker2", "run", "tls-once", "--", "sleep", "1004")
-	c.waitRefs("tls-once", "worker2")
+	c.waitRefs("tls-once", "worker2", "worker3")
+	// The rm asks both nodes to let go: worker3's does, worker2's job keeps it.
 	if r := c.granary("worker1", "rm", "tls-once"); r.code == 0 || !strings.Contains(r.out, "worker2") {
 		t.Fatalf("rm under worker2's reference: %s; want refused naming worker2", r)
 	}
@@ -47,7 +49,6 @@ func TestTLSAuth(t *testing.T) {
 	// after its last local holder ended; worker1's rm asks it to let go
 	// (P/yield, under the same auth as every key). The node may not have
 	// seen its job's connection end yet when the first rm asks: retried.
-	c.waitRefs("tls-once", "worker2")
 	c.eventually(takeover, "rm of a package worker2 only lingers on", func() (bool, string) {
 		r := c.granary("worker1", "rm", "tls-once")
 		return r.code == 0, r.String()
