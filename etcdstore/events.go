@@ -68,8 +68,9 @@ const (
 	EventSealing
 	// EventYieldRequested: a removal on host Host asks the owners of
 	// cached references to ID (IncRefCachedContext) to release them if no
-	// job holds the package. Sent only to stores that took a cached
-	// reference.
+	// job holds the package, and to answer with RecordHolders (a count
+	// above zero refuses at once) if jobs do. Sent only to stores that
+	// took a cached reference.
 	EventYieldRequested
 	// EventHoldersRequested: AskHolders on host Host wants the number of
 	// local users of the cached reference to ID; its owner answers with

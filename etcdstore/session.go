@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -230,7 +231,9 @@ func (s *Session) opCtx(ctx context.Context) (context.Context, context.CancelFun
 func (s *Session) revoke(id clientv3.LeaseID) error {
 	ctx, cancel := s.opCtx(context.Background())
 	defer cancel()
-	if _, err := s.cli.Revoke(ctx, id); err != nil {
+	// A lease etcd no longer knows (expired, or revoked by someone else)
+	// is as gone as Close wants it.
+	if _, err := s.cli.Revoke(ctx, id); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		return fmt.Errorf("etcdstore: revoke lease %x (it expires within %v): %w", int64(id), s.cfg.TTL, err)
 	}
 	return nil

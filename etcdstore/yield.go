@@ -119,8 +119,10 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 			delete(left, string(ev.Kv.Key))
 			return len(left) == 0
 		}
-		if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached {
-			refused = true // a job took it meanwhile
+		if r, err := decode[refRecord](ev.Kv.Value); err != nil || !r.Cached || r.Holders > 0 {
+			// A job took it meanwhile, or the owner answered that jobs
+			// on its host hold it (its holder count).
+			refused = true
 			return true
 		}
 		left[string(ev.Kv.Key)] = true

@@ -668,8 +668,16 @@ func (a *agent) expire(id string, p *hostRef, gen uint64) {
 func (a *agent) yield(id, by string) {
 	a.mu.Lock()
 	p := a.pkgs[id]
-	if a.closed || p == nil || p.holders > 0 || !p.etcd || p.busy != nil {
+	if a.closed || p == nil || !p.etcd || p.busy != nil {
 		a.mu.Unlock()
+		return
+	}
+	if p.holders > 0 {
+		// Refuse out loud: the holder count in the reference tells the
+		// removal at once that jobs here hold it, instead of letting it
+		// wait out its yield wait.
+		a.mu.Unlock()
+		a.census(id)
 		return
 	}
 	p.gen++ // the linger release must not happen as well

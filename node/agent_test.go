@@ -376,7 +376,9 @@ func TestYieldKeepsHeld(t *testing.T) {
 	na, _ := agentNode(t, srv, root, "host-a", time.Hour)
 	nb, _ := agentNode(t, srv, root, "host-b", time.Hour)
 	ca, cb := connect(t, na), connect(t, nb)
-	obs := observer(t, srv, root)
+	// The observer would wait an hour for a node that ignored its yield
+	// request: host a's refusal (its holder count) must end the wait.
+	obs := observer(t, srv, root, etcdstore.WithYieldWait(time.Hour))
 	build(t, obs, "y")
 	ctx := context.Background()
 	// Both hosts linger on y; a process on a third host holds it.
@@ -406,8 +408,21 @@ func TestYieldKeepsHeld(t *testing.T) {
 	if err := ca.Handle("y").IncRefContext(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := obs.Handle("y").TryRemoveContext(ctx); ok || err != nil {
-		t.Fatalf("TryRemove while a job on host a holds y = %v, %v; want false, nil", ok, err)
+	refused := make(chan error, 1)
+	go func() {
+		ok, err := obs.Handle("y").TryRemoveContext(ctx)
+		if ok && err == nil {
+			err = errors.New("removed")
+		}
+		refused <- err
+	}()
+	select {
+	case err := <-refused:
+		if err != nil {
+			t.Fatalf("TryRemove while a job on host a holds y: %v; want false, nil", err)
+		}
+	case <-time.After(time.Minute): // a hang detector, far above any answer
+		t.Fatal("TryRemove while a job on host a holds y is still waiting its hour-long yield wait: host a did not refuse")
 	}
 	if got := etcdRefs(t, cli, "y"); got != 1 {
 		t.Errorf("etcd references after the refused removal = %d; want 1 (host a's)", got)

@@ -287,11 +287,30 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// gone reports whether etcd no longer knows lease id; regLease is the
+	// lease of the node's registration.
+	gone := func(id clientv3.LeaseID) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		resp, err := n.Client().TimeToLive(ctx, id)
+		return err == nil && resp.TTL == -1
+	}
+	regLease := func() clientv3.LeaseID {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		resp, err := n.Client().Get(ctx, cfg.Prefix+"node/"+cfg.Name+"/", clientv3.WithPrefix())
+		if err != nil || len(resp.Kvs) == 0 {
+			return 0
+		}
+		return clientv3.LeaseID(resp.Kvs[0].Lease)
+	}
+
 	var lostBase int64 // lease losses accounted for by the etcd race below
 	raced := false
 	scenario := func(name string, m *member, wasLeader bool) {
 		t.Helper()
 		takeGap := ackGap()
+		reg := regLease()
 		// A build that spans the freeze: it must publish afterwards.
 		release := make(chan struct{})
 		started := make(chan struct{})
@@ -370,7 +389,20 @@ func TestFrozenMemberKeepsLease(t *testing.T) {
 		// (etcd-io/etcd#15247, the proposal-forwarding hole of #16285; open
 		// in v3.7.3). No client can prevent that; the store then makes a
 		// new lease and takes its references again.
-		if wasLeader && (longErr != nil || lost.Load() != lostBase) && !m.revokeIgnored() {
+		// The thawed leader's revocations land a moment after it resumes,
+		// not necessarily before the build above ended: wait until its log
+		// says it ignored them, or one of the node's leases is gone.
+		leasesGone := false
+		if wasLeader {
+			deadline := time.Now().Add(2 * ttl)
+			for !m.revokeIgnored() && lost.Load() == lostBase && time.Now().Before(deadline) {
+				if leasesGone = gone(lease) || gone(reg); leasesGone {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		if wasLeader && (longErr != nil || lost.Load() != lostBase || leasesGone) && !m.revokeIgnored() {
 			t.Logf("%s: the thawed old leader %s revoked the leases (etcd server race, see the comment): build spanning the freeze: %v; waiting for the store's new lease", name, m.name, longErr)
 			deadline := time.Now().Add(4 * ttl)
 			for (lost.Load() == lostBase || restored.Load() < lost.Load()) && time.Now().Before(deadline) {
