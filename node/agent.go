@@ -3,7 +3,6 @@ package node
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -196,7 +195,7 @@ type agentConn struct {
 
 	wmu sync.Mutex
 	bw  *bufio.Writer
-	enc *json.Encoder
+	buf []byte // the message being written
 
 	mu      sync.Mutex
 	purpose string
@@ -222,7 +221,6 @@ func (a *agent) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
 	ac := &agentConn{a: a, c: c, uid: uid, pid: pid, since: time.Now(), ctx: cctx, cancel: cancel,
 		refs: make(map[string][]time.Time), builds: make(map[uint64]*serverBuild), increfs: make(map[string]int)}
 	ac.bw = bufio.NewWriter(c)
-	ac.enc = json.NewEncoder(ac.bw)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed {
@@ -237,7 +235,8 @@ func (a *agent) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
 func (c *agentConn) send(m msg) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if err := c.enc.Encode(m); err == nil {
+	c.buf = appendMsg(c.buf[:0], &m)
+	if _, err := c.bw.Write(c.buf); err == nil {
 		err = c.bw.Flush()
 		if err == nil {
 			return
@@ -275,10 +274,14 @@ func (c *agentConn) run() {
 		delete(a.conns, c)
 		a.mu.Unlock()
 	}()
-	dec := json.NewDecoder(bufio.NewReader(c.c))
+	lr := agentwire.NewLineReader(c.c)
 	for {
 		var m msg
-		if err := dec.Decode(&m); err != nil {
+		line, err := lr.Next()
+		if err == nil {
+			err = decodeMsg(line, &m)
+		}
+		if err != nil {
 			return
 		}
 		switch m.Op {

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"time"
 
@@ -43,6 +44,29 @@ type msg struct {
 	Info    *etcdstore.Info    `json:"info,omitempty"`
 	Event   *wireEvent         `json:"event,omitempty"`
 	Outcome *etcdstore.Outcome `json:"outcome,omitempty"`
+}
+
+// appendMsg appends m as one line, by hand (agentwire.AppendMsg) when it
+// carries only agentwire's fields: the hot path's messages do.
+func appendMsg(b []byte, m *msg) []byte {
+	if m.Info == nil && m.Event == nil && m.Outcome == nil {
+		return agentwire.AppendMsg(b, &m.Msg)
+	}
+	j, err := json.Marshal(m)
+	if err != nil { // cannot happen: msg has only marshalable fields
+		panic(err)
+	}
+	return append(append(b, j...), '\n')
+}
+
+// decodeMsg decodes one line into m, by hand when it is flat.
+func decodeMsg(line []byte, m *msg) error {
+	*m = msg{}
+	if agentwire.DecodeMsg(line, &m.Msg) {
+		return nil
+	}
+	*m = msg{}
+	return json.Unmarshal(line, m)
 }
 
 // wire returns a msg of agentwire's fields only.

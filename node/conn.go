@@ -3,7 +3,6 @@ package node
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -43,7 +42,7 @@ type Conn struct {
 
 	wmu sync.Mutex
 	bw  *bufio.Writer
-	enc *json.Encoder
+	buf []byte // the message being written
 
 	mu      sync.Mutex
 	seq     uint64
@@ -127,7 +126,6 @@ func ConnectWith(ctx context.Context, stateDir string, o ConnectOptions) (*Conn,
 		pending: make(map[uint64]*call), builds: make(map[uint64]*clientBuild), held: make(map[string]int),
 		done: make(chan struct{}), readerr: make(chan struct{}), notices: make(chan Notice, 16),
 	}
-	c.enc = json.NewEncoder(c.bw)
 	go c.read()
 	r, err := c.request(ctx, wire(agentwire.Msg{Op: opHello, Purpose: o.Purpose}))
 	if err == nil && r.Hello == nil {
@@ -226,10 +224,14 @@ func (c *Conn) end(why error) {
 // read dispatches the node's messages until the connection ends.
 func (c *Conn) read() {
 	defer close(c.readerr)
-	dec := json.NewDecoder(bufio.NewReader(c.c))
+	lr := agentwire.NewLineReader(c.c)
 	for {
 		var m msg
-		if err := dec.Decode(&m); err != nil {
+		line, err := lr.Next()
+		if err == nil {
+			err = decodeMsg(line, &m)
+		}
+		if err != nil {
 			c.end(fmt.Errorf("%w: %v", ErrNodeGone, err))
 			return
 		}
@@ -268,7 +270,8 @@ func (c *Conn) read() {
 func (c *Conn) send(m msg) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	err := c.enc.Encode(m)
+	c.buf = appendMsg(c.buf[:0], &m)
+	_, err := c.bw.Write(c.buf)
 	if err == nil {
 		err = c.bw.Flush()
 	}

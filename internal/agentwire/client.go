@@ -3,7 +3,6 @@ package agentwire
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -57,7 +56,7 @@ type Client struct {
 
 	wmu sync.Mutex
 	bw  *bufio.Writer
-	enc *json.Encoder
+	buf []byte // the message being written
 
 	mu      sync.Mutex
 	seq     uint64
@@ -106,7 +105,6 @@ func dial(socket string) (*Client, error) {
 		waiting: make(chan struct{}, 1), done: make(chan struct{}), readerr: make(chan struct{}),
 		notices: make(chan Notice, 16),
 	}
-	c.enc = json.NewEncoder(c.bw)
 	go c.read()
 	return c, nil
 }
@@ -227,10 +225,14 @@ func (c *Client) notify(n Notice) {
 // read dispatches the node's messages until the connection ends.
 func (c *Client) read() {
 	defer close(c.readerr)
-	dec := json.NewDecoder(bufio.NewReader(c.c))
+	lr := NewLineReader(c.c)
 	for {
 		var m Msg
-		if err := dec.Decode(&m); err != nil {
+		line, err := lr.Next()
+		if err == nil {
+			err = Decode(line, &m)
+		}
+		if err != nil {
 			c.end(fmt.Errorf("%w: %v", ErrNodeGone, err))
 			return
 		}
@@ -282,7 +284,8 @@ func (c *Client) send(m Msg, flush bool) (chan Msg, error) {
 	c.pending[m.Seq] = ch
 	c.mu.Unlock()
 	c.wmu.Lock()
-	err := c.enc.Encode(m)
+	c.buf = AppendMsg(c.buf[:0], &m)
+	_, err := c.bw.Write(c.buf)
 	if err == nil && flush {
 		err = c.bw.Flush()
 	}

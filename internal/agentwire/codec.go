@@ -1,0 +1,351 @@
+package agentwire
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+)
+
+// The hot path's messages (incref, decref and their replies) are flat:
+// an op, a sequence number, a package ID, a flag, perhaps an error.
+// encoding/json spends ~4 µs decoding one of them by reflection on a
+// 2-core machine, and an IncRef+DecRef pair through the node decodes
+// four: a quarter of the pair. AppendMsg and DecodeMsg handle flat
+// messages by hand and leave everything else to encoding/json, byte for
+// byte the same on the wire (FuzzCodec checks both directions against
+// encoding/json).
+
+// MaxLine bounds one message: a peer that sends a longer line is cut off.
+// The longest legitimate message is an inspection with a reference per
+// host of a large farm (~150 bytes each).
+const MaxLine = 16 << 20
+
+// LineReader reads the protocol's messages, one per line.
+type LineReader struct {
+	br   *bufio.Reader
+	long []byte
+}
+
+// NewLineReader reads lines from r.
+func NewLineReader(r io.Reader) *LineReader { return &LineReader{br: bufio.NewReader(r)} }
+
+// Next returns the next line, newline included. It is valid until the
+// next call.
+func (l *LineReader) Next() ([]byte, error) {
+	line, err := l.br.ReadSlice('\n')
+	if err != bufio.ErrBufferFull {
+		if err == io.EOF && len(line) > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return line, err
+	}
+	l.long = append(l.long[:0], line...)
+	for err == bufio.ErrBufferFull {
+		if len(l.long) > MaxLine {
+			return nil, fmt.Errorf("agentwire: message longer than %d bytes", MaxLine)
+		}
+		line, err = l.br.ReadSlice('\n')
+		l.long = append(l.long, line...)
+	}
+	if err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return l.long, err
+}
+
+// Decode decodes one line into m: by hand if it is flat (DecodeMsg), else
+// with encoding/json.
+func Decode(line []byte, m *Msg) error {
+	if DecodeMsg(line, m) {
+		return nil
+	}
+	*m = Msg{}
+	return json.Unmarshal(line, m)
+}
+
+// Flat reports whether AppendMsg encodes m by hand: it has no nested
+// values, and its strings need no escaping.
+func Flat(m *Msg) bool {
+	if m.Hello != nil || m.Holders != nil {
+		return false
+	}
+	for _, s := range m.Codes {
+		if !plain(s) {
+			return false
+		}
+	}
+	return plain(m.Op) && plain(m.ID) && plain(m.Purpose) && plain(m.Err)
+}
+
+// AppendMsg appends m and a newline to b, exactly as json.Encoder writes
+// it.
+func AppendMsg(b []byte, m *Msg) []byte {
+	if !Flat(m) {
+		j, err := json.Marshal(m)
+		if err != nil { // cannot happen: Msg has only marshalable fields
+			panic(err)
+		}
+		return append(append(b, j...), '\n')
+	}
+	b = append(b, `{"op":"`...)
+	b = append(b, m.Op...)
+	b = append(b, '"')
+	if m.Seq != 0 {
+		b = strconv.AppendUint(append(b, `,"seq":`...), m.Seq, 10)
+	}
+	b = appendString(b, "id", m.ID)
+	b = appendString(b, "purpose", m.Purpose)
+	if m.PID != 0 {
+		b = strconv.AppendInt(append(b, `,"pid":`...), int64(m.PID), 10)
+	}
+	if m.OK {
+		b = append(b, `,"ok":true`...)
+	}
+	b = appendString(b, "err", m.Err)
+	if len(m.Codes) > 0 {
+		b = append(b, `,"codes":[`...)
+		for i, c := range m.Codes {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(append(append(b, '"'), c...), '"')
+		}
+		b = append(b, ']')
+	}
+	return append(b, "}\n"...)
+}
+
+func appendString(b []byte, key, v string) []byte {
+	if v == "" {
+		return b
+	}
+	b = append(append(append(b, `,"`...), key...), `":"`...)
+	return append(append(b, v...), '"')
+}
+
+// plain reports whether json.Marshal writes s as it is: printable ASCII
+// without the characters it escapes.
+func plain(s string) bool {
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c < 0x20 || c > 0x7e, c == '"', c == '\\', c == '<', c == '>', c == '&':
+			return false
+		}
+	}
+	return true
+}
+
+// DecodeMsg decodes a flat message (as AppendMsg writes it, in any field
+// order, with any whitespace) into m and reports whether it could. It
+// refuses anything it does not know for certain to decode as
+// encoding/json would (an escape, a nested value, an unknown key, a key
+// in another case, null, a number with a fraction), leaving the line to
+// encoding/json.
+func DecodeMsg(line []byte, m *Msg) bool {
+	*m = Msg{}
+	p := parser{b: line}
+	if !p.byte('{') {
+		return false
+	}
+	if p.byte('}') {
+		return p.end()
+	}
+	for {
+		key, ok := p.raw()
+		if !ok || !p.byte(':') {
+			return false
+		}
+		switch string(key) { // no allocation
+		case "op":
+			m.Op, ok = p.op()
+		case "id":
+			m.ID, ok = p.str()
+		case "purpose":
+			m.Purpose, ok = p.str()
+		case "err":
+			m.Err, ok = p.str()
+		case "seq":
+			m.Seq, ok = p.uint()
+		case "pid":
+			m.PID, ok = p.int()
+		case "ok":
+			m.OK, ok = p.bool()
+		case "codes":
+			m.Codes, ok = p.strs()
+		default:
+			return false
+		}
+		if !ok {
+			return false
+		}
+		if p.byte('}') {
+			return p.end()
+		}
+		if !p.byte(',') {
+			return false
+		}
+	}
+}
+
+// parser is DecodeMsg's cursor over one line.
+type parser struct {
+	b []byte
+	i int
+}
+
+func (p *parser) space() {
+	for p.i < len(p.b) {
+		switch p.b[p.i] {
+		case ' ', '\t', '\n', '\r':
+			p.i++
+		default:
+			return
+		}
+	}
+}
+
+// byte consumes c (after whitespace) if it is next.
+func (p *parser) byte(c byte) bool {
+	p.space()
+	if p.i < len(p.b) && p.b[p.i] == c {
+		p.i++
+		return true
+	}
+	return false
+}
+
+// end reports whether only whitespace is left.
+func (p *parser) end() bool {
+	p.space()
+	return p.i == len(p.b)
+}
+
+// str reads a string of printable ASCII without escapes.
+func (p *parser) str() (string, bool) {
+	b, ok := p.raw()
+	return string(b), ok
+}
+
+// op is str for an operation: the known ones without an allocation.
+func (p *parser) op() (string, bool) {
+	b, ok := p.raw()
+	switch string(b) {
+	case OpIncRef:
+		return OpIncRef, ok
+	case OpDecRef:
+		return OpDecRef, ok
+	case OpReply:
+		return OpReply, ok
+	}
+	return string(b), ok
+}
+
+// raw reads a string of printable ASCII without escapes; the bytes are
+// the line's.
+func (p *parser) raw() ([]byte, bool) {
+	if !p.byte('"') {
+		return nil, false
+	}
+	start := p.i
+	for ; p.i < len(p.b); p.i++ {
+		switch c := p.b[p.i]; {
+		case c == '"':
+			p.i++
+			return p.b[start : p.i-1], true
+		case c == '\\' || c < 0x20 || c > 0x7e:
+			return nil, false
+		}
+	}
+	return nil, false
+}
+
+// digits reads a run of decimal digits without a leading zero (JSON's
+// integers) that fits in a uint64, and fails on a fraction or exponent
+// after it.
+func (p *parser) digits() (uint64, bool) {
+	p.space()
+	start := p.i
+	var n uint64
+	for p.i < len(p.b) && p.b[p.i] >= '0' && p.b[p.i] <= '9' {
+		d := uint64(p.b[p.i] - '0')
+		if n > (math.MaxUint64-d)/10 {
+			return 0, false
+		}
+		n = n*10 + d
+		p.i++
+	}
+	if p.i == start || (p.i-start > 1 && p.b[start] == '0') {
+		return 0, false
+	}
+	if p.i < len(p.b) {
+		switch p.b[p.i] {
+		case '.', 'e', 'E':
+			return 0, false
+		}
+	}
+	return n, true
+}
+
+func (p *parser) uint() (uint64, bool) { return p.digits() }
+
+func (p *parser) int() (int, bool) {
+	p.space()
+	neg := p.i < len(p.b) && p.b[p.i] == '-'
+	if neg {
+		p.i++
+		if p.i < len(p.b) && (p.b[p.i] < '0' || p.b[p.i] > '9') {
+			return 0, false // "- 1" is not JSON
+		}
+	}
+	n, ok := p.digits()
+	switch {
+	case !ok:
+		return 0, false
+	case neg && n <= -math.MinInt:
+		return int(-n), true // -math.MinInt: the uint64 wraps to itself
+	case !neg && n <= math.MaxInt:
+		return int(n), true
+	}
+	return 0, false
+}
+
+func (p *parser) bool() (bool, bool) {
+	p.space()
+	rest := p.b[p.i:]
+	switch {
+	case len(rest) >= 4 && string(rest[:4]) == "true":
+		p.i += 4
+		return true, true
+	case len(rest) >= 5 && string(rest[:5]) == "false":
+		p.i += 5
+		return false, true
+	}
+	return false, false
+}
+
+// strs reads an array of strings (not null).
+func (p *parser) strs() ([]string, bool) {
+	if !p.byte('[') {
+		return nil, false
+	}
+	out := []string{}
+	if p.byte(']') {
+		return out, true
+	}
+	for {
+		s, ok := p.str()
+		if !ok {
+			return nil, false
+		}
+		out = append(out, s)
+		if p.byte(']') {
+			return out, true
+		}
+		if !p.byte(',') {
+			return nil, false
+		}
+	}
+}

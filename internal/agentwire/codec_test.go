@@ -1,0 +1,121 @@
+package agentwire
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+var codecSeeds = []Msg{
+	{Op: OpIncRef, Seq: 1, ID: "python-3.12"},
+	{Op: OpReply, Seq: 18446744073709551615, OK: true},
+	{Op: OpReply, Seq: 7, Err: `granary: incref "x": package does not exist`, Codes: []string{CodeNotExist}},
+	{Op: OpHello, Purpose: "granary-run"},
+	{Op: OpBuilderPG, Seq: 3, PID: -42},
+	{Op: OpReply, Codes: []string{}},
+	{Op: OpReply, Err: "<html> & \"quotes\" \\ é \x01"},
+	{Op: OpReply, Hello: &Hello{Version: 1, Host: "h"}},
+	{Op: OpReply, Holders: []Holder{{UID: 1, PID: 2}}},
+}
+
+// AppendMsg writes what json.Encoder writes, for every message.
+func FuzzAppendMsg(f *testing.F) {
+	for _, m := range codecSeeds {
+		f.Add(m.Op, m.Seq, m.ID, m.Purpose, m.PID, m.OK, m.Err, strings.Join(m.Codes, "\x00"), len(m.Codes) > 0)
+	}
+	f.Fuzz(func(t *testing.T, op string, seq uint64, id, purpose string, pid int, ok bool, errMsg, codes string, hasCodes bool) {
+		m := Msg{Op: op, Seq: seq, ID: id, Purpose: purpose, PID: pid, OK: ok, Err: errMsg}
+		if hasCodes {
+			m.Codes = strings.Split(codes, "\x00")
+		}
+		var want bytes.Buffer
+		if err := json.NewEncoder(&want).Encode(&m); err != nil {
+			t.Fatal(err)
+		}
+		if got := AppendMsg(nil, &m); !bytes.Equal(got, want.Bytes()) {
+			t.Fatalf("AppendMsg(%+v)\n got %s\nwant %s", m, got, want.Bytes())
+		}
+	})
+}
+
+// What DecodeMsg accepts, encoding/json decodes the same; and it accepts
+// everything AppendMsg writes by hand.
+func FuzzDecodeMsg(f *testing.F) {
+	for _, m := range codecSeeds {
+		f.Add(AppendMsg(nil, &m))
+	}
+	for _, s := range []string{
+		`{}`, ` { "seq" : 5 , "op":"x" } `, `{"seq":05}`, `{"seq":5.0}`, `{"seq":-1}`, `{"OP":"x"}`,
+		`{"op":"a","op":"b"}`, `{"ok":null}`, `{"codes":null}`, `{"pid":-0}`, `{"id":"a\u0062"}`, `{"seq":1}x`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		var fast Msg
+		if !DecodeMsg(line, &fast) {
+			return
+		}
+		var slow Msg
+		if err := json.Unmarshal(line, &slow); err != nil {
+			t.Fatalf("DecodeMsg accepted %q, which encoding/json refuses: %v", line, err)
+		}
+		if !reflect.DeepEqual(fast, slow) {
+			t.Fatalf("%q:\nDecodeMsg   %+v\nencoding/json %+v", line, fast, slow)
+		}
+	})
+}
+
+func TestDecodeMsgTakesFlatMessages(t *testing.T) {
+	for _, m := range codecSeeds {
+		line := AppendMsg(nil, &m)
+		var got Msg
+		if err := Decode(line, &got); err != nil {
+			t.Fatalf("Decode(%s) = %v", line, err)
+		}
+		if Flat(&m) && !DecodeMsg(line, &got) {
+			t.Errorf("DecodeMsg refused its own flat message %s", line)
+		}
+		var want Msg                // what encoding/json makes of it (an empty Codes is omitted)
+		json.Unmarshal(line, &want) //nolint:errcheck
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("Decode(%s) = %+v, want %+v", line, got, want)
+		}
+	}
+}
+
+func TestLineReaderLongLines(t *testing.T) {
+	long := `{"op":"reply","err":"` + strings.Repeat("x", 100_000) + `"}` + "\n"
+	r := NewLineReader(strings.NewReader(`{"op":"a"}` + "\n" + long + `{"op":"b"}` + "\n" + `{"op":"c"}`))
+	for i, want := range []string{`{"op":"a"}` + "\n", long, `{"op":"b"}` + "\n"} {
+		got, err := r.Next()
+		if err != nil || string(got) != want {
+			t.Fatalf("line %d: %d bytes, %v; want %d bytes", i, len(got), err, len(want))
+		}
+	}
+	if _, err := r.Next(); err != io.ErrUnexpectedEOF {
+		t.Fatalf("a last line without its newline: %v, want io.ErrUnexpectedEOF", err)
+	}
+	if _, err := r.Next(); err != io.EOF {
+		t.Fatalf("after the end: %v, want io.EOF", err)
+	}
+}
+
+func BenchmarkDecode(b *testing.B) {
+	line := AppendMsg(nil, &Msg{Op: OpIncRef, Seq: 12345, ID: "python-3.12-abcdef"})
+	b.Run("DecodeMsg", func(b *testing.B) {
+		var m Msg
+		for range b.N {
+			DecodeMsg(line, &m)
+		}
+	})
+	b.Run("encoding/json", func(b *testing.B) {
+		var m Msg
+		for range b.N {
+			m = Msg{}
+			json.Unmarshal(line, &m) //nolint:errcheck
+		}
+	})
+}
