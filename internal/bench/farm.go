@@ -418,8 +418,8 @@ type farmStats struct {
 // jobs starts jobs for d at rate per second in total (open loop: a slow
 // job does not delay the next start, and a start that falls behind its
 // schedule counts the delay) and waits for them to end. A job's start time
-// is from its scheduled arrival to holding its package; each job holds it
-// for Hold.
+// is from its scheduled arrival (or from its start, if the generator
+// started it early) to holding its package; each job holds it for Hold.
 func (f *farm) jobs(ctx context.Context, hosts []farmHost, rng *rand.Rand, rate float64, d time.Duration) (farmStats, error) {
 	zipf := rand.NewZipf(rng, f.cfg.ZipfS, 1, uint64(f.cfg.Packages-1))
 	var (
@@ -465,10 +465,17 @@ func (f *farm) jobs(ctx context.Context, hosts []farmHost, rng *rand.Rand, rate 
 			wg.Wait()
 			return st, fmt.Errorf("%w: the job generator fell %v behind its schedule at %.0f jobs/s in total", ErrFarmOverload, -wait.Round(time.Millisecond), rate)
 		}
+		// A job started ahead of its arrival (the generator does not
+		// sleep for less than a millisecond) is timed from its start;
+		// one started behind it, from its arrival, so the lag counts.
+		from := at
+		if now := time.Now(); now.Before(at) {
+			from = now
+		}
 		wg.Add(1)
 		go func() {
 			release, err := host.acquire(ctx, id)
-			took := time.Since(at)
+			took := time.Since(from)
 			if err != nil {
 				done(took, err)
 				wg.Done()
