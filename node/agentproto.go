@@ -65,7 +65,7 @@ func decodeMsg(line []byte, m *msg) error {
 	if agentwire.DecodeMsg(line, &m.Msg) {
 		return nil
 	}
-	*m = msg{}
+	*m = msg{} // drop what the fast path read before it gave up
 	return json.Unmarshal(line, m)
 }
 

@@ -66,9 +66,9 @@ func Decode(line []byte, m *Msg) error {
 	return json.Unmarshal(line, m)
 }
 
-// Flat reports whether AppendMsg encodes m by hand: it has no nested
+// flat reports whether AppendMsg encodes m by hand: it has no nested
 // values, and its strings need no escaping.
-func Flat(m *Msg) bool {
+func flat(m *Msg) bool {
 	if m.Hello != nil || m.Holders != nil {
 		return false
 	}
@@ -83,7 +83,7 @@ func Flat(m *Msg) bool {
 // AppendMsg appends m and a newline to b, exactly as json.Encoder writes
 // it.
 func AppendMsg(b []byte, m *Msg) []byte {
-	if !Flat(m) {
+	if !flat(m) {
 		j, err := json.Marshal(m)
 		if err != nil { // cannot happen: Msg has only marshalable fields
 			panic(err)
@@ -168,7 +168,7 @@ func DecodeMsg(line []byte, m *Msg) bool {
 		case "err":
 			m.Err, ok = p.str()
 		case "seq":
-			m.Seq, ok = p.uint()
+			m.Seq, ok = p.digits()
 		case "pid":
 			m.PID, ok = p.int()
 		case "ok":
@@ -288,8 +288,6 @@ func (p *parser) digits() (uint64, bool) {
 	}
 	return n, true
 }
-
-func (p *parser) uint() (uint64, bool) { return p.digits() }
 
 func (p *parser) int() (int, bool) {
 	p.space()

@@ -75,7 +75,7 @@ func TestDecodeMsgTakesFlatMessages(t *testing.T) {
 		if err := Decode(line, &got); err != nil {
 			t.Fatalf("Decode(%s) = %v", line, err)
 		}
-		if Flat(&m) && !DecodeMsg(line, &got) {
+		if flat(&m) && !DecodeMsg(line, &got) {
 			t.Errorf("DecodeMsg refused its own flat message %s", line)
 		}
 		var want Msg                // what encoding/json makes of it (an empty Codes is omitted)
