@@ -76,6 +76,17 @@ const (
 	// local users of the cached reference to ID; its owner answers with
 	// RecordHolders. Sent only to stores that took a cached reference.
 	EventHoldersRequested
+	// EventRefDropped: ReconcileRefs deleted a reference key to ID on the
+	// store's lease that the store did not track (an IncRef whose outcome
+	// was lost, applied after its caller gave up). Without the drop it
+	// would have pinned the package until the lease ended.
+	EventRefDropped
+	// EventRefDeleted: etcd deleted the key of a cached reference to ID
+	// behind the store's back (its lease revoked or expired, or the key
+	// deleted; Err says how it was found). The reference is no longer
+	// proven (RefProven); the store takes it again at once, or reports
+	// EventRefLost if the package was removed meanwhile.
+	EventRefDeleted
 )
 
 var kindNames = map[EventKind]string{
@@ -85,7 +96,7 @@ var kindNames = map[EventKind]string{
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
-	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested",
+	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested", EventRefDropped: "ref-dropped", EventRefDeleted: "ref-deleted",
 }
 
 func (k EventKind) String() string {

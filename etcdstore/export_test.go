@@ -40,3 +40,8 @@ func SetSealProgressEvery(d time.Duration) (restore func()) {
 	sealProgressEvery = d
 	return func() { sealProgressEvery = old }
 }
+
+// SetTestHookRetake installs fn to run before s takes again a reference
+// whose key etcd deleted behind its back (fn may block it). Call it
+// before the deletion.
+func SetTestHookRetake(s *Store, fn func(id string)) { s.testHookRetake = fn }

@@ -18,36 +18,49 @@ import (
 //
 // Lock order: move before mu; mu is a leaf (nothing is called while it is
 // held). move is held for reading while one reference is taken or released
-// and for writing while every reference moves to a new lease, so a
-// reference is never taken on a lease that is being replaced and missed by
-// the move.
+// and for writing while references move to a new lease (every one, or one
+// whose key etcd deleted behind our back), so a reference is never taken
+// on a lease that is being replaced and missed by the move.
 type refTable struct {
 	move sync.RWMutex
 	mu   sync.Mutex
 	held map[string][]*ref // newest last
-	seq  uint64
+	// pending holds the keys of reference Txns in flight. A key is
+	// pending from before its Txn is sent until it is in held or given
+	// up, so ReconcileRefs never takes a key on its way in for a stray.
+	pending map[string]struct{}
+	seq     uint64
 }
 
-// ref is one reference held by this store.
+// ref is one reference held by this store. Its fields are guarded by
+// refTable.mu.
 type ref struct {
 	key   string // current key; changes when the reference moves to a new lease
 	since time.Time
-	lost  bool // the package was gone when the lease was renewed
-	// cached: taken by IncRefCachedContext; a removal asks for it.
+	lost  bool // the package was gone when the reference was taken again
+	// cached: taken by IncRefCachedContext; a removal asks for it, and the
+	// store watches its key so that a node can prove it (RefProven).
 	cached bool
 	lease  clientv3.LeaseID // the lease key is on
 	// pkg is the published record read in the Txn that took the
 	// reference (nil when the Txn's outcome had to be read back).
 	pkg *PackageRecord
+
+	// released: DecRef gave it up (a deletion of its key is ours).
+	released bool
+	// gone is non-nil while etcd has deleted key behind our back (the
+	// lease was revoked, or someone deleted the key) and the reference is
+	// not yet taken again or found lost; it is closed when that is
+	// settled.
+	gone chan struct{}
+	// unwatched: the key's watch failed and is being set up again; until
+	// then a deletion could go unheard.
+	unwatched bool
+	stopWatch context.CancelFunc // ends the key's watch (cached only)
 }
 
-func (t *refTable) add(id string, r *ref) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.held[id] = append(t.held[id], r)
-}
-
-// pop removes and returns the newest reference on id, or nil.
+// pop removes and returns the newest reference on id, or nil. The
+// reference is marked released, so its key's deletion is not news.
 func (t *refTable) pop(id string) *ref {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -60,14 +73,23 @@ func (t *refTable) pop(id string) *ref {
 	} else {
 		t.held[id] = rs[:len(rs)-1]
 	}
-	return rs[len(rs)-1]
+	r := rs[len(rs)-1]
+	r.released = true
+	if r.stopWatch != nil {
+		r.stopWatch()
+		r.stopWatch = nil
+	}
+	return r
 }
 
-func (t *refTable) nextSeq() uint64 {
+// newKey returns a fresh reference key of id on l, marked pending.
+func (t *refTable) newKey(pfx string, l *Lease) string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.seq++
-	return t.seq
+	key := pfx + l.hex + "/" + strconv.FormatUint(t.seq, 10)
+	t.pending[key] = struct{}{}
+	return key
 }
 
 // IncRef is IncRefContext with a background context; each etcd call still
@@ -122,7 +144,9 @@ func (h *Handle) incRef(ctx context.Context, cached bool) error {
 // (its view of the shared root may be stale); if it cannot within the
 // visibility timeout, it releases the reference and says why.
 func (h *Handle) visible(ctx context.Context, r *ref) error {
+	h.s.refs.mu.Lock()
 	rec := r.pkg
+	h.s.refs.mu.Unlock()
 	if rec == nil {
 		st, err := h.s.readState(ctx, h.id)
 		if err != nil || st.avail == nil {
@@ -153,10 +177,7 @@ func (s *Store) incRef(ctx context.Context, id string, cached bool) (*ref, *atte
 			continue
 		}
 		r := &ref{since: time.Now(), cached: cached}
-		building, err := s.putRef(ctx, l, id, r)
-		if err == nil {
-			s.refs.add(id, r)
-		}
+		building, err := s.putRef(ctx, l, id, r, true)
 		s.refs.move.RUnlock()
 		if errors.Is(err, ErrLeaseLost) && ctx.Err() == nil {
 			continue // a new lease is on its way; take the reference on it
@@ -171,12 +192,33 @@ type attemptSeen struct {
 	rec *BuildRecord
 }
 
-// putRef writes r's key on l if the package is available. If it is not,
-// it returns core.ErrPackageNotExist and the attempt in progress, if any.
-func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attemptSeen, error) {
-	key := s.refPrefix(id) + l.hex + "/" + strconv.FormatUint(s.refs.nextSeq(), 10)
+// putRef writes a new key for r on l if the package is available, and
+// records it as r's key (and, with add, r as held on id) before the key
+// stops being pending. If the package is not available, it returns
+// core.ErrPackageNotExist and the attempt in progress, if any.
+//
+// An ambiguous outcome (the call failed; the Txn may have applied) is read
+// back with a deadline of its own, whatever happened to ctx: a caller that
+// gave up must not leave a key behind that the store does not know. If
+// even the read-back fails, the key is deleted in the background, and a
+// reconciliation is due (ReconcileRefs) for a Txn that applies later still.
+func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add bool) (building *attemptSeen, err error) {
+	key := s.refs.newKey(s.refPrefix(id), l)
+	took := false
+	defer func() {
+		s.refs.mu.Lock()
+		delete(s.refs.pending, key)
+		s.refs.mu.Unlock()
+		if !took && err != nil && !errors.Is(err, core.ErrPackageNotExist) && !errors.Is(err, ErrLeaseLost) {
+			s.deleteLater(key) // unknown outcome: make sure
+			s.reconcileSoon()
+		}
+	}()
+	s.refs.mu.Lock()
+	since, cached := r.since, r.cached
+	s.refs.mu.Unlock()
+	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: since, Purpose: s.opt.purpose, Cached: cached})
 	now := time.Now()
-	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: r.since, Purpose: s.opt.purpose, Cached: r.cached})
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := s.opCtx(ctx)
 		resp, err := s.cli.Txn(cctx).
@@ -197,28 +239,62 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref) (*attem
 		cancel()
 		switch {
 		case err == nil && resp.Succeeded:
-			r.key, r.lease = key, l.ID
+			var pkg *PackageRecord
 			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
-				r.pkg, _ = decode[PackageRecord](kvs[0].Value)
+				pkg, _ = decode[PackageRecord](kvs[0].Value)
 			}
+			s.took(id, r, key, l.ID, pkg, resp.Header.Revision, add)
+			took = true
 			return nil, nil
 		case err == nil:
 			return runningAttempt(resp), core.ErrPackageNotExist
 		case errors.Is(err, rpctypes.ErrLeaseNotFound):
 			return nil, fmt.Errorf("%w: %v", ErrLeaseLost, err)
 		}
-		// Ambiguous: the Txn may have applied. Read the key back.
-		rctx, rcancel := s.opCtx(ctx)
-		got, rerr := s.cli.Get(rctx, key, clientv3.WithCountOnly())
+		// Ambiguous: the Txn may have applied. Read the key back, on a
+		// context of our own: the caller's may be what ended the call.
+		rctx, rcancel := s.opCtx(context.WithoutCancel(ctx))
+		got, rerr := s.cli.Get(rctx, key)
 		rcancel()
-		if rerr == nil && got.Count == 1 {
-			r.key, r.lease = key, l.ID
+		if rerr == nil && len(got.Kvs) == 1 {
+			s.took(id, r, key, l.ID, nil, got.Kvs[0].ModRevision, add)
+			took = true
 			return nil, nil
 		}
 		if rerr == nil && attempt < 2 && ctx.Err() == nil {
 			continue // it did not apply: try again
 		}
 		return nil, errors.Join(err, rerr)
+	}
+}
+
+// took records that r's reference on id is key on lease, put at revision
+// rev, and, with add, that the store holds r; a cached reference's key is
+// watched from rev on.
+func (s *Store) took(id string, r *ref, key string, lease clientv3.LeaseID, pkg *PackageRecord, rev int64, add bool) {
+	s.refs.mu.Lock()
+	r.key, r.lease, r.pkg = key, lease, pkg
+	if add {
+		s.refs.held[id] = append(s.refs.held[id], r)
+	}
+	if r.gone != nil {
+		close(r.gone)
+		r.gone = nil
+	}
+	if r.stopWatch != nil {
+		r.stopWatch() // the old key's watch
+		r.stopWatch = nil
+	}
+	r.unwatched = false
+	var wctx context.Context
+	if r.cached {
+		wctx, r.stopWatch = context.WithCancel(clientv3.WithRequireLeader(s.ctx))
+	}
+	s.refs.mu.Unlock()
+	if wctx != nil && !s.spawn(func() { s.watchRef(wctx, id, r, key, rev) }) {
+		s.refs.mu.Lock()
+		r.unwatched = true // closing: nothing is proven any more
+		s.refs.mu.Unlock()
 	}
 }
 
@@ -296,19 +372,34 @@ func (s *Store) retakeRefs(ctx context.Context, l *Lease) {
 	}
 	s.refs.mu.Unlock()
 	for _, x := range held {
-		_, err := s.putRef(ctx, l, x.id, x.r)
+		_, err := s.putRef(ctx, l, x.id, x.r, false)
 		if err == nil {
 			continue
 		}
-		s.refs.mu.Lock()
-		x.r.lost = true
-		s.refs.mu.Unlock()
 		if !errors.Is(err, core.ErrPackageNotExist) {
 			err = fmt.Errorf("take reference again: %w", err)
 		}
-		s.opt.logger.Warn("reference lost with the lease", "id", x.id, "err", err)
-		s.emit(Event{Kind: EventRefLost, ID: x.id, Err: err, Host: s.opt.host, PID: s.pid, Since: x.r.since})
+		s.refLost(x.id, x.r, err)
 	}
+}
+
+// refLost marks r, a reference on id that could not be taken again, as
+// lost and reports it. The caller holds refs.move for writing.
+func (s *Store) refLost(id string, r *ref, err error) {
+	s.refs.mu.Lock()
+	r.lost = true
+	if r.gone != nil {
+		close(r.gone)
+		r.gone = nil
+	}
+	if r.stopWatch != nil {
+		r.stopWatch()
+		r.stopWatch = nil
+	}
+	since := r.since
+	s.refs.mu.Unlock()
+	s.opt.logger.Warn("reference lost", "id", id, "err", err)
+	s.emit(Event{Kind: EventRefLost, ID: id, Err: err, Host: s.opt.host, PID: s.pid, Since: since})
 }
 
 // HeldRefs returns how many references this store holds on id.

@@ -146,6 +146,15 @@ func (s *Session) ID() clientv3.LeaseID {
 	return s.cur.ID
 }
 
+// trusted reports whether id is the current lease and the guard trusts
+// it (a keep-alive acknowledgement came within 2/3 of the TTL). No I/O.
+func (s *Session) trusted(id clientv3.LeaseID) bool {
+	s.mu.Lock()
+	l := s.cur
+	s.mu.Unlock()
+	return l != nil && l.ID == id && l.Err() == nil
+}
+
 // Current returns the lease to use now. While a new lease is being made it
 // waits, for at most the operation timeout, so that no call hangs while
 // etcd is away; the error then wraps ErrLeaseLost. After Close it returns

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
@@ -35,7 +36,8 @@ type Store struct {
 	sess *Session // the lease that references, locks and build records ride on
 	refs refTable // references held by this store
 
-	askWatch sync.Once // starts watchAsk at the first cached reference
+	askWatch     sync.Once   // starts watchAsk at the first cached reference
+	reconcileDue atomic.Bool // a ReconcileRefs is scheduled (reconcileSoon)
 
 	mount   MountInfo   // the root's mount, checked by New (mount.go)
 	visible visibleMemo // published attempts this store has seen (visible.go)
@@ -59,6 +61,9 @@ type Store struct {
 	// testHookUpload, likewise, runs in storeCache between taking the
 	// upload's reference and starting the upload.
 	testHookUpload func(id string)
+	// testHookRetake runs before a reference whose key etcd deleted is
+	// taken again.
+	testHookRetake func(id string)
 }
 
 // New returns a Store that keeps packages under root and coordinates
@@ -86,7 +91,7 @@ func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option)
 		root:    abs,
 		opt:     o,
 		pid:     os.Getpid(),
-		refs:    refTable{held: make(map[string][]*ref)},
+		refs:    refTable{held: make(map[string][]*ref), pending: make(map[string]struct{})},
 		flights: make(map[string]*flight),
 		locals:  make(map[string]*localLock),
 	}

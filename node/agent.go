@@ -48,23 +48,12 @@ type agent struct {
 	ln        *net.UnixListener
 	path      string
 
+	refs *hostRefs // the host references (hostrefs.go)
+
 	mu     sync.Mutex
 	closed bool
-	pkgs   map[string]*hostRef
 	conns  map[*agentConn]struct{}
 	wg     sync.WaitGroup
-}
-
-// hostRef is the host's aggregate of the local references to one package.
-type hostRef struct {
-	holders int  // local references, over every connection
-	etcd    bool // the node holds its etcd reference
-	// busy is non-nil while one goroutine takes, releases or removes the
-	// etcd reference; others wait for it to close and look again.
-	busy   chan struct{}
-	taking bool        // the busy owner is an IncRef asking etcd (it may wait for a build)
-	timer  *time.Timer // linger: releases the etcd reference when it fires
-	gen    uint64      // bumped whenever a pending linger release must not happen
 }
 
 // newAgent listens on cfg's agent socket with cfg's mode and group, for
@@ -114,10 +103,12 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 			}
 		}
 	}
-	return &agent{
+	a := &agent{
 		store: store, log: log, host: cfg.Name, opTimeout: cfg.OpTimeout, linger: cfg.Linger, build1: build, ln: ln, path: path,
-		pkgs: make(map[string]*hostRef), conns: make(map[*agentConn]struct{}),
-	}, nil
+		conns: make(map[*agentConn]struct{}),
+	}
+	a.refs = newHostRefs(storeRefs{store}, cfg.Linger, cfg.OpTimeout, log, a.tellLost)
+	return a, nil
 }
 
 func lookupGroup(name string) (int, error) {
@@ -140,9 +131,10 @@ func (a *agent) active() int {
 
 // serve accepts connections until ctx ends, then, in this order: stops
 // accepting (the socket file goes), closes every connection (clients
-// learn at once that the node is gone), waits for every request and
-// connection goroutine, and stops the linger timers (the store's Close,
-// which follows, revokes the lease with the references on it).
+// learn at once that the node is gone), stops the linger timers and waits
+// for the host references' background work, and waits for every request
+// and connection goroutine (the store's Close, which follows, revokes the
+// lease with the references on it).
 func (a *agent) serve(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { a.ln.Close() })
 	defer stop()
@@ -173,13 +165,8 @@ func (a *agent) serve(ctx context.Context) error {
 		c.c.Close()
 		c.cancel()
 	}
-	for _, p := range a.pkgs {
-		if p.timer != nil {
-			p.timer.Stop()
-			p.timer = nil
-		}
-	}
 	a.mu.Unlock()
+	a.refs.close()
 	a.wg.Wait()
 	return err
 }
@@ -294,7 +281,7 @@ func (c *agentConn) run() {
 				Version: agentProtoVersion, Host: a.host, PID: os.Getpid(),
 				Root: st.Root(), Prefix: st.Prefix(), UID: c.uid, Linger: a.linger}}))
 		case opIncRef:
-			if a.incRefFast(m.ID) {
+			if a.refs.tryFast(m.ID) {
 				c.addRef(m.ID)
 				c.reply(m.Seq, nil, nil)
 				continue
@@ -305,14 +292,14 @@ func (c *agentConn) run() {
 			c.mu.Unlock()
 			go func() {
 				defer reqs.Done()
-				err := a.incRef(c.ctx, m.ID)
+				err := a.refs.take(c.ctx, m.ID)
 				c.mu.Lock()
 				if c.increfs[m.ID]--; c.increfs[m.ID] == 0 {
 					delete(c.increfs, m.ID)
 				}
 				c.mu.Unlock()
 				if err == nil && !c.addRef(m.ID) {
-					a.decRef(m.ID) // the connection ended meanwhile
+					a.refs.drop(m.ID) //nolint:errcheck // the connection ended meanwhile; held, so it cannot fail
 				}
 				c.reply(m.Seq, err, nil)
 			}()
@@ -328,7 +315,7 @@ func (c *agentConn) run() {
 				continue
 			}
 			if a.linger > 0 {
-				a.decRef(m.ID) // in memory only
+				a.refs.drop(m.ID) //nolint:errcheck // in memory only; held, so it cannot fail
 				if m.Seq != 0 {
 					c.reply(m.Seq, nil, nil)
 				}
@@ -337,13 +324,13 @@ func (c *agentConn) run() {
 			reqs.Add(1)
 			go func() {
 				defer reqs.Done()
-				c.reply(m.Seq, a.decRef(m.ID), nil)
+				c.reply(m.Seq, a.refs.drop(m.ID), nil)
 			}()
 		case opTryRemove:
 			reqs.Add(1)
 			go func() {
 				defer reqs.Done()
-				ok, err := a.tryRemove(c.ctx, m.ID)
+				ok, err := a.refs.remove(c.ctx, m.ID)
 				c.reply(m.Seq, err, func(r *msg) { r.OK = ok && err == nil })
 			}()
 		case opInspect:
@@ -435,7 +422,7 @@ func (c *agentConn) releaseAll() {
 	c.mu.Unlock()
 	for id, rs := range refs {
 		for range rs {
-			c.a.decRef(id) //nolint:errcheck // logged by the store; the lease covers it
+			c.a.refs.drop(id) //nolint:errcheck // logged by the store; the lease covers it
 		}
 	}
 }
@@ -497,332 +484,20 @@ func (n *Node) Holders(id string) []Holder {
 	return a.holders(id)
 }
 
-// The host's aggregate references. Every change of hostRef.etcd is made by
-// the goroutine that owns hostRef.busy; the others wait for it.
-
-// ref returns id's hostRef, made if needed. a.mu must be held.
-func (a *agent) ref(id string) *hostRef {
-	p := a.pkgs[id]
-	if p == nil {
-		p = &hostRef{}
-		a.pkgs[id] = p
-	}
-	return p
-}
-
-// settle ends p's busy period. a.mu must be held.
-func (a *agent) settle(id string, p *hostRef) {
-	close(p.busy)
-	p.busy = nil
-	if p.holders == 0 && !p.etcd && p.timer == nil && a.pkgs[id] == p {
-		delete(a.pkgs, id)
-	}
-}
-
-// acquire waits until nobody else changes p, then makes the caller the
-// one that does (p.busy set), with a.mu held. It returns with a.mu
-// unlocked on error.
-func (a *agent) acquire(ctx context.Context, id string) (*hostRef, error) {
-	for {
-		a.mu.Lock()
-		p := a.ref(id)
-		if p.busy == nil {
-			p.busy = make(chan struct{})
-			return p, nil
-		}
-		ch := p.busy
-		a.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
-// incRefFast takes a local reference if the host already holds the
-// package's etcd reference and nobody is changing it: no I/O.
-func (a *agent) incRefFast(id string) bool {
+// tellLost tells every connection holding id that its reference is lost
+// with the package (the host references' lost hook).
+func (a *agent) tellLost(id string, cause error) {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	p := a.pkgs[id]
-	if p == nil || p.busy != nil || !p.etcd {
-		return false
-	}
-	a.hold(p)
-	return true
-}
-
-// hold adds a local holder to p and cancels a pending linger release.
-// a.mu must be held.
-func (a *agent) hold(p *hostRef) {
-	p.holders++
-	p.gen++
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
-}
-
-// incRef takes a local reference, and the host's etcd reference first if
-// it does not hold it (one store IncRef for every local caller that comes
-// meanwhile).
-func (a *agent) incRef(ctx context.Context, id string) error {
-	if err := core.ValidateID(id); err != nil {
-		return fmt.Errorf("granary: incref %q: %w", id, err)
-	}
-	for {
-		a.mu.Lock()
-		p := a.ref(id)
-		switch {
-		case p.busy != nil:
-			ch := p.busy
-			a.mu.Unlock()
-			select {
-			case <-ch:
-				continue
-			case <-ctx.Done():
-				return fmt.Errorf("granary: incref %q: %w", id, ctx.Err())
-			}
-		case p.etcd:
-			a.hold(p)
-			a.mu.Unlock()
-			return nil
+	conns := a.connsLocked()
+	a.mu.Unlock()
+	for _, c := range conns {
+		c.mu.Lock()
+		n := len(c.refs[id])
+		c.mu.Unlock()
+		if n > 0 {
+			c.send(wire(agentwire.Msg{Op: opRefLost, ID: id, Err: fmt.Sprint(cause)}))
 		}
-		p.busy = make(chan struct{})
-		p.taking = true
-		a.mu.Unlock()
-		// Cached: a removal elsewhere may ask for it back while no local
-		// holder has the package (yield).
-		err := a.store.Handle(id).IncRefCachedContext(ctx)
-		a.mu.Lock()
-		p.taking = false
-		if err == nil {
-			p.etcd = true
-			a.hold(p)
-		}
-		a.settle(id, p)
-		a.mu.Unlock()
-		return err
 	}
-}
-
-// decRef drops a local reference. The last one starts the linger, after
-// which the host's etcd reference goes; with no linger it goes now.
-func (a *agent) decRef(id string) error {
-	a.mu.Lock()
-	p := a.pkgs[id]
-	if p == nil || p.holders == 0 {
-		a.mu.Unlock()
-		return fmt.Errorf("granary: decref %q: %w", id, etcdstore.ErrNoRef)
-	}
-	p.holders--
-	if p.holders > 0 || !p.etcd || a.closed {
-		// Closed: the store's Close revokes the lease with the reference.
-		a.mu.Unlock()
-		return nil
-	}
-	if a.linger > 0 {
-		p.gen++
-		gen := p.gen
-		p.timer = time.AfterFunc(a.linger, func() { a.expire(id, p, gen) })
-		a.mu.Unlock()
-		return nil
-	}
-	a.mu.Unlock()
-	// No linger: release now, unless someone took it again meanwhile.
-	p, err := a.acquire(context.Background(), id)
-	if err != nil {
-		return err
-	}
-	if p.holders > 0 || !p.etcd {
-		a.settle(id, p)
-		a.mu.Unlock()
-		return nil
-	}
-	a.mu.Unlock()
-	return a.release(id, p)
-}
-
-// expire is the linger timer of p: it releases the etcd reference unless a
-// local holder came back meanwhile.
-func (a *agent) expire(id string, p *hostRef, gen uint64) {
-	a.mu.Lock()
-	if a.closed || a.pkgs[id] != p || p.gen != gen || p.holders > 0 || !p.etcd || p.busy != nil {
-		if p.gen == gen {
-			p.timer = nil
-		}
-		a.mu.Unlock()
-		return
-	}
-	p.timer = nil
-	p.busy = make(chan struct{})
-	a.wg.Add(1)
-	a.mu.Unlock()
-	defer a.wg.Done()
-	if err := a.release(id, p); err != nil {
-		a.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
-	}
-}
-
-// yield is a removal's request (from host by) for the host's reference to
-// id: released now, in the background, if no local holder has the
-// package; otherwise the removal finds it in use.
-func (a *agent) yield(id, by string) {
-	a.mu.Lock()
-	p := a.pkgs[id]
-	if a.closed || p == nil || !p.etcd || p.busy != nil {
-		a.mu.Unlock()
-		return
-	}
-	if p.holders > 0 {
-		// Refuse out loud: the holder count in the reference tells the
-		// removal at once that jobs here hold it, instead of letting it
-		// wait out its yield wait.
-		a.mu.Unlock()
-		a.census(id)
-		return
-	}
-	p.gen++ // the linger release must not happen as well
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
-	p.busy = make(chan struct{})
-	a.wg.Add(1)
-	a.mu.Unlock()
-	go func() {
-		defer a.wg.Done()
-		a.log.Info("agent: releasing the host's idle reference for a removal", "id", id, "by", by)
-		if err := a.release(id, p); err != nil {
-			a.log.Warn("agent: release of the host's reference failed (the store retries in the background)", "id", id, "err", err)
-		}
-	}()
-}
-
-// census answers another host's AskHolders: the number of local holders
-// of id goes into the host's etcd reference, if it holds one.
-func (a *agent) census(id string) {
-	a.mu.Lock()
-	p := a.pkgs[id]
-	if a.closed || p == nil || !p.etcd {
-		a.mu.Unlock()
-		return
-	}
-	n := p.holders
-	a.wg.Add(1)
-	a.mu.Unlock()
-	go func() {
-		defer a.wg.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 2*a.opTimeout)
-		defer cancel()
-		if err := a.store.Handle(id).RecordHolders(ctx, n); err != nil {
-			a.log.Warn("agent: recording the holder count failed", "id", id, "err", err)
-		}
-	}()
-}
-
-// release drops the host's etcd reference; the caller owns p.busy.
-func (a *agent) release(id string, p *hostRef) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*a.opTimeout)
-	err := a.store.Handle(id).DecRefContext(ctx)
-	cancel()
-	a.mu.Lock()
-	// Even on error the store has let the reference go (it deletes the key
-	// in the background, or it dies with the lease).
-	p.etcd = false
-	a.settle(id, p)
-	a.mu.Unlock()
-	return err
-}
-
-// tryRemove removes id unless a local holder has it: a lingering host
-// reference with no local holder is released first, so removal through
-// the node sees only real references.
-func (a *agent) tryRemove(ctx context.Context, id string) (bool, error) {
-	if err := core.ValidateID(id); err != nil {
-		return false, fmt.Errorf("granary: remove %q: %w", id, err)
-	}
-	a.mu.Lock()
-	if p := a.pkgs[id]; p != nil && (p.holders > 0 || p.taking) {
-		// Held, or an IncRef is on its way (perhaps waiting for a build):
-		// in use, and removal does not wait.
-		a.mu.Unlock()
-		return false, nil
-	}
-	a.mu.Unlock()
-	p, err := a.acquire(ctx, id)
-	if err != nil {
-		return false, fmt.Errorf("granary: remove %q: %w", id, err)
-	}
-	if p.holders > 0 {
-		a.settle(id, p)
-		a.mu.Unlock()
-		return false, nil
-	}
-	p.gen++
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
-	held := p.etcd
-	a.mu.Unlock()
-	if held {
-		dctx, cancel := context.WithTimeout(ctx, 2*a.opTimeout)
-		derr := a.store.Handle(id).DecRefContext(dctx)
-		cancel()
-		if derr != nil {
-			a.log.Warn("agent: release before removal failed", "id", id, "err", derr)
-		}
-		a.mu.Lock()
-		p.etcd = false
-		a.mu.Unlock()
-	}
-	ok, err := a.store.Handle(id).TryRemoveContext(ctx)
-	a.mu.Lock()
-	a.settle(id, p)
-	a.mu.Unlock()
-	return ok, err
-}
-
-// refLost handles the store's EventRefLost: the host's reference to id is
-// gone with the package (after a lease loss). The store's entry is
-// dropped, so the next local IncRef asks etcd again, and every connection
-// holding id is told.
-func (a *agent) refLost(id string, cause error) {
-	a.mu.Lock()
-	if a.closed {
-		a.mu.Unlock()
-		return
-	}
-	a.wg.Add(1)
-	a.mu.Unlock()
-	go func() {
-		defer a.wg.Done()
-		p, err := a.acquire(context.Background(), id)
-		if err != nil {
-			return
-		}
-		held := p.etcd
-		a.mu.Unlock()
-		if held {
-			// A lost reference: the store forgets it without an etcd call.
-			a.store.Handle(id).DecRefContext(context.Background()) //nolint:errcheck
-		}
-		a.mu.Lock()
-		p.etcd = false
-		a.settle(id, p)
-		conns := a.connsLocked()
-		a.mu.Unlock()
-		for _, c := range conns {
-			c.mu.Lock()
-			n := len(c.refs[id])
-			c.mu.Unlock()
-			if n > 0 {
-				c.send(wire(agentwire.Msg{Op: opRefLost, ID: id, Err: fmt.Sprint(cause)}))
-			}
-		}
-	}()
 }
 
 func (a *agent) connsLocked() []*agentConn {
@@ -856,11 +531,11 @@ func (a *agent) broadcast(m msg) {
 func (a *agent) event(e etcdstore.Event) {
 	switch e.Kind {
 	case etcdstore.EventRefLost:
-		a.refLost(e.ID, e.Err)
+		a.refs.refLost(e.ID, e.Err)
 	case etcdstore.EventYieldRequested:
-		a.yield(e.ID, e.Host)
+		a.refs.yield(e.ID, e.Host)
 	case etcdstore.EventHoldersRequested:
-		a.census(e.ID)
+		a.refs.census(e.ID)
 	case etcdstore.EventLeaseLost:
 		a.broadcast(wire(agentwire.Msg{Op: opLeaseLost, Err: fmt.Sprint(e.Err)}))
 	case etcdstore.EventLeaseRestored:

@@ -46,8 +46,8 @@ func (r *LocalRefs) IncRef(ctx context.Context, id string) error {
 	if closed {
 		return fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
 	}
-	if !r.a.incRefFast(id) {
-		if err := r.a.incRef(ctx, id); err != nil {
+	if !r.a.refs.tryFast(id) {
+		if err := r.a.refs.take(ctx, id); err != nil {
 			return r.a.explain(err)
 		}
 	}
@@ -55,7 +55,7 @@ func (r *LocalRefs) IncRef(ctx context.Context, id string) error {
 	defer r.mu.Unlock()
 	if r.held == nil {
 		// Closed meanwhile: Close did not see this reference.
-		r.a.decRef(id) //nolint:errcheck // only fails if not held, and it is
+		r.a.refs.drop(id) //nolint:errcheck // only fails if not held, and it is
 		return fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
 	}
 	r.held[id]++
@@ -77,7 +77,7 @@ func (r *LocalRefs) DecRef(id string) error {
 		delete(r.held, id)
 	}
 	r.mu.Unlock()
-	return r.a.decRef(id)
+	return r.a.refs.drop(id)
 }
 
 // Close drops every reference r holds, as DecRef does, and returns the
@@ -90,7 +90,7 @@ func (r *LocalRefs) Close() error {
 	var errs []error
 	for id, n := range held {
 		for range n {
-			errs = append(errs, r.a.decRef(id))
+			errs = append(errs, r.a.refs.drop(id))
 		}
 	}
 	return errors.Join(errs...)

@@ -27,6 +27,7 @@ type metrics struct {
 	trashPending prometheus.Gauge
 	trashErrors  prometheus.Counter
 	leaseLosses  prometheus.Counter
+	refsDropped  prometheus.Counter
 }
 
 func newMetrics(n *Node) *metrics {
@@ -59,6 +60,9 @@ func newMetrics(n *Node) *metrics {
 	})
 	m.leaseLosses = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_lease_losses_total", Help: "Store and registration leases this node lost.",
+	})
+	m.refsDropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "granary_refs_dropped_total", Help: "Reference keys on this node's lease that it did not track (an IncRef whose outcome was lost), deleted by reconciliation.",
 	})
 	for _, r := range []string{"built", "failed", "cache_hit"} {
 		m.builds.WithLabelValues(r)
@@ -96,7 +100,7 @@ func newMetrics(n *Node) *metrics {
 			Name: "granary_lease_keepalive_moves_total", Help: "Lease keep-alive streams reopened on another etcd member after a renewal went unanswered.",
 		}, watched(func(w *memberWatch) int64 { return w.stalls.Load() })),
 	)
-	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses,
+	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses, m.refsDropped,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
 		}, count("ref/")),
@@ -159,6 +163,8 @@ func (m *metrics) event(e etcdstore.Event) {
 		m.builds.WithLabelValues("cache_hit").Inc()
 	case etcdstore.EventLeaseLost:
 		m.leaseLosses.Inc()
+	case etcdstore.EventRefDropped:
+		m.refsDropped.Inc()
 	}
 }
 

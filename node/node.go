@@ -93,6 +93,10 @@ type Node struct {
 
 	agent atomic.Pointer[agent] // the local API; set by New
 
+	// reconcile asks reconcileLoop for a reconciliation now (after a new
+	// lease); buffered, so a request while one runs is not lost.
+	reconcile chan struct{}
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -110,7 +114,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	n := &Node{cfg: cfg, log: log, started: time.Now()}
+	n := &Node{cfg: cfg, log: log, started: time.Now(), reconcile: make(chan struct{}, 1)}
 	n.m = newMetrics(n)
 	defer func() {
 		if err != nil {
@@ -174,6 +178,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 
 func (n *Node) event(e etcdstore.Event) {
 	n.m.event(e)
+	if e.Kind == etcdstore.EventLeaseRestored && n.reconcile != nil {
+		select {
+		case n.reconcile <- struct{}{}:
+		default:
+		}
+	}
 	if a := n.agent.Load(); a != nil {
 		a.event(e)
 	}
@@ -246,6 +256,7 @@ func (n *Node) Run(ctx context.Context) error {
 	n.reg = reg
 	goRun(reg.run)
 	goRun(n.agent.Load().serve)
+	goRun(n.reconcileLoop)
 	if n.cfg.GCInterval > 0 {
 		goRun(n.gcLoop)
 	}
@@ -349,6 +360,33 @@ func (n *Node) Close() error {
 		n.closeErr = errors.Join(errs...)
 	})
 	return n.closeErr
+}
+
+// reconcileEvery is how often the node makes sure that etcd holds no
+// reference on its lease that it does not know of (etcdstore.ReconcileRefs).
+const reconcileEvery = time.Minute
+
+// reconcileLoop reconciles the store's references with etcd at start,
+// after every new lease, and every reconcileEvery: a reference the node
+// does not track would pin its package until the node restarts. Each one
+// dropped is logged by the store and counted in
+// granary_refs_dropped_total.
+func (n *Node) reconcileLoop(ctx context.Context) error {
+	t := time.NewTicker(reconcileEvery)
+	defer t.Stop()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*n.cfg.OpTimeout)
+		if _, err := n.store.ReconcileRefs(cctx); err != nil && ctx.Err() == nil {
+			n.log.Warn("reconciling references with etcd failed; will try again", "err", err, "in", reconcileEvery)
+		}
+		cancel()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		case <-n.reconcile:
+		}
+	}
 }
 
 // gcLoop prunes every GCInterval. ErrCollectorBusy (another host is

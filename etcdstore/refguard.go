@@ -1,0 +1,375 @@
+package etcdstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
+)
+
+// Proving cached references, and keeping etcd's references and the
+// store's table the same.
+//
+// A node grants its jobs a package from its cached reference without
+// asking etcd. That is only sound while the reference's key is in etcd:
+// once it is gone (its lease revoked by an operator or a thawed leader,
+// expired, or the key deleted), any host may remove the package. So the
+// store watches the key of every cached reference from the revision that
+// put it, and RefProven holds only while
+//
+//  1. the watch has not reported the key's deletion (nor failed: while it
+//     is set up again, a deletion could go unheard),
+//  2. the key is on the session's current lease, and the lease is trusted:
+//     a keep-alive acknowledgement came within 2/3 of the TTL (the guard).
+//
+// What remains is the watch's latency: a deletion that etcd applied but
+// whose event has not reached this store yet (milliseconds on a healthy
+// stream; if the member serving the watch stopped answering, until the
+// client moves off it: the member watch's probe, TTL/10, or a revocation's
+// next keep-alive answer, TTL/3, whichever comes first). A removal on
+// another host needs two more Txns after the deletion, so in practice the
+// node hears first; when it does not, the job that got the package in that
+// window is told the reference is lost as soon as the node hears, exactly
+// as a job on a lost lease is.
+//
+// When the key goes, the store takes the reference again on its current
+// lease at once (if the lease itself is gone, it makes a new one and
+// retakes every reference), or reports it lost (EventRefLost) if the
+// package was removed meanwhile.
+//
+// The other direction: a reference key that the store does not know of
+// pins a package until the lease ends, which for a node is its restart.
+// putRef resolves an ambiguous outcome with a read of its own, but a Txn
+// stuck in a frozen leader can still apply after the store gave up on it.
+// ReconcileRefs lists the keys on the store's lease (LeaseTimeToLive with
+// its attached keys) and deletes the references it does not track.
+
+// watchRef reports the deletion of key, r's reference on id put at
+// revision rev, until ctx ends (r released or moved, or the store closed).
+func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev int64) {
+	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(50*time.Millisecond),
+		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0))
+	for ctx.Err() == nil {
+		for wr := range s.cli.Watch(ctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterPut()) {
+			if wr.Err() != nil {
+				break // compacted, no leader, cancelled: look again below
+			}
+			b.Reset()
+			for _, ev := range wr.Events {
+				if ev.Type == clientv3.EventTypeDelete {
+					s.refDeleted(id, r, key, "its key was deleted in etcd (lease revoked or expired, or the key deleted)")
+					return
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		// The watch ended without the deletion. Until it is back, the
+		// reference is not proven; read the key to know where to resume.
+		s.refs.mu.Lock()
+		if r.key == key {
+			r.unwatched = true
+		}
+		s.refs.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(b.NextBackOff()):
+		}
+		gctx, cancel := s.opCtx(ctx)
+		resp, err := s.cli.Get(gctx, key)
+		cancel()
+		switch {
+		case err != nil:
+			continue
+		case len(resp.Kvs) == 0:
+			s.refDeleted(id, r, key, "its key is gone from etcd (found after its watch ended)")
+			return
+		}
+		rev = resp.Header.Revision
+		s.refs.mu.Lock()
+		if r.key == key {
+			r.unwatched = false
+		}
+		s.refs.mu.Unlock()
+	}
+}
+
+// refDeleted handles the deletion of key, r's reference on id, that the
+// store did not make: r is no longer proven, and it is taken again (or
+// found lost) in the background.
+func (s *Store) refDeleted(id string, r *ref, key, why string) {
+	s.refs.mu.Lock()
+	if r.released || r.lost || r.key != key || r.gone != nil {
+		s.refs.mu.Unlock()
+		return
+	}
+	r.gone = make(chan struct{})
+	s.refs.mu.Unlock()
+	s.opt.logger.Warn("reference deleted behind the store's back; taking it again", "id", id, "key", key, "why", why)
+	s.emit(Event{Kind: EventRefDeleted, ID: id, Err: errors.New(why), Host: s.opt.host, PID: s.pid})
+	s.spawn(func() { s.retakeOne(id, r, key) })
+}
+
+// retakeOne puts r, whose key etcd deleted, back on the current lease, or
+// marks it lost if the package is gone. If the lease itself is gone, it
+// gives the lease up, and the session's renewal takes r again with every
+// other reference (retakeRefs).
+func (s *Store) retakeOne(id string, r *ref, key string) {
+	if s.testHookRetake != nil {
+		s.testHookRetake(id)
+	}
+	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(50*time.Millisecond),
+		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0)), s.ctx)
+	for s.ctx.Err() == nil {
+		l, err := s.sess.Current(s.ctx) // before the move lock: renewal takes it
+		if err != nil {
+			if errors.Is(err, ErrClosed) {
+				return
+			}
+			time.Sleep(b.NextBackOff())
+			continue
+		}
+		s.refs.move.Lock()
+		s.refs.mu.Lock()
+		settled := r.released || r.lost || r.key != key || r.gone == nil
+		s.refs.mu.Unlock()
+		if settled || l.Err() != nil {
+			s.refs.move.Unlock()
+			if settled {
+				return // moved by a renewal, released or lost meanwhile
+			}
+			continue
+		}
+		_, err = s.putRef(s.ctx, l, id, r, false)
+		switch {
+		case err == nil:
+			s.refs.move.Unlock()
+			s.opt.logger.Info("reference taken again after its key was deleted", "id", id)
+			return
+		case errors.Is(err, core.ErrPackageNotExist):
+			s.refLost(id, r, fmt.Errorf("its key was deleted and the package removed meanwhile: %w", err))
+			s.refs.move.Unlock()
+			return
+		case errors.Is(err, ErrLeaseLost):
+			s.refs.move.Unlock()
+			// Revoked: etcd no longer knows the lease. Give it up now
+			// rather than at the next keep-alive; the new lease's renewal
+			// takes r again.
+			s.sess.lost(l, errors.New("etcd no longer knows the lease (revoked): a reference key on it was deleted"))
+			return
+		}
+		s.refs.move.Unlock()
+		time.Sleep(b.NextBackOff())
+	}
+}
+
+// newestCached returns the newest cached reference the store holds on id,
+// lost or not, or nil. refs.mu must be held.
+func (s *Store) newestCached(id string) *ref {
+	rs := s.refs.held[id]
+	for i := len(rs) - 1; i >= 0; i-- {
+		if rs[i].cached {
+			return rs[i]
+		}
+	}
+	return nil
+}
+
+// RefProven reports whether the store holds a cached reference to id
+// (IncRefCachedContext) whose key it knows to be in etcd now: its watch
+// has not reported the key's deletion, and the key's lease is current and
+// trusted. It does no I/O. A node grants a local reference from its cached
+// one only while this holds; otherwise it asks ConfirmRefContext.
+func (s *Store) RefProven(id string) bool {
+	s.refs.mu.Lock()
+	r := s.newestCached(id)
+	ok := r != nil && !r.lost && r.gone == nil && !r.unwatched
+	var lease clientv3.LeaseID
+	if ok {
+		lease = r.lease
+	}
+	s.refs.mu.Unlock()
+	return ok && s.sess.trusted(lease)
+}
+
+// ConfirmRefContext makes sure the store's cached reference to id is in
+// etcd now: it returns nil at once if RefProven holds; otherwise it waits
+// for a reference being taken again (its key was deleted, or the lease is
+// being renewed), or reads the key when its watch is down. It returns an
+// error wrapping core.ErrPackageNotExist if the reference is lost (the
+// package was removed), ErrNoRef if the store holds no cached reference to
+// id, and etcd's error if it cannot tell within the operation timeout.
+func (h *Handle) ConfirmRefContext(ctx context.Context) error {
+	if h.err != nil {
+		return h.fail("confirm reference", h.err)
+	}
+	s := h.s
+	ctx, cancel := context.WithTimeout(ctx, 2*s.opt.opTimeout)
+	defer cancel()
+	for !s.RefProven(h.id) {
+		s.refs.mu.Lock()
+		r := s.newestCached(h.id)
+		if r == nil {
+			s.refs.mu.Unlock()
+			return h.fail("confirm reference", ErrNoRef)
+		}
+		lost, gone, unwatched, key, lease := r.lost, r.gone, r.unwatched, r.key, r.lease
+		s.refs.mu.Unlock()
+		switch {
+		case lost:
+			return h.fail("confirm reference", fmt.Errorf("reference lost: %w", core.ErrPackageNotExist))
+		case gone != nil:
+			select {
+			case <-gone:
+			case <-ctx.Done():
+				return h.fail("confirm reference", fmt.Errorf("waiting for the reference to be taken again: %w", ctx.Err()))
+			}
+		case !s.sess.trusted(lease):
+			// Being renewed: Current returns once the new lease carries
+			// every reference again.
+			if _, err := s.sess.Current(ctx); err != nil {
+				return h.fail("confirm reference", err)
+			}
+		case unwatched:
+			// A linearizable read proves the key now (a leader election
+			// makes it wait, not fail).
+			gctx, gcancel := context.WithTimeout(ctx, s.opt.opTimeout)
+			resp, err := s.cli.Get(gctx, key, clientv3.WithCountOnly())
+			gcancel()
+			if err != nil {
+				return h.fail("confirm reference", err)
+			}
+			if resp.Count == 1 {
+				return nil
+			}
+			s.refDeleted(h.id, r, key, "its key is gone from etcd (read while its watch was down)")
+		default:
+			// Trusted lease, no deletion seen, watched: proven, unless the
+			// reference changed between the two looks.
+		}
+		if ctx.Err() != nil {
+			return h.fail("confirm reference", ctx.Err())
+		}
+	}
+	return nil
+}
+
+// ReconcileRefs makes etcd's references on the store's current lease
+// agree with the references the store holds: it deletes every reference
+// key on the lease that the store does not track (a Txn that applied after
+// its caller gave up on it), reporting each with a log line and
+// EventRefDropped, and treats a tracked cached reference whose key is not
+// on the lease as deleted behind its back (taken again, or lost). It
+// returns how many keys it deleted. A node calls it at start, after a new
+// lease, and periodically; the store also runs it after an IncRef whose
+// outcome it could not read back.
+func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
+	l, err := s.sess.Current(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+	}
+	cctx, cancel := s.opCtx(ctx)
+	resp, err := s.cli.TimeToLive(cctx, l.ID, clientv3.WithAttachedKeys())
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("etcdstore: reconcile references: lease %s: %w", l.hex, err)
+	}
+	if resp.TTL <= 0 {
+		return 0, fmt.Errorf("etcdstore: reconcile references: %w: etcd no longer knows lease %s", ErrLeaseLost, l.hex)
+	}
+	// Snapshot after the listing: a key listed was pending before its Txn
+	// was sent, so it is pending or held now, unless it was given up.
+	pfx := s.key("ref", "")
+	onLease := make(map[string]bool, len(resp.Keys))
+	for _, k := range resp.Keys {
+		if ks := string(k); strings.HasPrefix(ks, pfx) {
+			onLease[ks] = true
+		}
+	}
+	type tracked struct {
+		id string
+		r  *ref
+	}
+	var missing []tracked
+	var strays []string
+	s.refs.mu.Lock()
+	known := make(map[string]bool, len(s.refs.pending))
+	for k := range s.refs.pending {
+		known[k] = true
+	}
+	for id, rs := range s.refs.held {
+		for _, r := range rs {
+			known[r.key] = true
+			if r.cached && !r.lost && r.gone == nil && r.lease == l.ID && !onLease[r.key] {
+				missing = append(missing, tracked{id, r})
+			}
+		}
+	}
+	for k := range onLease {
+		if !known[k] {
+			strays = append(strays, k)
+		}
+	}
+	s.refs.mu.Unlock()
+	for _, x := range missing {
+		s.refs.mu.Lock()
+		key := x.r.key
+		s.refs.mu.Unlock()
+		s.refDeleted(x.id, x.r, key, "reconciliation found its key gone from etcd")
+	}
+	dropped := 0
+	var errs []error
+	for _, k := range strays {
+		cctx, cancel := s.opCtx(ctx)
+		// Only while the key is still on our lease: never another's.
+		tr, err := s.cli.Txn(cctx).
+			If(clientv3.Compare(clientv3.LeaseValue(k), "=", l.ID)).
+			Then(clientv3.OpDelete(k)).
+			Commit()
+		cancel()
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !tr.Succeeded {
+			continue
+		}
+		dropped++
+		id, _, _ := strings.Cut(k[len(pfx):], "/")
+		s.opt.logger.Warn("dropped a reference the store did not track (an IncRef whose outcome was lost)", "id", id, "key", k)
+		s.emit(Event{Kind: EventRefDropped, ID: id, Host: s.opt.host, PID: s.pid})
+	}
+	if err := errors.Join(errs...); err != nil {
+		return dropped, fmt.Errorf("etcdstore: reconcile references: %w", err)
+	}
+	return dropped, nil
+}
+
+// reconcileSoon runs ReconcileRefs once, after a delay in which a Txn
+// whose outcome was lost has applied or failed, unless one is already due.
+func (s *Store) reconcileSoon() {
+	if !s.reconcileDue.CompareAndSwap(false, true) {
+		return
+	}
+	s.spawn(func() {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-time.After(2 * s.opt.opTimeout):
+		}
+		s.reconcileDue.Store(false)
+		ctx, cancel := context.WithTimeout(s.ctx, 2*s.opt.opTimeout)
+		defer cancel()
+		if _, err := s.ReconcileRefs(ctx); err != nil && s.ctx.Err() == nil {
+			s.opt.logger.Warn("reconciling references failed; the next one will try again", "err", err)
+		}
+	})
+}
