@@ -19,15 +19,15 @@ import (
 // with knobs for what etcd can do behind the host's back. It checks the
 // host references' promises to the store as it goes.
 type fakeStore struct {
-	mu        sync.Mutex
-	avail     map[string]bool // published
-	refs      map[string]int  // the host's etcd references, by package
-	deleted   map[string]bool // the host's key is gone from etcd (revoked, deleted)
-	takes     int             // Take calls that reached "etcd"
-	confirms  int
-	releases  int
-	census    map[string]int // last holder count recorded
-	confirmErr error        // a transient error for Confirm, if set
+	mu         sync.Mutex
+	avail      map[string]bool // published
+	refs       map[string]int  // the host's etcd references, by package
+	deleted    map[string]bool // the host's key is gone from etcd (revoked, deleted)
+	takes      int             // Take calls that reached "etcd"
+	confirms   int
+	releases   int
+	census     map[string]int // last holder count recorded
+	confirmErr error          // a transient error for Confirm, if set
 	// gate, if not nil, holds every Take and Confirm until it is closed.
 	gate chan struct{}
 	t    *testing.T
