@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/granary-build/granary/etcdstore"
@@ -53,9 +54,21 @@ func TestRootBindingBothWays(t *testing.T) {
 		t.Errorf("refused root was written to: %v", ents)
 	}
 
+	// On a local file system a missing root is missing: refused without
+	// looking again (on a network file system it would be looked for up to
+	// the visibility timeout, TestNetFSStaleRootEntry).
 	missing := filepath.Join(t.TempDir(), "nfs", "granary")
-	if _, err = openStore(t, srv, missing); !errors.Is(err, etcdstore.ErrNotSharedRoot) {
+	var waits atomic.Int32
+	countWaits := etcdstore.WithEvents(func(ev etcdstore.Event) {
+		if ev.Kind == etcdstore.EventWaitRoot {
+			waits.Add(1)
+		}
+	})
+	if _, err = openStore(t, srv, missing, countWaits); !errors.Is(err, etcdstore.ErrNotSharedRoot) {
 		t.Fatalf("missing root on a bound prefix = %v, want ErrNotSharedRoot", err)
+	}
+	if n := waits.Load(); n != 0 {
+		t.Errorf("a missing root on a local file system: %d wait-root events, want none", n)
 	}
 	if _, err := os.Stat(missing); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a refused missing root was created (stat: %v)", err)

@@ -76,6 +76,12 @@ const (
 	// local users of the cached reference to ID; its owner answers with
 	// RecordHolders. Sent only to stores that took a cached reference.
 	EventHoldersRequested
+	// EventWaitRoot: etcd says the prefix has a shared root, but this host
+	// cannot see it (or its binding) yet, so New looks again before it
+	// refuses the root (Err says what is missing; Host and Since name who
+	// bound the root and when; Elapsed is how long it will wait at most).
+	// A stale cache of the shared root, or a volume that is not mounted.
+	EventWaitRoot
 )
 
 var kindNames = map[EventKind]string{
@@ -85,7 +91,7 @@ var kindNames = map[EventKind]string{
 	EventRefLost: "ref-lost", EventCacheUploadFailed: "cache-upload-failed", EventCacheStored: "cache-stored",
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
-	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested",
+	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested", EventWaitRoot: "wait-root",
 }
 
 func (k EventKind) String() string {
