@@ -116,6 +116,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 		if err := os.MkdirAll(s.root, 0o755); err != nil {
 			return fmt.Errorf("etcdstore: create root: %w", err)
 		}
+		s.created = true
 	case err != nil:
 		return fmt.Errorf("etcdstore: root: %w", err)
 	case !fi.IsDir():

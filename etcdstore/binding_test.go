@@ -33,8 +33,10 @@ func openStore(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstor
 func TestRootBindingBothWays(t *testing.T) {
 	srv := etcdtest.Start(t)
 	shared := t.TempDir()
-	if _, err := openStore(t, srv, shared); err != nil {
+	if s, err := openStore(t, srv, shared); err != nil {
 		t.Fatalf("first root: %v", err)
+	} else if s.CreatedRoot() {
+		t.Errorf("the store says it created %s, which existed", shared)
 	}
 	fi, err := os.Stat(filepath.Join(shared, ".granary", "cluster"))
 	if err != nil {
@@ -74,9 +76,12 @@ func TestRootBindingBothWays(t *testing.T) {
 		t.Fatalf("a refused missing root was created (stat: %v)", err)
 	}
 
-	// Another prefix is another store: its first root is accepted.
-	if _, err := openStore(t, srv, missing, etcdstore.WithPrefix("/other/")); err != nil {
+	// Another prefix is another store: its first root is accepted, and
+	// made.
+	if s, err := openStore(t, srv, missing, etcdstore.WithPrefix("/other/")); err != nil {
 		t.Fatalf("first root of another prefix: %v", err)
+	} else if !s.CreatedRoot() {
+		t.Errorf("the first root of a prefix did not exist, but the store does not say it created it")
 	}
 
 	// Explicit init makes a new root the shared one; the old one is then
