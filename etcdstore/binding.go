@@ -83,23 +83,40 @@ func (s *Store) openRoot(ctx context.Context) error {
 		}
 		sharedRev = resp.Kvs[0].ModRevision
 	}
-	notShared := func(what string) error {
-		return fmt.Errorf("%w: %s %s; the shared root of etcd cluster %s prefix %q has root ID %s (bound by %s at %s as %s), "+
+	notShared := func(what string, waited time.Duration) error {
+		err := fmt.Errorf("%w: %s; the shared root of etcd cluster %s prefix %q has root ID %s (bound by %s at %s as %s), "+
 			"so this root is not the shared root of cluster %s prefix %q: is the shared volume mounted? "+
 			"To make this the prefix's new shared root instead, initialise it explicitly (granary init-root, or WithInitRoot)",
-			ErrNotSharedRoot, s.root, what, cluster, s.opt.prefix, shared.RootID, shared.Host,
+			ErrNotSharedRoot, what, cluster, s.opt.prefix, shared.RootID, shared.Host,
 			shared.BoundAt.Format(time.RFC3339), shared.Path, cluster, s.opt.prefix)
+		if waited > 0 {
+			err = fmt.Errorf("%w. This host looked for it again for %v. %s", err, waited, staleViewHint)
+		}
+		return err
+	}
+	if shared != nil && !s.opt.initRoot {
+		// etcd says the prefix has a shared root: if this host cannot see
+		// one here, that may be its cache (a negative entry from before
+		// the root was made), so look again before refusing.
+		if err := s.awaitRoot(ctx, shared); err != nil {
+			var miss *rootMissing
+			if errors.As(err, &miss) {
+				return notShared(miss.Error(), miss.waited)
+			}
+			return err
+		}
 	}
 
 	switch fi, err := os.Stat(s.root); {
 	case errors.Is(err, fs.ErrNotExist):
 		if shared != nil && !s.opt.initRoot {
-			return notShared("does not exist")
+			return notShared(s.root+" does not exist", 0) // gone since awaitRoot saw it
 		}
 		s.opt.logger.Warn("the shared root does not exist; creating it", "root", s.root)
 		if err := os.MkdirAll(s.root, 0o755); err != nil {
 			return fmt.Errorf("etcdstore: create root: %w", err)
 		}
+		s.created = true
 	case err != nil:
 		return fmt.Errorf("etcdstore: root: %w", err)
 	case !fi.IsDir():
@@ -110,7 +127,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if shared != nil && !s.opt.initRoot {
-			return notShared("is not bound (empty, or never used)")
+			return notShared(s.root+" is not bound (empty, or never used)", 0) // gone since awaitRoot saw it
 		}
 		b, err = s.createBinding(cluster)
 		if err != nil {
@@ -133,7 +150,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 	switch {
 	case shared != nil && shared.RootID == b.RootID:
 	case shared != nil && !s.opt.initRoot:
-		return notShared(fmt.Sprintf("has root ID %s", b.RootID))
+		return notShared(fmt.Sprintf("%s has root ID %s", s.root, b.RootID), 0)
 	default:
 		if err := s.claimPrefix(ctx, b, sharedRev); err != nil {
 			return err
@@ -145,6 +162,82 @@ func (s *Store) openRoot(ctx context.Context) error {
 		}
 	}
 	s.checkMount()
+	return nil
+}
+
+// rootMissing says that this host cannot see the shared root, or its
+// binding, where etcd says the prefix has one.
+type rootMissing struct {
+	what   string        // "<root> does not exist", "<root> is not bound …"
+	waited time.Duration // how long this host looked again; 0 if it did not
+}
+
+func (e *rootMissing) Error() string { return e.what }
+
+// rootNow says whether this host sees the root and its binding, as its
+// cache has them: nil when it does, or when something other than a missing
+// file is wrong (openRoot reports that), else a *rootMissing.
+func (s *Store) rootNow() error {
+	if _, err := os.Stat(s.root); errors.Is(err, fs.ErrNotExist) {
+		return &rootMissing{what: s.root + " does not exist"}
+	}
+	if _, err := os.Stat(s.bindingPath()); errors.Is(err, fs.ErrNotExist) {
+		return &rootMissing{what: s.root + " is not bound (empty, or never used)"}
+	}
+	return nil
+}
+
+// lookRoot is rootNow after revalidating the root's ancestors, the root
+// and its .granary, in that order: on NFS, opening a directory drops its
+// cached entries, negative ones included, if it changed on the server.
+func (s *Store) lookRoot() error {
+	var dirs []string
+	for d := filepath.Dir(s.root); ; d = filepath.Dir(d) {
+		dirs = append([]string{d}, dirs...)
+		if d == filepath.Dir(d) {
+			break
+		}
+	}
+	revalidate(append(dirs, s.root, filepath.Dir(s.bindingPath()))...)
+	return s.rootNow()
+}
+
+// awaitRoot returns once this host sees the root and its binding, which
+// etcd says exist (shared). On a local file system the first look decides;
+// on any other (NFS, FUSE, unknown), where a host may cache "no such file"
+// for a while after another host made the file, it looks again with back-off
+// up to the visibility timeout (awaitSeen: logged, and EventWaitRoot sent
+// once) and then returns a *rootMissing saying how long it waited; a missing
+// volume on a network file system is refused that much later. It fails
+// early only when ctx ends.
+func (s *Store) awaitRoot(ctx context.Context, shared *RootRecord) error {
+	why := s.rootNow() // what the cache says is enough when it says yes
+	if why == nil {
+		return nil
+	}
+	if fstype := fsTypeOf(s.root); localFS(fstype) {
+		return why
+	}
+	start := time.Now()
+	why, err := s.awaitSeen(ctx, why, sight{
+		waiting: "waiting for the shared root to become visible on this host: etcd says the prefix has one",
+		seen:    "the shared root is visible",
+		attrs:   []any{"root", s.root, "root_id", shared.RootID, "bound_by", shared.Host},
+		look:    s.lookRoot,
+		started: func(why error, timeout time.Duration) {
+			s.emit(Event{Kind: EventWaitRoot, Host: shared.Host, Since: shared.BoundAt, Elapsed: timeout, Err: why})
+		},
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("etcdstore: waiting for the shared root %s to become visible (%v): %w", s.root, why, err)
+	case why != nil:
+		var miss *rootMissing
+		if errors.As(why, &miss) {
+			miss.waited = time.Since(start).Round(time.Millisecond)
+		}
+		return why
+	}
 	return nil
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/granary-build/granary/etcdstore"
@@ -32,8 +33,10 @@ func openStore(t *testing.T, srv *etcdtest.Server, root string, opts ...etcdstor
 func TestRootBindingBothWays(t *testing.T) {
 	srv := etcdtest.Start(t)
 	shared := t.TempDir()
-	if _, err := openStore(t, srv, shared); err != nil {
+	if s, err := openStore(t, srv, shared); err != nil {
 		t.Fatalf("first root: %v", err)
+	} else if s.CreatedRoot() {
+		t.Errorf("the store says it created %s, which existed", shared)
 	}
 	fi, err := os.Stat(filepath.Join(shared, ".granary", "cluster"))
 	if err != nil {
@@ -53,17 +56,32 @@ func TestRootBindingBothWays(t *testing.T) {
 		t.Errorf("refused root was written to: %v", ents)
 	}
 
+	// On a local file system a missing root is missing: refused without
+	// looking again (on a network file system it would be looked for up to
+	// the visibility timeout, TestNetFSStaleRootEntry).
 	missing := filepath.Join(t.TempDir(), "nfs", "granary")
-	if _, err = openStore(t, srv, missing); !errors.Is(err, etcdstore.ErrNotSharedRoot) {
+	var waits atomic.Int32
+	countWaits := etcdstore.WithEvents(func(ev etcdstore.Event) {
+		if ev.Kind == etcdstore.EventWaitRoot {
+			waits.Add(1)
+		}
+	})
+	if _, err = openStore(t, srv, missing, countWaits); !errors.Is(err, etcdstore.ErrNotSharedRoot) {
 		t.Fatalf("missing root on a bound prefix = %v, want ErrNotSharedRoot", err)
+	}
+	if n := waits.Load(); n != 0 {
+		t.Errorf("a missing root on a local file system: %d wait-root events, want none", n)
 	}
 	if _, err := os.Stat(missing); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a refused missing root was created (stat: %v)", err)
 	}
 
-	// Another prefix is another store: its first root is accepted.
-	if _, err := openStore(t, srv, missing, etcdstore.WithPrefix("/other/")); err != nil {
+	// Another prefix is another store: its first root is accepted, and
+	// made.
+	if s, err := openStore(t, srv, missing, etcdstore.WithPrefix("/other/")); err != nil {
 		t.Fatalf("first root of another prefix: %v", err)
+	} else if !s.CreatedRoot() {
+		t.Errorf("the first root of a prefix did not exist, but the store does not say it created it")
 	}
 
 	// Explicit init makes a new root the shared one; the old one is then

@@ -87,6 +87,12 @@ const (
 	// proven (RefProven); the store takes it again at once, or reports
 	// EventRefLost if the package was removed meanwhile.
 	EventRefDeleted
+	// EventWaitRoot: etcd says the prefix has a shared root, but this host
+	// cannot see it (or its binding) yet, so New looks again before it
+	// refuses the root (Err says what is missing; Host and Since name who
+	// bound the root and when; Elapsed is how long it will wait at most).
+	// A stale cache of the shared root, or a volume that is not mounted.
+	EventWaitRoot
 )
 
 var kindNames = map[EventKind]string{
@@ -97,6 +103,7 @@ var kindNames = map[EventKind]string{
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested", EventRefDropped: "ref-dropped", EventRefDeleted: "ref-deleted",
+	EventWaitRoot: "wait-root",
 }
 
 func (k EventKind) String() string {

@@ -63,6 +63,41 @@ func (s *Store) checkMount() {
 // holds the root (empty where /proc/self/mountinfo is not available).
 func (s *Store) Mount() MountInfo { return s.mount }
 
+// fsTypeOf returns the type of the file system that holds path, or would
+// hold it (path may not exist: its nearest existing ancestor decides), or
+// "" if the mount table cannot be read.
+func fsTypeOf(path string) string {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return ""
+	}
+	for p := path; ; p = filepath.Dir(p) {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			path = filepath.Join(r, strings.TrimPrefix(path, p))
+			break
+		}
+		if p == filepath.Dir(p) {
+			break
+		}
+	}
+	mi, _ := findMount(string(b), path)
+	return mi.FSType
+}
+
+// localFS reports whether fstype is a local file system, whose lookups the
+// kernel answers from a view no other host changes: there, a missing file
+// is missing. On anything else (NFS, FUSE, CIFS, cluster file systems, an
+// unknown type) a lookup may answer from a cache that another host's
+// change has not reached yet.
+func localFS(fstype string) bool {
+	switch fstype {
+	case "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "bcachefs", "jfs", "reiserfs",
+		"tmpfs", "ramfs", "overlay", "vfat", "exfat", "rootfs":
+		return true
+	}
+	return false
+}
+
 // findMount returns the entry of mountinfo whose mount point is the longest
 // prefix of path (the last such entry, as later mounts hide earlier ones).
 func findMount(mountinfo, path string) (MountInfo, bool) {

@@ -571,3 +571,111 @@ func TestNetFSRandomHistory(t *testing.T) {
 	}
 	newHistory("a", "b", "c").run(t, stores, 4, 40)
 }
+
+// TestNetFSStaleRootEntry: hosts B and C looked the shared root up before
+// host A created it, so their clients keep "no such file" for it (30 s on
+// the stand-in, up to acdirmax on NFS with lookupcache=all). Two ways:
+// "root", the root directory itself was missing; "binding", the directory
+// was there but not yet bound (its .granary/cluster missing). etcd says each
+// prefix has a shared root, so B must not decide on its stale view: it waits
+// until it sees the root, saying what it waits for, and then runs its job
+// on A's package (it used to refuse at once: "… does not exist … is the
+// shared volume mounted?"). C, which cannot wait as long, is refused with
+// ErrNotSharedRoot after its wait.
+func TestNetFSStaleRootEntry(t *testing.T) {
+	e := netfstest.Mount(t, netfstest.Config{Options: netfstest.NFSLike})
+	srv := etcdtest.Start(t)
+	ctx := context.Background()
+	cases := []struct{ name, root, prefix, looked string }{
+		{"root", "r1", "/p1/", "r1"},
+		{"binding", "r2", "/p2/", "r2/.granary/cluster"},
+	}
+	// r2 is there before anyone looks: only its binding is missing.
+	if err := os.Mkdir(filepath.Join(e.Dir, "r2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const hostB, hostC = 1, 2
+	for _, c := range cases {
+		for _, h := range []int{hostB, hostC} {
+			if _, err := os.Stat(e.Path(h, c.looked)); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("%s: host %d, before A binds: stat %s = %v, want it missing", c.name, h, c.looked, err)
+			}
+		}
+	}
+	for _, c := range cases {
+		a := newStore(t, srv, e.Path(0, c.root), etcdstore.WithPrefix(c.prefix), etcdstore.WithHost("hostA"))
+		buildFiles(t, a, "p", map[string]string{"f": c.name})
+	}
+	// B's client must still trust its negative entries, or this test shows
+	// nothing.
+	for _, c := range cases {
+		if _, err := os.Stat(e.Path(hostB, c.looked)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%s: B sees %s right after A bound it (%v): the negative entry was not cached", c.name, c.looked, err)
+		}
+	}
+
+	ev := &hostEvents{}
+	open := func(c int, host string, i int, opts ...etcdstore.Option) (*etcdstore.Store, time.Duration, error) {
+		cli := srv.Client(t)
+		start := time.Now()
+		s, err := etcdstore.New(ctx, cli, e.Path(i, cases[c].root), append([]etcdstore.Option{
+			etcdstore.WithTTL(testTTL), etcdstore.WithPrefix(cases[c].prefix), etcdstore.WithHost(host),
+			etcdstore.WithEvents(ev.hookFor(host + "/" + cases[c].name)),
+		}, opts...)...)
+		if err == nil {
+			t.Cleanup(func() { s.Close() })
+		}
+		return s, time.Since(start), err
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 2*len(cases))
+	for c := range cases {
+		// B waits (up to the default visibility timeout) and runs its job.
+		wg.Go(func() {
+			s, took, err := open(c, "hostB", hostB)
+			if err != nil {
+				errs[2*c] = fmt.Errorf("B: open the store: %w", err)
+				return
+			}
+			t.Logf("%s: B opened the store after %v", cases[c].name, took.Round(time.Millisecond))
+			if s.CreatedRoot() {
+				errs[2*c] = errors.New("B says it created the root it found by looking again")
+				return
+			}
+			h := s.Handle("p")
+			if err := h.IncRefContext(ctx); err != nil {
+				errs[2*c] = fmt.Errorf("B: IncRef: %w", err)
+				return
+			}
+			defer h.DecRef()
+			if got, err := os.ReadFile(filepath.Join(h.OutputDirectory(), "f")); err != nil || string(got) != cases[c].name {
+				errs[2*c] = fmt.Errorf("B: read p: %q %v", got, err)
+			}
+		})
+		// C gives up after a second, with ErrNotSharedRoot.
+		wg.Go(func() {
+			_, took, err := open(c, "hostC", hostC, etcdstore.WithVisibleTimeout(time.Second))
+			if !errors.Is(err, etcdstore.ErrNotSharedRoot) || !strings.Contains(err.Error(), "lookupcache=positive") {
+				errs[2*c+1] = fmt.Errorf("C, 1 s visibility timeout: open = %v, want ErrNotSharedRoot naming lookupcache=positive", err)
+				return
+			}
+			if took < time.Second {
+				errs[2*c+1] = fmt.Errorf("C was refused after %v, before its 1 s visibility timeout", took)
+			}
+			t.Logf("%s: C refused after %v: %v", cases[c].name, took.Round(time.Millisecond), err)
+		})
+	}
+	wg.Wait()
+	for c, err := range errs {
+		if err != nil {
+			t.Errorf("%s: %v", cases[c/2].name, err)
+		}
+	}
+	for _, c := range cases {
+		for _, host := range []string{"hostB", "hostC"} {
+			if n := ev.count(host+"/"+c.name, etcdstore.EventWaitRoot); n != 1 {
+				t.Errorf("%s: %s sent %d wait-root events, want 1 (it must say what it waits for)", c.name, host, n)
+			}
+		}
+	}
+}

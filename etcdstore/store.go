@@ -40,6 +40,7 @@ type Store struct {
 	reconcileDue atomic.Bool // a ReconcileRefs is scheduled (reconcileSoon)
 
 	mount   MountInfo   // the root's mount, checked by New (mount.go)
+	created bool        // New made the root: it did not exist (binding.go)
 	visible visibleMemo // published attempts this store has seen (visible.go)
 
 	ctx    context.Context // ends at Close
@@ -116,6 +117,11 @@ func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option)
 
 // Root returns the absolute path of the shared root.
 func (s *Store) Root() string { return s.root }
+
+// CreatedRoot reports whether New created the root directory, which it
+// does only for a prefix's first root (or with WithInitRoot). A root this
+// host could not see at first but found by looking again was not created.
+func (s *Store) CreatedRoot() bool { return s.created }
 
 // Client returns the etcd client the store uses.
 func (s *Store) Client() *clientv3.Client { return s.cli }

@@ -35,11 +35,11 @@ var ErrNotVisible = errors.New("etcdstore: published package not visible on this
 // recorded number of top-level entries. It revalidates first (opening a
 // directory makes an NFS client check it with the server, dropping cached
 // entries, negative ones included, if it changed), and retries with
-// back-off until the visibility timeout, emitting EventWaitVisible once and
-// logging what it waits for. It then fails with ErrNotVisible, naming the
-// mount options that cause it. On a coherent file system the first look
-// succeeds: two directory opens, a stat and, with an entry count, one
-// listing.
+// back-off until the visibility timeout (awaitSeen), emitting
+// EventWaitVisible once and logging what it waits for. It then fails with
+// ErrNotVisible, naming the mount options that cause it. On a coherent file
+// system the first look succeeds: two directory opens, a stat and, with an
+// entry count, one listing.
 func (s *Store) awaitVisible(ctx context.Context, id string, rec *PackageRecord) error {
 	if rec != nil && s.visible.seen(id, rec.Attempt) {
 		return nil
@@ -49,33 +49,86 @@ func (s *Store) awaitVisible(ctx context.Context, id string, rec *PackageRecord)
 		s.visible.add(id, rec)
 		return nil
 	}
-	timeout := s.opt.visibleTimeout
-	if timeout <= 0 {
-		timeout = DefaultVisibleTimeout
+	why, err := s.awaitSeen(ctx, why, sight{
+		waiting: "waiting for a published package to become visible on this host",
+		seen:    "published package visible",
+		attrs:   []any{"id", id},
+		look:    func() error { return s.visibleNow(id, rec) },
+		started: func(why error, timeout time.Duration) {
+			s.emit(Event{Kind: EventWaitVisible, ID: id, Host: rec.BuiltBy, PID: rec.PID, Since: rec.BuiltAt, Elapsed: timeout, Err: why})
+		},
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("etcdstore: waiting for %q to become visible (%v): %w", id, why, err)
+	case why != nil:
+		return fmt.Errorf("%w: %q was published by %s at %s, but after %v here %v. %s",
+			ErrNotVisible, id, rec.BuiltBy, rec.BuiltAt.Format(time.RFC3339), s.visibleWait(), why, staleViewHint)
 	}
+	s.visible.add(id, rec)
+	return nil
+}
+
+// staleViewHint says what makes a host's view of the shared root stale and
+// what to change; it ends the errors of a wait that timed out.
+const staleViewHint = "This host's view of the shared root is stale (or the volume is not mounted): on NFS, mount with lookupcache=positive (or none) " +
+	"and a short actimeo/acdirmax, and keep close-to-open (no nocto); on sshfs/FUSE, dir_cache=no and short entry_timeout/negative_timeout. " +
+	"See \"Running on NFS\" in the README"
+
+// visibleWait is the visibility timeout: how long a host waits to see on
+// the shared root what etcd says is there.
+func (s *Store) visibleWait() time.Duration {
+	if s.opt.visibleTimeout <= 0 {
+		return DefaultVisibleTimeout
+	}
+	return s.opt.visibleTimeout
+}
+
+// sight is something etcd says is on the shared root, for awaitSeen.
+type sight struct {
+	waiting string // logged when the wait starts: what it waits for
+	seen    string // logged when a later look succeeds
+	attrs   []any  // logged with both
+	// look revalidates what it checks (opens the parents) and looks once:
+	// nil when this host sees it, else what is missing.
+	look func() error
+	// started, if set, is called once when the wait starts, with the first
+	// look's answer and the timeout (to send an event).
+	started func(why error, timeout time.Duration)
+}
+
+// awaitSeen waits until this host sees what etcd says is on the shared
+// root, never deciding on one look at its cached view: the caller's first
+// look failed with why, so it logs what it waits for, calls started, and
+// looks again with back-off (50 ms, doubling up to 2 s) until a look
+// succeeds or the visibility timeout passes. It returns (nil, nil) once
+// seen; the last look's answer and ctx's error if ctx ends; the last look's
+// answer and nil when the timeout passed, for the caller to say what that
+// means. It blocks for at most the visibility timeout.
+func (s *Store) awaitSeen(ctx context.Context, why error, w sight) (last, err error) {
+	timeout := s.visibleWait()
+	attrs := w.attrs[:len(w.attrs):len(w.attrs)] // appended to twice
 	start := time.Now()
-	s.opt.logger.Info("waiting for a published package to become visible on this host", "id", id, "why", why, "up_to", timeout)
-	s.emit(Event{Kind: EventWaitVisible, ID: id, Host: rec.BuiltBy, PID: rec.PID, Since: rec.BuiltAt, Elapsed: timeout, Err: why})
+	s.opt.logger.Info(w.waiting, append(attrs, "why", why, "up_to", timeout)...)
+	if w.started != nil {
+		w.started(why, timeout)
+	}
 	wait := 50 * time.Millisecond
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("etcdstore: waiting for %q to become visible (%v): %w", id, why, ctx.Err())
+			return why, ctx.Err()
 		case <-t.C:
 		}
-		if why = s.visibleNow(id, rec); why == nil {
-			s.visible.add(id, rec)
-			s.opt.logger.Info("published package visible", "id", id, "waited", time.Since(start).Round(time.Millisecond))
-			return nil
+		if why = w.look(); why == nil {
+			s.opt.logger.Info(w.seen, append(attrs, "waited", time.Since(start).Round(time.Millisecond))...)
+			return nil, nil
 		}
 		left := timeout - time.Since(start)
 		if left <= 0 {
-			return fmt.Errorf("%w: %q was published by %s at %s, but after %v here %v. This host's view of the shared root is stale "+
-				"(or the volume is not mounted): on NFS, mount with lookupcache=positive (or none) and a short actimeo/acdirmax, and keep close-to-open "+
-				"(no nocto); on sshfs/FUSE, dir_cache=no and short entry_timeout/negative_timeout. See \"Running on NFS\" in the README",
-				ErrNotVisible, id, rec.BuiltBy, rec.BuiltAt.Format(time.RFC3339), timeout, why)
+			return why, nil
 		}
 		wait = min(2*wait, 2*time.Second, left)
 		t.Reset(wait)

@@ -80,7 +80,8 @@ type watchTiming struct {
 // stream's renewal goes out 0.5–1 s later. A renewal is due TTL/3 after the
 // last acknowledgement (plus the etcd client's 0.5 s send tick), so with a
 // TTL of 9 s or more a stalled one is answered on another member before the
-// guard's 2/3 TTL.
+// guard's 2/3 TTL; failoverNeeds adds the leader's election, which takes
+// FailoverMinTTL.
 func timingFor(ttl time.Duration) watchTiming {
 	clamp := func(d, lo, hi time.Duration) time.Duration { return max(lo, min(d, hi)) }
 	return watchTiming{
@@ -88,6 +89,84 @@ func timingFor(ttl time.Duration) watchTiming {
 		probeTimeout: clamp(ttl/10, 400*time.Millisecond, 2*time.Second),
 		stallAfter:   clamp(ttl/9, time.Second, 5*time.Second),
 	}
+}
+
+// What the member watch's timing means for the TTL (docs/design.md, "A
+// frozen etcd member"; README, "Operations"): the etcd client's own timing
+// and etcd's default raft timing that failoverNeeds counts on.
+const (
+	// sendTick is the etcd client's keep-alive send loop period: a renewal
+	// goes out up to this long after it is due.
+	sendTick = 500 * time.Millisecond
+	// reopenWait is how long the etcd client waits before it opens a new
+	// keep-alive stream (its retryConnWait); the renewal follows within a
+	// sendTick.
+	reopenWait = 500 * time.Millisecond
+	// electionTime is how long after the leader freezes the live members
+	// know a new one with etcd's default raft timing: a follower gives up
+	// on the leader after its election timeout (--election-timeout 1000 ms,
+	// which raft randomizes to 1–2 s), then one round of pre-votes and
+	// votes. Until then a follower forwards renewals to the frozen leader,
+	// where they hang for etcd's request timeout (7 s).
+	electionTime = 2 * time.Second
+)
+
+// failoverNeeds is the longest a lease of this TTL can go without a
+// keep-alive acknowledgement when one etcd member freezes (the leader if
+// leader is set), with the member watch of timingFor(ttl), in the worst
+// phase, the member freezing just as a renewal is due:
+//
+//  1. the renewal goes out TTL/3 after the last acknowledgement, plus up to
+//     a sendTick, and hangs (on the frozen member, or on a follower that
+//     forwards it to the frozen leader);
+//  2. it is given up after stallAfter (sooner when the probe closes the
+//     frozen member's connections) and sent again on another member up to
+//     reopenWait + sendTick later;
+//  3. after a leader freeze, a retry that arrives before the election is
+//     over (electionTime) can reach a follower that still forwards to the
+//     frozen leader, and hangs again: the first retry after the election is
+//     answered, at worst electionTime + step 2 after the freeze. The first
+//     retry comes at least stallAfter + reopenWait after the freeze, so
+//     this happens only when that is shorter than electionTime.
+//
+// The lease survives the freeze when this is shorter than the guard's 2/3
+// TTL (etcdstore.Session).
+func failoverNeeds(ttl time.Duration, leader bool) time.Duration {
+	w := timingFor(ttl)
+	due := ttl/3 + sendTick
+	retry := w.stallAfter + reopenWait + sendTick
+	if leader && w.stallAfter+reopenWait < electionTime {
+		return due + electionTime + retry
+	}
+	return due + retry
+}
+
+// FailoverMinTTL is the shortest whole-second TTL whose lease survives a
+// freeze of any one etcd member, the leader included, by failoverNeeds:
+// stallAfter (TTL/9) + reopenWait must reach electionTime, so TTL/9 ≥ 1.5 s.
+// With a shorter TTL (at least 8 s), a frozen follower costs nothing, but a
+// leader freeze that lands as a renewal is due can cost the lease (its
+// builds are cancelled, its references taken again) although quorum is
+// intact. With more than one endpoint, New warns below it; a shorter TTL is
+// still allowed (tests, single-member clusters).
+const FailoverMinTTL = 14 * time.Second
+
+// ttlWarning says why cfg's TTL is too short for the member watch to keep
+// its lease through a frozen etcd member, or "" when it is long enough or
+// there is no other member to fail over to (one endpoint, or the embedded
+// etcd).
+func ttlWarning(cfg *Config) string {
+	if cfg.Embedded() || len(cfg.Endpoints) < 2 || cfg.TTL >= FailoverMinTTL {
+		return ""
+	}
+	who, need := "member", failoverNeeds(cfg.TTL, false)
+	if need < cfg.TTL*2/3 {
+		who, need = "leader", failoverNeeds(cfg.TTL, true)
+	}
+	return fmt.Sprintf("TTL %v is below %v, the failover minimum: when an etcd %s freezes (a paused container, a stalled VM), "+
+		"this node's lease can go up to %v without a renewal, past the %v after which it gives the lease up, so its builds are cancelled "+
+		"although quorum is intact. Use --ttl %v or more (README, Operations)",
+		cfg.TTL, FailoverMinTTL, who, need.Round(10*time.Millisecond), (cfg.TTL * 2 / 3).Round(10*time.Millisecond), FailoverMinTTL)
 }
 
 func newMemberWatch(ttl time.Duration, log *slog.Logger) *memberWatch {

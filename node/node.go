@@ -114,6 +114,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if w := ttlWarning(&cfg); w != "" {
+		log.Warn("the lease TTL is too short to ride out a frozen etcd member", "ttl", cfg.TTL, "failover_min", FailoverMinTTL, "why", w)
+	}
 	n := &Node{cfg: cfg, log: log, started: time.Now(), reconcile: make(chan struct{}, 1)}
 	n.m = newMetrics(n)
 	defer func() {

@@ -242,7 +242,7 @@ func lastLog(fr *etcdstore.FailureRecord) string {
 
 // event is the store's event hook; it must not block.
 func (p *progress) event(ev etcdstore.Event) {
-	if ev.ID != p.id {
+	if ev.ID != p.id && ev.Kind != etcdstore.EventWaitRoot {
 		return
 	}
 	p.mu.Lock()
@@ -251,6 +251,9 @@ func (p *progress) event(ev etcdstore.Event) {
 		return
 	}
 	switch ev.Kind {
+	case etcdstore.EventWaitRoot:
+		fmt.Fprintf(p.w, "%sgranary: %v, but etcd says the prefix has a shared root (bound by %s at %s): looking for it again for up to %v (a stale view of the shared root, or the volume is not mounted)\n",
+			p.clear(), ev.Err, ev.Host, ev.Since.Format(time.RFC3339), ev.Elapsed)
 	case etcdstore.EventWaiting:
 		first := p.cur == nil
 		p.cur = &ev

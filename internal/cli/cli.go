@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"strings"
 
@@ -305,9 +304,8 @@ func (e *env) connect(ctx context.Context, cfg node.Config, opts ...etcdstore.Op
 	if rc != nil {
 		opts = append([]etcdstore.Option{etcdstore.WithCache(rc)}, opts...)
 	}
-	_, statErr := os.Stat(cfg.Root)
 	s, err := etcdstore.New(ctx, cli, cfg.Root, cfg.StoreOptions(nil, opts...)...)
-	if err == nil && errors.Is(statErr, fs.ErrNotExist) {
+	if err == nil && s.CreatedRoot() {
 		fmt.Fprintf(e.stderr, "granary: created the shared root %s (it did not exist)\n", s.Root())
 	}
 	if err == nil {

@@ -35,7 +35,7 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	defer prog.stop()
 	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose(fmt.Sprintf("granary run %s", argv[0])),
 		etcdstore.WithEvents(func(ev etcdstore.Event) {
-			if ev.Kind == etcdstore.EventWaiting {
+			if ev.Kind == etcdstore.EventWaiting || ev.Kind == etcdstore.EventWaitRoot {
 				prog.event(ev)
 			}
 			if ev.Kind == etcdstore.EventRefLost && ev.ID == id {

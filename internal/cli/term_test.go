@@ -177,3 +177,18 @@ func TestFitWidth(t *testing.T) {
 		})
 	}
 }
+
+// TestWaitRootLine: a store that looks again for a shared root it cannot
+// see says so, although the event names no package.
+func TestWaitRootLine(t *testing.T) {
+	var b bytes.Buffer
+	p := newProgress(&b, "pkg", false)
+	p.event(etcdstore.Event{Kind: etcdstore.EventWaitRoot, Host: "h1", Since: time.Now(), Elapsed: time.Minute,
+		Err: fmt.Errorf("/mnt/granary does not exist")})
+	p.stop()
+	for _, want := range []string{"/mnt/granary does not exist", "bound by h1", "up to 1m0s"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("output %q does not say %q", b.String(), want)
+		}
+	}
+}
