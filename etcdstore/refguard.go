@@ -131,10 +131,9 @@ func (s *Store) retakeOne(id string, r *ref, key string) {
 	for s.ctx.Err() == nil {
 		l, err := s.sess.Current(s.ctx) // before the move lock: renewal takes it
 		if err != nil {
-			if errors.Is(err, ErrClosed) {
+			if errors.Is(err, ErrClosed) || !s.sleep(b.NextBackOff()) {
 				return
 			}
-			time.Sleep(b.NextBackOff())
 			continue
 		}
 		s.refs.move.Lock()
@@ -167,7 +166,21 @@ func (s *Store) retakeOne(id string, r *ref, key string) {
 			return
 		}
 		s.refs.move.Unlock()
-		time.Sleep(b.NextBackOff())
+		if !s.sleep(b.NextBackOff()) {
+			return
+		}
+	}
+}
+
+// sleep waits for d, or until the store closes (then it returns false).
+func (s *Store) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.ctx.Done():
+		return false
 	}
 }
 
@@ -235,8 +248,17 @@ func (h *Handle) ConfirmRefContext(ctx context.Context) error {
 		case !s.sess.trusted(lease):
 			// Being renewed: Current returns once the new lease carries
 			// every reference again.
-			if _, err := s.sess.Current(ctx); err != nil {
+			l, err := s.sess.Current(ctx)
+			if err != nil {
 				return h.fail("confirm reference", err)
+			}
+			if l.ID != lease {
+				// Current, yet not the reference's lease: a moment's race
+				// with the move; look again shortly.
+				select {
+				case <-time.After(5 * time.Millisecond):
+				case <-ctx.Done():
+				}
 			}
 		case unwatched:
 			// A linearizable read proves the key now (a leader election
@@ -276,7 +298,16 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
 	}
+	// The revision before the listing: a key put at or before it is in
+	// the listing unless it was deleted (a linearizable read, so the
+	// listing that follows sees at least this revision).
 	cctx, cancel := s.opCtx(ctx)
+	before, err := s.cli.Get(cctx, s.key("ref", ""), clientv3.WithCountOnly())
+	cancel()
+	if err != nil {
+		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+	}
+	cctx, cancel = s.opCtx(ctx)
 	resp, err := s.cli.TimeToLive(cctx, l.ID, clientv3.WithAttachedKeys())
 	cancel()
 	if err != nil {
@@ -308,7 +339,9 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	for id, rs := range s.refs.held {
 		for _, r := range rs {
 			known[r.key] = true
-			if r.cached && !r.lost && r.gone == nil && r.lease == l.ID && !onLease[r.key] {
+			// A key put after the listing is not in it: only one the
+			// listing must have seen counts as missing.
+			if r.cached && !r.lost && r.gone == nil && r.lease == l.ID && !onLease[r.key] && r.rev <= before.Header.Revision {
 				missing = append(missing, tracked{id, r})
 			}
 		}

@@ -42,6 +42,7 @@ type ref struct {
 	// store watches its key so that a node can prove it (RefProven).
 	cached bool
 	lease  clientv3.LeaseID // the lease key is on
+	rev    int64            // revision at which key was known to exist (its put, or the read back)
 	// pkg is the published record read in the Txn that took the
 	// reference (nil when the Txn's outcome had to be read back).
 	pkg *PackageRecord
@@ -75,6 +76,10 @@ func (t *refTable) pop(id string) *ref {
 	}
 	r := rs[len(rs)-1]
 	r.released = true
+	if r.gone != nil {
+		close(r.gone) // settled: nobody waits for a retake of it
+		r.gone = nil
+	}
 	if r.stopWatch != nil {
 		r.stopWatch()
 		r.stopWatch = nil
@@ -273,7 +278,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 // watched from rev on.
 func (s *Store) took(id string, r *ref, key string, lease clientv3.LeaseID, pkg *PackageRecord, rev int64, add bool) {
 	s.refs.mu.Lock()
-	r.key, r.lease, r.pkg = key, lease, pkg
+	r.key, r.lease, r.pkg, r.rev = key, lease, pkg, rev
 	if add {
 		s.refs.held[id] = append(s.refs.held[id], r)
 	}
