@@ -30,7 +30,9 @@
 // its default, not an ignored one), and forks the builder from a thread
 // whose signal mask it emptied (the child of a Go fork gets the forking
 // thread's mask). So `timeout`, `kill` and a builder's own SIGTERM work
-// in a build as they do outside.
+// in a build as they do outside. (Signals 32 to 34, the C libraries'
+// own, are the exception: the Go runtime installs no handler for them, so
+// if this process inherited them ignored, the builder does too.)
 //
 // How the builder ended comes back on a second pipe: the guard writes the
 // builder's wait status there, then exits with the code a shell would
