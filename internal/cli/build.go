@@ -115,7 +115,7 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []
 	case errors.As(err, &be) && ran:
 		// How the builder ended, as its guard saw it (the guard's own exit
 		// is only a code).
-		err = &ExitErr{Code: be.Code(), Err: fmt.Errorf("granary: build %q failed: %v (log: %s)", id, be, logPath)}
+		err = &ExitErr{Code: be.Code(), Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], be.How(), logPath)}
 	case errors.As(err, &xe) && ran:
 		// The guard died before it could say (it was killed), or there
 		// is no guard (not Linux).

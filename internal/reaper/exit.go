@@ -21,28 +21,40 @@ import (
 // Only Linux has a guard: elsewhere, Wait's error is the builder's own
 // *exec.ExitError.
 type ExitError struct {
-	Name   string             // the builder's command (its argv[0])
 	Status syscall.WaitStatus // how the builder ended
 	guard  *exec.ExitError
 }
 
-// Error says how the builder ended, in a sentence without a prefix:
-// "sh exited with status 3", "sh was killed by signal SIGSEGV
-// (segmentation fault)".
+// Error is what an *exec.ExitError of the builder's would say: "exit
+// status 3", "signal: segmentation fault".
 func (e *ExitError) Error() string {
 	ws := e.Status
 	if !ws.Signaled() {
-		return fmt.Sprintf("%s exited with status %d", e.Name, ws.ExitStatus())
+		return "exit status " + strconv.Itoa(ws.ExitStatus())
+	}
+	s := "signal: " + ws.Signal().String()
+	if ws.CoreDump() {
+		s += " (core dumped)"
+	}
+	return s
+}
+
+// How says how the builder ended, in words to follow its name: "exited
+// with status 3", "was killed by signal SIGSEGV (segmentation fault)".
+func (e *ExitError) How() string {
+	ws := e.Status
+	if !ws.Signaled() {
+		return fmt.Sprintf("exited with status %d", ws.ExitStatus())
 	}
 	sig := ws.Signal()
-	how := "signal " + strconv.Itoa(int(sig))
+	how := "was killed by signal " + strconv.Itoa(int(sig))
 	if name := signalName(sig); name != "" {
-		how = fmt.Sprintf("signal %s (%v)", name, sig)
+		how = fmt.Sprintf("was killed by signal %s (%v)", name, sig)
 	}
 	if ws.CoreDump() {
 		how += ", core dumped"
 	}
-	return fmt.Sprintf("%s was killed by %s", e.Name, how)
+	return how
 }
 
 // Code is the exit code a shell gives for the builder, and the guard's

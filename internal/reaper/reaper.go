@@ -99,7 +99,6 @@ func Main() {
 // Run, not the embedded ones.
 type Cmd struct {
 	*exec.Cmd
-	name     string   // the builder's argv[0]
 	lifeline *os.File // write end; closing it kills the builder's tree
 	status   *os.File // read end; the guard reports the builder's status
 	once     sync.Once
@@ -118,7 +117,7 @@ func Command(ctx context.Context, argv ...string) (*Cmd, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reaper: cannot re-execute this program as the guard: %w", err)
 	}
-	c := &Cmd{Cmd: exec.CommandContext(ctx, exe, argv...), name: argv[0]}
+	c := &Cmd{Cmd: exec.CommandContext(ctx, exe, argv...)}
 	c.Env = os.Environ()
 	c.WaitDelay = 5 * time.Second
 	c.Cancel = func() error {
@@ -172,7 +171,7 @@ func (c *Cmd) Wait() error {
 	c.closeLifeline()
 	ws, ok := c.builderStatus()
 	if xe, isExit := err.(*exec.ExitError); isExit && ok && !(ws.Exited() && ws.ExitStatus() == 0) {
-		return &ExitError{Name: c.name, Status: ws, guard: xe}
+		return &ExitError{Status: ws, guard: xe}
 	}
 	return err
 }

@@ -204,18 +204,20 @@ func TestBuilderKilledBySignal(t *testing.T) {
 	}
 }
 
-// TestExitErrorMessage: how an ExitError reads.
+// TestExitErrorMessage: how an ExitError reads: Error as os/exec's
+// would for the builder, How for a message that names it.
 func TestExitErrorMessage(t *testing.T) {
 	tests := []struct {
 		name   string
 		script string
-		want   string
+		err    string
+		how    string
 		code   int
 	}{
-		{"exit", "exit 7", "sh exited with status 7", 7},
-		{"SIGSEGV", "ulimit -c 0; kill -SEGV $$", "sh was killed by signal SIGSEGV (segmentation fault)", 139},
-		{"SIGTERM", "kill -TERM $$", "sh was killed by signal SIGTERM (terminated)", 143},
-		{"real-time", "kill -40 $$", "sh was killed by signal 40", 168},
+		{"exit", "exit 7", "exit status 7", "exited with status 7", 7},
+		{"SIGSEGV", "ulimit -c 0; kill -SEGV $$", "signal: segmentation fault", "was killed by signal SIGSEGV (segmentation fault)", 139},
+		{"SIGTERM", "kill -TERM $$", "signal: terminated", "was killed by signal SIGTERM (terminated)", 143},
+		{"real-time", "kill -40 $$", "signal: signal 40", "was killed by signal 40", 168},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -228,8 +230,11 @@ func TestExitErrorMessage(t *testing.T) {
 			if !errors.As(err, &be) {
 				t.Fatalf("got %v (%T), want a *reaper.ExitError", err, err)
 			}
-			if got := be.Error(); got != tt.want {
-				t.Errorf("Error() = %q, want %q", got, tt.want)
+			if got := be.Error(); got != tt.err {
+				t.Errorf("Error() = %q, want %q", got, tt.err)
+			}
+			if got := be.How(); got != tt.how {
+				t.Errorf("How() = %q, want %q", got, tt.how)
 			}
 			if got := be.Code(); got != tt.code {
 				t.Errorf("Code() = %d, want %d", got, tt.code)
