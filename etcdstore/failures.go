@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -52,8 +51,8 @@ type FailureRecord struct {
 	Number  int    `json:"number"`
 	Error   string `json:"error"`
 	// ExitCode is the builder process's exit code when the builder's error
-	// wraps an *exec.ExitError (-1 when it was killed by a signal, named
-	// in Signal).
+	// wraps an *exec.ExitError, or another error with its ExitCode and Sys
+	// methods (-1 when it was killed by a signal, named in Signal).
 	ExitCode *int   `json:"exit_code,omitempty"`
 	Signal   string `json:"signal,omitempty"`
 	Panic    bool   `json:"panic,omitempty"`
@@ -87,7 +86,13 @@ func (s *Store) putFailure(ctx context.Context, id string, rec BuildRecord, caus
 		Host: rec.Host, PID: rec.PID, Started: rec.Started, Ended: now, Attempt: rec.Attempt, Number: 1,
 		Error: cause.Error(), LogDir: rec.LogDir, Expires: now.Add(s.opt.failureRetention),
 	}
-	var xe *exec.ExitError
+	// The first process status in the chain: an *exec.ExitError, or an
+	// error that reports another process's status with the same methods
+	// (a builder's, under a guard that only exits with a code).
+	var xe interface {
+		ExitCode() int
+		Sys() any
+	}
 	if errors.As(cause, &xe) {
 		code := xe.ExitCode()
 		fr.ExitCode = &code

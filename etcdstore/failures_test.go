@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -89,6 +91,67 @@ func TestFailureMemory(t *testing.T) {
 	}
 	if fr, err := b.LastFailure(ctx, "pkg"); err != nil || fr != nil {
 		t.Fatalf("LastFailure after DropFailures = %+v, %v; want none", fr, err)
+	}
+}
+
+// otherExit reports another process's status than that of the
+// *exec.ExitError it wraps, as internal/reaper's ExitError reports the
+// builder's and wraps its guard's (which only exits with a code).
+type otherExit struct {
+	status syscall.WaitStatus
+	guard  error
+}
+
+func (e *otherExit) Error() string { return "builder: " + e.guard.Error() }
+func (e *otherExit) Unwrap() error { return e.guard }
+func (e *otherExit) Sys() any      { return e.status }
+func (e *otherExit) ExitCode() int {
+	if e.status.Signaled() {
+		return -1
+	}
+	return e.status.ExitStatus()
+}
+
+// TestFailureRecordsProcessStatus: the record keeps the first process
+// status in the builder's error chain: an *exec.ExitError's code or
+// signal, or the status of an error with the same ExitCode and Sys
+// methods in front of one.
+func TestFailureRecordsProcessStatus(t *testing.T) {
+	srv := etcdtest.Start(t)
+	s := newStore(t, srv, t.TempDir())
+	ctx := context.Background()
+	run := func(script string) error { return exec.Command("sh", "-c", script).Run() }
+	var segv *exec.ExitError
+	if !errors.As(run("ulimit -c 0; kill -SEGV $$"), &segv) {
+		t.Fatal("sh did not die of SIGSEGV")
+	}
+	tests := []struct {
+		id     string
+		err    error
+		code   int
+		signal string
+	}{
+		{"exit", run("exit 42"), 42, ""},
+		{"killed", run("kill -KILL $$"), -1, "killed"},
+		{"other", &otherExit{status: segv.Sys().(syscall.WaitStatus), guard: run("exit 139")}, -1, "segmentation fault"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.id, func(t *testing.T) {
+			if err := s.Handle(tt.id).Build(func() error { return tt.err }); err == nil {
+				t.Fatal("the build succeeded")
+			}
+			fr, err := s.LastFailure(ctx, tt.id)
+			if err != nil || fr == nil {
+				t.Fatalf("LastFailure = %v, %v", fr, err)
+			}
+			if fr.ExitCode == nil || *fr.ExitCode != tt.code || fr.Signal != tt.signal {
+				code := "nil"
+				if fr.ExitCode != nil {
+					code = fmt.Sprint(*fr.ExitCode)
+				}
+				t.Errorf("record: exit code %s, signal %q; want %d, %q", code, fr.Signal, tt.code, tt.signal)
+			}
+		})
 	}
 }
 

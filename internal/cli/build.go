@@ -98,6 +98,7 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []
 	if err == nil {
 		return out, ran, nil
 	}
+	var be *reaper.ExitError
 	var xe *exec.ExitError
 	var se *startError
 	switch {
@@ -111,7 +112,13 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []
 	case errors.As(err, &se) && ran:
 		// run's rule: 127 when the command cannot start.
 		err = &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
+	case errors.As(err, &be) && ran:
+		// How the builder ended, as its guard saw it (the guard's own exit
+		// is only a code).
+		err = &ExitErr{Code: be.Code(), Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], be.How(), logPath)}
 	case errors.As(err, &xe) && ran:
+		// The guard died before it could say (it was killed), or there
+		// is no guard (not Linux).
 		code, how := jobrun.ExitStatus(xe)
 		err = &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 	case ran && logPath != "":

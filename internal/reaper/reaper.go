@@ -18,10 +18,29 @@
 //
 // Being a subreaper, the guard inherits every orphaned descendant, including
 // one that started its own session (setsid) or daemonized: none escapes to
-// PID 1, so none escapes the kill. The guard ignores SIGINT, SIGTERM and
-// SIGHUP (a terminal's ^C reaches it with its parent) and acts only on the
-// pipe. The builder also gets a parent-death signal (SIGKILL), for the case
-// where the guard itself is killed.
+// PID 1, so none escapes the kill. The guard survives SIGINT, SIGTERM,
+// SIGHUP and SIGQUIT (a terminal's ^C reaches it with its parent) and acts
+// only on the pipe. The builder also gets a parent-death signal (SIGKILL),
+// for the case where the guard itself is killed.
+//
+// The builder starts with every signal at its default action and none
+// blocked, whatever the process that runs it inherited (nohup, a shell's
+// background job, a daemon's thread): the guard catches the signals it
+// must survive instead of ignoring them (exec resets a caught signal to
+// its default, not an ignored one), and forks the builder from a thread
+// whose signal mask it emptied (the child of a Go fork gets the forking
+// thread's mask). So `timeout`, `kill` and a builder's own SIGTERM work
+// in a build as they do outside. (Signals 32 to 34, the C libraries'
+// own, are the exception: the Go runtime installs no handler for them, so
+// if this process inherited them ignored, the builder does too.)
+//
+// How the builder ended comes back on a second pipe: the guard writes the
+// builder's wait status there, then exits with the code a shell would
+// give (the status, or 128+N for signal N), and Wait returns an
+// *ExitError with the builder's status. The guard never dies of the
+// builder's signal: a Go program killed by SIGSEGV, SIGABRT or SIGQUIT
+// prints the runtime's crash dump first, on the builder's stderr (the
+// build log).
 //
 // What remains to chance: a SIGKILL of the guard itself (by pid, or the
 // OOM killer) leaves the builder's own descendants running; a frozen host
@@ -36,6 +55,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -51,6 +71,17 @@ import (
 
 // envGuard marks the re-executed program as a guard.
 const envGuard = "GRANARY_REAPER_GUARD"
+
+// The guard's end of its two pipes to the process that started it.
+const (
+	fdLifeline = 3 // read end: end-of-file when the parent died or cancelled
+	fdStatus   = 4 // write end: the builder's wait status, in decimal, then EOF
+)
+
+// guardCatches are the signals the guard must survive to kill the tree:
+// those a terminal or a job control system sends to a whole process group
+// or session (the guard is in its parent's).
+var guardCatches = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT}
 
 // Main turns this process into a guard if it was started as one by
 // Command: it then runs the builder and exits, never returning. Otherwise
@@ -69,13 +100,15 @@ func Main() {
 type Cmd struct {
 	*exec.Cmd
 	lifeline *os.File // write end; closing it kills the builder's tree
+	status   *os.File // read end; the guard reports the builder's status
 	once     sync.Once
 }
 
-// Command returns a command that runs argv under a guard. Its exit status
-// is the builder's (a builder killed by a signal makes the guard kill
-// itself with that signal). Cancelling ctx kills the builder's whole tree;
-// the guard then exits at once (after WaitDelay, exec kills the guard).
+// Command returns a command that runs argv under a guard. Wait's error for
+// a builder that did not exit 0 is an *ExitError with the builder's status
+// (the guard exits with the same code, or 128+N for signal N).
+// Cancelling ctx kills the builder's whole tree; the guard then exits at
+// once (after WaitDelay, exec kills the guard).
 func Command(ctx context.Context, argv ...string) (*Cmd, error) {
 	if len(argv) == 0 {
 		return nil, errors.New("reaper: empty command")
@@ -102,29 +135,60 @@ func (c *Cmd) closeLifeline() {
 	})
 }
 
-// Start starts the guard, which starts the builder. The pipe's write end
-// stays open in this process only, so its death closes it.
+// Start starts the guard, which starts the builder. The lifeline's write
+// end stays open in this process only, so its death closes it; the status
+// pipe's write end is in the guard only, so its exit closes it.
 func (c *Cmd) Start() error {
-	r, w, err := os.Pipe()
+	lr, lw, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("reaper: %w", err)
 	}
-	c.lifeline = w
-	c.ExtraFiles = []*os.File{r}
+	sr, sw, err := os.Pipe()
+	if err != nil {
+		lr.Close()
+		lw.Close()
+		return fmt.Errorf("reaper: %w", err)
+	}
+	c.lifeline, c.status = lw, sr
+	c.ExtraFiles = []*os.File{lr, sw} // fdLifeline and fdStatus in the guard
 	c.Env = append(c.Env, envGuard+"=1")
 	err = c.Cmd.Start()
-	r.Close()
+	lr.Close()
+	sw.Close()
 	if err != nil {
 		c.closeLifeline()
+		sr.Close()
 	}
 	return err
 }
 
-// Wait waits for the guard (so for the builder and its whole tree).
+// Wait waits for the guard (so for the builder and its whole tree). If the
+// builder did not exit 0, its error is an *ExitError (wrapping the guard's
+// *exec.ExitError); if the guard died before it could say how the builder
+// ended (it was killed), the guard's *exec.ExitError.
 func (c *Cmd) Wait() error {
 	err := c.Cmd.Wait()
 	c.closeLifeline()
+	ws, ok := c.builderStatus()
+	if xe, isExit := err.(*exec.ExitError); isExit && ok && !(ws.Exited() && ws.ExitStatus() == 0) {
+		return &ExitError{Status: ws, guard: xe}
+	}
 	return err
+}
+
+// builderStatus reads the builder's status that the guard reported. The
+// guard, its only writer, has exited: the read does not block.
+func (c *Cmd) builderStatus() (syscall.WaitStatus, bool) {
+	b, err := io.ReadAll(io.LimitReader(c.status, 32))
+	c.status.Close()
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(string(b), "\n"), 10, 32)
+	if err != nil {
+		return 0, false
+	}
+	return syscall.WaitStatus(n), true
 }
 
 // Run starts the command and waits for it.
@@ -135,9 +199,14 @@ func (c *Cmd) Run() error {
 	return c.Wait()
 }
 
-// guard runs argv and kills its tree; it returns the exit code.
+// guard runs argv and kills its tree; it reports the builder's status on
+// fdStatus and returns the exit code.
 func guard(argv []string) int {
-	signal.Ignore(syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
+	// Caught, not ignored: a caught signal is back to its default action
+	// in the builder (exec resets handlers), an ignored one would stay
+	// ignored there. Nothing reads the channel: Notify drops what does not
+	// fit, and the guard acts on the lifeline only.
+	signal.Notify(make(chan os.Signal, 1), guardCatches...)
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		fmt.Fprintf(os.Stderr, "granary: builder guard: cannot become a child subreaper: %v\n", err)
 		return 126
@@ -146,8 +215,12 @@ func guard(argv []string) int {
 		fmt.Fprintln(os.Stderr, "granary: builder guard: no command")
 		return 126
 	}
-	syscall.CloseOnExec(3) // the builder need not hold it
-	lifeline := os.NewFile(3, "lifeline")
+	// The builder must not hold these: the status pipe's end-of-file tells
+	// the parent that the guard is gone.
+	syscall.CloseOnExec(fdLifeline)
+	syscall.CloseOnExec(fdStatus)
+	lifeline := os.NewFile(fdLifeline, "lifeline")
+	statusw := os.NewFile(fdStatus, "status")
 	env := make([]string, 0, len(os.Environ()))
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, envGuard+"=") {
@@ -159,13 +232,10 @@ func guard(argv []string) int {
 		fmt.Fprintf(os.Stderr, "granary: %v\n", err)
 		return 127
 	}
-	// The parent-death signal follows the thread that forks: keep it.
+	// The parent-death signal follows the thread that forks, and the child
+	// gets that thread's signal mask: keep the thread.
 	runtime.LockOSThread()
-	p, err := os.StartProcess(path, argv, &os.ProcAttr{
-		Env:   env,
-		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
-		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL},
-	})
+	p, err := startBuilder(path, argv, env)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "granary: %v\n", err)
 		return 126
@@ -215,7 +285,10 @@ func guard(argv []string) int {
 				if status == nil {
 					return 128 + int(syscall.SIGKILL)
 				}
-				return exitCode(*status)
+				// If the parent is gone, the write fails (EPIPE; SIGPIPE
+				// kills a Go program for fds 1 and 2 only).
+				fmt.Fprintf(statusw, "%d\n", uint32(*status)) //nolint:errcheck // the exit code says the same
+				return shellCode(*status)
 			}
 			if r.pid == builder {
 				ws := r.ws
@@ -229,16 +302,23 @@ func guard(argv []string) int {
 	}
 }
 
-// exitCode passes on the builder's status: its code, or its signal (the
-// guard kills itself with it, so the caller sees the same).
-func exitCode(ws syscall.WaitStatus) int {
-	if ws.Signaled() {
-		sig := ws.Signal()
-		signal.Reset(sig)
-		syscall.Kill(os.Getpid(), sig) //nolint:errcheck // falls through to 128+sig
-		return 128 + int(sig)
+// startBuilder starts the builder in its own process group, with the
+// parent-death signal, and with an empty signal mask: the Go runtime forks
+// with the mask of the calling thread (it saves it before the fork and
+// restores it in the child), which holds what this process inherited, so
+// the thread's mask is emptied for the fork and put back after. It must
+// run on a locked thread.
+func startBuilder(path string, argv, env []string) (*os.Process, error) {
+	var empty, old unix.Sigset_t
+	if err := unix.PthreadSigmask(unix.SIG_SETMASK, &empty, &old); err != nil {
+		return nil, fmt.Errorf("cannot empty the signal mask: %w", err)
 	}
-	return ws.ExitStatus()
+	defer unix.PthreadSigmask(unix.SIG_SETMASK, &old, nil) //nolint:errcheck // it was set above
+	return os.StartProcess(path, argv, &os.ProcAttr{
+		Env:   env,
+		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+		Sys:   &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL},
+	})
 }
 
 // killDescendants sends SIGKILL to every descendant of this process, found
@@ -297,3 +377,6 @@ func parentOf(pid int) (int, bool) {
 	ppid, err := strconv.Atoi(f[1])
 	return ppid, err == nil
 }
+
+// signalName is sig's name ("SIGSEGV"), or "" for a real-time signal.
+func signalName(sig syscall.Signal) string { return unix.SignalName(sig) }

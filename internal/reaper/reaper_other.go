@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"os/exec"
+	"syscall"
 	"time"
 )
 
@@ -25,3 +26,7 @@ func Command(ctx context.Context, argv ...string) (*Cmd, error) {
 	c.WaitDelay = 5 * time.Second
 	return &Cmd{c}, nil
 }
+
+// signalName is used by ExitError, which Wait does not return here (there
+// is no guard: Wait's error is the builder's *exec.ExitError).
+func signalName(syscall.Signal) string { return "" }

@@ -38,10 +38,14 @@ echo $$ > "$DIR/builder.pid"
 exec sleep 600`
 
 // parentMain is the re-executed test binary standing in for `granary
-// build`: it starts the builder (guarded or not) and waits to be killed.
+// build`: it starts the builder (guarded or not) and waits to be killed,
+// or, as "hostile" and "hostile-plain", runs a command from a process
+// that ignores and blocks signals (see hostileMain).
 func parentMain() int {
 	var err error
 	switch os.Getenv(roleEnv) {
+	case "hostile", "hostile-plain":
+		return hostileMain(os.Getenv(roleEnv) == "hostile")
 	case "guarded":
 		var c *reaper.Cmd
 		c, err = reaper.Command(context.Background(), "sh", "-c", builderScript)
