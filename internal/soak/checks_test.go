@@ -1,0 +1,170 @@
+package soak
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/paths"
+)
+
+// refKeys is where etcd holds references: P/ref/<id>/<lease-hex>/<n>
+// (docs/design.md, "Keys"). The soak reads the keys themselves, not the
+// store's List, which counts only the references of packages it lists: a
+// reference to a package that is gone is exactly what must not exist.
+func refKeys() string { return etcdstore.DefaultPrefix + "ref/" }
+
+// leftRef is a reference still in etcd after the soak.
+type leftRef struct {
+	id  string
+	ref etcdstore.RefInfo
+	ttl int64 // its lease's remaining TTL, s (-1: the lease is gone)
+}
+
+func (l leftRef) String() string {
+	return fmt.Sprintf("%s: host %s pid %d since %s, purpose %q, cached %v, holders %d, lease %s (TTL left %d s)",
+		l.id, l.ref.Host, l.ref.PID, l.ref.Since.Format(time.StampMilli), l.ref.Purpose, l.ref.Cached, l.ref.Holders, l.ref.Lease, l.ttl)
+}
+
+// leftRefs waits, at most within, until etcd holds no reference, watching
+// the reference keys from the revision of a first read, and describes
+// those that are left.
+func (f *farm) leftRefs(within time.Duration) ([]leftRef, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	resp, err := f.cli.Get(ctx, refKeys(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, err
+	}
+	keys := map[string]bool{}
+	for _, kv := range resp.Kvs {
+		keys[string(kv.Key)] = true
+	}
+	if len(keys) > 0 {
+		wch := f.cli.Watch(ctx, refKeys(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+		for wr := range wch {
+			if err := wr.Err(); err != nil {
+				return nil, err
+			}
+			for _, ev := range wr.Events {
+				keys[string(ev.Kv.Key)] = ev.Type == clientv3.EventTypePut
+				if !keys[string(ev.Kv.Key)] {
+					delete(keys, string(ev.Kv.Key))
+				}
+			}
+			if len(keys) == 0 {
+				cancel() // ends the watch
+			}
+		}
+	}
+	if len(keys) == 0 {
+		return nil, nil
+	}
+	// Describe them, through a store of the soak's own.
+	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer dcancel()
+	s, err := etcdstore.New(dctx, f.cli, f.root, etcdstore.WithHost("soak-check"), etcdstore.WithTTL(f.cfg.TTL))
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	ids := map[string]bool{}
+	for k := range keys {
+		id, _, _ := strings.Cut(strings.TrimPrefix(k, refKeys()), "/")
+		ids[id] = true
+	}
+	var left []leftRef
+	for _, id := range slices.Sorted(maps.Keys(ids)) {
+		info, err := s.Inspect(dctx, id)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range info.Refs {
+			l := leftRef{id: id, ref: r, ttl: -1}
+			if lease, err := strconv.ParseInt(r.Lease, 16, 64); err == nil {
+				if ttl, err := f.cli.TimeToLive(dctx, clientv3.LeaseID(lease)); err == nil {
+					l.ttl = ttl.TTL
+				}
+			}
+			left = append(left, l)
+		}
+	}
+	return left, nil
+}
+
+// brokenPackages verifies every available package on the shared root
+// against its manifest: a package etcd says is available must be intact
+// once nothing runs.
+func (f *farm) brokenPackages() ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s, err := etcdstore.New(ctx, f.cli, f.root, etcdstore.WithHost("soak-check"), etcdstore.WithTTL(f.cfg.TTL))
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	list, err := s.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var broken []string
+	for _, p := range list {
+		if p.State != etcdstore.StateAvailable {
+			continue
+		}
+		h := f.hosts[0]
+		env := append(slices.Clone(h.env), "GRANARY_PKG="+paths.Contents(f.root, p.ID))
+		res := f.execEnv(env, f.bin.job, "verify", p.ID)
+		if res.code != 0 {
+			broken = append(broken, fmt.Sprintf("%s: available in etcd, broken on the shared root: %s", p.ID, res.tail()))
+		}
+	}
+	return broken, nil
+}
+
+// readReports returns soakjob's reports of kind ("violation" or
+// "excused").
+func (f *farm) readReports(kind string) ([]string, error) {
+	names, err := filepath.Glob(filepath.Join(f.reports, kind+"-*.txt"))
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, n := range names {
+		b, err := os.ReadFile(n)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, strings.TrimSpace(string(b)))
+	}
+	return out, nil
+}
+
+// nodeLogLines returns the lines of host logs that mention any of words,
+// at most max of them per host, for a failure report.
+func (f *farm) nodeLogLines(words []string, max int) []string {
+	var out []string
+	for _, h := range f.hosts {
+		b, err := os.ReadFile(h.logPath)
+		if err != nil {
+			continue
+		}
+		n := 0
+		for _, line := range strings.Split(string(b), "\n") {
+			if n < max && slices.ContainsFunc(words, func(w string) bool { return strings.Contains(line, w) }) {
+				out = append(out, h.name+": "+line)
+				n++
+			}
+		}
+	}
+	return out
+}
