@@ -14,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/internal/paths"
 )
 
@@ -101,34 +102,36 @@ func (f *farm) leftRefs(within time.Duration) ([]leftRef, error) {
 	return left, nil
 }
 
-// brokenPackages verifies every available package on the shared root
-// against its manifest: a package etcd says is available must be intact
-// once nothing runs.
-func (f *farm) brokenPackages() ([]string, error) {
+// checkPackages reads every package once nothing runs any more: one that
+// etcd calls available must be intact on the shared root (soakjob verify),
+// and none may still be building (a build record left on a live lease
+// makes every host wait for a build that no longer runs).
+func (f *farm) checkPackages() (broken, stuck []string, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	s, err := etcdstore.New(ctx, f.cli, f.root, etcdstore.WithHost("soak-check"), etcdstore.WithTTL(f.cfg.TTL))
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer s.Close()
 	list, err := s.List(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	var broken []string
 	for _, p := range list {
-		if p.State != etcdstore.StateAvailable {
-			continue
-		}
-		h := f.hosts[0]
-		env := append(slices.Clone(h.env), "GRANARY_PKG="+paths.Contents(f.root, p.ID))
-		res := f.execEnv(env, f.bin.job, "verify", p.ID)
-		if res.code != 0 {
-			broken = append(broken, fmt.Sprintf("%s: available in etcd, broken on the shared root: %s", p.ID, res.tail()))
+		switch p.State {
+		case etcdstore.StateBuilding:
+			b := p.Build
+			stuck = append(stuck, fmt.Sprintf("%s: still building after the soak: host %s pid %d since %s (attempt %d, lock holder alive: see the node's log)",
+				p.ID, b.Host, b.PID, b.Started.Format(time.StampMilli), b.Attempt))
+		case etcdstore.StateAvailable:
+			env := append(slices.Clone(f.hosts[0].env), jobrun.EnvPkg+"="+paths.Contents(f.root, p.ID))
+			if res := f.execEnv(env, f.bin.job, "verify", p.ID); res.code != 0 {
+				broken = append(broken, fmt.Sprintf("%s: available in etcd, broken on the shared root: %s", p.ID, res.tail()))
+			}
 		}
 	}
-	return broken, nil
+	return broken, stuck, nil
 }
 
 // readReports returns soakjob's reports of kind ("violation" or

@@ -141,15 +141,18 @@ func (f *farm) excuseWait() time.Duration {
 }
 
 // cmdTimeout bounds every command the soak runs: a job may wait
-// excuseWait, or reconnect to its node for jobrun.ReconnectWithin. One
-// that takes longer is reported as hung.
+// excuseWait, or reconnect to its node for jobrun.ReconnectWithin, and
+// builds take a second. One that takes longer is reported as hung.
 func (f *farm) cmdTimeout() time.Duration {
-	return f.excuseWait() + jobrun.ReconnectWithin + time.Minute
+	return f.excuseWait() + jobrun.ReconnectWithin + 10*time.Second
 }
 
+// logf logs with the time since the start and the wall clock in UTC, as
+// the nodes' logs have it.
 func (f *farm) logf(format string, args ...any) {
 	f.t.Helper()
-	f.t.Logf("%6.1fs  %s", time.Since(f.start).Seconds(), fmt.Sprintf(format, args...))
+	now := time.Now()
+	f.t.Logf("%6.1fs %s  %s", now.Sub(f.start).Seconds(), now.UTC().Format("15:04:05.000"), fmt.Sprintf(format, args...))
 }
 
 // run runs the launchers, the churn and the faults for cfg.Duration, then
@@ -273,7 +276,14 @@ func (f *farm) build(h *host, id string) bool {
 	case f.cfg.revocationsExpected() && strings.Contains(res.stderr, "lease lost"):
 		f.tally.failLeaseLost.Add(1)
 	default:
-		f.tally.failure(fmt.Sprintf("%s on %s: exit %d after %v: %s", id, h.name, res.code, res.took.Round(time.Millisecond), res.tail()))
+		msg := fmt.Sprintf("%s on %s: exit %d after %v: %s", id, h.name, res.code, res.took.Round(time.Millisecond), res.tail())
+		if strings.Contains(res.stderr, "rpc error") {
+			// Still a failure: the store does not retry an etcd call that
+			// a frozen or restarted member cut (docs/design.md, "What the
+			// client cannot fix"), and a farm's build then fails.
+			msg += " [an etcd call cut by a fault]"
+		}
+		f.tally.failure(msg)
 	}
 	return false
 }
@@ -416,8 +426,15 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 		res.code = -1
 		res.stderr += "\n" + err.Error()
 	}
+	if res.took > slowCommand {
+		f.tally.note("slow command", fmt.Sprintf("%s took %v, exit %d: %s", strings.Join(argv, " "), res.took.Round(time.Millisecond), res.code, res.tail()))
+	}
 	return res
 }
+
+// slowCommand is how long a command may take before the soak lists it in
+// its summary: a job checks for at most 300 ms, a build takes 0.5 s.
+const slowCommand = 10 * time.Second
 
 // host is one simulated host: a `granary serve` node with its own state
 // directory, which the soak kills and restarts.

@@ -20,7 +20,8 @@ import (
 //   - no reference left in etcd once the jobs ended and the linger and the
 //     TTL passed (a killed node's references go with its lease);
 //   - no build failure but the intended ones (and those of a build whose
-//     node the soak killed under it);
+//     node the soak killed under it), and no build still "building" at the
+//     end;
 //   - no node exited by itself, and the soak did what it claims (jobs ran,
 //     packages were removed, every fault was injected).
 func TestFarmSoak(t *testing.T) {
@@ -56,9 +57,9 @@ func TestFarmSoak(t *testing.T) {
 		t.Fatalf("reading the references left: %v", err)
 	}
 	f.logf("references after the jobs ended and %v passed: %d", drain, len(left))
-	broken, err := f.brokenPackages()
+	broken, stuck, err := f.checkPackages()
 	if err != nil {
-		t.Fatalf("verifying the available packages: %v", err)
+		t.Fatalf("checking the packages: %v", err)
 	}
 	violations, err := f.readReports("violation")
 	if err != nil {
@@ -70,7 +71,7 @@ func TestFarmSoak(t *testing.T) {
 	}
 	violations = append(violations, broken...)
 
-	f.summary(len(left), len(violations), len(excused))
+	f.summary(len(left), len(violations), len(excused), len(stuck))
 
 	for _, v := range violations {
 		t.Errorf("VIOLATION: %s", v)
@@ -82,6 +83,15 @@ func TestFarmSoak(t *testing.T) {
 			ids = append(ids, l.id)
 		}
 		t.Logf("node log lines about the leaked packages:\n%s", strings.Join(f.nodeLogLines(ids, 20), "\n"))
+	}
+	if len(stuck) > 0 {
+		var ids []string
+		for _, s := range stuck {
+			t.Errorf("STUCK BUILD: %s", s)
+			id, _, _ := strings.Cut(s, ":")
+			ids = append(ids, id)
+		}
+		t.Logf("node log lines about the stuck packages:\n%s", strings.Join(f.nodeLogLines(ids, 20), "\n"))
 	}
 	f.tally.mu.Lock()
 	defer f.tally.mu.Unlock()
@@ -108,7 +118,7 @@ func TestFarmSoak(t *testing.T) {
 }
 
 // summary logs what the soak did and found.
-func (f *farm) summary(left, violations, excused int) {
+func (f *farm) summary(left, violations, excused, stuck int) {
 	t := &f.tally
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -122,13 +132,13 @@ func (f *farm) summary(left, violations, excused int) {
 		"  failures:   %d intended, %d node killed mid-build, %d lease lost (revocations expected), %d UNINTENDED\n"+
 		"  removals:   rm %d removed, %d refused, %d absent, %d errors; gc %d sweeps removed %d, %d errors\n"+
 		"  faults:     %s\n"+
-		"  found:      %d VIOLATIONS, %d excused mismatches (job stopped), %d REFERENCES LEFT",
+		"  found:      %d VIOLATIONS, %d excused mismatches (job stopped), %d REFERENCES LEFT, %d STUCK BUILDS",
 		t.jobs.Load(), t.jobsStopped.Load(), t.jobsFailedCheck.Load(), t.jobErrors.Load(), t.jobsGaveUp.Load(),
 		t.buildsRan.Load(), t.buildsWaited.Load(), t.buildsFound.Load(),
 		t.failIntended.Load(), t.failNodeKilled.Load(), t.failLeaseLost.Load(), len(t.failures),
 		t.removed.Load(), t.rmRefused.Load(), t.rmAbsent.Load(), t.rmErrors.Load(), t.gcSweeps.Load(), t.gcRemoved.Load(), t.gcErrors.Load(),
 		strings.Join(faults, ", "),
-		violations, excused, left)
+		violations, excused, left, stuck)
 	for _, kind := range slices.Sorted(maps.Keys(t.notes)) {
 		f.logf("%s: %d, e.g.:\n  %s", kind, t.counts[kind], strings.Join(t.notes[kind], "\n  "))
 	}
