@@ -217,6 +217,7 @@ func (f *farm) launcher(ctx context.Context, h *host, rng *rand.Rand) {
 // the package does not exist, `granary build` first and run again.
 func (f *farm) job(h *host, id string) {
 	for range 3 {
+		kills := h.kills.Load()
 		res := f.exec(h, f.bin.granaryRun, id, "--", f.bin.job, "check", id)
 		switch {
 		case res.code == 0:
@@ -235,6 +236,11 @@ func (f *farm) job(h *host, id string) {
 			f.tally.note("job stopped by granary-run", fmt.Sprintf("%s on %s: %s", id, h.name, res.tail()))
 		case strings.Contains(res.stderr, "soakjob: MISMATCH"):
 			f.tally.jobsFailedCheck.Add(1) // its violation report says what
+		case h.kills.Load() != kills:
+			// Not counted as a failure, but listed: a job that was
+			// starting when its node was killed fails, where it could
+			// retry or fall back to a store of its own.
+			f.tally.note("job error when its node was killed", fmt.Sprintf("%s on %s: exit %d after %v: %s", id, h.name, res.code, res.took.Round(time.Millisecond), res.tail()))
 		default:
 			f.tally.jobErrors.Add(1)
 			f.tally.note("job error", fmt.Sprintf("%s on %s: exit %d after %v: %s", id, h.name, res.code, res.took.Round(time.Millisecond), res.tail()))

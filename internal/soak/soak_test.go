@@ -56,7 +56,7 @@ func TestFarmSoak(t *testing.T) {
 	if err != nil {
 		t.Fatalf("reading the references left: %v", err)
 	}
-	f.logf("references after the jobs ended and %v passed: %d", drain, len(left))
+	f.logf("references left in etcd (waited up to %v for them to go): %d", drain, len(left))
 	broken, stuck, err := f.checkPackages()
 	if err != nil {
 		t.Fatalf("checking the packages: %v", err)
@@ -122,7 +122,10 @@ func (f *farm) summary(left, violations, excused, stuck int) {
 	t := &f.tally
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var faults []string
+	faults := []string{"none"}
+	if len(t.faults) > 0 {
+		faults = nil
+	}
 	for _, k := range slices.Sorted(maps.Keys(t.faults)) {
 		faults = append(faults, fmt.Sprintf("%s %d", k, t.faults[k]))
 	}
