@@ -279,11 +279,14 @@ func (f *farm) build(h *host, id string) bool {
 		// The builder runs in this process, for the node: a node killed
 		// mid-build abandons the attempt, and says so.
 		f.tally.failNodeKilled.Add(1)
-	case f.cfg.revocationsExpected() && strings.Contains(res.stderr, "lease lost"):
+	case f.cfg.revocationsExpected() && leaseLost(res.stderr):
 		f.tally.failLeaseLost.Add(1)
 	default:
 		msg := fmt.Sprintf("%s on %s: exit %d after %v: %s", id, h.name, res.code, res.took.Round(time.Millisecond), res.tail())
-		if strings.Contains(res.stderr, "rpc error") {
+		switch {
+		case leaseLost(res.stderr):
+			msg += " [lease lost although no fault may revoke it]"
+		case strings.Contains(res.stderr, "rpc error"), strings.Contains(res.stderr, "etcdserver: "):
 			// Still a failure: the store does not retry an etcd call that
 			// a frozen or restarted member cut (docs/design.md, "What the
 			// client cannot fix"), and a farm's build then fails.
@@ -292,6 +295,11 @@ func (f *farm) build(h *host, id string) bool {
 		f.tally.failure(msg)
 	}
 	return false
+}
+
+// leaseLost reports whether a command's stderr says its lease was lost.
+func leaseLost(stderr string) bool {
+	return strings.Contains(stderr, "lease lost") || strings.Contains(stderr, "lease with etcd was lost")
 }
 
 // removals runs `granary rm` of a random ID from a random host, every
