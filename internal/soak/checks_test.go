@@ -26,14 +26,15 @@ func refKeys() string { return etcdstore.DefaultPrefix + "ref/" }
 
 // leftRef is a reference still in etcd after the soak.
 type leftRef struct {
-	id  string
-	ref etcdstore.RefInfo
-	ttl int64 // its lease's remaining TTL, s (-1: the lease is gone)
+	id   string
+	ref  etcdstore.RefInfo
+	ttl  int64  // its lease's remaining TTL, s (-1: the lease is gone)
+	node string // whose it is: a running node, a killed one, another process
 }
 
 func (l leftRef) String() string {
-	return fmt.Sprintf("%s: host %s pid %d since %s, purpose %q, cached %v, holders %d, lease %s (TTL left %d s)",
-		l.id, l.ref.Host, l.ref.PID, l.ref.Since.Format(time.StampMilli), l.ref.Purpose, l.ref.Cached, l.ref.Holders, l.ref.Lease, l.ttl)
+	return fmt.Sprintf("%s: host %s pid %d (%s) since %s, purpose %q, cached %v, holders %d, lease %s (TTL left %d s)",
+		l.id, l.ref.Host, l.ref.PID, l.node, l.ref.Since.Format(time.StampMilli), l.ref.Purpose, l.ref.Cached, l.ref.Holders, l.ref.Lease, l.ttl)
 }
 
 // leftRefs waits, at most within, until etcd holds no reference, watching
@@ -53,6 +54,9 @@ func (f *farm) leftRefs(within time.Duration) ([]leftRef, error) {
 	if len(keys) > 0 {
 		wch := f.cli.Watch(ctx, refKeys(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 		for wr := range wch {
+			if ctx.Err() != nil {
+				break // waited long enough: what is left, is left
+			}
 			if err := wr.Err(); err != nil {
 				return nil, err
 			}
@@ -63,7 +67,7 @@ func (f *farm) leftRefs(within time.Duration) ([]leftRef, error) {
 				}
 			}
 			if len(keys) == 0 {
-				cancel() // ends the watch
+				break
 			}
 		}
 	}
@@ -90,7 +94,15 @@ func (f *farm) leftRefs(within time.Duration) ([]leftRef, error) {
 			return nil, err
 		}
 		for _, r := range info.Refs {
-			l := leftRef{id: id, ref: r, ttl: -1}
+			l := leftRef{id: id, ref: r, ttl: -1, node: "a process of its own"}
+			for _, h := range f.hosts {
+				switch {
+				case h.name == r.Host && h.pid() == r.PID:
+					l.node = "the running node of " + h.name
+				case h.name == r.Host && r.Cached: // only nodes take cached references
+					l.node = "a killed node of " + h.name
+				}
+			}
 			if lease, err := strconv.ParseInt(r.Lease, 16, 64); err == nil {
 				if ttl, err := f.cli.TimeToLive(dctx, clientv3.LeaseID(lease)); err == nil {
 					l.ttl = ttl.TTL
