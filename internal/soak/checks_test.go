@@ -183,3 +183,25 @@ func (f *farm) nodeLogLines(words []string, max int) []string {
 	}
 	return out
 }
+
+// leasesLost counts, from the nodes' logs, how many times a node lost its
+// store's lease and its registration's: not a failure in itself (the
+// store takes its references again), but what most of the findings follow.
+func (f *farm) leasesLost() (store, registration int) {
+	for _, h := range f.hosts {
+		b, err := os.ReadFile(h.logPath)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			switch {
+			case !strings.Contains(line, "etcd lease lost"):
+			case strings.Contains(line, "lease=registration"):
+				registration++
+			default:
+				store++
+			}
+		}
+	}
+	return store, registration
+}

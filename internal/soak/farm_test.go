@@ -411,9 +411,12 @@ func (r result) tail() string {
 	return strings.Join(lines, " | ")
 }
 
-// exec runs argv as a command on host h (its environment). The end of the soak does not stop
-// it: a command in progress finishes. One that outlives cmdTimeout gets
-// SIGTERM (which granary-run forwards to its job), then SIGKILL.
+// exec runs argv as a command on host h (its environment). The end of
+// the soak does not stop it: a command in progress finishes. One that
+// outlives cmdTimeout is hung: it gets SIGQUIT, so that a Go program
+// prints where each of its goroutines is (granary-run, once it runs its
+// job, forwards it to the job instead), then SIGKILL; its whole stderr is
+// kept in a file of the soak's directory.
 func (f *farm) exec(h *host, argv ...string) result { return f.execEnv(h.env, argv...) }
 
 // execEnv is exec with environment env.
@@ -422,7 +425,7 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env = env
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
 	cmd.WaitDelay = 15 * time.Second
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -433,7 +436,10 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 	switch {
 	case ctx.Err() != nil:
 		res.code = -1
-		res.stderr += fmt.Sprintf("\n(hung: stopped after %v)", f.cmdTimeout())
+		name := filepath.Join(f.dir, fmt.Sprintf("hung-%d.txt", f.tally.hungCount.Add(1)))
+		os.WriteFile(name, []byte(strings.Join(argv, " ")+"\n\n"+res.stderr), 0o644) //nolint:errcheck // a report's detail
+		res.stderr = fmt.Sprintf("%s\n(hung: stopped after %v; its stderr, with the goroutines of a Go program, is in %s)", firstLines(res.stderr, 4), f.cmdTimeout(), name)
+		f.tally.hung(fmt.Sprintf("%s: %s", strings.Join(argv, " "), res.tail()))
 	case errors.As(err, &xe):
 		res.code = xe.ExitCode()
 	case err != nil:
@@ -444,6 +450,13 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 		f.tally.note("slow command", fmt.Sprintf("%s took %v, exit %d: %s", strings.Join(argv, " "), res.took.Round(time.Millisecond), res.code, res.tail()))
 	}
 	return res
+}
+
+// firstLines is the first n lines of s (a hung command's messages come
+// before the goroutine dump).
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
 // slowCommand is how long a command may take before the soak lists it in
@@ -551,7 +564,10 @@ type tally struct {
 	removed, rmRefused, rmAbsent, rmErrors                    atomic.Int64
 	gcSweeps, gcRemoved, gcErrors                             atomic.Int64
 
+	hungCount atomic.Int64
+
 	mu       sync.Mutex
+	hangs    []string // commands that did not finish within cmdTimeout
 	faults   map[string]int
 	notes    map[string][]string // a few examples of each kind of event
 	counts   map[string]int      // how many of each kind
@@ -577,6 +593,12 @@ func (t *tally) failure(msg string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.failures = append(t.failures, msg)
+}
+
+func (t *tally) hung(msg string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.hangs = append(t.hangs, msg)
 }
 
 func (t *tally) harness(msg string) {

@@ -22,6 +22,8 @@ import (
 //   - no build failure but the intended ones (and those of a build whose
 //     node the soak killed under it), and no build still "building" at the
 //     end;
+//   - no command hung (a job or build that took a minute where they take
+//     a second: the goroutines of a hung Go program are kept in a file);
 //   - no node exited by itself, and the soak did what it claims (jobs ran,
 //     packages were removed, every fault was injected).
 func TestFarmSoak(t *testing.T) {
@@ -98,6 +100,9 @@ func TestFarmSoak(t *testing.T) {
 	for _, msg := range f.tally.failures {
 		t.Errorf("BUILD FAILURE (unintended): %s", msg)
 	}
+	for _, msg := range f.tally.hangs {
+		t.Errorf("HUNG: %s", msg)
+	}
 	for _, msg := range f.tally.problems {
 		t.Errorf("soak machinery: %s", msg)
 	}
@@ -129,19 +134,20 @@ func (f *farm) summary(left, violations, excused, stuck int) {
 	for _, k := range slices.Sorted(maps.Keys(t.faults)) {
 		faults = append(faults, fmt.Sprintf("%s %d", k, t.faults[k]))
 	}
+	storeLost, regLost := f.leasesLost()
 	f.logf("summary:\n"+
 		"  jobs:       %d ok, %d stopped by granary-run (reference lost), %d failed their check, %d other errors, %d gave up (removed after each build)\n"+
 		"  builds:     %d ran the builder, %d waited for another, %d found it available\n"+
 		"  failures:   %d intended, %d node killed mid-build, %d lease lost (revocations expected), %d UNINTENDED\n"+
 		"  removals:   rm %d removed, %d refused, %d absent, %d errors; gc %d sweeps removed %d, %d errors\n"+
-		"  faults:     %s\n"+
-		"  found:      %d VIOLATIONS, %d excused mismatches (job stopped), %d REFERENCES LEFT, %d STUCK BUILDS",
+		"  faults:     %s; the nodes lost their store's lease %d times, their registration's %d times\n"+
+		"  found:      %d VIOLATIONS, %d excused mismatches (job stopped), %d REFERENCES LEFT, %d STUCK BUILDS, %d HUNG COMMANDS",
 		t.jobs.Load(), t.jobsStopped.Load(), t.jobsFailedCheck.Load(), t.jobErrors.Load(), t.jobsGaveUp.Load(),
 		t.buildsRan.Load(), t.buildsWaited.Load(), t.buildsFound.Load(),
 		t.failIntended.Load(), t.failNodeKilled.Load(), t.failLeaseLost.Load(), len(t.failures),
 		t.removed.Load(), t.rmRefused.Load(), t.rmAbsent.Load(), t.rmErrors.Load(), t.gcSweeps.Load(), t.gcRemoved.Load(), t.gcErrors.Load(),
-		strings.Join(faults, ", "),
-		violations, excused, left, stuck)
+		strings.Join(faults, ", "), storeLost, regLost,
+		violations, excused, left, stuck, len(t.hangs))
 	for _, kind := range slices.Sorted(maps.Keys(t.notes)) {
 		f.logf("%s: %d, e.g.:\n  %s", kind, t.counts[kind], strings.Join(t.notes[kind], "\n  "))
 	}
