@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -220,6 +221,7 @@ func (f *farm) job(h *host, id string) {
 		kills := h.kills.Load()
 		res := f.exec(h, f.bin.granaryRun, id, "--", f.bin.job, "check", id)
 		switch {
+		case res.hung: // listed among the hangs
 		case res.code == 0:
 			f.tally.jobs.Add(1)
 			return
@@ -260,6 +262,7 @@ func (f *farm) build(h *host, id string) bool {
 	kills := h.kills.Load()
 	res := f.exec(h, argv...)
 	switch {
+	case res.hung: // listed among the hangs
 	case res.code == 0 && f.failing[id]:
 		f.tally.failure(fmt.Sprintf("%s on %s: published although its builder always fails: %s", id, h.name, res.tail()))
 		return true
@@ -397,7 +400,8 @@ func (f *farm) inject(fault string, rng *rand.Rand) error {
 
 // result is a finished command's.
 type result struct {
-	code           int // exit code; -1 if it could not run or was killed
+	code           int  // exit code; -1 if it could not run or was killed
+	hung           bool // killed after cmdTimeout (already in the tally's hangs)
 	stdout, stderr string
 	took           time.Duration
 }
@@ -435,11 +439,12 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 	var xe *exec.ExitError
 	switch {
 	case ctx.Err() != nil:
-		res.code = -1
+		res.code, res.hung = -1, true
 		name := filepath.Join(f.dir, fmt.Sprintf("hung-%d.txt", f.tally.hungCount.Add(1)))
 		os.WriteFile(name, []byte(strings.Join(argv, " ")+"\n\n"+res.stderr), 0o644) //nolint:errcheck // a report's detail
-		res.stderr = fmt.Sprintf("%s\n(hung: stopped after %v; its stderr, with the goroutines of a Go program, is in %s)", firstLines(res.stderr, 4), f.cmdTimeout(), name)
-		f.tally.hung(fmt.Sprintf("%s: %s", strings.Join(argv, " "), res.tail()))
+		said, _, _ := strings.Cut(res.stderr, "SIGQUIT: quit")
+		res.stderr = fmt.Sprintf("%s\n(hung: stopped after %v; its stderr, with the goroutines of a Go program, is in %s)", said, f.cmdTimeout(), name)
+		f.tally.hung(fmt.Sprintf("%s after %v: %s", strings.Join(argv, " "), res.took.Round(time.Millisecond), res.tail()))
 	case errors.As(err, &xe):
 		res.code = xe.ExitCode()
 	case err != nil:
@@ -450,13 +455,6 @@ func (f *farm) execEnv(env []string, argv ...string) result {
 		f.tally.note("slow command", fmt.Sprintf("%s took %v, exit %d: %s", strings.Join(argv, " "), res.took.Round(time.Millisecond), res.code, res.tail()))
 	}
 	return res
-}
-
-// firstLines is the first n lines of s (a hung command's messages come
-// before the goroutine dump).
-func firstLines(s string, n int) string {
-	lines := strings.SplitN(s, "\n", n+1)
-	return strings.Join(lines[:min(n, len(lines))], "\n")
 }
 
 // slowCommand is how long a command may take before the soak lists it in
@@ -547,6 +545,46 @@ func (h *host) kill() {
 	cmd.Process.Kill() //nolint:errcheck // it may have exited
 	<-exited
 }
+
+// stuckGoroutines makes the node print where each of its goroutines is
+// (on SIGQUIT, Go's runtime writes them to stderr, the node's log, and
+// exits) and returns those that had been blocked for a minute or more in
+// granary's code, without addresses: where a hung build or job waits.
+func (h *host) stuckGoroutines() string {
+	h.mu.Lock()
+	cmd, exited := h.cmd, h.exited
+	h.killed = true
+	h.mu.Unlock()
+	st, err := os.Stat(h.logPath)
+	if err != nil {
+		return err.Error()
+	}
+	cmd.Process.Signal(syscall.SIGQUIT) //nolint:errcheck // it may have exited
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill() //nolint:errcheck // it may have exited
+		<-exited
+	}
+	b, err := os.ReadFile(h.logPath)
+	if err != nil || int64(len(b)) < st.Size() {
+		return fmt.Sprintf("cannot read the dump in %s: %v", h.logPath, err)
+	}
+	var out []string
+	for _, g := range strings.Split(string(b[st.Size():]), "\n\n") {
+		header, _, _ := strings.Cut(g, "\n")
+		if strings.HasPrefix(header, "goroutine ") && strings.Contains(header, "minutes]") && strings.Contains(g, "granary-build/granary/") {
+			out = append(out, frameAddrs.ReplaceAllString(g, ""))
+		}
+	}
+	if len(out) == 0 {
+		return "(none)"
+	}
+	return strings.Join(out, "\n\n")
+}
+
+// frameAddrs are the addresses in a goroutine dump's frames.
+var frameAddrs = regexp.MustCompile(` (fp|sp|pc)=0x[0-9a-f]+| \+0x[0-9a-f]+`)
 
 // pid is the node's current process ID.
 func (h *host) pid() int {

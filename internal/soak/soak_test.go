@@ -103,6 +103,12 @@ func TestFarmSoak(t *testing.T) {
 	for _, msg := range f.tally.hangs {
 		t.Errorf("HUNG: %s", msg)
 	}
+	if len(f.tally.hangs) > 0 || len(stuck) > 0 {
+		// Where the nodes wait (this stops them).
+		for _, h := range f.hosts {
+			t.Logf("goroutines of the node of %s blocked for a minute or more:\n%s", h.name, h.stuckGoroutines())
+		}
+	}
 	for _, msg := range f.tally.problems {
 		t.Errorf("soak machinery: %s", msg)
 	}
