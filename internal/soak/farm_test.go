@@ -573,18 +573,45 @@ func (h *host) stuckGoroutines() string {
 	var out []string
 	for _, g := range strings.Split(string(b[st.Size():]), "\n\n") {
 		header, _, _ := strings.Cut(g, "\n")
-		if strings.HasPrefix(header, "goroutine ") && strings.Contains(header, "minutes]") && strings.Contains(g, "granary-build/granary/") {
-			out = append(out, frameAddrs.ReplaceAllString(g, ""))
+		if strings.HasPrefix(header, "goroutine ") && strings.Contains(header, "minutes") && strings.Contains(g, "granary-build/granary/") {
+			out = append(out, compactGoroutine(g))
 		}
 	}
 	if len(out) == 0 {
 		return "(none)"
 	}
-	return strings.Join(out, "\n\n")
+	return strings.Join(out, "\n")
 }
 
-// frameAddrs are the addresses in a goroutine dump's frames.
-var frameAddrs = regexp.MustCompile(` (fp|sp|pc)=0x[0-9a-f]+| \+0x[0-9a-f]+`)
+// compactGoroutine is one goroutine of a dump on one line: its state and
+// granary's frames, innermost first, as function file:line.
+func compactGoroutine(g string) string {
+	lines := strings.Split(g, "\n")
+	state := lines[0]
+	if i := strings.Index(state, "["); i >= 0 {
+		state = strings.TrimSuffix(state[i:], ":")
+	}
+	const mod = "github.com/granary-build/granary/"
+	var frames []string
+	for i := 1; i+1 < len(lines); i += 2 {
+		fn, file := strings.TrimSpace(lines[i]), strings.TrimSpace(lines[i+1])
+		fn = strings.TrimPrefix(fn, "created by ")
+		if !strings.HasPrefix(fn, mod) {
+			continue
+		}
+		fn, _, _ = strings.Cut(strings.TrimPrefix(fn, mod), " in goroutine ")
+		if m := funcName.FindStringSubmatch(fn); m != nil {
+			fn = m[1]
+		}
+		file, _, _ = strings.Cut(file, " ")
+		frames = append(frames, fn+" "+filepath.Base(file))
+	}
+	return state + " " + strings.Join(frames, " < ")
+}
+
+// funcName is a dump's function name without its arguments (a method's
+// receiver, "(*T)", starts with '*'; arguments do not).
+var funcName = regexp.MustCompile(`^(.+?)\((?:0x|\{|\)|\.\.\.|[0-9])`)
 
 // pid is the node's current process ID.
 func (h *host) pid() int {
