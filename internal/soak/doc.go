@@ -12,11 +12,13 @@
 // change or vanish while it holds a reference, unless it was told that
 // the reference was lost (then granary-run stops it); no reference is left
 // in etcd once the jobs ended and the linger and the TTL passed; no build
-// fails other than the ones meant to.
+// fails other than the ones meant to, or stays "building" at the end; no
+// job or build hangs.
 //
 // The package has no code of its own besides the test: the binaries it
 // runs are built by the test from ./cmd/granary, ./cmd/granary-run, etcd's
-// server module and testdata/soakjob (the builder and the job).
+// server module and testdata/soakjob (the builder and the job, which
+// TestJobChecks holds to catching what it must).
 // `go test -short` skips it; GRANARY_SOAK_* variables make longer and
 // harsher local runs (see soakConfigFromEnv).
 package soak
