@@ -63,14 +63,13 @@ type farm struct {
 func newFarm(t *testing.T, cfg soakConfig) *farm {
 	f := &farm{t: t, cfg: cfg, failing: map[string]bool{}}
 	f.dir = cfg.Dir
-	f.root = filepath.Join(f.dir, "root")
 	if f.dir == "" {
 		f.dir = t.TempDir()
-		f.root = filepath.Join(f.dir, "root")
 		// Published trees are read-only: TempDir's RemoveAll cannot
 		// delete them unless run as root.
 		t.Cleanup(func() { etcdstore.RemoveTree(f.root) }) //nolint:errcheck // TempDir reports what is left
 	}
+	f.root = filepath.Join(f.dir, "root")
 	f.reports = filepath.Join(f.dir, "reports")
 	if err := os.MkdirAll(f.reports, 0o755); err != nil {
 		t.Fatal(err)
