@@ -292,7 +292,7 @@ func (f *farm) build(h *host, id string) bool {
 		switch {
 		case leaseLost(res.stderr):
 			msg += " [lease lost although no fault may revoke it]"
-		case strings.Contains(res.stderr, "rpc error"), strings.Contains(res.stderr, "etcdserver: "):
+		case strings.Contains(res.stderr, "rpc error"), strings.Contains(res.stderr, "etcdserver: "), strings.Contains(res.stderr, "etcd did not answer in time"):
 			// Still a failure: the store does not retry an etcd call that
 			// a frozen or restarted member cut (docs/design.md, "What the
 			// client cannot fix"), and a farm's build then fails.
