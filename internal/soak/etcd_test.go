@@ -171,8 +171,21 @@ func (m *etcdMember) status() (*clientv3.StatusResponse, error) {
 	return cli.Status(ctx, m.clientURL)
 }
 
-// leader returns the member the others follow, and a follower.
-func (c *etcdCluster) leader() (leader, follower *etcdMember, err error) {
+// leader returns the member the others follow, and a follower, asking
+// for at most within (a moment after a fault, or on a busy machine, the
+// members may not answer or know one yet).
+func (c *etcdCluster) leader(within time.Duration) (leader, follower *etcdMember, err error) {
+	deadline := time.Now().Add(within)
+	for {
+		leader, follower, err = c.findLeader()
+		if err == nil || time.Now().After(deadline) {
+			return leader, follower, err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func (c *etcdCluster) findLeader() (leader, follower *etcdMember, err error) {
 	for _, m := range c.members {
 		st, err := m.status()
 		if err != nil {

@@ -63,7 +63,12 @@ type farm struct {
 func newFarm(t *testing.T, cfg soakConfig) *farm {
 	f := &farm{t: t, cfg: cfg, failing: map[string]bool{}}
 	f.dir = cfg.Dir
-	if f.dir == "" {
+	if f.dir != "" {
+		// etcd's data and the shared root must be new.
+		if ents, _ := os.ReadDir(f.dir); len(ents) > 0 {
+			t.Fatalf("%s=%s: not empty; give a new directory", envDir, f.dir)
+		}
+	} else {
 		f.dir = t.TempDir()
 		// Published trees are read-only: TempDir's RemoveAll cannot
 		// delete them unless run as root.
@@ -363,7 +368,7 @@ func (f *farm) faults(ctx context.Context, rng *rand.Rand) {
 func (f *farm) inject(fault string, rng *rand.Rand) error {
 	switch fault {
 	case faultLeaderFreeze, faultFollowerFreeze:
-		leader, follower, err := f.etcd.leader()
+		leader, follower, err := f.etcd.leader(10 * time.Second)
 		if err != nil {
 			return err
 		}
@@ -378,7 +383,7 @@ func (f *farm) inject(fault string, rng *rand.Rand) error {
 		time.Sleep(d) // the fault is its length
 		return m.signal(syscall.SIGCONT)
 	case faultLeaderRestart:
-		leader, _, err := f.etcd.leader()
+		leader, _, err := f.etcd.leader(10 * time.Second)
 		if err != nil {
 			return err
 		}

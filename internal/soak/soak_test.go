@@ -46,13 +46,6 @@ func TestFarmSoak(t *testing.T) {
 	//  2. the references drain: each node lets go a linger after its last
 	//     job, and a killed node's lease expires a TTL after the kill;
 	//  3. what is left is counted, the packages verified, the reports read.
-	for _, h := range f.hosts {
-		h.mu.Lock()
-		for _, c := range h.crashes {
-			t.Errorf("the node of %s exited by itself: %s", h.name, c)
-		}
-		h.mu.Unlock()
-	}
 	drain := cfg.Linger + cfg.TTL + 2*time.Second
 	left, err := f.leftRefs(drain)
 	if err != nil {
@@ -72,6 +65,13 @@ func TestFarmSoak(t *testing.T) {
 		t.Fatal(err)
 	}
 	violations = append(violations, broken...)
+	for _, h := range f.hosts {
+		h.mu.Lock()
+		for _, c := range h.crashes {
+			t.Errorf("the node of %s exited by itself: %s", h.name, c)
+		}
+		h.mu.Unlock()
+	}
 
 	f.summary(len(left), len(violations), len(excused), len(stuck))
 
@@ -81,7 +81,7 @@ func TestFarmSoak(t *testing.T) {
 	if len(left) > 0 {
 		var ids []string
 		for _, l := range left {
-			t.Errorf("LEAK: reference left in etcd %v after the last job: %v", drain, l)
+			t.Errorf("LEAK: reference still in etcd %v after the jobs ended: %v", drain, l)
 			ids = append(ids, l.id)
 		}
 		t.Logf("node log lines about the leaked packages:\n%s", strings.Join(f.nodeLogLines(ids, 20), "\n"))
