@@ -19,9 +19,10 @@ const (
 
 var knownFaults = []string{faultFollowerFreeze, faultNodeKill, faultLeaderFreeze, faultLeaderRestart}
 
-// soakConfig is the shape of one soak. DefaultConfig is the bounded run
-// CI makes; the farm run of issue 18 was the same with 15 s freezes, a
-// node kill every 2 min and hours of duration.
+// soakConfig is the shape of one soak. defaultConfig is the bounded run
+// CI makes; the farm run of issue 18 was the same with 5 s of linger, 15 s
+// freezes, gc every 20 s, rm every 10 s, a node kill every 2 minutes, and
+// hours of duration.
 type soakConfig struct {
 	Duration         time.Duration // how long the launchers and the faults run
 	Hosts            int           // hosts, each with its own node and state directory
@@ -54,8 +55,9 @@ type soakConfig struct {
 	GCOlderThan time.Duration // its --older-than and --grace
 
 	Seed uint64 // of the jobs' choices and the churn; 0: from the clock
-	// Dir keeps the processes' logs and the jobs' reports after the test
-	// (default: a temporary directory, removed).
+	// Dir, new or empty, keeps the processes' logs, etcd's data, the
+	// shared root and the jobs' reports after the test (default: a
+	// temporary directory, removed).
 	Dir string
 }
 
