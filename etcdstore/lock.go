@@ -53,7 +53,7 @@ func (l *lock) enqueue(ctx context.Context) (first bool, err error) {
 		cancel()
 		if err != nil {
 			if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-				return false, fmt.Errorf("%w: %v", ErrLeaseLost, err)
+				return false, s.sess.unknown(l.sess, err)
 			}
 			// The Put may have applied; the retry adopts it. Give up only
 			// when the caller does or after a few rounds.

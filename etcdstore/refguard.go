@@ -159,10 +159,8 @@ func (s *Store) retakeOne(id string, r *ref, key string) {
 			return
 		case errors.Is(err, ErrLeaseLost):
 			s.refs.move.Unlock()
-			// Revoked: etcd no longer knows the lease. Give it up now
-			// rather than at the next keep-alive; the new lease's renewal
-			// takes r again.
-			s.sess.lost(l, errors.New("etcd no longer knows the lease (revoked): a reference key on it was deleted"))
+			// Revoked: putRef gave the lease up (Session.unknown); the
+			// new lease's renewal takes r again.
 			return
 		}
 		s.refs.move.Unlock()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -256,5 +257,65 @@ func TestCachedRefDeletedIsNotProven(t *testing.T) {
 	}
 	if s.RefProven("stolen") {
 		t.Error("RefProven(stolen) = true after it was removed")
+	}
+}
+
+// A host waiting for another's build whose own lock attempt fails (its
+// lease revoked, a frozen member) must not hang: the wait took the lock
+// attempt's failure and then waited for it a second time, so every caller
+// of the ID on that host hung for good, even after the other host
+// published (found by the farm soak during etcd freezes).
+func TestWaitEndsWhenLockAttemptFails(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	cli := srv.Client(t)
+	a, err := etcdstore.New(context.Background(), srv.Client(t), root, etcdstore.WithTTL(testTTL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := etcdstore.New(context.Background(), srv.Client(t), root, etcdstore.WithTTL(testTTL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	release := make(chan struct{})
+	started := make(chan struct{})
+	aDone := make(chan error, 1)
+	go func() {
+		aDone <- a.Handle("pkg").Build(func() error {
+			close(started)
+			<-release
+			return nil
+		})
+	}()
+	<-started
+	waiting := make(chan struct{})
+	closeWaiting := sync.OnceFunc(func() { close(waiting) })
+	etcdstore.SetTestHookWait(b, func(string) { closeWaiting() })
+	bDone := make(chan error, 1)
+	go func() { bDone <- b.Handle("pkg").Build(func() error { return errors.New("b must not build") }) }()
+	<-waiting
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	// B's lease goes: its place in the lock queue ends with an error.
+	if _, err := cli.Revoke(ctx, b.Lease()); err != nil {
+		t.Fatal(err)
+	}
+	for b.Lease() == 0 || b.Session().ID() == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(2 * testTTL / 3) // the keep-alive tells B; its lock attempt fails
+	close(release)
+	if err := <-aDone; err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-bDone:
+		if err != nil {
+			t.Errorf("B's Build after A published = %v, want nil (it queues again on its new lease and sees the publish)", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("B's Build still waiting 30 s after A published: the wait hung on its lock attempt")
 	}
 }

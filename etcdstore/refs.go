@@ -254,7 +254,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		case err == nil:
 			return runningAttempt(resp), core.ErrPackageNotExist
 		case errors.Is(err, rpctypes.ErrLeaseNotFound):
-			return nil, fmt.Errorf("%w: %v", ErrLeaseLost, err)
+			return nil, s.sess.unknown(l, err)
 		}
 		// Ambiguous: the Txn may have applied. Read the key back, on a
 		// context of our own: the caller's may be what ended the call.

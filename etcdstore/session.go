@@ -319,6 +319,16 @@ func (s *Session) guard(l *Lease, ka <-chan *clientv3.LeaseKeepAliveResponse, gr
 	}
 }
 
+// unknown is for an etcd call on l that failed with ErrLeaseNotFound: etcd
+// no longer knows the lease (revoked, or expired), so it is given up now
+// rather than at the next keep-alive, which could be TTL/3 away (callers
+// that start over would otherwise spin on a lease that is gone). It
+// returns err wrapped in ErrLeaseLost.
+func (s *Session) unknown(l *Lease, err error) error {
+	s.lost(l, fmt.Errorf("etcd no longer knows the lease: %v", err))
+	return fmt.Errorf("%w: %v", ErrLeaseLost, err)
+}
+
 // lost retires l and makes a new lease in the background.
 func (s *Session) lost(l *Lease, why error) {
 	s.mu.Lock()

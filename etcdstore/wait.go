@@ -44,13 +44,16 @@ func (w *waiter) waitOrLock(ctx context.Context) (*lock, Outcome, error) {
 	l := s.newLock(w.ls, s.lockPrefix(w.id))
 	lockErr := make(chan error, 1)
 	go func() { lockErr <- l.lock(wctx) }()
-	held, out, err := w.loop(ctx, lockErr)
+	held, lockDone, out, err := w.loop(ctx, lockErr)
 	if held {
 		return l, Outcome{}, nil
 	}
-	// Stop the lock attempt and make sure we do not keep the lock.
+	// Stop the lock attempt and make sure we do not keep the lock. If
+	// loop took the lock attempt's (failed) result, there is nothing more
+	// to receive: waiting for it hung every caller of the ID on this host
+	// (the farm soak, during etcd freezes).
 	cancel()
-	if <-lockErr == nil {
+	if !lockDone && <-lockErr == nil {
 		l.release()
 	}
 	return nil, out, err
@@ -100,8 +103,9 @@ func (w *waiter) watch(ctx, wctx context.Context) (out Outcome, done bool, err e
 }
 
 // loop waits for the lock, a publish, or the failure of the attempt we
-// wait on. held reports that the lock is ours.
-func (w *waiter) loop(ctx context.Context, lockErr <-chan error) (held bool, out Outcome, err error) {
+// wait on. held reports that the lock is ours; lockDone that loop took
+// the lock attempt's result (then it must not be awaited again).
+func (w *waiter) loop(ctx context.Context, lockErr <-chan error) (held, lockDone bool, out Outcome, err error) {
 	s := w.s
 	if b := w.st.build; b != nil && b.State == BuildRunning {
 		w.emitWaiting(b)
@@ -109,10 +113,10 @@ func (w *waiter) loop(ctx context.Context, lockErr <-chan error) (held bool, out
 	for {
 		select {
 		case err := <-lockErr:
-			return err == nil, Outcome{}, err
+			return err == nil, true, Outcome{}, err
 		case wr, ok := <-w.availCh:
 			if !ok || wr.Err() != nil {
-				return false, Outcome{}, w.watchEnded(ctx, wr.Err())
+				return false, false, Outcome{}, w.watchEnded(ctx, wr.Err())
 			}
 			for _, ev := range wr.Events {
 				if ev.Type != clientv3.EventTypePut {
@@ -127,17 +131,17 @@ func (w *waiter) loop(ctx context.Context, lockErr <-chan error) (held bool, out
 				if s.testHookCleanup != nil {
 					s.testHookCleanup(w.id)
 				}
-				return false, out, nil
+				return false, false, out, nil
 			}
 		case wr, ok := <-w.buildCh:
 			if !ok || wr.Err() != nil {
-				return false, Outcome{}, w.watchEnded(ctx, wr.Err())
+				return false, false, Outcome{}, w.watchEnded(ctx, wr.Err())
 			}
 			if err := w.buildEvents(wr.Events); err != nil {
-				return false, Outcome{}, err
+				return false, false, Outcome{}, err
 			}
 		case <-ctx.Done():
-			return false, Outcome{}, ctx.Err()
+			return false, false, Outcome{}, ctx.Err()
 		}
 	}
 }
