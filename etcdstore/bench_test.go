@@ -19,7 +19,7 @@ import (
 //
 // Compare commits with benchstat (go run golang.org/x/perf/cmd/benchstat).
 // The end-to-end scenarios (stampede, takeover, prune, memory) are
-// `granary bench`.
+// `granary-bench` (cmd/granary-bench).
 
 // BenchmarkRawPut is the baseline: one Put, one Raft write.
 func BenchmarkRawPut(b *testing.B) {

@@ -121,7 +121,7 @@ func (r *run) agent(ctx context.Context) error {
 		return nil
 	}
 	jobs := max(r.z.HotRounds*7, 3)
-	// The floors: this program's start and exit (`granary help`), the
+	// The floors: the full binary's start and exit (`granary help`), the
 	// light launcher's (`granary-run --version`), and /bin/true's.
 	floors := []struct {
 		key, what string

@@ -28,7 +28,7 @@ func Chart(rep *Report) ([]byte, error) {
 	const w, h = 1100, 460
 	img := image.NewRGBA(image.Rect(0, 0, w, h))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
-	title := fmt.Sprintf("granary bench, %s, %d CPUs", rep.Meta.Date.Format("2006-01-02"), rep.Meta.CPUs)
+	title := fmt.Sprintf("granary-bench, %s, %d CPUs", rep.Meta.Date.Format("2006-01-02"), rep.Meta.CPUs)
 	text(img, 20, 22, title, black)
 
 	xs := func(v []int) []string {

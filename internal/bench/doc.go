@@ -1,4 +1,5 @@
-// Package bench is the scenario engine of `granary bench`: it measures the
+// Package bench is the scenario engine of `granary-bench` (cmd/granary-bench,
+// the lab, which the granary binary does not link): it measures the
 // store's hot path, waiter release, build stampedes, distinct builds, crash
 // takeover, pruning and memory against a raw-etcd baseline taken in the same
 // run, on whatever etcd its client factory reaches, and checks the results

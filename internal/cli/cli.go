@@ -109,9 +109,6 @@ func init() {
 		"init-root": {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
 		"cache":     {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
 		"demo":      {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
-		"bench":     {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
-		// bench-child is the child process of bench's memory scenarios.
-		"bench-child": {"[flags] -- ROLE ROOT PREFIX [ARGS...]", "(internal) one memory scenario of bench", cmdBenchChild},
 	}
 }
 
@@ -135,7 +132,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench", "version"} {
+	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "version"} {
 		fmt.Fprintf(&b, "  %-9s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
@@ -159,6 +156,11 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return cmdVersion(ctx, e, args[1:])
 	}
 	c := commands[args[0]]
+	if c == nil && args[0] == "bench" {
+		// The lab is a program of its own, so that this one links no test
+		// harness and no chart library (cmd/granary-bench).
+		return &ExitErr{Code: ExitUsage, Err: errors.New("granary: the benchmarks moved to their own program: go run ./cmd/granary-bench [flags] (in a source checkout; the farm: go run ./cmd/granary-bench farm)")}
+	}
 	if c == nil {
 		return &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: unknown command %q (run 'granary help')", args[0])}
 	}
