@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cenkalti/backoff/v4"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -262,37 +263,79 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 	s, id, l := a.s, a.id, a.l
 	val := mustJSON(pkg)
 	now := time.Now()
-	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Txn(cctx).
-		If(
-			l.isOwner(), // fencing: we still hold the build lock
-			clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", a.buildRev), // and our attempt record stands
-		).
-		Then(
-			clientv3.OpPut(s.availKey(id), val),              // available, for good (no lease)
-			clientv3.OpPut(s.atimeKey(id), formatNanos(now)), // fresh packages are not pruned first
-			clientv3.OpDelete(s.buildKey(id)),                // the attempt is over
-			l.releaseOp(),                                    // and so is our hold on the lock
-		).Commit()
-	cancel()
-	if err == nil {
-		if !resp.Succeeded {
-			return ErrFenced
-		}
-		l.gone = true
-		return nil
-	}
-	// Ambiguous: only our Txn writes an avail record with our attempt.
-	rctx, rcancel := s.opCtx(context.WithoutCancel(ctx))
-	got, rerr := s.cli.Get(rctx, s.availKey(id))
-	rcancel()
-	if rerr == nil && len(got.Kvs) == 1 {
-		if p, derr := decode[PackageRecord](got.Kvs[0].Value); derr == nil && p.Attempt == pkg.Attempt {
+	var errs []error
+	for try := 1; ; try++ {
+		cctx, cancel := s.opCtx(ctx)
+		resp, err := s.cli.Txn(cctx).
+			If(
+				l.isOwner(), // fencing: we still hold the build lock
+				clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", a.buildRev), // and our attempt record stands
+			).
+			Then(
+				clientv3.OpPut(s.availKey(id), val),              // available, for good (no lease)
+				clientv3.OpPut(s.atimeKey(id), formatNanos(now)), // fresh packages are not pruned first
+				clientv3.OpDelete(s.buildKey(id)),                // the attempt is over
+				l.releaseOp(),                                    // and so is our hold on the lock
+			).Commit()
+		cancel()
+		if err == nil && resp.Succeeded {
 			l.gone = true
 			return nil
 		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("publish: %w", err))
+		}
+		// Ambiguous, or refused after an ambiguous try (which may have
+		// applied late): only our Txn writes an avail record with our
+		// attempt, so read it back on a context of our own.
+		rctx, rcancel := s.opCtx(context.WithoutCancel(ctx))
+		got, rerr := s.cli.Get(rctx, s.availKey(id))
+		rcancel()
+		if rerr == nil && len(got.Kvs) == 1 {
+			if p, derr := decode[PackageRecord](got.Kvs[0].Value); derr == nil && p.Attempt == pkg.Attempt {
+				l.gone = true
+				return nil
+			}
+		}
+		switch {
+		case err == nil:
+			return ErrFenced // refused, and not by our own earlier try
+		case rerr != nil:
+			errs = append(errs, rerr)
+		}
+		// Not applied (as far as we can tell): a call cut by a member that
+		// froze or went away is tried again, still fenced, on another.
+		if !transient(err) || try >= 4 || ctx.Err() != nil {
+			return errors.Join(errs...)
+		}
+		s.opt.logger.Debug("publish got no answer; trying again", "id", id, "err", err)
+		select {
+		case <-time.After(time.Duration(try) * 100 * time.Millisecond):
+		case <-ctx.Done():
+			return errors.Join(append(errs, ctx.Err())...)
+		}
 	}
-	return errors.Join(fmt.Errorf("publish: %w", err), rerr)
+}
+
+// failLater ends the attempt's "building" record in the background when
+// fail could not: tell (the failed record, or its deletion) is applied
+// only while the record is still the one our claim wrote, so it never
+// touches a later attempt's; it gives up when that is no longer so or the
+// store closes. Our lock key goes with the deferred release (or our lease).
+func (a *attempt) failLater(tell clientv3.Op) {
+	s, id, rev := a.s, a.id, a.buildRev
+	s.spawn(func() {
+		b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithMaxElapsedTime(0), backoff.WithMaxInterval(5*time.Second)), s.ctx)
+		backoff.Retry(func() error { //nolint:errcheck // ends only by success, a later attempt, or close
+			ctx, cancel := s.opCtx(s.ctx)
+			defer cancel()
+			_, err := s.cli.Txn(ctx).
+				If(clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", rev)). // still our claim
+				Then(tell).
+				Commit()
+			return err
+		}, b)
+	})
 }
 
 // fail ends an attempt that did not publish: the record turns to "failed"
@@ -313,20 +356,41 @@ func (a *attempt) fail(ctx context.Context, cause error) error {
 	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, ErrAbandon) {
 		tell = clientv3.OpDelete(s.buildKey(id))
 	}
-	cctx, cancel := s.opCtx(context.WithoutCancel(ctx))
-	resp, err := s.cli.Txn(cctx).
-		If(l.isOwner()). // the tree is ours to clear only while we hold the lock
-		Then(tell, l.releaseOp()).
-		Commit()
-	cancel()
-	switch {
-	case err == nil && resp.Succeeded:
-		l.gone = true
-		if terr := s.moveToTrash(s.outputDir(id)); terr != nil {
-			cause = errors.Join(cause, terr)
+	ambiguous := false
+	for try := 1; ; try++ {
+		cctx, cancel := s.opCtx(context.WithoutCancel(ctx))
+		resp, err := s.cli.Txn(cctx).
+			If(l.isOwner()). // the tree is ours to clear only while we hold the lock
+			Then(tell, l.releaseOp()).
+			Commit()
+		cancel()
+		switch {
+		case err == nil && resp.Succeeded:
+			l.gone = true
+			if terr := s.moveToTrash(s.outputDir(id)); terr != nil {
+				cause = errors.Join(cause, terr)
+			}
+		case err == nil && ambiguous:
+			// An earlier try may have applied and released the lock: the
+			// tree may be another attempt's by now. Leave it (the next
+			// attempt moves leftovers aside after the lock delay).
+			l.gone = true
+		case err == nil:
+			cause = errors.Join(cause, fmt.Errorf("%w; the tree was left to the new owner", ErrFenced))
+		case transient(err) && try < 4:
+			// Cut by a member that froze or went away: try again, still
+			// fenced, on another.
+			ambiguous = true
+			time.Sleep(time.Duration(try) * 100 * time.Millisecond)
+			continue
+		default:
+			// No answer at all: our record must not stay "building" on
+			// our live lease (every host would wait for it until this
+			// process ends). Keep at it in the background.
+			s.opt.logger.Warn("recording the failure in etcd failed; retrying in the background", "id", id, "err", err)
+			a.failLater(tell)
 		}
-	case err == nil:
-		cause = errors.Join(cause, fmt.Errorf("%w; the tree was left to the new owner", ErrFenced))
+		break
 	}
 	s.recordFailure(ctx, id, rec, cause) // P/failed/<id>, outliving our lease
 	s.emit(Event{Kind: EventFailed, ID: id, Host: s.opt.host, PID: s.pid, Since: rec.Started, LogDir: rec.LogDir, Err: cause})

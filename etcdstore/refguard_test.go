@@ -13,6 +13,8 @@ import (
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
@@ -317,5 +319,93 @@ func TestWaitEndsWhenLockAttemptFails(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("B's Build still waiting 30 s after A published: the wait hung on its lock attempt")
+	}
+}
+
+// cutTxns makes the reference-less Txns that match fail with Unavailable
+// without reaching etcd, as a call to a member that froze or was left
+// does, up to n times.
+type cutTxns struct {
+	match func(*etcdserverpb.TxnRequest) bool
+	n     atomic.Int32
+}
+
+func (c *cutTxns) intercept(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if txn, ok := req.(*etcdserverpb.TxnRequest); ok && c.match(txn) && c.n.Add(-1) >= 0 {
+		return status.Error(codes.Unavailable, "test: the member went away")
+	}
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+func putsUnder(txn *etcdserverpb.TxnRequest, kind, contains string) bool {
+	for _, op := range txn.Success {
+		if p := op.GetRequestPut(); p != nil && strings.Contains(string(p.Key), "/"+kind+"/") && strings.Contains(string(p.Value), contains) {
+			return true
+		}
+	}
+	return false
+}
+
+func comparesLock(txn *etcdserverpb.TxnRequest) bool {
+	for _, c := range txn.Compare {
+		if strings.Contains(string(c.Key), "/lock/") {
+			return true
+		}
+	}
+	return false
+}
+
+// A publish or a failure record cut by a member going away is tried again
+// instead of failing the build (the farm soak saw 1-3 builds a run fail
+// with "publish: … use of closed network connection"); a failure that
+// cannot be recorded at all does not leave the attempt "building" on a
+// live lease, where every host would wait for it.
+func TestCutAttemptTxnsAreRetried(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	watcher := srv.Client(t)
+	open := func(c *cutTxns) *etcdstore.Store {
+		cfg := etcdtest.ClientConfig(srv.Endpoint)
+		cfg.DialOptions = []grpc.DialOption{grpc.WithUnaryInterceptor(c.intercept)}
+		cli, err := clientv3.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cli.Close() })
+		s, err := etcdstore.New(context.Background(), cli, root, etcdstore.WithTTL(testTTL))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+
+	publish := &cutTxns{match: func(txn *etcdserverpb.TxnRequest) bool { return putsUnder(txn, "avail", "") }}
+	publish.n.Store(2)
+	if err := open(publish).Handle("pub").Build(func() error { return nil }); err != nil {
+		t.Errorf("Build with its publish cut twice = %v, want nil", err)
+	}
+
+	// Every fenced failure Txn is cut: the record must still end.
+	fail := &cutTxns{match: func(txn *etcdserverpb.TxnRequest) bool {
+		return comparesLock(txn) && putsUnder(txn, "build", `"failed"`)
+	}}
+	fail.n.Store(100)
+	s := open(fail)
+	err := s.Handle("broken").Build(func() error { return errors.New("broken on purpose") })
+	if err == nil {
+		t.Fatal("Build of a failing builder = nil")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		resp, err := watcher.Get(ctx, "/granary/build/broken")
+		if err != nil {
+			t.Fatalf("the build record of broken is still there after 30 s: %v", err)
+		}
+		if len(resp.Kvs) == 0 || !strings.Contains(string(resp.Kvs[0].Value), `"building"`) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
