@@ -305,7 +305,7 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 		}
 		// Not applied (as far as we can tell): a call cut by a member that
 		// froze or went away is tried again, still fenced, on another.
-		if !transient(err) || try >= 4 || ctx.Err() != nil {
+		if !cutShort(ctx, err) || try >= 4 {
 			return errors.Join(errs...)
 		}
 		s.opt.logger.Debug("publish got no answer; trying again", "id", id, "err", err)
@@ -315,6 +315,13 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 			return errors.Join(append(errs, ctx.Err())...)
 		}
 	}
+}
+
+// cutShort reports a call of a step after the claim that got no answer
+// and may be sent again: the member went away (transient), or the call's
+// own deadline passed (a frozen leader) while the attempt's ctx is fine.
+func cutShort(ctx context.Context, err error) bool {
+	return ctx.Err() == nil && (transient(err) || errors.Is(err, context.DeadlineExceeded))
 }
 
 // failLater ends the attempt's "building" record in the background when
@@ -377,7 +384,7 @@ func (a *attempt) fail(ctx context.Context, cause error) error {
 			l.gone = true
 		case err == nil:
 			cause = errors.Join(cause, fmt.Errorf("%w; the tree was left to the new owner", ErrFenced))
-		case transient(err) && try < 4:
+		case cutShort(context.WithoutCancel(ctx), err) && try < 4:
 			// Cut by a member that froze or went away: try again, still
 			// fenced, on another.
 			ambiguous = true
