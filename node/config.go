@@ -414,6 +414,11 @@ func (c *Config) Validate() error {
 		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
 			c.AgentSocketPath(), len(c.AgentSocketPath()), MaxSocketPath, EnvStateDir)
 	}
+	if c.GC.TargetBytes < 0 || c.GC.OlderThan < 0 {
+		// etcdstore reads these as "zero" (everything goes); a node's
+		// periodic sweep never means that.
+		bad("GC target %d bytes / age %v: want zero (off) or more", c.GC.TargetBytes, c.GC.OlderThan)
+	}
 	if c.SocketMode&^os.ModePerm != 0 {
 		bad("socket mode %#o: want permission bits only", c.SocketMode)
 	}
