@@ -82,7 +82,14 @@ type env struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	// describe, if set, receives the command's flag set instead of its
+	// arguments being parsed; the command then ends with errDescribed
+	// (how 'granary completion' learns each command's flags).
+	describe func(*flags)
 }
+
+// errDescribed ends a command run for its flags only (env.describe).
+var errDescribed = errors.New("granary: flags described")
 
 type command struct {
 	usage string
@@ -110,23 +117,24 @@ var commands map[string]*command
 
 func init() {
 	commands = map[string]*command{
-		"serve":     {"[flags]", "run a node in the foreground", cmdServe},
-		"version":   {"", "print the module version and VCS revision of this binary", cmdVersion},
-		"build":     {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
-		"run":       {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
-		"ls":        {"[flags]", "list packages", cmdLs},
-		"inspect":   {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
-		"logs":      {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
-		"events":    {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
-		"rm":        {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
-		"gc":        {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
-		"status":    {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
-		"verify":    {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
-		"node":      {"status|stop [flags]", "show or stop the local node", cmdNode},
-		"init-root": {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
-		"cache":     {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
-		"demo":      {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
-		"bench":     {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
+		"serve":      {"[flags]", "run a node in the foreground", cmdServe},
+		"version":    {"", "print the module version and VCS revision of this binary", cmdVersion},
+		"completion": {"bash|zsh|fish", "print a shell completion script (e.g. source <(granary completion bash))", cmdCompletion},
+		"build":      {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
+		"run":        {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
+		"ls":         {"[flags]", "list packages", cmdLs},
+		"inspect":    {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
+		"logs":       {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
+		"events":     {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
+		"rm":         {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
+		"gc":         {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
+		"status":     {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
+		"verify":     {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
+		"node":       {"status|stop [flags]", "show or stop the local node", cmdNode},
+		"init-root":  {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
+		"cache":      {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
+		"demo":       {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+		"bench":      {"[flags]", "measure the store against raw etcd (--quick, --json FILE, --chart FILE)", cmdBench},
 		// bench-child is the child process of bench's memory scenarios.
 		"bench-child": {"[flags] -- ROLE ROOT PREFIX [ARGS...]", "(internal) one memory scenario of bench", cmdBenchChild},
 	}
@@ -150,10 +158,14 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 (127: it cannot start, 128+N: signal N killed it).
 `
 
+// commandOrder is the order of the commands in the help and in shell
+// completion (bench-child, internal, is in neither).
+var commandOrder = []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench", "version", "completion"}
+
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "bench", "version"} {
-		fmt.Fprintf(&b, "  %-9s %s\n", name, commands[name].short)
+	for _, name := range commandOrder {
+		fmt.Fprintf(&b, "  %-10s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
 }
@@ -320,6 +332,10 @@ func (e *env) printHelp(f *flags) {
 // parse parses flags that may appear anywhere before a "--"; it returns the
 // positional arguments and, after "--", the command.
 func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
+	if e.describe != nil {
+		e.describe(f)
+		return nil, nil, errDescribed
+	}
 	before := args
 	for i, a := range args {
 		if a == "--" {
