@@ -107,6 +107,8 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	if fr != nil && absent {
 		info.State = etcdstore.StateFailed // its builder is gone, its record stays
 	}
+	// Failed is absent too, whether its builder (a node) still runs or not.
+	absent = absent || info.State == etcdstore.StateFailed
 	holders := e.localHolders(ctx, f.cfg, id)
 	if f.json {
 		if err := writeJSON(e.stdout, struct {
@@ -142,7 +144,12 @@ func printInfo(e *env, info etcdstore.Info) {
 	if !info.ATime.IsZero() {
 		fmt.Fprintf(w, "used:    %s (%s)\n", info.ATime.Format(time.RFC3339), ago(info.ATime))
 	}
-	fmt.Fprintf(w, "path:    %s\nlogs:    %s\nrefs:    %d\n", info.OutputDir, info.LogDir, len(info.Refs))
+	if info.Package != nil {
+		// Only a published package has contents; a failed or absent one
+		// has none to point at.
+		fmt.Fprintf(w, "path:    %s\n", info.OutputDir)
+	}
+	fmt.Fprintf(w, "logs:    %s\nrefs:    %d\n", info.LogDir, len(info.Refs))
 	for _, r := range info.Refs {
 		fmt.Fprintf(w, "  - %s\n", holder(r))
 	}
@@ -527,7 +534,13 @@ func failureStatus(fr *etcdstore.FailureRecord) string {
 	case fr.ExitCode != nil:
 		return fmt.Sprintf("exit status %d", *fr.ExitCode)
 	}
-	return "error"
+	// A failure recorded by the node (the builder ran in the CLI) has no
+	// exit code of its own; its error, when short, says it.
+	msg, _, _ := strings.Cut(plainErr(errors.New(fr.Error)), "\n")
+	if msg == "" || len(msg) > 40 {
+		return "error"
+	}
+	return msg
 }
 
 func printFailure(e *env, fr *etcdstore.FailureRecord) {
@@ -535,12 +548,13 @@ func printFailure(e *env, fr *etcdstore.FailureRecord) {
 		return
 	}
 	w := e.stdout
-	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s; failure #%d while records were kept\n",
-		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond), fr.Number)
+	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s\n",
+		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond))
 	fmt.Fprintf(w, "  error:  %s\n", plainErr(errors.New(fr.Error)))
 	for _, l := range fr.Logs {
 		fmt.Fprintf(w, "  log:    %s\n", l)
 	}
+	fmt.Fprintf(w, "  failed attempts since this record was made: %d (a success does not reset it; 'granary gc --failures' drops the record)\n", fr.Number)
 	fmt.Fprintf(w, "  kept until %s\n", fr.Expires.Format(time.RFC3339))
 }
 
