@@ -16,6 +16,30 @@ import (
 // DefaultImage is the tag docker-compose.yml runs.
 const DefaultImage = "granary-e2e:dev"
 
+// CheckDocker asks the Docker daemon for its version: it fails, saying
+// what to do, when there is no docker command, no daemon, or no access to
+// its socket.
+func CheckDocker(ctx context.Context) error {
+	if _, err := exec.LookPath("docker"); err != nil {
+		return errors.New("e2e image: no docker command on $PATH; install Docker first (nothing was built)")
+	}
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, "docker", "version", "--format", "{{.Server.Version}}")
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		if msg == "" {
+			msg = err.Error()
+		}
+		hint := "is the Docker daemon running?"
+		if strings.Contains(msg, "permission denied") {
+			hint = "this user may not use the Docker socket: run as root, or join the docker group (sudo usermod -aG docker $USER, then log in again)"
+		}
+		return fmt.Errorf("e2e image: Docker does not answer (%s): %s; nothing was built", msg, hint)
+	}
+	return nil
+}
+
 // busyboxPaths are where Debian's busybox-static puts its binary.
 var busyboxPaths = []string{"/bin/busybox", "/usr/bin/busybox"}
 
@@ -24,7 +48,13 @@ var busyboxPaths = []string{"/bin/busybox", "/usr/bin/busybox"}
 // server (the version go.mod requires, so client and server match) with
 // CGO_ENABLED=0, adds a static busybox and its applet links (and $GRANARY_TEST_WEED as /bin/weed if set: it must be
 // static), and runs `docker build` on the result. Progress goes to log.
+//
+// It first checks that Docker answers (CheckDocker), so that a user
+// without access to its socket learns it before minutes of compiling.
 func BuildImage(ctx context.Context, repo, tag string, log io.Writer) error {
+	if err := CheckDocker(ctx); err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "granary-e2e-image-")
 	if err != nil {
 		return err

@@ -55,6 +55,32 @@ type RootRecord struct {
 // most often, the shared volume is not mounted on this host.
 var ErrNotSharedRoot = errors.New("etcdstore: not the shared root of this prefix")
 
+// NotSharedRootError is the ErrNotSharedRoot that New returns: what is
+// wrong with Root, and which root etcd knows for the prefix.
+type NotSharedRootError struct {
+	Root    string        // the root New was given
+	What    string        // what is wrong with it ("… does not exist")
+	Cluster string        // etcd's cluster ID, hexadecimal
+	Prefix  string        // the key prefix
+	Shared  RootRecord    // the prefix's shared root, as etcd records it
+	Waited  time.Duration // how long New looked again for the root (0: not at all)
+}
+
+func (e *NotSharedRootError) Error() string {
+	msg := fmt.Sprintf("%v: %s; the shared root of etcd cluster %s prefix %q has root ID %s (bound by %s at %s as %s), "+
+		"so this root is not the shared root of cluster %s prefix %q: is the shared volume mounted? "+
+		"To make this the prefix's new shared root instead, initialise it explicitly (granary init-root, or WithInitRoot)",
+		ErrNotSharedRoot, e.What, e.Cluster, e.Prefix, e.Shared.RootID, e.Shared.Host,
+		e.Shared.BoundAt.Format(time.RFC3339), e.Shared.Path, e.Cluster, e.Prefix)
+	if e.Waited > 0 {
+		msg = fmt.Sprintf("%s. This host looked for it again for %v. %s", msg, e.Waited, staleViewHint)
+	}
+	return msg
+}
+
+// Unwrap returns ErrNotSharedRoot.
+func (e *NotSharedRootError) Unwrap() error { return ErrNotSharedRoot }
+
 // WithInitRoot(true) lets New make the root the prefix's shared root even
 // though the prefix already has another one (a new, empty volume replacing
 // the old). Without it, New refuses such a root with ErrNotSharedRoot. It
@@ -84,15 +110,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 		sharedRev = resp.Kvs[0].ModRevision
 	}
 	notShared := func(what string, waited time.Duration) error {
-		err := fmt.Errorf("%w: %s; the shared root of etcd cluster %s prefix %q has root ID %s (bound by %s at %s as %s), "+
-			"so this root is not the shared root of cluster %s prefix %q: is the shared volume mounted? "+
-			"To make this the prefix's new shared root instead, initialise it explicitly (granary init-root, or WithInitRoot)",
-			ErrNotSharedRoot, what, cluster, s.opt.prefix, shared.RootID, shared.Host,
-			shared.BoundAt.Format(time.RFC3339), shared.Path, cluster, s.opt.prefix)
-		if waited > 0 {
-			err = fmt.Errorf("%w. This host looked for it again for %v. %s", err, waited, staleViewHint)
-		}
-		return err
+		return &NotSharedRootError{Root: s.root, What: what, Cluster: cluster, Prefix: s.opt.prefix, Shared: *shared, Waited: waited}
 	}
 	if shared != nil && !s.opt.initRoot {
 		// etcd says the prefix has a shared root: if this host cannot see

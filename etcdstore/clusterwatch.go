@@ -55,6 +55,10 @@ type ClusterEvent struct {
 // was compacted away: etcd no longer has that history.
 var ErrCompacted = errors.New("etcdstore: revision compacted")
 
+// ErrFutureRevision is returned by WatchCluster for a start revision
+// etcd has not reached yet.
+var ErrFutureRevision = errors.New("etcdstore: revision not reached yet")
+
 // holderValue is what the store writes in its lock keys, so that a watcher
 // can say who waits and who sweeps.
 func (s *Store) holderValue() string {
@@ -81,6 +85,14 @@ func (s *Store) WatchCluster(ctx context.Context, fromRev int64, ready func(rev 
 	switch {
 	case errors.Is(err, rpctypes.ErrCompacted):
 		return fmt.Errorf("%w: %d (the oldest kept revision is newer; start later)", ErrCompacted, fromRev)
+	case errors.Is(err, rpctypes.ErrFutureRev):
+		cctx, cancel := s.opCtx(ctx)
+		now, nerr := s.cli.Get(cctx, s.opt.prefix, clientv3.WithCountOnly())
+		cancel()
+		if nerr != nil {
+			return fmt.Errorf("%w: %d", ErrFutureRevision, fromRev)
+		}
+		return fmt.Errorf("%w: %d (the current revision is %d)", ErrFutureRevision, fromRev, now.Header.Revision)
 	case err != nil:
 		return fmt.Errorf("etcdstore: watch: %w", err)
 	}
@@ -260,11 +272,15 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 				continue
 			}
 			var reg struct {
-				PID     int    `json:"pid"`
-				Version string `json:"version"`
+				PID     int       `json:"pid"`
+				Version string    `json:"version"`
+				Started time.Time `json:"started"` // node.Registration's
 			}
 			if json.Unmarshal(val, &reg) == nil {
 				ce.PID, ce.Version = reg.PID, reg.Version
+				if created && !reg.Started.IsZero() {
+					ce.Time = reg.Started // a replayed join keeps its own time
+				}
 			}
 		case "ask":
 			what, id, _ := strings.Cut(rest, "/")

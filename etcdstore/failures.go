@@ -213,6 +213,14 @@ func (s *Store) Failures(ctx context.Context) (map[string]*FailureRecord, error)
 // DropFailures deletes the failure records that ended more than olderThan
 // ago (all of them for 0) and revokes their leases; with dryRun it only
 // says which. It returns the IDs concerned, sorted.
+//
+// It also deletes the failed attempts' own records (P/build/<id> in state
+// failed), which live as long as their builder's lease: a node builds for
+// its host's jobs, so without this a package would stay "failed" in List
+// and Inspect until the node restarts. Those records are there to tell the
+// attempt's waiters, which have been told by the time the record exists;
+// one is deleted only if unchanged since read, so a new attempt's record
+// is never touched.
 func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRun bool) ([]string, error) {
 	type victim struct {
 		id    string
@@ -231,6 +239,36 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 	if err != nil {
 		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
 	}
+	// The failed attempts' records: those of the failures dropped here,
+	// and those whose failure record is already gone (expired, or never
+	// written) if they started more than olderThan ago.
+	dropped := map[string]bool{}
+	for _, v := range vs {
+		dropped[v.id] = true
+	}
+	kept := map[string]bool{}
+	err = s.scan(ctx, "failed/", true, func(id string, _ *mvccpb.KeyValue) error {
+		kept[id] = !dropped[id]
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+	}
+	var attempts []victim
+	err = s.scan(ctx, "build/", false, func(id string, kv *mvccpb.KeyValue) error {
+		b, err := decode[BuildRecord](kv.Value)
+		if err != nil || b.State != BuildFailed || kept[id] {
+			return nil
+		}
+		if dropped[id] || now.Sub(b.Started) >= olderThan {
+			attempts = append(attempts, victim{id: id, rev: kv.ModRevision})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+	}
+
 	ids := []string{}
 	for _, v := range vs {
 		if !dryRun {
@@ -252,6 +290,26 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		}
 		ids = append(ids, v.id)
 	}
+	for _, v := range attempts {
+		if !dryRun {
+			cctx, cancel := s.opCtx(ctx)
+			resp, err := s.cli.Txn(cctx).
+				If(clientv3.Compare(clientv3.ModRevision(s.buildKey(v.id)), "=", v.rev)). // still the failed attempt's: no new attempt claimed it
+				Then(clientv3.OpDelete(s.buildKey(v.id))).
+				Commit()
+			cancel()
+			if err != nil {
+				return ids, fmt.Errorf("etcdstore: drop the failed attempt of %q: %w", v.id, err)
+			}
+			if !resp.Succeeded {
+				continue
+			}
+		}
+		if !slices.Contains(ids, v.id) {
+			ids = append(ids, v.id)
+		}
+	}
+	slices.Sort(ids)
 	return ids, nil
 }
 

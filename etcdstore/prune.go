@@ -23,14 +23,49 @@ const DefaultPruneGrace = 10 * time.Minute
 // is older than OlderThan (by last access), or while the store is above
 // TargetBytes; candidates go oldest first. Nothing used or published within
 // the grace period, and nothing referenced, is ever removed.
+//
+// The zero value of each field means "not set"; a real zero is asked for
+// with a negative value (see AnyAge, EmptyStore, NoGrace), so that a
+// caller's "0" given on purpose never turns into a default.
 type PruneOptions struct {
-	OlderThan   time.Duration // 0: age alone selects nothing
-	TargetBytes int64         // 0: no size target
-	MaxRemovals int           // 0: no cap
+	// OlderThan selects packages unused for longer than this. 0: age alone
+	// selects nothing; negative (AnyAge): every package is old enough.
+	OlderThan time.Duration
+	// TargetBytes selects packages, oldest first, while the store is
+	// larger. 0: no size target; negative (EmptyStore): a target of zero
+	// bytes.
+	TargetBytes int64
+	MaxRemovals int // 0: no cap
 	// Grace protects recent packages and recent orphan directories; zero
-	// means DefaultPruneGrace, negative means none.
+	// means DefaultPruneGrace, negative (NoGrace) means none.
 	Grace  time.Duration
 	DryRun bool // report what would be removed; change nothing
+}
+
+// The real zeros of PruneOptions' fields, whose zero values mean "not set".
+const (
+	AnyAge     time.Duration = -1 // OlderThan: any age, however recent
+	EmptyStore int64         = -1 // TargetBytes: zero bytes
+	NoGrace    time.Duration = -1 // Grace: none
+)
+
+// Reasons a candidate package was kept (KeptPackage.Reason).
+const (
+	KeptGrace     = "grace"     // used or published within the grace period
+	KeptHeld      = "held"      // a job (a plain reference) holds it
+	KeptLingering = "lingering" // only nodes' cached references keep it
+	KeptBuilding  = "building"  // an attempt holds its lock
+	KeptTouched   = "touched"   // used since the sweep listed it
+)
+
+// KeptPackage is a candidate Prune did not remove, and why.
+type KeptPackage struct {
+	ID     string    `json:"id"`
+	Size   int64     `json:"size"`
+	ATime  time.Time `json:"atime"`
+	Reason string    `json:"reason"` // one of the Kept* constants
+	// Refs are the references that kept it (KeptHeld, KeptLingering).
+	Refs []RefInfo `json:"refs,omitempty"`
 }
 
 // PrunedPackage is one package Prune removed (or would remove).
@@ -42,14 +77,17 @@ type PrunedPackage struct {
 
 // PruneReport says what a sweep did.
 type PruneReport struct {
-	DryRun       bool            `json:"dry_run"`
-	Packages     int             `json:"packages"`      // available when the sweep started
-	TotalBytes   int64           `json:"total_bytes"`   // their size
-	Removed      []PrunedPackage `json:"removed"`       // removed (or, in a dry run, would be)
-	FreedBytes   int64           `json:"freed_bytes"`   // their size
-	InUse        []string        `json:"in_use"`        // candidates kept: referenced, building or touched
-	Orphans      []string        `json:"orphans"`       // directories without a package, moved to trash
-	TrashEntries int             `json:"trash_entries"` // old trash entries deleted
+	DryRun     bool            `json:"dry_run"`
+	Packages   int             `json:"packages"`    // available when the sweep started
+	TotalBytes int64           `json:"total_bytes"` // their size
+	Removed    []PrunedPackage `json:"removed"`     // removed (or, in a dry run, would be)
+	FreedBytes int64           `json:"freed_bytes"` // their size
+	InUse      []string        `json:"in_use"`      // candidates kept: referenced, building or touched
+	// Kept lists every candidate not removed, with its reason: InUse's
+	// packages and those within the grace period.
+	Kept         []KeptPackage `json:"kept"`
+	Orphans      []string      `json:"orphans"`       // directories without a package, moved to trash
+	TrashEntries int           `json:"trash_entries"` // old trash entries deleted
 	// TrashPending counts files kept in the trash because a process on
 	// some host may still have them open (.nfs*, .fuse_hidden*, younger
 	// than SillyMaxAge); their entries stay until they are closed.
@@ -66,7 +104,7 @@ type PruneReport struct {
 // One collector runs at a time across the cluster; a second concurrent
 // Prune returns ErrCollectorBusy.
 func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, error) {
-	rep := PruneReport{DryRun: opts.DryRun, Removed: []PrunedPackage{}, InUse: []string{}, Orphans: []string{}}
+	rep := PruneReport{DryRun: opts.DryRun, Removed: []PrunedPackage{}, InUse: []string{}, Kept: []KeptPackage{}, Orphans: []string{}}
 	grace := opts.Grace
 	if grace == 0 {
 		grace = DefaultPruneGrace
@@ -105,18 +143,24 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 		}
 		last := time.Unix(0, p.lastUse)
 		age := now.Sub(last)
-		old := opts.OlderThan > 0 && age > opts.OlderThan
-		big := opts.TargetBytes > 0 && remaining > opts.TargetBytes
-		if (!old && !big) || age < grace {
+		old := opts.OlderThan < 0 || (opts.OlderThan > 0 && age > opts.OlderThan)
+		big := opts.TargetBytes != 0 && remaining > max(opts.TargetBytes, 0)
+		if !old && !big {
+			continue
+		}
+		pp := PrunedPackage{ID: p.id, Size: p.size, ATime: last}
+		if age < grace {
+			rep.Kept = append(rep.Kept, KeptPackage{ID: p.id, Size: p.size, ATime: last, Reason: KeptGrace})
 			continue
 		}
 		if err := ctx.Err(); err != nil {
 			return rep, err
 		}
-		pp := PrunedPackage{ID: p.id, Size: p.size, ATime: last}
 		if opts.DryRun {
 			if p.refs > 0 || p.busy {
-				rep.InUse = append(rep.InUse, p.id)
+				if err := s.keep(ctx, &rep, pp); err != nil {
+					return rep, err
+				}
 				continue
 			}
 			rep.Removed = append(rep.Removed, pp)
@@ -133,13 +177,46 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 			rep.FreedBytes += pp.Size
 			remaining -= pp.Size
 		case err == nil:
-			rep.InUse = append(rep.InUse, p.id)
+			if err := s.keep(ctx, &rep, pp); err != nil {
+				return rep, err
+			}
 		}
 	}
 	if err := s.sweepDirs(ctx, known, grace, &rep); err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
 	return rep, nil
+}
+
+// keep adds a candidate that is in use to rep.InUse and rep.Kept, with the
+// reason read back from etcd: a plain reference (a job), only cached
+// references (nodes lingering), a build record, or else a use since the
+// sweep listed it.
+func (s *Store) keep(ctx context.Context, rep *PruneReport, p PrunedPackage) error {
+	rep.InUse = append(rep.InUse, p.ID)
+	info, err := s.Inspect(ctx, p.ID)
+	if err != nil {
+		return fmt.Errorf("etcdstore: prune %q: %w", p.ID, err)
+	}
+	k := KeptPackage{ID: p.ID, Size: p.Size, ATime: p.ATime, Reason: KeptTouched}
+	var held, cached []RefInfo
+	for _, r := range info.Refs {
+		if r.Cached {
+			cached = append(cached, r)
+		} else {
+			held = append(held, r)
+		}
+	}
+	switch {
+	case len(held) > 0:
+		k.Reason, k.Refs = KeptHeld, held
+	case len(cached) > 0:
+		k.Reason, k.Refs = KeptLingering, cached
+	case info.Build != nil && info.Build.State == BuildRunning:
+		k.Reason = KeptBuilding
+	}
+	rep.Kept = append(rep.Kept, k)
+	return nil
 }
 
 // sweepDirs moves orphan package directories to the trash and deletes old

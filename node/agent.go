@@ -541,7 +541,8 @@ func (a *agent) event(e etcdstore.Event) {
 	case etcdstore.EventLeaseRestored:
 		a.broadcast(wire(agentwire.Msg{Op: opLeaseBack}))
 	case etcdstore.EventWaiting, etcdstore.EventLockDelay, etcdstore.EventFailed, etcdstore.EventCacheHit,
-		etcdstore.EventCacheMiss, etcdstore.EventPublished, etcdstore.EventCacheStored, etcdstore.EventCacheUploadFailed:
+		etcdstore.EventCacheMiss, etcdstore.EventPublished, etcdstore.EventCacheStored, etcdstore.EventCacheUploadFailed,
+		etcdstore.EventLastFailed: // the builder says "the last attempt failed", as without a node
 		a.toBuilders(e)
 	}
 }

@@ -290,7 +290,13 @@ func parseSeconds(s string) (time.Duration, error) {
 	if errors.Is(err, strconv.ErrRange) {
 		return 0, fmt.Errorf("%s seconds is out of range (at most %d)", s, maxSeconds)
 	}
-	return time.ParseDuration(s)
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		// "1.5" or "15 s": the usage says whole seconds, so say it again
+		// rather than time's "missing unit in duration".
+		return 0, errors.New("want whole seconds: a whole number (15) or a duration (15s)")
+	}
+	return d, nil
 }
 
 // password returns the password: Password, or the content of PasswordFile
@@ -351,7 +357,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	})
 	fs.Var(NonNegative(&c.OpTimeout), "op-timeout", "deadline of each etcd call")
 	fs.Var(NonNegative(&c.FailureRetention), "failure-retention", "keep the record of a failed build this long (default 24h) ($"+EnvFailureRetention+")")
-	fs.Var(NonNegative(&c.YieldWait), "yield-wait", "rm: how long to wait for other hosts' nodes to release a package they only keep lingering")
+	fs.Var(NonNegative(&c.YieldWait), "yield-wait", "how long a removal waits for other hosts' nodes to release a package they only keep lingering")
 	fs.Var(NonNegative(&c.IdleTimeout), "idle-timeout", "embedded node: exit after this long with no client, 0: never ($"+EnvIdleTimeout+")")
 }
 
@@ -413,6 +419,11 @@ func (c *Config) Validate() error {
 	if c.StateDir != "" && len(c.AgentSocketPath()) >= MaxSocketPath {
 		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
 			c.AgentSocketPath(), len(c.AgentSocketPath()), MaxSocketPath, EnvStateDir)
+	}
+	if c.GC.TargetBytes < 0 || c.GC.OlderThan < 0 {
+		// etcdstore reads these as "zero" (everything goes); a node's
+		// periodic sweep never means that.
+		bad("GC target %d bytes / age %v: want zero (off) or more", c.GC.TargetBytes, c.GC.OlderThan)
 	}
 	if c.SocketMode&^os.ModePerm != 0 {
 		bad("socket mode %#o: want permission bits only", c.SocketMode)

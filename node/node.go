@@ -23,9 +23,6 @@ import (
 	"github.com/granary-build/granary/etcdstore/cache"
 )
 
-// Version is reported in the node's registration.
-const Version = "0.1.0"
-
 // ErrNodeRunning is returned by New when another local node holds the state
 // directory.
 var ErrNodeRunning = errors.New("granary: a local node already runs for this state directory")

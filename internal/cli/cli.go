@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -81,7 +82,14 @@ type env struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
 	getenv         func(string) string
+	// describe, if set, receives the command's flag set instead of its
+	// arguments being parsed; the command then ends with errDescribed
+	// (how 'granary completion' learns each command's flags).
+	describe func(*flags)
 }
+
+// errDescribed ends a command run for its flags only (env.describe).
+var errDescribed = errors.New("granary: flags described")
 
 type command struct {
 	usage string
@@ -89,26 +97,43 @@ type command struct {
 	run   func(ctx context.Context, e *env, args []string) error
 }
 
+// longHelp is more about a command, for 'granary COMMAND --help' (lines
+// ending in a newline).
+var longHelp = map[string]string{
+	"build": `CMD runs only if the package is not available (nor in the remote cache),
+with $` + EnvOut + ` (write the package's files there) and $` + EnvLogs + ` (a
+directory for extra logs) in its environment; its output is shown and kept
+in the package's log directory ('granary logs ID'). While another host
+builds the package, build waits and says who builds it. Exits with CMD's
+code.
+`,
+	"run": `CMD runs with $` + EnvPkg + ` (the package's files) while a reference keeps
+the package from removal; signals are forwarded and run exits with CMD's
+code.
+`,
+}
+
 var commands map[string]*command
 
 func init() {
 	commands = map[string]*command{
-		"serve":     {"[flags]", "run a node in the foreground", cmdServe},
-		"version":   {"", "print the module version and VCS revision of this binary", cmdVersion},
-		"build":     {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
-		"run":       {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
-		"ls":        {"[flags]", "list packages", cmdLs},
-		"inspect":   {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
-		"logs":      {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
-		"events":    {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
-		"rm":        {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
-		"gc":        {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
-		"status":    {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
-		"verify":    {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
-		"node":      {"status|stop [flags]", "show or stop the local node", cmdNode},
-		"init-root": {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
-		"cache":     {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
-		"demo":      {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
+		"serve":      {"[flags]", "run a node in the foreground", cmdServe},
+		"version":    {"", "print the module version and VCS revision of this binary", cmdVersion},
+		"completion": {"bash|zsh|fish", "print a shell completion script (e.g. source <(granary completion bash))", cmdCompletion},
+		"build":      {"[flags] ID -- CMD [ARGS...]", "build a package once, running CMD only if it is not available", cmdBuild},
+		"run":        {"[flags] ID -- CMD [ARGS...]", "run CMD holding a reference to a package ($GRANARY_PKG)", cmdRun},
+		"ls":         {"[flags]", "list packages", cmdLs},
+		"inspect":    {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
+		"logs":       {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
+		"events":     {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
+		"rm":         {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
+		"gc":         {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
+		"status":     {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
+		"verify":     {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
+		"node":       {"status|stop [flags]", "show or stop the local node", cmdNode},
+		"init-root":  {"[flags]", "make --root the shared root of the prefix, replacing the one etcd knows (a new volume)", cmdInitRoot},
+		"cache":      {"push|pull|verify [flags] ID | keygen NAME SEC PUB", "upload a package to the remote cache, fetch one, check its signature, make a signing key", cmdCache},
+		"demo":       {"[flags]", "simulate 3 hosts sharing a store, and check what happened", cmdDemo},
 	}
 }
 
@@ -130,10 +155,14 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
 (127: it cannot start, 128+N: signal N killed it).
 `
 
+// commandOrder is the order of the commands in the help and in shell
+// completion.
+var commandOrder = []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "version", "completion"}
+
 func usage() string {
 	var b strings.Builder
-	for _, name := range []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "version"} {
-		fmt.Fprintf(&b, "  %-9s %s\n", name, commands[name].short)
+	for _, name := range commandOrder {
+		fmt.Fprintf(&b, "  %-10s %s\n", name, commands[name].short)
 	}
 	return fmt.Sprintf(topUsage, b.String())
 }
@@ -150,10 +179,23 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	}
 	switch args[0] {
 	case "help", "-h", "-help", "--help":
+		if len(args) > 1 && args[0] == "help" {
+			if commands[args[1]] == nil {
+				return &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: help: unknown command %q (run 'granary help')", args[1])}
+			}
+			return Run(ctx, []string{args[1], "--help"}, stdin, stdout, stderr)
+		}
 		fmt.Fprint(stdout, usage())
 		return nil
 	case "--version", "-version":
 		return cmdVersion(ctx, e, args[1:])
+	}
+	if strings.HasPrefix(args[0], "-") {
+		moved, err := e.flagsFirst(args)
+		if err != nil {
+			return err
+		}
+		args = moved
 	}
 	c := commands[args[0]]
 	if c == nil && args[0] == "bench" {
@@ -167,31 +209,135 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	return c.run(ctx, e, args[1:])
 }
 
+// flagsFirst handles shared flags given before the command ("granary
+// --idle-timeout 5s build …"): it returns args with the command first and
+// those flags after it, where the command parses them. Anything else
+// before the command is a usage error that says where flags go.
+func (e *env) flagsFirst(args []string) ([]string, error) {
+	fs := flag.NewFlagSet("granary", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	cfg := node.DefaultConfig()
+	cfg.RegisterFlags(fs)
+	hint := "flags go after the command: granary COMMAND [flags] [ARGS] (run 'granary help')"
+	if err := fs.Parse(args); err != nil {
+		// Not a shared flag, or a bad value: the command, if one is
+		// named, parses them all and says which (its own flags too).
+		if i := slices.IndexFunc(args, func(a string) bool { return commands[a] != nil }); i > 0 {
+			return slices.Concat(args[i:i+1], args[:i], args[i+1:]), nil
+		}
+		return nil, &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: %v; %s", err, hint)}
+	}
+	rest := fs.Args()
+	if len(rest) == 0 || commands[rest[0]] == nil {
+		return nil, &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: no command after the flags; %s", hint)}
+	}
+	given := args[:len(args)-len(rest)]
+	return slices.Concat(rest[:1], given, rest[1:]), nil
+}
+
 // flags is a command's flag set with the connection flags bound to cfg.
 type flags struct {
 	*flag.FlagSet
-	name string
-	cfg  node.Config
-	json bool
+	name   string
+	cfg    node.Config
+	json   bool
+	shared map[string]bool // the flags node.Config registered, for help
+}
+
+// sharedGroups are the headings under which a command's help lists the
+// shared flags (node.Config.RegisterFlags), after the command's own.
+var sharedGroups = []struct {
+	title string
+	names []string
+}{
+	{"store and etcd flags (shared by the commands)", []string{"root", "state-dir", "prefix", "endpoints", "host", "ttl", "op-timeout", "idle-timeout", "failure-retention", "yield-wait"}},
+	{"etcd TLS and authentication flags", []string{"cacert", "cert", "key", "user", "password-file"}},
+	{"remote cache flags", []string{"cache", "cache-cacert", "cache-sign-key", "cache-trusted-keys", "cache-fetch-budget"}},
+}
+
+// takesShared reports whether command cmd takes the shared flag name: the
+// remote cache's flags only where the cache is read or filled, the failure
+// records' retention only where builds run, the yield wait only where a
+// removal asks other nodes to let go, and none for demo (which makes its
+// own cluster).
+func takesShared(cmd, name string) bool {
+	switch {
+	case cmd == "demo":
+		return false
+	case name == "cache-fetch-budget":
+		return cmd == "build" || cmd == "serve"
+	case name == "cache-sign-key":
+		return cmd == "build" || cmd == "serve" || cmd == "cache"
+	case strings.HasPrefix(name, "cache"):
+		return cmd == "build" || cmd == "serve" || cmd == "cache"
+	case name == "failure-retention":
+		return cmd == "build" || cmd == "serve"
+	case name == "yield-wait":
+		return cmd == "rm" || cmd == "serve"
+	}
+	return true
 }
 
 func (e *env) newFlags(name string, withJSON bool) (*flags, error) {
-	f := &flags{FlagSet: flag.NewFlagSet("granary "+name, flag.ContinueOnError), name: name}
+	f := &flags{FlagSet: flag.NewFlagSet("granary "+name, flag.ContinueOnError), name: name, shared: map[string]bool{}}
 	f.SetOutput(io.Discard)
 	f.cfg = node.DefaultConfig()
 	if err := f.cfg.FromEnv(e.getenv); err != nil {
 		return nil, &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: %w", err)}
 	}
-	f.cfg.RegisterFlags(f.FlagSet)
+	all := flag.NewFlagSet("", flag.ContinueOnError)
+	f.cfg.RegisterFlags(all)
+	all.VisitAll(func(fl *flag.Flag) {
+		if takesShared(name, fl.Name) {
+			f.Var(fl.Value, fl.Name, fl.Usage)
+			f.Lookup(fl.Name).DefValue = fl.DefValue
+			f.shared[fl.Name] = true
+		}
+	})
 	if withJSON {
 		f.BoolVar(&f.json, "json", false, "print data as JSON")
 	}
 	return f, nil
 }
 
+// printHelp prints the command's usage, its own flags, then the shared
+// ones it takes, group by group.
+func (e *env) printHelp(f *flags) {
+	c := commands[f.name]
+	fmt.Fprintf(e.stdout, "usage: granary %s %s\n\n%s.\n", f.name, c.usage, c.short)
+	if h := longHelp[f.name]; h != "" {
+		fmt.Fprintf(e.stdout, "\n%s", h)
+	}
+	group := func(title string, want func(name string) bool) {
+		sub := flag.NewFlagSet("", flag.ContinueOnError)
+		n := 0
+		f.VisitAll(func(fl *flag.Flag) {
+			if want(fl.Name) {
+				sub.Var(fl.Value, fl.Name, fl.Usage)
+				sub.Lookup(fl.Name).DefValue = fl.DefValue
+				n++
+			}
+		})
+		if n == 0 {
+			return
+		}
+		fmt.Fprintf(e.stdout, "\n%s:\n", title)
+		sub.SetOutput(e.stdout)
+		sub.PrintDefaults()
+	}
+	group("flags", func(name string) bool { return !f.shared[name] })
+	for _, g := range sharedGroups {
+		group(g.title, func(name string) bool { return f.shared[name] && slices.Contains(g.names, name) })
+	}
+}
+
 // parse parses flags that may appear anywhere before a "--"; it returns the
 // positional arguments and, after "--", the command.
 func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
+	if e.describe != nil {
+		e.describe(f)
+		return nil, nil, errDescribed
+	}
 	before := args
 	for i, a := range args {
 		if a == "--" {
@@ -202,9 +348,7 @@ func (e *env) parse(f *flags, args []string) (pos, cmd []string, err error) {
 	for {
 		if err := f.Parse(before); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				fmt.Fprintf(e.stdout, "usage: granary %s %s\n\n%s.\n\nflags:\n", f.name, commands[f.name].usage, commands[f.name].short)
-				f.SetOutput(e.stdout)
-				f.PrintDefaults()
+				e.printHelp(f)
 				return nil, nil, &ExitErr{Code: ExitOK}
 			}
 			undefined := strings.HasPrefix(err.Error(), "flag provided but not defined")

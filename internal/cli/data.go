@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"math"
 	"slices"
@@ -106,6 +107,8 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	if fr != nil && absent {
 		info.State = etcdstore.StateFailed // its builder is gone, its record stays
 	}
+	// Failed is absent too, whether its builder (a node) still runs or not.
+	absent = absent || info.State == etcdstore.StateFailed
 	holders := e.localHolders(ctx, f.cfg, id)
 	if f.json {
 		if err := writeJSON(e.stdout, struct {
@@ -141,7 +144,12 @@ func printInfo(e *env, info etcdstore.Info) {
 	if !info.ATime.IsZero() {
 		fmt.Fprintf(w, "used:    %s (%s)\n", info.ATime.Format(time.RFC3339), ago(info.ATime))
 	}
-	fmt.Fprintf(w, "path:    %s\nlogs:    %s\nrefs:    %d\n", info.OutputDir, info.LogDir, len(info.Refs))
+	if info.Package != nil {
+		// Only a published package has contents; a failed or absent one
+		// has none to point at.
+		fmt.Fprintf(w, "path:    %s\n", info.OutputDir)
+	}
+	fmt.Fprintf(w, "logs:    %s\nrefs:    %d\n", info.LogDir, len(info.Refs))
 	for _, r := range info.Refs {
 		fmt.Fprintf(w, "  - %s\n", holder(r))
 	}
@@ -204,29 +212,42 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	}
 	var opts etcdstore.PruneOptions
 	var target string
-	f.Var(node.NonNegative(&opts.OlderThan), "older-than", "remove packages unused for longer than this")
-	f.StringVar(&target, "target-size", "", "remove oldest first until the store is at most this big (e.g. 50G)")
+	f.Var(node.NonNegative(&opts.OlderThan), "older-than", "remove packages unused for longer than this (0s: any age)")
+	f.StringVar(&target, "target-size", "", "remove oldest first until the store is at most this big (e.g. 50G; 0: empty)")
 	f.BoolVar(&opts.DryRun, "dry-run", false, "say what would be removed; remove nothing")
-	f.DurationVar(&opts.Grace, "grace", 0, "never remove what was used or made within this long (default 10m; negative: none)")
+	f.DurationVar(&opts.Grace, "grace", etcdstore.DefaultPruneGrace, "never remove what was used or made within this long (0: no grace)")
 	f.IntVar(&opts.MaxRemovals, "max", 0, "remove at most this many packages (0: no cap)")
 	var failures bool
 	f.BoolVar(&failures, "failures", false, "drop the records of failed attempts instead of packages (those older than --older-than, if given; else all)")
 	if err := noArgs(e, f, args); err != nil {
 		return err
 	}
+	given := map[string]bool{}
+	f.Visit(func(fl *flag.Flag) { given[fl.Name] = true })
 	if failures {
-		if target != "" {
+		if given["target-size"] {
 			return usageErr("gc", "--failures drops failure records only; run it apart from --target-size")
 		}
 		return dropFailures(ctx, e, f, opts)
 	}
-	if target != "" {
+	if !given["older-than"] && !given["target-size"] {
+		return usageErr("gc", "give --older-than or --target-size (or both); 0 is a value: --older-than 0s selects every package")
+	}
+	// A zero given on purpose means zero; etcdstore reads a zero field as
+	// "not set", and spells a real zero as a negative value.
+	if given["older-than"] && opts.OlderThan == 0 {
+		opts.OlderThan = etcdstore.AnyAge
+	}
+	if given["target-size"] {
 		if opts.TargetBytes, err = parseSize(target); err != nil {
 			return usageErr("gc", "--target-size %q: %v", target, err)
 		}
+		if opts.TargetBytes == 0 {
+			opts.TargetBytes = etcdstore.EmptyStore
+		}
 	}
-	if opts.OlderThan == 0 && opts.TargetBytes == 0 {
-		return usageErr("gc", "give --older-than or --target-size (or both)")
+	if opts.Grace <= 0 {
+		opts.Grace = etcdstore.NoGrace
 	}
 	c, err := e.open(ctx, f)
 	if err != nil {
@@ -250,8 +271,8 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	for _, p := range rep.Removed {
 		fmt.Fprintf(e.stdout, "%s %s (%s, last used %s)\n", verb, p.ID, human(p.Size), ago(p.ATime))
 	}
-	for _, id := range rep.InUse {
-		fmt.Fprintf(e.stdout, "kept %s (in use)\n", id)
+	for _, k := range rep.Kept {
+		fmt.Fprintf(e.stdout, "kept %s (%s)\n", k.ID, keptReason(k, opts.Grace))
 	}
 	for _, id := range rep.Orphans {
 		fmt.Fprintf(e.stdout, "%s orphan directory %s\n", verb, id)
@@ -265,6 +286,41 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stderr, "granary: gc: cannot delete from the trash (the next gc tries again): %s\n", msg)
 	}
 	return nil
+}
+
+// keptReason says why gc kept a package: "in grace: …", "held by …",
+// "lingering on …", "being built" or "used during the sweep".
+func keptReason(k etcdstore.KeptPackage, grace time.Duration) string {
+	hosts := func() string {
+		var hs []string
+		for _, r := range k.Refs {
+			if !slices.Contains(hs, r.Host) {
+				hs = append(hs, r.Host)
+			}
+		}
+		return strings.Join(hs, ", ")
+	}
+	switch k.Reason {
+	case etcdstore.KeptGrace:
+		return fmt.Sprintf("in grace: last used %s, grace %v", ago(k.ATime), grace)
+	case etcdstore.KeptHeld:
+		var b strings.Builder
+		for i, r := range k.Refs {
+			if i > 0 {
+				b.WriteString("; ")
+			}
+			fmt.Fprintf(&b, "%s pid %d", r.Host, r.PID)
+			if r.Purpose != "" {
+				b.WriteString(": " + r.Purpose)
+			}
+		}
+		return fmt.Sprintf("held by %d job(s): %s", len(k.Refs), b.String())
+	case etcdstore.KeptLingering:
+		return fmt.Sprintf("lingering on %s: its node keeps a reference after its last job; 'granary rm' asks it to let go", hosts())
+	case etcdstore.KeptBuilding:
+		return "being built"
+	}
+	return "used during the sweep"
 }
 
 type status struct {
@@ -478,7 +534,13 @@ func failureStatus(fr *etcdstore.FailureRecord) string {
 	case fr.ExitCode != nil:
 		return fmt.Sprintf("exit status %d", *fr.ExitCode)
 	}
-	return "error"
+	// A failure recorded by the node (the builder ran in the CLI) has no
+	// exit code of its own; its error, when short, says it.
+	msg, _, _ := strings.Cut(plainErr(errors.New(fr.Error)), "\n")
+	if msg == "" || len(msg) > 40 {
+		return "error"
+	}
+	return msg
 }
 
 func printFailure(e *env, fr *etcdstore.FailureRecord) {
@@ -486,12 +548,13 @@ func printFailure(e *env, fr *etcdstore.FailureRecord) {
 		return
 	}
 	w := e.stdout
-	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s; failure #%d while records were kept\n",
-		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond), fr.Number)
+	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s\n",
+		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond))
 	fmt.Fprintf(w, "  error:  %s\n", plainErr(errors.New(fr.Error)))
 	for _, l := range fr.Logs {
 		fmt.Fprintf(w, "  log:    %s\n", l)
 	}
+	fmt.Fprintf(w, "  failed attempts since this record was made: %d (a success does not reset it; 'granary gc --failures' drops the record)\n", fr.Number)
 	fmt.Fprintf(w, "  kept until %s\n", fr.Expires.Format(time.RFC3339))
 }
 

@@ -42,6 +42,9 @@ func cmdEvents(ctx context.Context, e *env, args []string) error {
 	if errors.Is(err, context.Canceled) && ctx.Err() != nil {
 		return nil // ^C: the normal end
 	}
+	if errors.Is(err, etcdstore.ErrFutureRevision) {
+		return &ExitErr{Code: ExitUsage, Err: fmt.Errorf("granary: events: --since: %w; omit --since to follow from now", err)}
+	}
 	return err
 }
 

@@ -219,6 +219,11 @@ func stopLocal(ctx context.Context, e *env, stateDir string, l node.Local) error
 		return fmt.Errorf("granary: local node pid %d did not stop: %w", l.PID, err)
 	}
 	fl.Unlock()
+	// The node lets go of its lock before its last clean-up: "stopped"
+	// is said once the process is gone.
+	if err := waitExit(ctx, l.PID); err != nil {
+		return fmt.Errorf("granary: local node pid %d released its state directory but has not exited: %w", l.PID, err)
+	}
 	fmt.Fprintf(e.stderr, "granary: stopped local node (pid %d)\n", l.PID)
 	return nil
 }

@@ -21,6 +21,10 @@ func plainErr(err error) string {
 	if errors.As(err, &be) {
 		msg = strings.Replace(msg, be.Error(), plainBuildError(be), 1)
 	}
+	var nsr *etcdstore.NotSharedRootError
+	if errors.As(err, &nsr) {
+		msg = strings.Replace(msg, nsr.Error(), plainNotShared(nsr), 1)
+	}
 	var pe *etcdstore.PanicError
 	if errors.As(err, &pe) {
 		// Whatever wrapped it quoted it in one line; keep it so.
@@ -75,4 +79,16 @@ func plainBuildError(be *etcdstore.BuildError) string {
 		cause = be.Err.Error()
 	}
 	return fmt.Sprintf("build %q failed on %s (pid %d): %s (logs in %s)", be.ID, be.Host, be.PID, cause, be.LogDir)
+}
+
+// plainNotShared is the refusal of a root that is not the prefix's shared
+// root, for a CLI user: what is wrong, where the shared root is, and the
+// command that makes this one the shared root (not the library's option).
+func plainNotShared(e *etcdstore.NotSharedRootError) string {
+	msg := fmt.Sprintf("not the shared root of this prefix: %s; the shared root of prefix %q is %s (bound by %s). Is the shared volume mounted? To make %s the new shared root: granary init-root --root %s",
+		e.What, e.Prefix, e.Shared.Path, e.Shared.Host, e.Root, e.Root)
+	if e.Waited > 0 {
+		msg += fmt.Sprintf(" (looked for it again for %v: this host's view of the volume may be stale; see \"Running on NFS\" in the README)", e.Waited)
+	}
+	return msg
 }

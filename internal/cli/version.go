@@ -9,47 +9,38 @@ import (
 	"github.com/granary-build/granary/node"
 )
 
-// Version describes this binary from its build information: the module
-// version ("(devel)" for a build from a work tree), the VCS revision and
-// time when the go command recorded them, and the Go version.
+// Version describes this binary in one line: its version (node.Version,
+// the one nodes register and status shows), then the VCS revision and time
+// when the go command recorded them, and the Go version.
 func Version() string {
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
-		return "granary (no build information)"
+		return "granary " + node.Version + " (no build information)"
 	}
 	return versionOf(bi)
 }
 
 func versionOf(bi *debug.BuildInfo) string {
-	mod := bi.Main.Version
-	if mod == "" {
-		mod = "(unknown)"
-	}
-	var rev, at, dirty string
+	var rev, at string
 	for _, s := range bi.Settings {
 		switch s.Key {
 		case "vcs.revision":
 			rev = s.Value
 		case "vcs.time":
 			at = s.Value
-		case "vcs.modified":
-			if s.Value == "true" {
-				dirty = "+modified"
-			}
 		}
 	}
-	var b strings.Builder
-	fmt.Fprintf(&b, "granary %s", mod)
+	details := []string{}
 	if rev != "" {
-		fmt.Fprintf(&b, " rev %s%s", rev, dirty)
-		if at != "" {
-			fmt.Fprintf(&b, " (%s)", at)
-		}
+		details = append(details, "rev "+rev)
 	} else {
-		b.WriteString(" rev unknown (built without VCS information)")
+		details = append(details, "built without VCS information")
 	}
-	fmt.Fprintf(&b, ", node version %s, %s", node.Version, bi.GoVersion)
-	return b.String()
+	if at != "" {
+		details = append(details, at)
+	}
+	details = append(details, bi.GoVersion)
+	return fmt.Sprintf("granary %s (%s)", node.VersionOf(bi), strings.Join(details, ", "))
 }
 
 func cmdVersion(ctx context.Context, e *env, args []string) error {
