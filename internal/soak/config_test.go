@@ -74,16 +74,16 @@ func defaultConfig() soakConfig {
 		// 14 s): at 5 s, as the farm run had, the nodes lose their lease in
 		// the freezes themselves (2-4 times a run, builds abandoned), which
 		// README's TTL guidance says and the soak cannot tell from a bug.
-		TTL:              15 * time.Second,
-		Linger:           3 * time.Second,
-		Faults:           []string{faultFollowerFreeze, faultNodeKill, faultLeaderFreeze, faultLeaderRestart},
-		FaultEvery:       8 * time.Second,
-		LeaderFreeze:     2500 * time.Millisecond,
-		FollowerFreeze:   4 * time.Second,
-		NodeDown:         time.Second,
-		RmEvery:          time.Second,
-		GCEvery:          7 * time.Second,
-		GCOlderThan:      2 * time.Second,
+		TTL:            15 * time.Second,
+		Linger:         3 * time.Second,
+		Faults:         []string{faultFollowerFreeze, faultNodeKill, faultLeaderFreeze, faultLeaderRestart},
+		FaultEvery:     8 * time.Second,
+		LeaderFreeze:   2500 * time.Millisecond,
+		FollowerFreeze: 4 * time.Second,
+		NodeDown:       time.Second,
+		RmEvery:        time.Second,
+		GCEvery:        7 * time.Second,
+		GCOlderThan:    2 * time.Second,
 	}
 }
 
