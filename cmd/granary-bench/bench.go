@@ -221,7 +221,10 @@ func granaryCmd(path string, cfg node.Config) func(ctx context.Context, args, en
 		return nil
 	}
 	return func(ctx context.Context, args, env []string) *exec.Cmd {
-		a := append(append([]string{args[0]}, connFlags(cfg)...), args[1:]...)
+		a := args
+		if args[0] != "help" { // help takes a command name, not flags: the start floor
+			a = append(append([]string{args[0]}, connFlags(cfg)...), args[1:]...)
+		}
 		cmd := exec.CommandContext(ctx, path, a...)
 		cmd.Env = append(connEnv(cfg), env...)
 		return cmd

@@ -172,9 +172,11 @@ func check(id string) error {
 	failed := time.Now()
 	detail := fmt.Sprintf("job pid %d (launcher pid %d) on %s holding %s since %s: check failed at %s: %v",
 		os.Getpid(), os.Getppid(), pkg, id, start.Format(time.StampMilli), failed.Format(time.StampMilli), err)
-	fmt.Fprintf(os.Stderr, "soakjob: MISMATCH: %s\n", detail)
+	// Catch SIGTERM before saying MISMATCH: a launcher (and TestJobChecks)
+	// may stop the job the moment it reads the line.
 	term := make(chan os.Signal, 1)
 	signal.Notify(term, syscall.SIGTERM)
+	fmt.Fprintf(os.Stderr, "soakjob: MISMATCH: %s\n", detail)
 	select {
 	case <-term:
 		report("excused", fmt.Sprintf("%s; stopped by its launcher (reference lost) %v later", detail, time.Since(failed).Round(time.Millisecond)))
