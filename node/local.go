@@ -20,6 +20,9 @@ type Local struct {
 	Root     string    `json:"root"`
 	Metrics  string    `json:"metrics,omitempty"`
 	Started  time.Time `json:"started"`
+	// CreatedRoot: the node created the shared root directory when it
+	// started (the prefix had none), which the CLI that started it says.
+	CreatedRoot bool `json:"created_root,omitempty"`
 }
 
 // Files in the state directory.

@@ -168,7 +168,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	}
 	if n.emb != nil {
 		// Clients find the node by this file (ReadLocal): write it last.
-		l := Local{PID: os.Getpid(), Socket: cfg.SocketPath(), Agent: cfg.AgentSocketPath(), StateDir: cfg.StateDir, Root: n.store.Root(), Metrics: n.MetricsAddr(), Started: n.started}
+		l := Local{PID: os.Getpid(), Socket: cfg.SocketPath(), Agent: cfg.AgentSocketPath(), StateDir: cfg.StateDir, Root: n.store.Root(), Metrics: n.MetricsAddr(), Started: n.started,
+			CreatedRoot: n.store.CreatedRoot()}
 		if err := writeLocal(l); err != nil {
 			return nil, fmt.Errorf("granary: write node info: %w", err)
 		}

@@ -54,6 +54,10 @@ func (e *env) ensureLocalNode(ctx context.Context, cfg node.Config) error {
 	}
 	fmt.Fprintf(e.stderr, "granary: started the local node (pid %d, state %s, log %s; it stops after %v idle, or: granary node stop)\n",
 		pid, cfg.StateDir, filepath.Join(cfg.StateDir, node.LogFile), idle)
+	if l, err := node.ReadLocal(cfg.StateDir); err == nil && l.CreatedRoot {
+		// As a CLI with its own store says it (cli.go): the node made it.
+		fmt.Fprintf(e.stderr, "granary: created the shared root %s (it did not exist)\n", l.Root)
+	}
 	return nil
 }
 
