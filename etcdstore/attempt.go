@@ -88,6 +88,9 @@ func (a *attempt) run(ctx context.Context, builder func(context.Context) error) 
 func (a *attempt) claim(ctx context.Context) error {
 	s := a.s
 	a.rec = BuildRecord{State: BuildRunning, Host: s.opt.host, PID: s.pid, Started: time.Now(), LogDir: s.logDir(a.id), Attempt: a.l.rev}
+	if p, ok := ctx.Value(builderProcessKey{}).(BuilderProcess); ok && p.PID > 0 {
+		a.rec.PID, a.rec.Command = p.PID, p.Command // the caller's process runs the builder
+	}
 	val := mustJSON(a.rec)
 	cctx, cancel := s.opCtx(ctx)
 	resp, err := s.cli.Txn(cctx).

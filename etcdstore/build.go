@@ -90,7 +90,7 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 	if h.err != nil {
 		return Outcome{}, h.fail("build", h.err)
 	}
-	f, settled, err := h.s.join(h.id, builder)
+	f, settled, err := h.s.join(ctx, h.id, builder)
 	if err != nil {
 		return Outcome{}, h.fail("build", err)
 	}
@@ -122,6 +122,23 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 	}
 }
 
+// BuilderProcess names the process that runs a build's builder when it is
+// not the store's own (a node runs the builders of its local callers in
+// their processes): the build record, and so `granary status`, `events`
+// and a refused removal, name it instead of the store's process.
+type BuilderProcess struct {
+	PID     int    // the process that runs the builder
+	Command string // what it runs, for people (e.g. "granary build ID -- make")
+}
+
+type builderProcessKey struct{}
+
+// WithBuilderProcess returns ctx carrying p: a Build with it that starts
+// an attempt records p as the attempt's process.
+func WithBuilderProcess(ctx context.Context, p BuilderProcess) context.Context {
+	return context.WithValue(ctx, builderProcessKey{}, p)
+}
+
 // flight is one build attempt shared by the goroutines of this store that
 // ask for the same package at the same time.
 type flight struct {
@@ -135,9 +152,10 @@ type flight struct {
 }
 
 // join adds a caller to the package's flight, starting one if none is in
-// the air. It does no I/O. settled reports that the flight had its outcome
-// already (it saw a publish and is cleaning up).
-func (s *Store) join(id string, builder func(context.Context) error) (f *flight, settled bool, err error) {
+// the air (with the caller's builder, and the builder process named by
+// ctx, if any: WithBuilderProcess). It does no I/O. settled reports that
+// the flight had its outcome already (it saw a publish and is cleaning up).
+func (s *Store) join(ctx context.Context, id string, builder func(context.Context) error) (f *flight, settled bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -146,7 +164,11 @@ func (s *Store) join(id string, builder func(context.Context) error) (f *flight,
 	f = s.flights[id]
 	if f == nil {
 		f = &flight{done: make(chan struct{})}
-		f.ctx, f.cancel = context.WithCancel(s.ctx)
+		fctx := s.ctx
+		if p, ok := ctx.Value(builderProcessKey{}).(BuilderProcess); ok {
+			fctx = context.WithValue(fctx, builderProcessKey{}, p)
+		}
+		f.ctx, f.cancel = context.WithCancel(fctx)
 		s.flights[id] = f
 		s.wg.Add(1) // under s.mu with closed checked: as in spawn
 		go s.fly(f, id, builder)

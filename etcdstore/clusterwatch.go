@@ -15,7 +15,7 @@ import (
 // Kinds of ClusterEvent.
 const (
 	ClusterWaiting     = "waiting"      // a host queued for the build lock while another builds (Host, PID: the waiter; Builder: who builds)
-	ClusterBuilding    = "building"     // an attempt took the lock (Host, PID, LogDir)
+	ClusterBuilding    = "building"     // an attempt took the lock (Host, PID, LogDir; Purpose: the builder's command, when a node runs it in its caller)
 	ClusterPublished   = "published"    // the package is available (Host, PID, Size, Seconds, Digest)
 	ClusterFailed      = "failed"       // an attempt failed (Host, PID, Error, LogDir)
 	ClusterAbandoned   = "abandoned"    // an attempt ended without publishing or failing: its builder died or gave up
@@ -209,7 +209,7 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 			if err != nil {
 				continue
 			}
-			ce.Host, ce.PID, ce.LogDir = b.Host, b.PID, b.LogDir
+			ce.Host, ce.PID, ce.LogDir, ce.Purpose = b.Host, b.PID, b.LogDir, b.Command
 			if b.State == BuildFailed {
 				delete(d.builders, rest)
 				ce.Kind, ce.Error = ClusterFailed, b.Error

@@ -43,6 +43,9 @@ type BuildRecord struct {
 	LogDir  string    `json:"log_dir"`
 	Attempt int64     `json:"attempt"`
 	Error   string    `json:"error,omitempty"`
+	// Command is what the builder's process runs, when a node runs the
+	// builder in its caller's process (WithBuilderProcess).
+	Command string `json:"command,omitempty"`
 }
 
 // refRecord is the value of a reference key.

@@ -356,7 +356,12 @@ func (c *agentConn) run() {
 			reqs.Add(1)
 			go func() {
 				defer reqs.Done()
-				out, err := a.build(bctx, c, m.Seq, m.ID, b)
+				// The builder runs in the caller's process: the build
+				// record names it, not the node.
+				c.mu.Lock()
+				who := etcdstore.BuilderProcess{PID: c.pid, Command: c.purpose}
+				c.mu.Unlock()
+				out, err := a.build(etcdstore.WithBuilderProcess(bctx, who), c, m.Seq, m.ID, b)
 				cancel()
 				c.mu.Lock()
 				delete(c.builds, m.Seq)

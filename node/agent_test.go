@@ -446,7 +446,19 @@ func TestRefLostReachesConn(t *testing.T) {
 	cfg := testConfig(t, srv, root)
 	cfg.StateDir = shortDir(t)
 	cfg.TTL = 3 * time.Second
+	// The node hears of its deleted keys at once now and takes its
+	// references again: hold that back until the removal is done, so the
+	// package is gone when it tries (the order this test is about; the
+	// other is TestRevokedLeaseNeverHandsOutRemoved's).
+	gate := make(chan struct{})
+	openGate := sync.OnceFunc(func() { close(gate) })
+	cfg.Events = func(e etcdstore.Event) {
+		if e.Kind == etcdstore.EventRefDeleted {
+			<-gate
+		}
+	}
 	n, _ := startNode(t, cfg)
+	t.Cleanup(openGate)
 	obs := observer(t, srv, root)
 	build(t, obs, "stolen")
 	build(t, obs, "kept")
@@ -462,11 +474,10 @@ func TestRefLostReachesConn(t *testing.T) {
 	if _, err := cli.Revoke(ctx, n.Store().Lease()); err != nil {
 		t.Fatalf("revoke the node's lease: %v", err)
 	}
-	// The node learns of the revocation at its next keep-alive (TTL/3):
-	// the package is gone by then.
 	if ok, err := obs.Handle("stolen").TryRemoveContext(ctx); !ok || err != nil {
 		t.Fatalf("TryRemove after the revocation = %v, %v; want true, nil", ok, err)
 	}
+	openGate()
 	var sawLeaseLost bool
 	timeout := time.After(30 * time.Second)
 	for {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -33,7 +34,9 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	if ac, err := e.agentFor(ctx, f.cfg, "granary build", true); err != nil {
+	// The purpose names the command: the node records it, with this
+	// process, as who runs the builder (status, events, rm's refusal).
+	if ac, err := e.agentFor(ctx, f.cfg, "granary build "+id+" -- "+strings.Join(argv, " "), true); err != nil {
 		return err
 	} else if ac != nil {
 		defer ac.Close()

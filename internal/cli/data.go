@@ -198,7 +198,7 @@ func cmdRm(ctx context.Context, e *env, args []string) error {
 			fmt.Fprintf(&why, "\n  - %s", holder(r))
 		}
 	case info.Build != nil && info.Build.State == etcdstore.BuildRunning:
-		fmt.Fprintf(&why, "being built on %s (pid %d)", info.Build.Host, info.Build.PID)
+		fmt.Fprintf(&why, "being built on %s (pid %d%s)", info.Build.Host, info.Build.PID, commandSuffix(info.Build.Command))
 	default:
 		why.WriteString("its lock is held by a build or removal in progress; try again")
 	}
@@ -406,7 +406,7 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 	}
 	fmt.Fprintf(w, "builds in progress: %d\n", len(st.Building))
 	for _, b := range st.Building {
-		fmt.Fprintf(w, "  - %s on %s pid %d for %s\n", b.ID, b.Build.Host, b.Build.PID, time.Since(b.Build.Started).Round(time.Second))
+		fmt.Fprintf(w, "  - %s on %s pid %d%s for %s\n", b.ID, b.Build.Host, b.Build.PID, commandSuffix(b.Build.Command), time.Since(b.Build.Started).Round(time.Second))
 	}
 	if len(st.Failed) > 0 {
 		fmt.Fprintf(w, "failed attempts: %d\n", len(st.Failed))
@@ -584,4 +584,13 @@ func dropFailures(ctx context.Context, e *env, f *flags, opts etcdstore.PruneOpt
 	}
 	fmt.Fprintf(e.stdout, "gc: %s %d failure record(s)\n", verb, len(ids))
 	return nil
+}
+
+// commandSuffix is ": COMMAND" for a build record that names its
+// builder's command (a build through a node), else "".
+func commandSuffix(cmd string) string {
+	if cmd == "" {
+		return ""
+	}
+	return ": " + cmd
 }
