@@ -53,8 +53,7 @@ import (
 // watchRef reports the deletion of key, r's reference on id put at
 // revision rev, until ctx ends (r released or moved, or the store closed).
 func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev int64) {
-	b := backoff.NewExponentialBackOff(backoff.WithInitialInterval(50*time.Millisecond),
-		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0))
+	b := refRetry()
 	for ctx.Err() == nil {
 		for wr := range s.cli.Watch(ctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterPut()) {
 			if wr.Err() != nil {
@@ -126,8 +125,7 @@ func (s *Store) retakeOne(id string, r *ref, key string) {
 	if s.testHookRetake != nil {
 		s.testHookRetake(id)
 	}
-	b := backoff.WithContext(backoff.NewExponentialBackOff(backoff.WithInitialInterval(50*time.Millisecond),
-		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0)), s.ctx)
+	b := refRetry()
 	for s.ctx.Err() == nil {
 		l, err := s.sess.Current(s.ctx) // before the move lock: renewal takes it
 		if err != nil {
@@ -168,6 +166,13 @@ func (s *Store) retakeOne(id string, r *ref, key string) {
 			return
 		}
 	}
+}
+
+// refRetry is the back-off of a reference's watch and retake: quick at
+// first (a member moved), never giving up while the store is open.
+func refRetry() *backoff.ExponentialBackOff {
+	return backoff.NewExponentialBackOff(backoff.WithInitialInterval(50*time.Millisecond),
+		backoff.WithMaxInterval(2*time.Second), backoff.WithMaxElapsedTime(0))
 }
 
 // sleep waits for d, or until the store closes (then it returns false).

@@ -60,6 +60,19 @@ type ref struct {
 	stopWatch context.CancelFunc // ends the key's watch (cached only)
 }
 
+// settleLocked ends what follows r's current key: a wait for its retake
+// (gone is closed) and its watch. refs.mu must be held.
+func (r *ref) settleLocked() {
+	if r.gone != nil {
+		close(r.gone)
+		r.gone = nil
+	}
+	if r.stopWatch != nil {
+		r.stopWatch()
+		r.stopWatch = nil
+	}
+}
+
 // pop removes and returns the newest reference on id, or nil. The
 // reference is marked released, so its key's deletion is not news.
 func (t *refTable) pop(id string) *ref {
@@ -76,14 +89,7 @@ func (t *refTable) pop(id string) *ref {
 	}
 	r := rs[len(rs)-1]
 	r.released = true
-	if r.gone != nil {
-		close(r.gone) // settled: nobody waits for a retake of it
-		r.gone = nil
-	}
-	if r.stopWatch != nil {
-		r.stopWatch()
-		r.stopWatch = nil
-	}
+	r.settleLocked() // nobody waits for a retake of it
 	return r
 }
 
@@ -209,12 +215,11 @@ type attemptSeen struct {
 // reconciliation is due (ReconcileRefs) for a Txn that applies later still.
 func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add bool) (building *attemptSeen, err error) {
 	key := s.refs.newKey(s.refPrefix(id), l)
-	took := false
 	defer func() {
 		s.refs.mu.Lock()
 		delete(s.refs.pending, key)
 		s.refs.mu.Unlock()
-		if !took && err != nil && !errors.Is(err, core.ErrPackageNotExist) && !errors.Is(err, ErrLeaseLost) {
+		if err != nil && !errors.Is(err, core.ErrPackageNotExist) && !errors.Is(err, ErrLeaseLost) {
 			s.deleteLater(key) // unknown outcome: make sure
 			s.reconcileSoon()
 		}
@@ -249,7 +254,6 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 				pkg, _ = decode[PackageRecord](kvs[0].Value)
 			}
 			s.took(id, r, key, l.ID, pkg, resp.Header.Revision, add)
-			took = true
 			return nil, nil
 		case err == nil:
 			return runningAttempt(resp), core.ErrPackageNotExist
@@ -263,7 +267,6 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		rcancel()
 		if rerr == nil && len(got.Kvs) == 1 {
 			s.took(id, r, key, l.ID, nil, got.Kvs[0].ModRevision, add)
-			took = true
 			return nil, nil
 		}
 		if rerr == nil && attempt < 2 && ctx.Err() == nil {
@@ -282,14 +285,7 @@ func (s *Store) took(id string, r *ref, key string, lease clientv3.LeaseID, pkg 
 	if add {
 		s.refs.held[id] = append(s.refs.held[id], r)
 	}
-	if r.gone != nil {
-		close(r.gone)
-		r.gone = nil
-	}
-	if r.stopWatch != nil {
-		r.stopWatch() // the old key's watch
-		r.stopWatch = nil
-	}
+	r.settleLocked() // a retake is done; the old key's watch ends
 	r.unwatched = false
 	var wctx context.Context
 	if r.cached {
@@ -393,14 +389,7 @@ func (s *Store) retakeRefs(ctx context.Context, l *Lease) {
 func (s *Store) refLost(id string, r *ref, err error) {
 	s.refs.mu.Lock()
 	r.lost = true
-	if r.gone != nil {
-		close(r.gone)
-		r.gone = nil
-	}
-	if r.stopWatch != nil {
-		r.stopWatch()
-		r.stopWatch = nil
-	}
+	r.settleLocked()
 	since := r.since
 	s.refs.mu.Unlock()
 	s.opt.logger.Warn("reference lost", "id", id, "err", err)
