@@ -95,7 +95,7 @@ func (a *attempt) claim(ctx context.Context) error {
 	cctx, cancel := s.opCtx(ctx)
 	resp, err := s.cli.Txn(cctx).
 		If(a.l.isOwner()). // only the lock owner may claim the attempt
-		Then(clientv3.OpPut(s.buildKey(a.id), val, clientv3.WithLease(a.ls.ID))).
+		Then(clientv3.OpPut(s.keys.BuildKey(a.id), val, clientv3.WithLease(a.ls.ID))).
 		Commit()
 	cancel()
 	if err == nil {
@@ -107,7 +107,7 @@ func (a *attempt) claim(ctx context.Context) error {
 	}
 	// Ambiguous: read back whether our record is there.
 	rctx, rcancel := s.opCtx(ctx)
-	got, rerr := s.cli.Get(rctx, s.buildKey(a.id))
+	got, rerr := s.cli.Get(rctx, s.keys.BuildKey(a.id))
 	rcancel()
 	if rerr == nil && len(got.Kvs) == 1 && string(got.Kvs[0].Value) == val {
 		a.buildRev = got.Kvs[0].ModRevision
@@ -272,13 +272,13 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 		resp, err := s.cli.Txn(cctx).
 			If(
 				l.isOwner(), // fencing: we still hold the build lock
-				clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", a.buildRev), // and our attempt record stands
+				clientv3.Compare(clientv3.ModRevision(s.keys.BuildKey(id)), "=", a.buildRev), // and our attempt record stands
 			).
 			Then(
-				clientv3.OpPut(s.availKey(id), val),              // available, for good (no lease)
-				clientv3.OpPut(s.atimeKey(id), formatNanos(now)), // fresh packages are not pruned first
-				clientv3.OpDelete(s.buildKey(id)),                // the attempt is over
-				l.releaseOp(),                                    // and so is our hold on the lock
+				clientv3.OpPut(s.keys.AvailKey(id), val),              // available, for good (no lease)
+				clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)), // fresh packages are not pruned first
+				clientv3.OpDelete(s.keys.BuildKey(id)),                // the attempt is over
+				l.releaseOp(),                                         // and so is our hold on the lock
 			).Commit()
 		cancel()
 		if err == nil && resp.Succeeded {
@@ -292,7 +292,7 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 		// applied late): only our Txn writes an avail record with our
 		// attempt, so read it back on a context of our own.
 		rctx, rcancel := s.opCtx(context.WithoutCancel(ctx))
-		got, rerr := s.cli.Get(rctx, s.availKey(id))
+		got, rerr := s.cli.Get(rctx, s.keys.AvailKey(id))
 		rcancel()
 		if rerr == nil && len(got.Kvs) == 1 {
 			if p, derr := decode[PackageRecord](got.Kvs[0].Value); derr == nil && p.Attempt == pkg.Attempt {
@@ -340,7 +340,7 @@ func (a *attempt) failLater(tell clientv3.Op) {
 			ctx, cancel := s.opCtx(s.ctx)
 			defer cancel()
 			_, err := s.cli.Txn(ctx).
-				If(clientv3.Compare(clientv3.ModRevision(s.buildKey(id)), "=", rev)). // still our claim
+				If(clientv3.Compare(clientv3.ModRevision(s.keys.BuildKey(id)), "=", rev)). // still our claim
 				Then(tell).
 				Commit()
 			return err
@@ -362,9 +362,9 @@ func (a *attempt) fail(ctx context.Context, cause error) error {
 	rec.Error = cause.Error()
 	// Tell the waiters this attempt failed, unless it was merely abandoned
 	// (every caller cancelled): then they should simply try themselves.
-	tell := clientv3.OpPut(s.buildKey(id), mustJSON(rec), clientv3.WithLease(a.ls.ID))
+	tell := clientv3.OpPut(s.keys.BuildKey(id), mustJSON(rec), clientv3.WithLease(a.ls.ID))
 	if errors.Is(cause, context.Canceled) || errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, ErrAbandon) {
-		tell = clientv3.OpDelete(s.buildKey(id))
+		tell = clientv3.OpDelete(s.keys.BuildKey(id))
 	}
 	ambiguous := false
 	for try := 1; ; try++ {

@@ -88,14 +88,13 @@ func (e *NotSharedRootError) Unwrap() error { return ErrNotSharedRoot }
 func WithInitRoot(init bool) Option { return func(o *options) { o.initRoot = init } }
 
 func (s *Store) bindingPath() string { return filepath.Join(s.root, ".granary", "cluster") }
-func (s *Store) rootKey() string     { return s.opt.prefix + "root" }
 
 // openRoot checks the root against etcd and binds it if it is new, then
 // makes the store's directories. It is the part of New that touches the
 // shared root.
 func (s *Store) openRoot(ctx context.Context) error {
 	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Get(cctx, s.rootKey())
+	resp, err := s.cli.Get(cctx, s.keys.RootKey())
 	cancel()
 	if err != nil {
 		return fmt.Errorf("etcdstore: cannot reach etcd at %v within %v: %w", s.cli.Endpoints(), s.opt.opTimeout, err)
@@ -105,7 +104,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 	var sharedRev int64
 	if len(resp.Kvs) > 0 {
 		if shared, err = decode[RootRecord](resp.Kvs[0].Value); err != nil {
-			return fmt.Errorf("etcdstore: %s: %w", s.rootKey(), err)
+			return fmt.Errorf("etcdstore: %s: %w", s.keys.RootKey(), err)
 		}
 		sharedRev = resp.Kvs[0].ModRevision
 	}
@@ -268,9 +267,9 @@ func (s *Store) claimPrefix(ctx context.Context, b *binding, rev int64) error {
 	resp, err := s.cli.Txn(cctx).
 		// Only over the record we read: two hosts binding at once must
 		// not both win, and an init must not replace a newer init.
-		If(clientv3.Compare(clientv3.ModRevision(s.rootKey()), "=", rev)).
-		Then(clientv3.OpPut(s.rootKey(), mustJSON(rec))).
-		Else(clientv3.OpGet(s.rootKey())).
+		If(clientv3.Compare(clientv3.ModRevision(s.keys.RootKey()), "=", rev)).
+		Then(clientv3.OpPut(s.keys.RootKey(), mustJSON(rec))).
+		Else(clientv3.OpGet(s.keys.RootKey())).
 		Commit()
 	if err != nil {
 		return fmt.Errorf("etcdstore: record the shared root in etcd: %w", err)

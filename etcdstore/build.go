@@ -238,7 +238,7 @@ type state struct {
 func (s *Store) readState(ctx context.Context, id string) (state, error) {
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	resp, err := s.cli.Txn(cctx).Then(clientv3.OpGet(s.availKey(id)), clientv3.OpGet(s.buildKey(id))).Commit()
+	resp, err := s.cli.Txn(cctx).Then(clientv3.OpGet(s.keys.AvailKey(id)), clientv3.OpGet(s.keys.BuildKey(id))).Commit()
 	if err != nil {
 		return state{}, err
 	}

@@ -10,6 +10,8 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // Kinds of ClusterEvent.
@@ -80,7 +82,7 @@ func (s *Store) WatchCluster(ctx context.Context, fromRev int64, ready func(rev 
 	if fromRev > 1 {
 		opts = append(opts, clientv3.WithRev(fromRev-1))
 	}
-	resp, err := s.cli.Get(cctx, s.opt.prefix+"build/", opts...)
+	resp, err := s.cli.Get(cctx, s.keys.Kind(keys.Build), opts...)
 	cancel()
 	switch {
 	case errors.Is(err, rpctypes.ErrCompacted):
@@ -98,7 +100,7 @@ func (s *Store) WatchCluster(ctx context.Context, fromRev int64, ready func(rev 
 	}
 	for _, kv := range resp.Kvs {
 		if b, err := decode[BuildRecord](kv.Value); err == nil && b.State == BuildRunning {
-			d.builders[strings.TrimPrefix(string(kv.Key), s.opt.prefix+"build/")] = b
+			d.builders[s.keys.Parse(string(kv.Key)).ID] = b
 		}
 	}
 	next := fromRev
@@ -161,142 +163,176 @@ type decoder struct {
 }
 
 func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
-	pfx := d.s.opt.prefix
 	// Keys published in each revision: the build record's deletion in a
 	// publish Txn is part of "published", not an abandoned attempt.
 	published := map[string]int64{}
 	for _, ev := range evs {
-		if rest, ok := strings.CutPrefix(string(ev.Kv.Key), pfx+"avail/"); ok && ev.Type == clientv3.EventTypePut {
-			published[rest] = ev.Kv.ModRevision
+		if k := d.s.keys.Parse(string(ev.Kv.Key)); k.Kind == keys.Avail && ev.Type == clientv3.EventTypePut {
+			published[k.ID] = ev.Kv.ModRevision
 		}
 	}
 	var out []ClusterEvent
 	for _, ev := range evs {
-		key := strings.TrimPrefix(string(ev.Kv.Key), pfx)
-		kind, rest, _ := strings.Cut(key, "/")
-		put := ev.Type == clientv3.EventTypePut
-		created := put && ev.Kv.CreateRevision == ev.Kv.ModRevision
-		ce := ClusterEvent{Rev: ev.Kv.ModRevision, Time: time.Now()}
-		var prev []byte
+		c := change{ev: ev, key: d.s.keys.Parse(string(ev.Kv.Key)), put: ev.Type == clientv3.EventTypePut}
+		c.created = c.put && ev.Kv.CreateRevision == ev.Kv.ModRevision
 		if ev.PrevKv != nil {
-			prev = ev.PrevKv.Value
+			c.prev = ev.PrevKv.Value
 		}
-		switch kind {
-		case "avail":
-			ce.ID = rest
-			if !put {
-				ce.Kind = ClusterRemoved
-				break
-			}
-			p, err := decode[PackageRecord](ev.Kv.Value)
-			if err != nil {
-				continue
-			}
-			delete(d.builders, rest)
-			ce.Kind, ce.Host, ce.PID, ce.Size, ce.Seconds, ce.Digest, ce.Time = ClusterPublished, p.BuiltBy, p.PID, p.Size, p.BuildSeconds, p.Digest, p.BuiltAt
-		case "build":
-			ce.ID = rest
-			if !put {
-				b, err := decode[BuildRecord](prev)
-				delete(d.builders, rest)
-				if published[rest] == ev.Kv.ModRevision || (err == nil && b.State == BuildFailed) || err != nil {
-					continue // published, or the failed record's lease ended
-				}
-				ce.Kind, ce.Host, ce.PID, ce.LogDir = ClusterAbandoned, b.Host, b.PID, b.LogDir
-				break
-			}
-			b, err := decode[BuildRecord](ev.Kv.Value)
-			if err != nil {
-				continue
-			}
-			ce.Host, ce.PID, ce.LogDir, ce.Purpose = b.Host, b.PID, b.LogDir, b.Command
-			if b.State == BuildFailed {
-				delete(d.builders, rest)
-				ce.Kind, ce.Error = ClusterFailed, b.Error
-			} else {
-				d.builders[rest] = b
-				ce.Kind, ce.Time = ClusterBuilding, b.Started
-			}
-		case "lock":
-			id, lease, _ := strings.Cut(rest, "/")
-			b := d.builders[id]
-			if !created || b == nil {
-				continue // the first in the queue builds (or removes): reported as such
-			}
-			ce.Kind, ce.ID, ce.Lease, ce.Builder = ClusterWaiting, id, lease, b.Host
-			if h, err := decode[refRecord](ev.Kv.Value); err == nil {
-				ce.Host, ce.PID, ce.Time = h.Host, h.PID, h.Since
-			}
-		case "ref":
-			id, lease, _ := strings.Cut(rest, "/")
-			lease, _, _ = strings.Cut(lease, "/")
-			ce.ID, ce.Lease = id, lease
-			val := ev.Kv.Value
-			switch {
-			case created:
-				ce.Kind = ClusterRefTaken
-			case !put:
-				ce.Kind, val = ClusterRefDropped, prev
-			default:
-				continue
-			}
-			if r, err := decode[refRecord](val); err == nil {
-				ce.Host, ce.PID, ce.Purpose = r.Host, r.PID, r.Purpose
-				if created {
-					ce.Time = r.Since
-				}
-			}
-		case "gc":
-			ce.Lease = rest
-			switch {
-			case created:
-				ce.Kind = ClusterGCStarted
-				if h, err := decode[refRecord](ev.Kv.Value); err == nil {
-					ce.Host, ce.PID = h.Host, h.PID
-				}
-			case !put:
-				ce.Kind = ClusterGCEnded
-			default:
-				continue
-			}
-		case "node":
-			name, lease, _ := strings.Cut(rest, "/")
-			ce.Host, ce.Lease = name, lease
-			val := ev.Kv.Value
-			switch {
-			case created:
-				ce.Kind = ClusterNodeJoined
-			case !put:
-				ce.Kind, val = ClusterNodeLeft, prev
-			default:
-				continue
-			}
-			var reg struct {
-				PID     int       `json:"pid"`
-				Version string    `json:"version"`
-				Started time.Time `json:"started"` // node.Registration's
-			}
-			if json.Unmarshal(val, &reg) == nil {
-				ce.PID, ce.Version = reg.PID, reg.Version
-				if created && !reg.Started.IsZero() {
-					ce.Time = reg.Started // a replayed join keeps its own time
-				}
-			}
-		case "ask":
-			what, id, _ := strings.Cut(rest, "/")
-			if !created || what != askYield {
-				continue // a holder count request is not news
-			}
-			ce.Kind, ce.ID, ce.Host = ClusterYield, id, string(ev.Kv.Value)
-		case "failed":
-			if put {
-				continue // reported by the build record's "failed"
-			}
-			ce.Kind, ce.ID = ClusterFailureGone, rest
-		default:
-			continue // atime, health
+		ce := ClusterEvent{Rev: ev.Kv.ModRevision, Time: time.Now(), ID: c.key.ID}
+		var ok bool
+		switch c.key.Kind {
+		case keys.Avail:
+			ok = d.avail(c, &ce)
+		case keys.Build:
+			ok = d.build(c, &ce, published[c.key.ID] == ev.Kv.ModRevision)
+		case keys.Lock:
+			ok = d.lock(c, &ce)
+		case keys.Ref:
+			ok = refChange(c, &ce)
+		case keys.GC:
+			ok = gcChange(c, &ce)
+		case keys.Node:
+			ok = nodeChange(c, &ce)
+		case keys.Ask:
+			// A holder count request is not news.
+			ce.Kind, ce.Host, ok = ClusterYield, string(ev.Kv.Value), c.created && c.key.Rest == askYield
+		case keys.Failed:
+			// A put is reported by the build record's "failed".
+			ce.Kind, ok = ClusterFailureGone, !c.put
 		}
-		out = append(out, ce)
+		if ok { // atime, health and the rest are not news
+			out = append(out, ce)
+		}
 	}
 	return out
+}
+
+// change is one key change being decoded.
+type change struct {
+	ev      *clientv3.Event
+	key     keys.Parsed
+	put     bool   // else a deletion
+	created bool   // a put that created the key
+	prev    []byte // the value before, if any
+}
+
+// value is the value the change is about: the new one, or for a deletion
+// the one deleted.
+func (c change) value() []byte {
+	if c.put {
+		return c.ev.Kv.Value
+	}
+	return c.prev
+}
+
+func (d *decoder) avail(c change, ce *ClusterEvent) bool {
+	if !c.put {
+		ce.Kind = ClusterRemoved
+		return true
+	}
+	p, err := decode[PackageRecord](c.ev.Kv.Value)
+	if err != nil {
+		return false
+	}
+	delete(d.builders, c.key.ID)
+	ce.Kind, ce.Host, ce.PID, ce.Size, ce.Seconds, ce.Digest, ce.Time = ClusterPublished, p.BuiltBy, p.PID, p.Size, p.BuildSeconds, p.Digest, p.BuiltAt
+	return true
+}
+
+// build decodes a build record's change; published says its deletion is
+// part of a publish.
+func (d *decoder) build(c change, ce *ClusterEvent, published bool) bool {
+	id := c.key.ID
+	b, err := decode[BuildRecord](c.value())
+	if !c.put {
+		delete(d.builders, id)
+		if published || err != nil || b.State == BuildFailed {
+			return false // published, or the failed record's lease ended
+		}
+		ce.Kind, ce.Host, ce.PID, ce.LogDir = ClusterAbandoned, b.Host, b.PID, b.LogDir
+		return true
+	}
+	if err != nil {
+		return false
+	}
+	ce.Host, ce.PID, ce.LogDir, ce.Purpose = b.Host, b.PID, b.LogDir, b.Command
+	if b.State == BuildFailed {
+		delete(d.builders, id)
+		ce.Kind, ce.Error = ClusterFailed, b.Error
+	} else {
+		d.builders[id] = b
+		ce.Kind, ce.Time = ClusterBuilding, b.Started
+	}
+	return true
+}
+
+func (d *decoder) lock(c change, ce *ClusterEvent) bool {
+	b := d.builders[c.key.ID]
+	if !c.created || b == nil {
+		return false // the first in the queue builds (or removes): reported as such
+	}
+	ce.Kind, ce.Lease, ce.Builder = ClusterWaiting, c.key.Rest, b.Host
+	if h, err := decode[refRecord](c.ev.Kv.Value); err == nil {
+		ce.Host, ce.PID, ce.Time = h.Host, h.PID, h.Since
+	}
+	return true
+}
+
+func refChange(c change, ce *ClusterEvent) bool {
+	ce.Lease, _, _ = strings.Cut(c.key.Rest, "/")
+	switch {
+	case c.created:
+		ce.Kind = ClusterRefTaken
+	case !c.put:
+		ce.Kind = ClusterRefDropped
+	default:
+		return false
+	}
+	if r, err := decode[refRecord](c.value()); err == nil {
+		ce.Host, ce.PID, ce.Purpose = r.Host, r.PID, r.Purpose
+		if c.created {
+			ce.Time = r.Since
+		}
+	}
+	return true
+}
+
+func gcChange(c change, ce *ClusterEvent) bool {
+	ce.ID, ce.Lease = "", c.key.ID
+	switch {
+	case c.created:
+		ce.Kind = ClusterGCStarted
+		if h, err := decode[refRecord](c.ev.Kv.Value); err == nil {
+			ce.Host, ce.PID = h.Host, h.PID
+		}
+	case !c.put:
+		ce.Kind = ClusterGCEnded
+	default:
+		return false
+	}
+	return true
+}
+
+func nodeChange(c change, ce *ClusterEvent) bool {
+	ce.ID, ce.Host, ce.Lease = "", c.key.ID, c.key.Rest
+	switch {
+	case c.created:
+		ce.Kind = ClusterNodeJoined
+	case !c.put:
+		ce.Kind = ClusterNodeLeft
+	default:
+		return false
+	}
+	var reg struct {
+		PID     int       `json:"pid"`
+		Version string    `json:"version"`
+		Started time.Time `json:"started"` // node.Registration's
+	}
+	if json.Unmarshal(c.value(), &reg) == nil {
+		ce.PID, ce.Version = reg.PID, reg.Version
+		if c.created && !reg.Started.IsZero() {
+			ce.Time = reg.Started // a replayed join keeps its own time
+		}
+	}
+	return true
 }

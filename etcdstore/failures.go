@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // Failure memory. The record of a running attempt (P/build/<id>) lives on
@@ -63,8 +64,6 @@ type FailureRecord struct {
 	// Expires is when etcd drops the record.
 	Expires time.Time `json:"expires"`
 }
-
-func (s *Store) failedKey(id string) string { return s.key("failed", id) }
 
 // recordFailure keeps what is known of a failed attempt for the retention
 // period: it is called by the attempt's failure path (build.go's failed),
@@ -129,7 +128,7 @@ func (s *Store) putFailure(ctx context.Context, id string, rec BuildRecord, caus
 	}
 	// Last writer wins: failures of one package are serialised by its
 	// lock, so the only race is with a Drop, which may lose.
-	if _, err := s.cli.Put(cctx, s.failedKey(id), mustJSON(fr), clientv3.WithLease(lease.ID)); err != nil {
+	if _, err := s.cli.Put(cctx, s.keys.FailedKey(id), mustJSON(fr), clientv3.WithLease(lease.ID)); err != nil {
 		s.cli.Revoke(cctx, lease.ID) //nolint:errcheck // it expires anyway
 		return fmt.Errorf("put the failure record: %w", err)
 	}
@@ -181,7 +180,7 @@ func (s *Store) LastFailure(ctx context.Context, id string) (*FailureRecord, err
 func (s *Store) lastFailure(ctx context.Context, id string) (*FailureRecord, clientv3.LeaseID, error) {
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	resp, err := s.cli.Get(cctx, s.failedKey(id))
+	resp, err := s.cli.Get(cctx, s.keys.FailedKey(id))
 	if err != nil {
 		return nil, 0, err
 	}
@@ -198,7 +197,7 @@ func (s *Store) lastFailure(ctx context.Context, id string) (*FailureRecord, cli
 // Failures returns the failure records of every package, by ID.
 func (s *Store) Failures(ctx context.Context) (map[string]*FailureRecord, error) {
 	out := map[string]*FailureRecord{}
-	err := s.scan(ctx, "failed/", false, func(id string, kv *mvccpb.KeyValue) error {
+	err := s.scan(ctx, keys.Failed, false, func(id string, kv *mvccpb.KeyValue) error {
 		if fr, err := decode[FailureRecord](kv.Value); err == nil {
 			out[id] = fr
 		}
@@ -229,7 +228,7 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 	}
 	var vs []victim
 	now := time.Now()
-	err := s.scan(ctx, "failed/", false, func(id string, kv *mvccpb.KeyValue) error {
+	err := s.scan(ctx, keys.Failed, false, func(id string, kv *mvccpb.KeyValue) error {
 		if fr, err := decode[FailureRecord](kv.Value); err == nil && now.Sub(fr.Ended) < olderThan {
 			return nil
 		}
@@ -247,7 +246,7 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		dropped[v.id] = true
 	}
 	kept := map[string]bool{}
-	err = s.scan(ctx, "failed/", true, func(id string, _ *mvccpb.KeyValue) error {
+	err = s.scan(ctx, keys.Failed, true, func(id string, _ *mvccpb.KeyValue) error {
 		kept[id] = !dropped[id]
 		return nil
 	})
@@ -255,7 +254,7 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
 	}
 	var attempts []victim
-	err = s.scan(ctx, "build/", false, func(id string, kv *mvccpb.KeyValue) error {
+	err = s.scan(ctx, keys.Build, false, func(id string, kv *mvccpb.KeyValue) error {
 		b, err := decode[BuildRecord](kv.Value)
 		if err != nil || b.State != BuildFailed || kept[id] {
 			return nil
@@ -274,8 +273,8 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		if !dryRun {
 			cctx, cancel := s.opCtx(ctx)
 			resp, err := s.cli.Txn(cctx).
-				If(clientv3.Compare(clientv3.ModRevision(s.failedKey(v.id)), "=", v.rev)). // not replaced by a newer failure meanwhile
-				Then(clientv3.OpDelete(s.failedKey(v.id))).
+				If(clientv3.Compare(clientv3.ModRevision(s.keys.FailedKey(v.id)), "=", v.rev)). // not replaced by a newer failure meanwhile
+				Then(clientv3.OpDelete(s.keys.FailedKey(v.id))).
 				Commit()
 			if err == nil && resp.Succeeded && v.lease != 0 {
 				s.cli.Revoke(cctx, v.lease) //nolint:errcheck // it held only this record; it expires anyway
@@ -294,8 +293,8 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		if !dryRun {
 			cctx, cancel := s.opCtx(ctx)
 			resp, err := s.cli.Txn(cctx).
-				If(clientv3.Compare(clientv3.ModRevision(s.buildKey(v.id)), "=", v.rev)). // still the failed attempt's: no new attempt claimed it
-				Then(clientv3.OpDelete(s.buildKey(v.id))).
+				If(clientv3.Compare(clientv3.ModRevision(s.keys.BuildKey(v.id)), "=", v.rev)). // still the failed attempt's: no new attempt claimed it
+				Then(clientv3.OpDelete(s.keys.BuildKey(v.id))).
 				Commit()
 			cancel()
 			if err != nil {

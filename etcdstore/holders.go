@@ -42,13 +42,13 @@ func (s *Store) askHolders(ctx context.Context, id string, wait time.Duration) e
 		return err
 	}
 	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Get(cctx, s.refPrefix(id), clientv3.WithPrefix())
+	resp, err := s.cli.Get(cctx, s.keys.RefPrefix(id), clientv3.WithPrefix())
 	cancel()
 	if err != nil {
 		return err
 	}
 	waiting := map[string]bool{}
-	own := s.refPrefix(id) + l.hex + "/" // this store knows its own
+	own := s.keys.RefPrefix(id) + l.hex + "/" // this store knows its own
 	for _, kv := range resp.Kvs {
 		if strings.HasPrefix(string(kv.Key), own) {
 			continue

@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // State of a package.
@@ -61,10 +62,10 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	resp, err := s.cli.Txn(cctx).Then(
-		clientv3.OpGet(s.availKey(id)),
-		clientv3.OpGet(s.buildKey(id)),
-		clientv3.OpGet(s.atimeKey(id)),
-		clientv3.OpGet(s.refPrefix(id), clientv3.WithPrefix()),
+		clientv3.OpGet(s.keys.AvailKey(id)),
+		clientv3.OpGet(s.keys.BuildKey(id)),
+		clientv3.OpGet(s.keys.ATimeKey(id)),
+		clientv3.OpGet(s.keys.RefPrefix(id), clientv3.WithPrefix()),
 	).Commit()
 	if err != nil {
 		return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
@@ -98,7 +99,7 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 }
 
 func (s *Store) refInfo(id string, kv *mvccpb.KeyValue) RefInfo {
-	rest := strings.TrimPrefix(string(kv.Key), s.refPrefix(id))
+	rest := strings.TrimPrefix(string(kv.Key), s.keys.RefPrefix(id))
 	lease, _, _ := strings.Cut(rest, "/")
 	ri := RefInfo{Lease: lease}
 	if rec, err := decode[refRecord](kv.Value); err == nil {
@@ -181,7 +182,7 @@ type packageVisitor struct {
 // scanPackages reads every package key a page at a time, kind by kind:
 // available records, build records, access times, references.
 func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
-	err := s.scan(ctx, "avail/", false, func(id string, k *mvccpb.KeyValue) error {
+	err := s.scan(ctx, keys.Avail, false, func(id string, k *mvccpb.KeyValue) error {
 		p, err := decode[PackageRecord](k.Value)
 		if err == nil {
 			v.avail(id, p)
@@ -189,7 +190,7 @@ func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
 		return err
 	})
 	if err == nil {
-		err = s.scan(ctx, "build/", v.buildKeysOnly, func(id string, k *mvccpb.KeyValue) error {
+		err = s.scan(ctx, keys.Build, v.buildKeysOnly, func(id string, k *mvccpb.KeyValue) error {
 			if v.buildKeysOnly {
 				v.build(id, nil)
 				return nil
@@ -202,13 +203,13 @@ func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
 		})
 	}
 	if err == nil {
-		err = s.scan(ctx, "atime/", false, func(id string, k *mvccpb.KeyValue) error {
+		err = s.scan(ctx, keys.ATime, false, func(id string, k *mvccpb.KeyValue) error {
 			v.atime(id, parseNanos(k.Value), k.ModRevision)
 			return nil
 		})
 	}
 	if err == nil {
-		err = s.scan(ctx, "ref/", true, func(rest string, _ *mvccpb.KeyValue) error {
+		err = s.scan(ctx, keys.Ref, true, func(rest string, _ *mvccpb.KeyValue) error {
 			id, _, _ := strings.Cut(rest, "/")
 			v.ref(id)
 			return nil
@@ -219,10 +220,10 @@ func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
 
 const pageSize = 1000
 
-// scan calls fn for every key under P/<kind>, a page at a time, with the
-// key's remainder after the kind.
+// scan calls fn for every key of kind (a keys constant), a page at a time,
+// with the key's remainder after P/<kind>/.
 func (s *Store) scan(ctx context.Context, kind string, keysOnly bool, fn func(rest string, k *mvccpb.KeyValue) error) error {
-	pfx := s.opt.prefix + kind
+	pfx := s.keys.Kind(kind)
 	end := clientv3.GetPrefixRangeEnd(pfx)
 	from := pfx
 	var rev int64

@@ -13,6 +13,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // DefaultPruneGrace is the grace period Prune uses when PruneOptions.Grace
@@ -115,7 +116,7 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
-	gc := s.newLock(ls, s.opt.prefix+"gc/")
+	gc := s.newLock(ls, s.keys.GCPrefix())
 	ok, err := gc.tryLock(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
@@ -324,7 +325,7 @@ func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bo
 	if err == nil {
 		// A remembered failure keeps its package directory (its logs)
 		// from the orphan sweep for as long as the record lives.
-		err = s.scan(ctx, "failed/", true, func(id string, _ *mvccpb.KeyValue) error {
+		err = s.scan(ctx, keys.Failed, true, func(id string, _ *mvccpb.KeyValue) error {
 			known[id] = true
 			return nil
 		})

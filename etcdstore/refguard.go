@@ -11,6 +11,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // Proving cached references, and keeping etcd's references and the
@@ -305,7 +306,7 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	// the listing unless it was deleted (a linearizable read, so the
 	// listing that follows sees at least this revision).
 	cctx, cancel := s.opCtx(ctx)
-	before, err := s.cli.Get(cctx, s.key("ref", ""), clientv3.WithCountOnly())
+	before, err := s.cli.Get(cctx, s.keys.Kind(keys.Ref), clientv3.WithCountOnly())
 	cancel()
 	if err != nil {
 		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
@@ -321,7 +322,7 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	}
 	// Snapshot after the listing: a key listed was pending before its Txn
 	// was sent, so it is pending or held now, unless it was given up.
-	pfx := s.key("ref", "")
+	pfx := s.keys.Kind(keys.Ref)
 	onLease := make(map[string]bool, len(resp.Keys))
 	for _, k := range resp.Keys {
 		if ks := string(k); strings.HasPrefix(ks, pfx) {

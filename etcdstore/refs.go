@@ -214,7 +214,7 @@ type attemptSeen struct {
 // even the read-back fails, the key is deleted in the background, and a
 // reconciliation is due (ReconcileRefs) for a Txn that applies later still.
 func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add bool) (building *attemptSeen, err error) {
-	key := s.refs.newKey(s.refPrefix(id), l)
+	key := s.refs.newKey(s.keys.RefPrefix(id), l)
 	defer func() {
 		s.refs.mu.Lock()
 		delete(s.refs.pending, key)
@@ -235,16 +235,16 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 			// Only a published package can be referenced. TryRemove deletes
 			// this key in the same Txn that checks for references, so the
 			// two cannot both succeed.
-			If(clientv3.Compare(clientv3.CreateRevision(s.availKey(id)), ">", 0)).
+			If(clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0)).
 			Then(
 				// The reference, on our lease: it dies with us.
 				clientv3.OpPut(key, val, clientv3.WithLease(l.ID)),
 				// The access time that pruning orders by.
-				clientv3.OpPut(s.atimeKey(id), formatNanos(now)),
+				clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)),
 				// What was published: this host checks it can see it.
-				clientv3.OpGet(s.availKey(id))).
+				clientv3.OpGet(s.keys.AvailKey(id))).
 			// Not available: is it being built? (IncRef then waits.)
-			Else(clientv3.OpGet(s.buildKey(id))).
+			Else(clientv3.OpGet(s.keys.BuildKey(id))).
 			Commit()
 		cancel()
 		switch {
@@ -338,8 +338,8 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 		// A cached reference stands for its host's jobs: their last use is
 		// now, as far as pruning is concerned.
 		_, err = s.cli.Txn(cctx).
-			If(clientv3.Compare(clientv3.CreateRevision(s.availKey(h.id)), ">", 0)).
-			Then(clientv3.OpDelete(r.key), clientv3.OpPut(s.atimeKey(h.id), formatNanos(time.Now()))).
+			If(clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(h.id)), ">", 0)).
+			Then(clientv3.OpDelete(r.key), clientv3.OpPut(s.keys.ATimeKey(h.id), formatNanos(time.Now()))).
 			Else(clientv3.OpDelete(r.key)).
 			Commit()
 	} else {

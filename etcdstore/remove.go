@@ -43,7 +43,7 @@ func (s *Store) lockIdle(ctx context.Context, id string) (l *lock, unlock func()
 		unlockLocal()
 		return nil, nil, err
 	}
-	l = s.newLock(ls, s.lockPrefix(id))
+	l = s.newLock(ls, s.keys.LockPrefix(id))
 	if ok, err := l.tryLock(ctx); !ok || err != nil {
 		unlockLocal()
 		return nil, nil, err
@@ -88,28 +88,28 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64, yield 
 func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int64) (bool, error) {
 	cmps := []clientv3.Cmp{
 		// It is published (a missing package is ErrPackageNotExist).
-		clientv3.Compare(clientv3.CreateRevision(s.availKey(id)), ">", 0),
+		clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0),
 		// No reference exists, on any lease. IncRef checks avail in its own
 		// Txn, so a reference either lands before this (and we fail) or
 		// after (and it fails).
-		clientv3.Compare(clientv3.CreateRevision(s.refPrefix(id)), "=", 0).WithPrefix(),
+		clientv3.Compare(clientv3.CreateRevision(s.keys.RefPrefix(id)), "=", 0).WithPrefix(),
 		// We still hold the lock: no build started behind our back.
 		l.isOwner(),
 	}
 	if atimeRev > 0 {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.atimeKey(id)), "=", atimeRev))
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.keys.ATimeKey(id)), "=", atimeRev))
 	}
 	cctx, cancel := s.opCtx(ctx)
 	resp, err := s.cli.Txn(cctx).If(cmps...).
-		Then(clientv3.OpDelete(s.availKey(id)), clientv3.OpDelete(s.atimeKey(id))).
-		Else(clientv3.OpGet(s.availKey(id), clientv3.WithCountOnly())).
+		Then(clientv3.OpDelete(s.keys.AvailKey(id)), clientv3.OpDelete(s.keys.ATimeKey(id))).
+		Else(clientv3.OpGet(s.keys.AvailKey(id), clientv3.WithCountOnly())).
 		Commit()
 	cancel()
 	if err != nil {
 		// Ambiguous. We hold the lock, so only our Txn can have deleted
 		// avail: read it back.
 		rctx, rcancel := s.opCtx(ctx)
-		got, rerr := s.cli.Get(rctx, s.availKey(id), clientv3.WithCountOnly())
+		got, rerr := s.cli.Get(rctx, s.keys.AvailKey(id), clientv3.WithCountOnly())
 		rcancel()
 		if rerr != nil || got.Count != 0 {
 			return false, errors.Join(err, rerr)

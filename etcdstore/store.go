@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 var (
@@ -32,6 +33,7 @@ type Store struct {
 	cli  *clientv3.Client
 	root string
 	opt  options
+	keys keys.Space // every etcd key, under opt.prefix
 	pid  int
 	sess *Session // the lease that references, locks and build records ride on
 	refs refTable // references held by this store
@@ -91,6 +93,7 @@ func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option)
 		cli:     cli,
 		root:    abs,
 		opt:     o,
+		keys:    keys.Space{Prefix: o.prefix},
 		pid:     os.Getpid(),
 		refs:    refTable{held: make(map[string][]*ref), pending: make(map[string]struct{})},
 		flights: make(map[string]*flight),
@@ -195,14 +198,6 @@ func (s *Store) opCtx(ctx context.Context) (context.Context, context.CancelFunc)
 
 // Keys and paths.
 
-func (s *Store) key(kind, id string) string { return s.opt.prefix + kind + "/" + id }
-func (s *Store) availKey(id string) string  { return s.key("avail", id) }
-func (s *Store) buildKey(id string) string  { return s.key("build", id) }
-func (s *Store) atimeKey(id string) string  { return s.key("atime", id) }
-func (s *Store) refPrefix(id string) string { return s.key("ref", id) + "/" }
-func (s *Store) lockPrefix(id string) string {
-	return s.key("lock", id) + "/"
-}
 func (s *Store) pkgsDir() string            { return filepath.Join(s.root, "pkgs") }
 func (s *Store) trashDir() string           { return filepath.Join(s.root, ".trash") }
 func (s *Store) pkgDir(id string) string    { return filepath.Join(s.pkgsDir(), id) }

@@ -259,7 +259,7 @@ func (s *Store) awaitVisibleWhilePublished(ctx context.Context, id string, rec *
 func (s *Store) watchUnpublished(ctx context.Context, id string, attempt int64, stop context.CancelCauseFunc) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := s.cli.Watch(wctx, s.availKey(id), clientv3.WithCreatedNotify())
+	ch := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithCreatedNotify())
 	for wr := range ch {
 		if wr.Created {
 			// Whatever happened before the watch: read it.

@@ -41,7 +41,7 @@ func (w *waiter) waitOrLock(ctx context.Context) (*lock, Outcome, error) {
 		return nil, out, err
 	}
 
-	l := s.newLock(w.ls, s.lockPrefix(w.id))
+	l := s.newLock(w.ls, s.keys.LockPrefix(w.id))
 	lockErr := make(chan error, 1)
 	go func() { lockErr <- l.lock(wctx) }()
 	held, lockDone, out, err := w.loop(ctx, lockErr)
@@ -67,8 +67,8 @@ func (w *waiter) waitOrLock(ctx context.Context) (*lock, Outcome, error) {
 // again here; done reports that the wait is over already.
 func (w *waiter) watch(ctx, wctx context.Context) (out Outcome, done bool, err error) {
 	s := w.s
-	w.availCh = s.cli.Watch(wctx, s.availKey(w.id), clientv3.WithCreatedNotify())
-	w.buildCh = s.cli.Watch(wctx, s.buildKey(w.id), clientv3.WithCreatedNotify())
+	w.availCh = s.cli.Watch(wctx, s.keys.AvailKey(w.id), clientv3.WithCreatedNotify())
+	w.buildCh = s.cli.Watch(wctx, s.keys.BuildKey(w.id), clientv3.WithCreatedNotify())
 	from := int64(0)
 	for _, ch := range []clientv3.WatchChan{w.availCh, w.buildCh} {
 		select {
@@ -229,8 +229,8 @@ func (s *Store) awaitAttempt(ctx context.Context, id string, seen *attemptSeen) 
 	defer cancel()
 	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
 	// From just after the read that saw the attempt, so nothing is missed.
-	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(seen.rev+1))
-	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(seen.rev+1))
+	availCh := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithRev(seen.rev+1))
+	buildCh := s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithRev(seen.rev+1))
 	for {
 		select {
 		case wr, ok := <-availCh:

@@ -62,8 +62,8 @@ func (s *Store) watchBuildEnd(ctx context.Context, id string, rev int64) (bool, 
 	defer cancel()
 	// One watch over the package's keys of both kinds is not possible (they
 	// share no prefix); two watches from the same revision see every change.
-	availCh := s.cli.Watch(wctx, s.availKey(id), clientv3.WithRev(rev+1))
-	buildCh := s.cli.Watch(wctx, s.buildKey(id), clientv3.WithRev(rev+1))
+	availCh := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithRev(rev+1))
+	buildCh := s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithRev(rev+1))
 	for {
 		var wr clientv3.WatchResponse
 		var ok bool

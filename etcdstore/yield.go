@@ -7,6 +7,8 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // Cached references and yield requests.
@@ -35,9 +37,6 @@ const (
 	askHolders = "holders"
 )
 
-// askKey is the key a request of kind about id is put at.
-func (s *Store) askKey(kind, id string) string { return s.key("ask", kind+"/"+id) }
-
 // IncRefCachedContext is IncRefContext for a reference that its owner keeps
 // only as a cache for local users (a node's host reference while no job
 // holds the package): the reference record says so, a removal on any host
@@ -58,7 +57,7 @@ func (h *Handle) IncRefCachedContext(ctx context.Context) error {
 // watch restarts only makes its asker wait its bound (a removal then
 // reports the package in use).
 func (s *Store) watchAsk() {
-	pfx := s.key("ask", "")
+	pfx := s.keys.Kind(keys.Ask)
 	b := backoff.NewExponentialBackOff()
 	b.MaxInterval = 5 * time.Second
 	b.MaxElapsedTime = 0
@@ -100,7 +99,7 @@ func (s *Store) askYield(ctx context.Context, l *Lease, id string) bool {
 		return false
 	}
 	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Get(cctx, s.refPrefix(id), clientv3.WithPrefix())
+	resp, err := s.cli.Get(cctx, s.keys.RefPrefix(id), clientv3.WithPrefix())
 	cancel()
 	if err != nil || len(resp.Kvs) == 0 {
 		return err == nil // gone meanwhile: check again
@@ -139,9 +138,9 @@ func (s *Store) ask(ctx context.Context, l *Lease, kind, id string, rev int64, w
 	wctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), wait)
 	defer cancel()
 	// Watch first, then ask: no answer is missed.
-	wch := s.cli.Watch(wctx, s.refPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	wch := s.cli.Watch(wctx, s.keys.RefPrefix(id), clientv3.WithPrefix(), clientv3.WithRev(rev+1))
 	pctx, pcancel := s.opCtx(ctx)
-	_, err := s.cli.Put(pctx, s.askKey(kind, id), s.opt.host, clientv3.WithLease(l.ID))
+	_, err := s.cli.Put(pctx, s.keys.AskKey(kind, id), s.opt.host, clientv3.WithLease(l.ID))
 	pcancel()
 	if err != nil {
 		return false, err
@@ -164,7 +163,7 @@ func (s *Store) ask(ctx context.Context, l *Lease, kind, id string, rev int64, w
 func (s *Store) deleteAsk(kind, id string) {
 	ctx, cancel := s.opCtx(context.Background())
 	defer cancel()
-	if _, err := s.cli.Delete(ctx, s.askKey(kind, id)); err != nil {
-		s.deleteLater(s.askKey(kind, id))
+	if _, err := s.cli.Delete(ctx, s.keys.AskKey(kind, id)); err != nil {
+		s.deleteLater(s.keys.AskKey(kind, id))
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // ClientConfig turns c into an etcd client configuration for endpoints:
@@ -90,7 +91,7 @@ func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, *
 	}
 	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), c.OpTimeout)
 	defer cancel()
-	if _, err := cli.Get(cctx, c.healthKey(), clientv3.WithCountOnly()); err != nil {
+	if _, err := cli.Get(cctx, keys.Space{Prefix: c.Prefix}.HealthKey(), clientv3.WithCountOnly()); err != nil {
 		if why := quorumLoss(ctx, cli, eps); why != "" {
 			cli.Close()
 			return nil, nil, fmt.Errorf("%w: %s", ErrNoQuorum, why)
@@ -164,10 +165,6 @@ func diagnose(eps []string, tc *tls.Config) string {
 	}
 	return ""
 }
-
-// healthKey is the key read to check that etcd answers: under the prefix,
-// so a user whose etcd role covers only the prefix may read it.
-func (c *Config) healthKey() string { return c.Prefix + "health" }
 
 // OpenCache opens the remote cache c.Cache names (with c.CacheToken,
 // c.CacheCACert, the signing and trusted keys and the fetch budget), or

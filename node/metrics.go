@@ -12,6 +12,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // metrics are the node's Prometheus series, on a registry of its own.
@@ -77,7 +78,7 @@ func newMetrics(n *Node) *metrics {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 			defer cancel()
-			resp, err := n.cli.Get(ctx, n.cfg.Prefix+kind, clientv3.WithPrefix(), clientv3.WithCountOnly())
+			resp, err := n.cli.Get(ctx, keys.Space{Prefix: n.cfg.Prefix}.Kind(kind), clientv3.WithPrefix(), clientv3.WithCountOnly())
 			if err != nil {
 				return -1
 			}
@@ -103,13 +104,13 @@ func newMetrics(n *Node) *metrics {
 	m.reg.MustRegister(m.builds, m.buildSeconds, m.waitSeconds, m.gcSweeps, m.gcRemovals, m.gcBytes, m.trashPending, m.trashErrors, m.leaseLosses, m.refsDropped,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_refs_held", Help: "References held cluster-wide, counted in etcd at scrape time (-1: etcd unreachable).",
-		}, count("ref/")),
+		}, count(keys.Ref)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_builds_in_progress", Help: "Build records (running or failed attempts) cluster-wide at scrape time.",
-		}, count("build/")),
+		}, count(keys.Build)),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "granary_packages_available", Help: "Published packages cluster-wide at scrape time.",
-		}, count("avail/")),
+		}, count(keys.Avail)),
 	)
 	return m
 }
@@ -207,7 +208,7 @@ func (n *Node) handler() http.Handler {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(r.Context()), 2*time.Second)
 		defer cancel()
-		if _, err := n.cli.Get(ctx, n.cfg.healthKey(), clientv3.WithCountOnly()); err != nil {
+		if _, err := n.cli.Get(ctx, keys.Space{Prefix: n.cfg.Prefix}.HealthKey(), clientv3.WithCountOnly()); err != nil {
 			http.Error(w, "etcd: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}

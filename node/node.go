@@ -21,6 +21,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // ErrNodeRunning is returned by New when another local node holds the state
@@ -486,10 +487,12 @@ func (r *registration) current() clientv3.LeaseID {
 // copied configuration, a restart while the old registration lingers) each
 // keep their own record instead of overwriting the other's.
 func (r *registration) key(lease clientv3.LeaseID) string {
-	return fmt.Sprintf("%s%x", r.namePrefix(), int64(lease))
+	return keys.Space{Prefix: r.n.cfg.Prefix}.NodeKey(r.n.cfg.Name, lease)
 }
 
-func (r *registration) namePrefix() string { return r.n.cfg.Prefix + "node/" + r.n.cfg.Name + "/" }
+func (r *registration) namePrefix() string {
+	return keys.Space{Prefix: r.n.cfg.Prefix}.NodeName(r.n.cfg.Name)
+}
 
 // run makes the session (retrying while etcd is away) and puts the
 // registration on it. The session then keeps it; revoke ends it.
@@ -581,7 +584,7 @@ func (r *registration) revoke() error {
 
 // ReadRegistrations lists the live nodes registered under prefix.
 func ReadRegistrations(ctx context.Context, cli *clientv3.Client, prefix string) ([]Registration, error) {
-	resp, err := cli.Get(ctx, prefix+"node/", clientv3.WithPrefix())
+	resp, err := cli.Get(ctx, keys.Space{Prefix: prefix}.Kind(keys.Node), clientv3.WithPrefix())
 	if err != nil {
 		return nil, err
 	}
