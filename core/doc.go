@@ -9,5 +9,6 @@
 //
 // Capabilities beyond the cipkg contract are small optional interfaces found
 // by type assertion, the way io/fs adds StatFS to FS: a handler that can take
-// a context implements ContextHandler.
+// a context implements ContextHandler, one whose packages can be built on
+// other packages implements NeedsHandler.
 package core

@@ -11,6 +11,8 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/granary-build/granary/core"
 )
 
 // attempt is one build attempt of this store while it holds the package's
@@ -27,6 +29,7 @@ type attempt struct {
 	// sawRunning: the wait began with another attempt running, so a
 	// package found published under the lock came from that attempt.
 	sawRunning bool
+	needs      []core.Need // the packages the build needs, held by its callers (needs.go)
 
 	rec      BuildRecord // our record in P/build/<id>
 	buildRev int64       // its revision, which publish requires unchanged
@@ -40,6 +43,9 @@ func (a *attempt) run(ctx context.Context, builder func(context.Context) error) 
 	st, err := s.readState(ctx, a.id)
 	if err != nil {
 		return Outcome{}, err
+	}
+	if st.avail != nil && st.invalid != nil {
+		return Outcome{}, &invalidWait{rev: st.rev, rec: st.invalid}
 	}
 	if st.avail != nil { // published by the holder before us
 		out := Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(a.id)}
@@ -202,6 +208,9 @@ func (a *attempt) produce(ctx context.Context, builder func(context.Context) err
 	s.emit(Event{Kind: EventBuilding, ID: a.id, Host: s.opt.host, PID: s.pid, Since: a.rec.Started, LogDir: a.rec.LogDir})
 	bctx, stop := mergeCancel(ctx, a.ls.ctx)
 	defer stop()
+	if a.needs != nil {
+		bctx = core.WithNeeds(bctx, a.needs)
+	}
 	err = runBuilder(bctx, builder)
 	switch cause := stopCause(bctx, a.ls); {
 	case cause == nil:
@@ -256,6 +265,7 @@ func (a *attempt) seal(how How) (PackageRecord, error) {
 	return PackageRecord{
 		BuiltBy: s.opt.host, PID: s.pid, BuiltAt: time.Now().UTC(), BuildSeconds: time.Since(a.started).Seconds(),
 		Size: size, Digest: digest, FromCache: how == FromCache, Attempt: a.l.rev, Entries: entries,
+		Needs: needIDs(a.needs),
 	}, nil
 }
 
@@ -267,19 +277,19 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 	val := mustJSON(pkg)
 	now := time.Now()
 	var errs []error
+	cmps := append([]clientv3.Cmp{
+		l.isOwner(), // fencing: we still hold the build lock
+		clientv3.Compare(clientv3.ModRevision(s.keys.BuildKey(id)), "=", a.buildRev), // and our attempt record stands
+	}, s.needCmps(pkg.Needs)...) // every need is still published and valid (needs.go)
+	ops := append([]clientv3.Op{
+		clientv3.OpPut(s.keys.AvailKey(id), val),              // available, for good (no lease)
+		clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)), // fresh packages are not pruned first
+		clientv3.OpDelete(s.keys.BuildKey(id)),                // the attempt is over
+		l.releaseOp(),                                         // and so is our hold on the lock
+	}, s.needOps(id, pkg.Needs)...) // the edges that keep the needs while we exist
 	for try := 1; ; try++ {
 		cctx, cancel := s.opCtx(ctx)
-		resp, err := s.cli.Txn(cctx).
-			If(
-				l.isOwner(), // fencing: we still hold the build lock
-				clientv3.Compare(clientv3.ModRevision(s.keys.BuildKey(id)), "=", a.buildRev), // and our attempt record stands
-			).
-			Then(
-				clientv3.OpPut(s.keys.AvailKey(id), val),              // available, for good (no lease)
-				clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)), // fresh packages are not pruned first
-				clientv3.OpDelete(s.keys.BuildKey(id)),                // the attempt is over
-				l.releaseOp(),                                         // and so is our hold on the lock
-			).Commit()
+		resp, err := s.cli.Txn(cctx).If(cmps...).Then(ops...).Commit()
 		cancel()
 		if err == nil && resp.Succeeded {
 			l.gone = true
@@ -302,6 +312,9 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 		}
 		switch {
 		case err == nil:
+			if gone := s.needGone(ctx, pkg.Needs); gone != nil {
+				return gone // a need was invalidated while we built
+			}
 			return ErrFenced // refused, and not by our own earlier try
 		case rerr != nil:
 			errs = append(errs, rerr)

@@ -168,6 +168,7 @@ func (s *Store) join(ctx context.Context, id string, builder func(context.Contex
 		if p, ok := ctx.Value(builderProcessKey{}).(BuilderProcess); ok {
 			fctx = context.WithValue(fctx, builderProcessKey{}, p)
 		}
+		fctx = flightNeeds(ctx, fctx)
 		f.ctx, f.cancel = context.WithCancel(fctx)
 		s.flights[id] = f
 		s.wg.Add(1) // under s.mu with closed checked: as in spawn
@@ -230,21 +231,31 @@ func (f *flight) settle(out Outcome, err error) {
 type state struct {
 	rev         int64 // header revision of the read
 	avail       *PackageRecord
+	availRev    int64 // its mod revision
 	build       *BuildRecord
 	buildModRev int64
+	invalid     *InvalidRecord // the package was invalidated (invalid.go)
 }
 
-// readState reads avail and build in one read-only Txn (no Raft write).
+// readState reads avail, build and invalid in one read-only Txn (no Raft
+// write).
 func (s *Store) readState(ctx context.Context, id string) (state, error) {
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	resp, err := s.cli.Txn(cctx).Then(clientv3.OpGet(s.keys.AvailKey(id)), clientv3.OpGet(s.keys.BuildKey(id))).Commit()
+	resp, err := s.cli.Txn(cctx).Then(clientv3.OpGet(s.keys.AvailKey(id)), clientv3.OpGet(s.keys.BuildKey(id)),
+		clientv3.OpGet(s.keys.InvalidKey(id))).Commit()
 	if err != nil {
 		return state{}, err
 	}
 	st := state{rev: resp.Header.Revision}
 	if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
 		if st.avail, err = decode[PackageRecord](kvs[0].Value); err != nil {
+			return state{}, err
+		}
+		st.availRev = kvs[0].ModRevision
+	}
+	if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) > 0 {
+		if st.invalid, err = decode[InvalidRecord](kvs[0].Value); err != nil {
 			return state{}, err
 		}
 	}
@@ -269,20 +280,23 @@ func (e *retryError) Unwrap() error { return e.why }
 // flight's. published settles the flight as soon as another host's publish
 // is seen, before the clean-up of our place in the lock queue.
 func (s *Store) build(ctx context.Context, id string, builder func(context.Context) error, published func(Outcome, error)) (Outcome, error) {
-	unlock, err := s.lockLocal(ctx, id)
-	if err != nil {
-		return Outcome{}, err
-	}
-	defer unlock()
 	for tries := 1; ; tries++ {
-		out, err := s.pass(ctx, id, builder, published)
+		out, err := s.lockedPass(ctx, id, builder, published)
 		var retry *retryError
 		var be *BuildError
+		var inv *invalidWait
 		switch {
 		case err == nil:
 			return out, nil
 		case ctx.Err() != nil:
 			return out, err
+		case errors.As(err, &inv):
+			// Wait for the removal without our local lock: the removal
+			// may be this store's own.
+			if err := s.awaitRemoval(ctx, id, inv); err != nil && !errors.As(err, &retry) {
+				return out, err
+			}
+			continue // a watch cut short: read again
 		case errors.As(err, &retry):
 			continue // queue again, on the new lease if it was replaced
 		case transient(err) && !errors.As(err, &be) && tries < 4:
@@ -301,6 +315,16 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 	}
 }
 
+// lockedPass is pass under the package's local lock.
+func (s *Store) lockedPass(ctx context.Context, id string, builder func(context.Context) error, published func(Outcome, error)) (Outcome, error) {
+	unlock, err := s.lockLocal(ctx, id)
+	if err != nil {
+		return Outcome{}, err
+	}
+	defer unlock()
+	return s.pass(ctx, id, builder, published)
+}
+
 // pass is one pass of the attempt from a fresh read: the fast path, the
 // wait, and the attempt under the lock.
 func (s *Store) pass(ctx context.Context, id string, builder func(context.Context) error, published func(Outcome, error)) (Outcome, error) {
@@ -313,6 +337,9 @@ func (s *Store) pass(ctx context.Context, id string, builder func(context.Contex
 		return Outcome{}, err
 	}
 	if st.avail != nil {
+		if st.invalid != nil {
+			return Outcome{}, &invalidWait{rev: st.rev, rec: st.invalid}
+		}
 		return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: s.logDir(id)}, nil
 	}
 	w := &waiter{s: s, ls: ls, id: id, st: st, published: published}
@@ -325,7 +352,7 @@ func (s *Store) pass(ctx context.Context, id string, builder func(context.Contex
 	if err != nil || l == nil {
 		return out, err
 	}
-	a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start, sawRunning: w.sawRunning()}
+	a := &attempt{s: s, id: id, ls: ls, l: l, startRev: st.rev, waitStart: w.start, sawRunning: w.sawRunning(), needs: attemptNeeds(ctx)}
 	return a.run(ctx, builder)
 }
 

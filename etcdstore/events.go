@@ -93,6 +93,16 @@ const (
 	// bound the root and when; Elapsed is how long it will wait at most).
 	// A stale cache of the shared root, or a volume that is not mounted.
 	EventWaitRoot
+	// EventInvalidated: this store invalidated the package (Err: the
+	// reason).
+	EventInvalidated
+	// EventWaitInvalid: a build waits for the removal of an invalidated
+	// package before it builds it anew (Err: the invalidation).
+	EventWaitInvalid
+	// EventRefInvalid: a package this store holds a cached reference on was
+	// invalidated (Err says by whom and why): no new holder may be granted
+	// it from the cache.
+	EventRefInvalid
 )
 
 var kindNames = map[EventKind]string{
@@ -103,7 +113,7 @@ var kindNames = map[EventKind]string{
 	EventCacheMiss: "cache-miss", EventLastFailed: "last-failed", EventSealing: "sealing", EventWaitVisible: "wait-visible",
 	EventTrashFailed: "trash-failed", EventTrashPending: "trash-pending", EventMountWarning: "mount-warning",
 	EventYieldRequested: "yield-requested", EventHoldersRequested: "holders-requested", EventRefDropped: "ref-dropped", EventRefDeleted: "ref-deleted",
-	EventWaitRoot: "wait-root",
+	EventWaitRoot: "wait-root", EventInvalidated: "invalidated", EventWaitInvalid: "wait-invalid", EventRefInvalid: "ref-invalid",
 }
 
 func (k EventKind) String() string {

@@ -2,6 +2,7 @@ package etcdstore
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"strings"
 	"time"
@@ -34,6 +35,15 @@ type Info struct {
 	Build     *BuildRecord   `json:"build,omitempty"`   // attempt in progress or last failure
 	Refs      []RefInfo      `json:"refs"`
 	ATime     time.Time      `json:"atime,omitzero"`
+	// NeededBy lists the published packages that need this one (its needs
+	// are Package.Needs).
+	NeededBy []string   `json:"needed_by"`
+	Pin      *PinRecord `json:"pin,omitempty"`
+	// Invalid is the invalidation in force; Invalidated, that of an
+	// invalidated publish already removed (kept for the failure
+	// retention).
+	Invalid     *InvalidRecord `json:"invalid,omitempty"`
+	Invalidated *InvalidRecord `json:"invalidated,omitempty"`
 }
 
 // RefInfo is one reference to a package.
@@ -66,11 +76,15 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 		clientv3.OpGet(s.keys.BuildKey(id)),
 		clientv3.OpGet(s.keys.ATimeKey(id)),
 		clientv3.OpGet(s.keys.RefPrefix(id), clientv3.WithPrefix()),
+		clientv3.OpGet(s.keys.NeededBy(id), clientv3.WithPrefix(), clientv3.WithKeysOnly()),
+		clientv3.OpGet(s.keys.PinKey(id)),
+		clientv3.OpGet(s.keys.InvalidKey(id)),
+		clientv3.OpGet(s.keys.InvalidatedKey(id)),
 	).Commit()
 	if err != nil {
 		return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
 	}
-	info := Info{ID: id, State: StateAbsent, OutputDir: s.outputDir(id), LogDir: s.logDir(id), Refs: []RefInfo{}}
+	info := Info{ID: id, State: StateAbsent, OutputDir: s.outputDir(id), LogDir: s.logDir(id), Refs: []RefInfo{}, NeededBy: []string{}}
 	r := func(i int) []*mvccpb.KeyValue { return resp.Responses[i].GetResponseRange().Kvs }
 	if kvs := r(0); len(kvs) > 0 {
 		if info.Package, err = decode[PackageRecord](kvs[0].Value); err != nil {
@@ -95,6 +109,16 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 	for _, kv := range r(3) {
 		info.Refs = append(info.Refs, s.refInfo(id, kv))
 	}
+	for _, kv := range r(4) {
+		info.NeededBy = append(info.NeededBy, s.keys.Parse(string(kv.Key)).Rest)
+	}
+	for i, dst := range []any{&info.Pin, &info.Invalid, &info.Invalidated} {
+		if kvs := r(5 + i); len(kvs) > 0 {
+			if err := json.Unmarshal(kvs[0].Value, dst); err != nil {
+				return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
+			}
+		}
+	}
 	return info, nil
 }
 
@@ -116,6 +140,9 @@ type Summary struct {
 	Build    *BuildRecord   `json:"build,omitempty"`
 	Refs     int            `json:"refs"`
 	ATime    time.Time      `json:"atime,omitzero"`
+	NeededBy int            `json:"needed_by,omitempty"` // published packages that need it
+	Pin      *PinRecord     `json:"pin,omitempty"`
+	Invalid  *InvalidRecord `json:"invalid,omitempty"`
 	atimeRev int64
 }
 
@@ -157,6 +184,21 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 				x.Refs++
 			}
 		},
+		neededBy: func(id string) {
+			if x := byID[id]; x != nil {
+				x.NeededBy++
+			}
+		},
+		pin: func(id string, p *PinRecord) {
+			if x := byID[id]; x != nil {
+				x.Pin = p
+			}
+		},
+		invalid: func(id string, r *InvalidRecord) {
+			if x := byID[id]; x != nil {
+				x.Invalid = r
+			}
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcdstore: list: %w", err)
@@ -177,10 +219,14 @@ type packageVisitor struct {
 	buildKeysOnly bool
 	atime         func(id string, at time.Time, modRev int64)
 	ref           func(id string)
+	neededBy      func(id string) // once per published dependent
+	pin           func(id string, p *PinRecord)
+	invalid       func(id string, r *InvalidRecord)
 }
 
 // scanPackages reads every package key a page at a time, kind by kind:
-// available records, build records, access times, references.
+// available records, build records, access times, references, need
+// edges, pins and invalidations (a visitor's nil function skips its kind).
 func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
 	err := s.scan(ctx, keys.Avail, false, func(id string, k *mvccpb.KeyValue) error {
 		p, err := decode[PackageRecord](k.Value)
@@ -212,6 +258,29 @@ func (s *Store) scanPackages(ctx context.Context, v packageVisitor) error {
 		err = s.scan(ctx, keys.Ref, true, func(rest string, _ *mvccpb.KeyValue) error {
 			id, _, _ := strings.Cut(rest, "/")
 			v.ref(id)
+			return nil
+		})
+	}
+	if err == nil && v.neededBy != nil {
+		err = s.scan(ctx, keys.Need, true, func(rest string, _ *mvccpb.KeyValue) error {
+			id, _, _ := strings.Cut(rest, "/")
+			v.neededBy(id)
+			return nil
+		})
+	}
+	if err == nil && v.pin != nil {
+		err = s.scan(ctx, keys.Pin, false, func(id string, k *mvccpb.KeyValue) error {
+			if p, derr := decode[PinRecord](k.Value); derr == nil {
+				v.pin(id, p)
+			}
+			return nil
+		})
+	}
+	if err == nil && v.invalid != nil {
+		err = s.scan(ctx, keys.Invalid, false, func(id string, k *mvccpb.KeyValue) error {
+			if r, derr := decode[InvalidRecord](k.Value); derr == nil {
+				v.invalid(id, r)
+			}
 			return nil
 		})
 	}

@@ -25,6 +25,8 @@ type PackageRecord struct {
 	// the published tree. Zero in records of older versions: only the
 	// tree's existence is checked then.
 	Entries int `json:"entries,omitempty"`
+	// Needs are the packages this one was built on (needs.go).
+	Needs []string `json:"needs,omitempty"`
 }
 
 // Build attempt states.

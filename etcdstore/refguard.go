@@ -102,6 +102,64 @@ func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev
 	}
 }
 
+// watchInvalid marks r, a cached reference on id taken at revision rev,
+// invalid when P/invalid/<id> is put, until ctx ends. While its watch is
+// down, r is not proven.
+func (s *Store) watchInvalid(ctx context.Context, id string, r *ref, rev int64) {
+	b := refRetry()
+	key := s.keys.InvalidKey(id)
+	for ctx.Err() == nil {
+		for wr := range s.cli.Watch(ctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterDelete()) {
+			if wr.Err() != nil {
+				break
+			}
+			b.Reset()
+			for _, ev := range wr.Events {
+				if inv, err := decode[InvalidRecord](ev.Kv.Value); err == nil {
+					s.refInvalid(id, r, inv)
+					return
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.setInvalidUnwatched(r, true)
+		if !s.sleep(b.NextBackOff()) {
+			return
+		}
+		gctx, cancel := s.opCtx(ctx)
+		resp, err := s.cli.Get(gctx, key)
+		cancel()
+		switch {
+		case err != nil:
+			continue
+		case len(resp.Kvs) > 0:
+			if inv, err := decode[InvalidRecord](resp.Kvs[0].Value); err == nil {
+				s.refInvalid(id, r, inv)
+				return
+			}
+		}
+		rev = resp.Header.Revision
+		s.setInvalidUnwatched(r, false)
+	}
+}
+
+func (s *Store) setInvalidUnwatched(r *ref, v bool) {
+	s.refs.mu.Lock()
+	r.invalidUnwatched = v
+	s.refs.mu.Unlock()
+}
+
+// refInvalid records that the package of r, a cached reference, was
+// invalidated.
+func (s *Store) refInvalid(id string, r *ref, inv *InvalidRecord) {
+	s.refs.mu.Lock()
+	r.invalid, r.invalidUnwatched = inv, false
+	s.refs.mu.Unlock()
+	s.emit(Event{Kind: EventRefInvalid, ID: id, Host: inv.Host, Err: inv.err(id)})
+}
+
 // refDeleted handles the deletion of key, r's reference on id, that the
 // store did not make: r is no longer proven, and it is taken again (or
 // found lost) in the background.
@@ -205,16 +263,30 @@ func (s *Store) newestCached(id string) *ref {
 // has not reported the key's deletion, and the key's lease is current and
 // trusted. It does no I/O. A node grants a local reference from its cached
 // one only while this holds; otherwise it asks ConfirmRefContext.
-func (s *Store) RefProven(id string) bool {
+func (s *Store) RefProven(id string) bool { return s.proven(id, true) }
+
+// proven is RefProven; without invalidWatch, a reference whose
+// invalidation watch is down counts (for a caller that has just read that
+// the package is valid).
+func (s *Store) proven(id string, invalidWatch bool) bool {
 	s.refs.mu.Lock()
 	r := s.newestCached(id)
-	ok := r != nil && !r.lost && r.gone == nil && !r.unwatched
+	ok := r != nil && !r.lost && r.gone == nil && !r.unwatched && r.invalid == nil && (!invalidWatch || !r.invalidUnwatched)
 	var lease clientv3.LeaseID
 	if ok {
 		lease = r.lease
 	}
 	s.refs.mu.Unlock()
 	return ok && s.sess.trusted(lease)
+}
+
+// RefInvalid reports whether the package of the store's newest cached
+// reference to id was invalidated after the reference was taken (no I/O).
+func (s *Store) RefInvalid(id string) bool {
+	s.refs.mu.Lock()
+	defer s.refs.mu.Unlock()
+	r := s.newestCached(id)
+	return r != nil && r.invalid != nil
 }
 
 // ConfirmRefContext makes sure the store's cached reference to id is in
@@ -239,8 +311,22 @@ func (h *Handle) ConfirmRefContext(ctx context.Context) error {
 			return h.fail("confirm reference", ErrNoRef)
 		}
 		lost, gone, unwatched, key, lease := r.lost, r.gone, r.unwatched, r.key, r.lease
+		invalid, invalidUnwatched := r.invalid, r.invalidUnwatched
 		s.refs.mu.Unlock()
 		switch {
+		case invalid != nil:
+			return h.fail("confirm reference", invalid.err(h.id))
+		case invalidUnwatched:
+			inv, err := s.invalidOf(ctx, h.id)
+			switch {
+			case err != nil:
+				return h.fail("confirm reference", err)
+			case inv != nil:
+				return h.fail("confirm reference", inv.err(h.id))
+			}
+			if s.proven(h.id, false) {
+				return nil // read just now: not invalid
+			}
 		case lost:
 			return h.fail("confirm reference", fmt.Errorf("reference lost: %w", core.ErrPackageNotExist))
 		case gone != nil:

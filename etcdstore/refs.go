@@ -57,7 +57,15 @@ type ref struct {
 	// unwatched: the key's watch failed and is being set up again; until
 	// then a deletion could go unheard.
 	unwatched bool
-	stopWatch context.CancelFunc // ends the key's watch (cached only)
+	// invalid is set once the package was invalidated after the reference
+	// was taken (cached only: the store watches P/invalid/<id>); the
+	// reference stays, but it is not proven any more: no new holder may be
+	// granted the package from it.
+	invalid *InvalidRecord
+	// invalidUnwatched: the invalidation's watch failed and is being set
+	// up again.
+	invalidUnwatched bool
+	stopWatch        context.CancelFunc // ends the key's watches (cached only)
 }
 
 // settleLocked ends what follows r's current key: a wait for its retake
@@ -137,7 +145,7 @@ func (h *Handle) incRef(ctx context.Context, cached bool) error {
 		switch {
 		case err == nil:
 			return h.visible(ctx, r)
-		case !errors.Is(err, core.ErrPackageNotExist):
+		case !errors.Is(err, core.ErrPackageNotExist), errors.Is(err, core.ErrInvalidated):
 			return h.fail("incref", err)
 		case waited || (building == nil && s.flying(h.id) == nil):
 			return h.fail("incref", err)
@@ -229,13 +237,23 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 	s.refs.mu.Unlock()
 	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: since, Purpose: s.opt.purpose, Cached: cached})
 	now := time.Now()
+	cmps := []clientv3.Cmp{
+		// Only a published package can be referenced. TryRemove deletes
+		// this key in the same Txn that checks for references, so the two
+		// cannot both succeed.
+		clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0),
+	}
+	if add {
+		// Nor an invalidated one (invalid.go): from the revision of its
+		// invalidation on, no new reference. A reference taken again
+		// (after its key was deleted, or on a new lease) is not new: its
+		// holders keep an invalidated package until they leave.
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.keys.InvalidKey(id)), "=", 0))
+	}
 	for attempt := 0; ; attempt++ {
 		cctx, cancel := s.opCtx(ctx)
 		resp, err := s.cli.Txn(cctx).
-			// Only a published package can be referenced. TryRemove deletes
-			// this key in the same Txn that checks for references, so the
-			// two cannot both succeed.
-			If(clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0)).
+			If(cmps...).
 			Then(
 				// The reference, on our lease: it dies with us.
 				clientv3.OpPut(key, val, clientv3.WithLease(l.ID)),
@@ -243,8 +261,9 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 				clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)),
 				// What was published: this host checks it can see it.
 				clientv3.OpGet(s.keys.AvailKey(id))).
-			// Not available: is it being built? (IncRef then waits.)
-			Else(clientv3.OpGet(s.keys.BuildKey(id))).
+			// Not available: is it being built (IncRef then waits), or
+			// invalid?
+			Else(clientv3.OpGet(s.keys.BuildKey(id)), clientv3.OpGet(s.keys.InvalidKey(id))).
 			Commit()
 		cancel()
 		switch {
@@ -256,6 +275,11 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 			s.took(id, r, key, l.ID, pkg, resp.Header.Revision, add)
 			return nil, nil
 		case err == nil:
+			if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) == 1 {
+				if inv, derr := decode[InvalidRecord](kvs[0].Value); derr == nil {
+					return nil, inv.err(id)
+				}
+			}
 			return runningAttempt(resp), core.ErrPackageNotExist
 		case errors.Is(err, rpctypes.ErrLeaseNotFound):
 			return nil, s.sess.unknown(l, err)
@@ -292,7 +316,7 @@ func (s *Store) took(id string, r *ref, key string, lease clientv3.LeaseID, pkg 
 		wctx, r.stopWatch = context.WithCancel(clientv3.WithRequireLeader(s.ctx))
 	}
 	s.refs.mu.Unlock()
-	if wctx != nil && !s.spawn(func() { s.watchRef(wctx, id, r, key, rev) }) {
+	if wctx != nil && (!s.spawn(func() { s.watchRef(wctx, id, r, key, rev) }) || !s.spawn(func() { s.watchInvalid(wctx, id, r, rev) })) {
 		s.refs.mu.Lock()
 		r.unwatched = true // closing: nothing is proven any more
 		s.refs.mu.Unlock()

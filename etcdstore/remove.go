@@ -82,28 +82,52 @@ func (s *Store) tryRemove(ctx context.Context, id string, atimeRev int64, yield 
 }
 
 // removeTxn deletes id's keys in one Txn if it is published, unreferenced,
-// still locked by l and (for a non-zero atimeRev) untouched. It reports
-// (false, nil) when the package is in use and core.ErrPackageNotExist when
-// it is not available.
+// needed by no published package, unpinned, still locked by l and (for a
+// non-zero atimeRev) untouched. It reports (false, nil) when the package is
+// in use and core.ErrPackageNotExist when it is not available.
 func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int64) (bool, error) {
+	// Under the lock the published record cannot change (publishing takes
+	// the lock), so its needs, read here, are the edges to delete.
+	st, err := s.readState(ctx, id)
+	if err != nil {
+		return false, err
+	}
+	if st.avail == nil {
+		return false, core.ErrPackageNotExist
+	}
+	if pin, err := s.pinOf(ctx, id); err != nil || pin != nil {
+		return false, err // pinned (an expired pin was deleted by pinOf)
+	}
 	cmps := []clientv3.Cmp{
-		// It is published (a missing package is ErrPackageNotExist).
-		clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0),
+		// It is published, as read (a missing package is ErrPackageNotExist).
+		clientv3.Compare(clientv3.ModRevision(s.keys.AvailKey(id)), "=", st.availRev),
 		// No reference exists, on any lease. IncRef checks avail in its own
 		// Txn, so a reference either lands before this (and we fail) or
 		// after (and it fails).
 		clientv3.Compare(clientv3.CreateRevision(s.keys.RefPrefix(id)), "=", 0).WithPrefix(),
+		// No published package needs it: a reference on a dependent
+		// protects it through this edge (needs.go). A dependent's publish
+		// checks avail in its own Txn, as IncRef does.
+		clientv3.Compare(clientv3.CreateRevision(s.keys.NeededBy(id)), "=", 0).WithPrefix(),
+		// Not pinned (pins.go); a pin put after our read fails us here.
+		clientv3.Compare(clientv3.CreateRevision(s.keys.PinKey(id)), "=", 0),
 		// We still hold the lock: no build started behind our back.
 		l.isOwner(),
 	}
 	if atimeRev > 0 {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.keys.ATimeKey(id)), "=", atimeRev))
 	}
+	ops := []clientv3.Op{clientv3.OpDelete(s.keys.AvailKey(id)), clientv3.OpDelete(s.keys.ATimeKey(id))}
+	for _, n := range st.avail.Needs {
+		ops = append(ops, clientv3.OpDelete(s.keys.NeedKey(n, id))) // our edges go with us
+	}
+	inv, err := s.removedInvalidOps(ctx, id, st.invalid)
+	if err != nil {
+		return false, err
+	}
+	ops = append(ops, inv...)
 	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Txn(cctx).If(cmps...).
-		Then(clientv3.OpDelete(s.keys.AvailKey(id)), clientv3.OpDelete(s.keys.ATimeKey(id))).
-		Else(clientv3.OpGet(s.keys.AvailKey(id), clientv3.WithCountOnly())).
-		Commit()
+	resp, err := s.cli.Txn(cctx).If(cmps...).Then(ops...).Commit()
 	cancel()
 	if err != nil {
 		// Ambiguous. We hold the lock, so only our Txn can have deleted
@@ -115,10 +139,7 @@ func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int6
 			return false, errors.Join(err, rerr)
 		}
 	} else if !resp.Succeeded {
-		if resp.Responses[0].GetResponseRange().Count == 0 {
-			return false, core.ErrPackageNotExist
-		}
-		return false, nil // referenced, touched, or our lock is gone
+		return false, nil // referenced, needed, pinned, touched, or our lock is gone
 	}
 	return true, nil
 }

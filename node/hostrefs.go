@@ -32,6 +32,10 @@ type refStore interface {
 	Remove(ctx context.Context, id string) (bool, error)
 	// RecordHolders writes the local holder count into the reference.
 	RecordHolders(ctx context.Context, id string, n int) error
+	// Invalid reports whether id was invalidated since the host's etcd
+	// reference to it was taken (no I/O): its last local holder then
+	// releases it at once, without the linger.
+	Invalid(id string) bool
 }
 
 // storeRefs is the refStore of an etcdstore.Store.
@@ -53,6 +57,7 @@ func (r storeRefs) Remove(ctx context.Context, id string) (bool, error) {
 func (r storeRefs) RecordHolders(ctx context.Context, id string, n int) error {
 	return r.s.Handle(id).RecordHolders(ctx, n)
 }
+func (r storeRefs) Invalid(id string) bool { return r.s.RefInvalid(id) }
 
 // hostRefs aggregates a host's local references (its jobs') into at most
 // one etcd reference per package, held while any job holds the package and
@@ -249,6 +254,13 @@ func (h *hostRefs) take(ctx context.Context, id string) error {
 func (h *hostRefs) confirm(ctx context.Context, id string, p *hostRef) error {
 	err := h.store.Confirm(ctx, id)
 	lost := errors.Is(err, core.ErrPackageNotExist) || errors.Is(err, etcdstore.ErrNoRef)
+	if errors.Is(err, core.ErrInvalidated) {
+		// Invalidated: no new holder, but those that hold it keep it
+		// (invariant 3); the last one releases it at once (drop).
+		h.mu.Lock()
+		lost = p.holders == 0
+		h.mu.Unlock()
+	}
 	if lost {
 		// The store keeps a lost reference until it is released; that
 		// release makes no etcd call.
@@ -292,7 +304,7 @@ func (h *hostRefs) drop(id string) error {
 		h.mu.Unlock()
 		return nil
 	}
-	if h.linger > 0 {
+	if h.linger > 0 && !h.store.Invalid(id) {
 		h.startLinger(id, p)
 		h.mu.Unlock()
 		return nil

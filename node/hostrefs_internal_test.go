@@ -127,6 +127,8 @@ func (f *fakeStore) Remove(ctx context.Context, id string) (bool, error) {
 	return true, nil
 }
 
+func (f *fakeStore) Invalid(string) bool { return false }
+
 func (f *fakeStore) RecordHolders(ctx context.Context, id string, n int) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
