@@ -7,6 +7,7 @@ import (
 	"os/signal"
 	"path/filepath"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/node"
 )
 
@@ -43,7 +44,7 @@ func Example() {
 // its connection (Close, exit, or a crash).
 func ExampleConnect() {
 	ctx := context.Background()
-	conn, err := node.Connect(ctx, "/var/lib/granary") // the node's state directory
+	conn, err := agent.Connect(ctx, "/var/lib/granary") // the node's state directory
 	if err != nil {
 		log.Fatal(err) // errors.Is(err, node.ErrNoLocalNode): no node serves it
 	}

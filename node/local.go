@@ -2,7 +2,6 @@ package node
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -35,13 +34,6 @@ const (
 	// LogFile receives the output of an auto-started node.
 	LogFile = "node.log"
 )
-
-// ErrNoLocalNode is returned by ReadLocal when no local node serves the
-// state directory.
-var ErrNoLocalNode = errors.New("granary: no local node is running")
-
-// ErrUnreachable wraps a failure to reach etcd.
-var ErrUnreachable = errors.New("granary: cannot reach etcd")
 
 // ReadLocal returns the local node of stateDir if its socket accepts
 // connections, and ErrNoLocalNode otherwise.

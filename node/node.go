@@ -88,7 +88,7 @@ type Node struct {
 
 	reg *registration // set by Run
 
-	agent atomic.Pointer[agent] // the local API; set by New
+	agent atomic.Pointer[server] // the local API; set by New
 
 	// reconcile asks reconcileLoop for a reconciliation now (after a new
 	// lease); buffered, so a request while one runs is not lost.
