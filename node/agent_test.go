@@ -605,3 +605,55 @@ func TestInspectCountsOtherHostsHolders(t *testing.T) {
 	}
 	count(0, "from a process's store", info)
 }
+
+// An IncRef whose caller gave up before the node answered (here: it waited
+// for a build that outlasted its context) is given back when the node
+// grants it: the node lists no holder for it, and the Conn does not count
+// it. (agentwire's client forgot such a reference; it pinned the package
+// until the connection ended.)
+func TestIncRefGrantedAfterCallerGaveUpIsGivenBack(t *testing.T) {
+	srv := etcdtest.Start(t)
+	n, _ := agentNode(t, srv, t.TempDir(), "host-a", time.Hour)
+	release := make(chan struct{})
+	started := make(chan struct{})
+	built := make(chan error, 1)
+	go func() {
+		_, err := n.Build(context.Background(), "slow", func(context.Context) error {
+			close(started)
+			<-release
+			return nil
+		})
+		built <- err
+	}()
+	<-started
+	c := connect(t, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := c.Handle("slow").IncRefContext(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("IncRef during the build, with a short context = %v, want DeadlineExceeded", err)
+	}
+	close(release)
+	if err := <-built; err != nil {
+		t.Fatal(err)
+	}
+	// The node grants the waiting IncRef once the build published (the
+	// host then holds its etcd reference) and the Conn gives it back at
+	// once: without that, the connection would hold it for good. Wait
+	// (bounded) for the grant, then for no holder well after it (the
+	// grant's own microseconds between the etcd reference and the local
+	// one do not count).
+	deadline := time.Now().Add(10 * time.Second)
+	var granted time.Time
+	for granted.IsZero() || len(n.Holders("slow")) > 0 || time.Since(granted) < 200*time.Millisecond {
+		if granted.IsZero() && n.Store().RefProven("slow") {
+			granted = time.Now()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("holders of slow = %+v (granted %v); want none: the late IncRef given back", n.Holders("slow"), !granted.IsZero())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := c.Handle("slow").DecRefContext(context.Background()); !errors.Is(err, core.ErrNoRef) {
+		t.Errorf("DecRef of the given-back reference = %v, want ErrNoRef", err)
+	}
+}
