@@ -119,6 +119,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	defer func() {
 		if err != nil {
 			n.Close()
+			recordStartFailure(cfg.StateDir, err)
 		}
 	}()
 	// One node per state directory, embedded or not: it owns the agent
