@@ -44,7 +44,7 @@ type PackageHandler interface {
 	IncRef() error
 
 	// DecRef releases the newest reference taken by IncRef. Calling it
-	// without a held reference is an error.
+	// without a held reference is an error wrapping ErrNoRef.
 	DecRef() error
 }
 
@@ -80,4 +80,9 @@ var (
 	// ErrBuildFailed is wrapped by the error that callers waiting on a
 	// failed build attempt receive, on this host or another.
 	ErrBuildFailed = errors.New("granary: build failed")
+
+	// ErrNoRef is wrapped by the error of DecRef when the caller holds no
+	// reference to the package: a DecRef without a reference is an error,
+	// never a silent no-op.
+	ErrNoRef = errors.New("granary: no reference held")
 )

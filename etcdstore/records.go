@@ -107,8 +107,8 @@ var (
 	ErrFenced = errors.New("etcdstore: build lock lost before publishing")
 
 	// ErrNoRef is returned by DecRef when this store holds no reference to
-	// the package.
-	ErrNoRef = errors.New("etcdstore: no reference held")
+	// the package. It is core.ErrNoRef, the contract's sentinel.
+	ErrNoRef = core.ErrNoRef
 
 	// ErrForeignCluster is returned by New when the root is bound to another
 	// etcd cluster or prefix.

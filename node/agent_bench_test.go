@@ -4,6 +4,7 @@ import (
 	"context"
 	"testing"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/node"
 )
@@ -31,7 +32,7 @@ func BenchmarkConnPair(b *testing.B) {
 	if err := h.BuildContext(ctx, func(context.Context) error { return nil }); err != nil {
 		b.Fatal(err)
 	}
-	warm, err := node.Connect(ctx, cfg.StateDir)
+	warm, err := agent.Connect(ctx, cfg.StateDir)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -41,7 +42,7 @@ func BenchmarkConnPair(b *testing.B) {
 	}
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
-		c, err := node.Connect(ctx, cfg.StateDir)
+		c, err := agent.Connect(ctx, cfg.StateDir)
 		if err != nil {
 			b.Error(err)
 			return

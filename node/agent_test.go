@@ -12,6 +12,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/core/coretest"
 	"github.com/granary-build/granary/etcdstore"
@@ -47,9 +48,9 @@ func agentNode(t *testing.T, srv *etcdtest.Server, root, name string, linger tim
 	return startNode(t, cfg)
 }
 
-func connect(t *testing.T, n *node.Node) *node.Conn {
+func connect(t *testing.T, n *node.Node) *agent.Conn {
 	t.Helper()
-	c, err := node.Connect(context.Background(), n.Config().StateDir)
+	c, err := agent.Connect(context.Background(), n.Config().StateDir)
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
@@ -121,7 +122,7 @@ func TestHostAggregatesRefs(t *testing.T) {
 	obs := observer(t, srv, root)
 	build(t, obs, "agg")
 
-	conns := []*node.Conn{connect(t, n), connect(t, n), connect(t, n)}
+	conns := []*agent.Conn{connect(t, n), connect(t, n), connect(t, n)}
 	if err := conns[0].Handle("agg").IncRefContext(context.Background()); err != nil {
 		t.Fatalf("first IncRef: %v", err)
 	}
@@ -278,7 +279,7 @@ func TestBuildThroughNode(t *testing.T) {
 	// otherwise start after c3's end and simply build. Either way it must
 	// succeed; the attempt of c3 must not publish.
 	c3.Close()
-	if err := <-res3; !errors.Is(err, node.ErrNodeGone) {
+	if err := <-res3; !errors.Is(err, agent.ErrNodeGone) {
 		t.Errorf("Build on a closed Conn = %v, want ErrNodeGone", err)
 	}
 	if err := <-res4; err != nil {
@@ -301,13 +302,13 @@ func TestNodeStopTellsConns(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Conn not told that the node stopped")
 	}
-	if !errors.Is(c.Err(), node.ErrNodeGone) {
+	if !errors.Is(c.Err(), agent.ErrNodeGone) {
 		t.Errorf("Err = %v, want ErrNodeGone", c.Err())
 	}
-	if err := c.Handle("x").IncRef(); !errors.Is(err, node.ErrNodeGone) {
+	if err := c.Handle("x").IncRef(); !errors.Is(err, agent.ErrNodeGone) {
 		t.Errorf("IncRef after the node stopped = %v, want ErrNodeGone", err)
 	}
-	if _, err := node.Connect(context.Background(), n.Config().StateDir); !errors.Is(err, node.ErrNoLocalNode) {
+	if _, err := agent.Connect(context.Background(), n.Config().StateDir); !errors.Is(err, node.ErrNoLocalNode) {
 		t.Errorf("Connect to a stopped node = %v, want ErrNoLocalNode", err)
 	}
 }
@@ -338,7 +339,7 @@ func TestTwoNodesNeverRemoveHeld(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name string
-		c    *node.Conn
+		c    *agent.Conn
 		id   string
 	}{{"b removes a's", cb, "p1"}, {"a removes b's", ca, "p2"}, {"a removes its own", ca, "p1"}, {"b removes its own", cb, "p2"}} {
 		if ok, err := tc.c.Handle(tc.id).TryRemoveContext(context.Background()); ok || err != nil {
@@ -382,7 +383,7 @@ func TestYieldKeepsHeld(t *testing.T) {
 	build(t, obs, "y")
 	ctx := context.Background()
 	// Both hosts linger on y; a process on a third host holds it.
-	for _, c := range []*node.Conn{ca, cb} {
+	for _, c := range []*agent.Conn{ca, cb} {
 		if err := c.Handle("y").IncRefContext(ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -486,14 +487,14 @@ func TestRefLostReachesConn(t *testing.T) {
 		select {
 		case nt := <-c.Notices():
 			switch nt.Kind {
-			case node.NoticeLeaseLost:
+			case agent.NoticeLeaseLost:
 				sawLeaseLost = true
-			case node.NoticeRefLost:
+			case agent.NoticeRefLost:
 				if nt.ID != "stolen" {
 					t.Fatalf("ref lost for %q, want stolen", nt.ID)
 				}
 				sawRefLost = true
-			case node.NoticeNodeGone:
+			case agent.NoticeNodeGone:
 				t.Fatalf("connection ended: %v", nt.Err)
 			}
 		case <-timeout:
@@ -573,7 +574,7 @@ func TestInspectCountsOtherHostsHolders(t *testing.T) {
 	obs := observer(t, srv, root)
 	build(t, obs, "n")
 	ctx := context.Background()
-	jobs := []*node.Conn{connect(t, na), connect(t, na), connect(t, na)}
+	jobs := []*agent.Conn{connect(t, na), connect(t, na), connect(t, na)}
 	for _, c := range jobs {
 		if err := c.Handle("n").IncRefContext(ctx); err != nil {
 			t.Fatal(err)
@@ -588,19 +589,71 @@ func TestInspectCountsOtherHostsHolders(t *testing.T) {
 			t.Errorf("%s: host-a's holders = %d at %v; want %d, answered", via, r.Holders, r.HoldersAt, want)
 		}
 	}
-	info, _, err := connect(t, nb).Inspect(ctx, "n")
+	winfo, _, err := connect(t, nb).Inspect(ctx, "n")
 	if err != nil {
 		t.Fatal(err)
 	}
-	count(3, "through host-b's node", info)
+	count(3, "through host-b's node", node.StoreInfo(winfo))
 	for _, c := range jobs {
 		if err := c.Handle("n").DecRefContext(ctx); err != nil {
 			t.Fatal(err)
 		}
 	}
-	info, err = obs.AskHolders(ctx, "n", 10*time.Second)
+	info, err := obs.AskHolders(ctx, "n", 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	count(0, "from a process's store", info)
+}
+
+// An IncRef whose caller gave up before the node answered (here: it waited
+// for a build that outlasted its context) is given back when the node
+// grants it: the node lists no holder for it, and the Conn does not count
+// it. (agentwire's client forgot such a reference; it pinned the package
+// until the connection ended.)
+func TestIncRefGrantedAfterCallerGaveUpIsGivenBack(t *testing.T) {
+	srv := etcdtest.Start(t)
+	n, _ := agentNode(t, srv, t.TempDir(), "host-a", time.Hour)
+	release := make(chan struct{})
+	started := make(chan struct{})
+	built := make(chan error, 1)
+	go func() {
+		_, err := n.Build(context.Background(), "slow", func(context.Context) error {
+			close(started)
+			<-release
+			return nil
+		})
+		built <- err
+	}()
+	<-started
+	c := connect(t, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := c.Handle("slow").IncRefContext(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("IncRef during the build, with a short context = %v, want DeadlineExceeded", err)
+	}
+	close(release)
+	if err := <-built; err != nil {
+		t.Fatal(err)
+	}
+	// The node grants the waiting IncRef once the build published (the
+	// host then holds its etcd reference) and the Conn gives it back at
+	// once: without that, the connection would hold it for good. Wait
+	// (bounded) for the grant, then for no holder well after it (the
+	// grant's own microseconds between the etcd reference and the local
+	// one do not count).
+	deadline := time.Now().Add(10 * time.Second)
+	var granted time.Time
+	for granted.IsZero() || len(n.Holders("slow")) > 0 || time.Since(granted) < 200*time.Millisecond {
+		if granted.IsZero() && n.Store().RefProven("slow") {
+			granted = time.Now()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("holders of slow = %+v (granted %v); want none: the late IncRef given back", n.Holders("slow"), !granted.IsZero())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := c.Handle("slow").DecRefContext(context.Background()); !errors.Is(err, core.ErrNoRef) {
+		t.Errorf("DecRef of the given-back reference = %v, want ErrNoRef", err)
+	}
 }

@@ -17,6 +17,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/internal/jobrun"
@@ -41,7 +42,7 @@ func childMain() int {
 	ctx := context.Background()
 	switch os.Getenv(childEnv) {
 	case "hold":
-		c, err := node.ConnectWith(ctx, os.Getenv("STATE"), node.ConnectOptions{Purpose: "test holder"})
+		c, err := agent.ConnectWith(ctx, os.Getenv("STATE"), agent.Options{Purpose: "test holder"})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -71,7 +72,7 @@ func childMain() int {
 		// Build $ID with a builder that starts `sleep` in a process group
 		// of its own (holding fd 3, the parent's pipe), reports the group
 		// and waits to be killed.
-		c, err := node.Connect(ctx, os.Getenv("STATE"))
+		c, err := agent.Connect(ctx, os.Getenv("STATE"))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -85,7 +86,7 @@ func childMain() int {
 				return err
 			}
 			pipe.Close()
-			if !node.BuilderProcessGroup(bctx, cmd.Process.Pid) {
+			if !agent.BuilderProcessGroup(bctx, cmd.Process.Pid) {
 				return errors.New("not a builder context")
 			}
 			// A round trip after the report: the node has it.
@@ -169,7 +170,7 @@ func waitRefDeleted(t *testing.T, cli *clientv3.Client, id string, rev int64, wi
 }
 
 // holderKinds are the processes that hold a reference through the node:
-// a library user (node.Conn) and a job run by granary-run.
+// a library user (agent.Conn) and a job run by granary-run.
 var holderKinds = []struct {
 	name, mode, purpose string
 }{
@@ -227,12 +228,12 @@ func TestKilledNodeTellsConns(t *testing.T) {
 			child := startChild(t, "node", "ready", nodeEnv...)
 
 			var told func(within time.Duration) bool
-			var c *node.Conn
+			var c *agent.Conn
 			var job *exec.Cmd
 			stderr := &lineWatch{changed: make(chan struct{})}
 			if k.mode == "hold" {
 				var err error
-				c, err = node.Connect(context.Background(), state)
+				c, err = agent.Connect(context.Background(), state)
 				if err != nil {
 					t.Fatalf("Connect: %v", err)
 				}
@@ -261,11 +262,11 @@ func TestKilledNodeTellsConns(t *testing.T) {
 				t.Errorf("etcd refs when the holder learnt the node died = %d, want 1 (it learnt before the lease expired)", got)
 			}
 			if c != nil {
-				if !errors.Is(c.Err(), node.ErrNodeGone) {
+				if !errors.Is(c.Err(), agent.ErrNodeGone) {
 					t.Errorf("Err = %v, want ErrNodeGone", c.Err())
 				}
 				n := <-c.Notices()
-				for n.Kind != node.NoticeNodeGone {
+				for n.Kind != agent.NoticeNodeGone {
 					n = <-c.Notices()
 				}
 			}
@@ -278,7 +279,7 @@ func TestKilledNodeTellsConns(t *testing.T) {
 			if !stderr.wait("reconnected to the local node", jobrun.ReconnectWithin) {
 				t.Fatal("the job did not reconnect to the restarted node")
 			}
-			oc, err := node.Connect(context.Background(), state)
+			oc, err := agent.Connect(context.Background(), state)
 			if err != nil {
 				t.Fatalf("Connect: %v", err)
 			}

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
 	"github.com/granary-build/granary/internal/paths"
@@ -393,7 +394,7 @@ func (c *Config) Embedded() bool { return len(c.Endpoints) == 0 }
 func (c *Config) SocketPath() string { return filepath.Join(c.StateDir, "etcd.sock") }
 
 // AgentSocketPath is the node's local API socket in StateDir.
-func (c *Config) AgentSocketPath() string { return paths.Socket(c.StateDir) }
+func (c *Config) AgentSocketPath() string { return agent.SocketPath(c.StateDir) }
 
 // LocalEndpoint is the client URL of the embedded etcd.
 func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }

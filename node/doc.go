@@ -16,7 +16,7 @@
 //
 // Every node serves the host's processes on a unix socket in the state
 // directory (<state>/agent.sock; it holds the state directory's lock in
-// every mode): the local API. Connect returns a Conn, a
+// every mode): the local API. agent.Connect returns an agent.Conn, a
 // core.PackageManager whose references the node holds for the connection's
 // lifetime and aggregates into one etcd reference per package for the whole
 // host (released after the last local holder plus Config.Linger), and whose

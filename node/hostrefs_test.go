@@ -13,6 +13,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -112,14 +113,14 @@ func TestRevokedLeaseNeverHandsOutRemoved(t *testing.T) {
 			for {
 				select {
 				case nt := <-running.Notices():
-					if nt.Kind == node.NoticeRefLost {
+					if nt.Kind == agent.NoticeRefLost {
 						if nt.ID != "pkg" {
 							t.Fatalf("ref lost for %q, want pkg", nt.ID)
 						}
 						t.Logf("the running job was told %v after the revocation", time.Since(revoked))
 						return
 					}
-					if nt.Kind == node.NoticeNodeGone {
+					if nt.Kind == agent.NoticeNodeGone {
 						t.Fatalf("connection ended: %v", nt.Err)
 					}
 				case <-ctx.Done():
@@ -207,7 +208,7 @@ func TestConnClosedMidIncRefLeavesNoRef(t *testing.T) {
 	build(t, obs, "pkg")
 	watcher := srv.Client(t)
 
-	c, err := node.Connect(context.Background(), ncfg.StateDir)
+	c, err := agent.Connect(context.Background(), ncfg.StateDir)
 	if err != nil {
 		t.Fatal(err)
 	}

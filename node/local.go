@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/granary-build/granary/etcdstore"
 )
 
 // Local describes the local node of a state directory, as written to
@@ -35,13 +37,6 @@ const (
 	// LogFile receives the output of an auto-started node.
 	LogFile = "node.log"
 )
-
-// ErrNoLocalNode is returned by ReadLocal when no local node serves the
-// state directory.
-var ErrNoLocalNode = errors.New("granary: no local node is running")
-
-// ErrUnreachable wraps a failure to reach etcd.
-var ErrUnreachable = errors.New("granary: cannot reach etcd")
 
 // ReadLocal returns the local node of stateDir if its socket accepts
 // connections, and ErrNoLocalNode otherwise.
@@ -81,3 +76,50 @@ func writeLocal(l Local) error {
 }
 
 func removeLocal(stateDir string) { os.Remove(filepath.Join(stateDir, infoFile)) }
+
+// StartFailure is why a node of a state directory could not start, as a
+// code a program can act on (the CLI that started the node reads it
+// instead of the node's log): <state>/start-failure.json, written by New
+// when it fails.
+type StartFailure struct {
+	Code string `json:"code"` // StartFailForeignCluster, or StartFailOther
+	Err  string `json:"err"`
+	PID  int    `json:"pid"` // the process that failed
+}
+
+// Start failure codes.
+const (
+	// StartFailForeignCluster: the root is bound to another etcd cluster
+	// or prefix (etcdstore.ErrForeignCluster).
+	StartFailForeignCluster = "foreign-cluster"
+	// StartFailOther: any other failure; Err says what.
+	StartFailOther = "other"
+)
+
+const startFailureFile = "start-failure.json"
+
+// recordStartFailure writes why New failed; it is best effort (the error
+// is New's to return either way).
+func recordStartFailure(stateDir string, err error) {
+	if stateDir == "" {
+		return
+	}
+	f := StartFailure{Code: StartFailOther, Err: err.Error(), PID: os.Getpid()}
+	if errors.Is(err, etcdstore.ErrForeignCluster) {
+		f.Code = StartFailForeignCluster
+	}
+	if b, jerr := json.Marshal(f); jerr == nil {
+		os.WriteFile(filepath.Join(stateDir, startFailureFile), b, 0o644) //nolint:errcheck // best effort
+	}
+}
+
+// ReadStartFailure returns why the node of stateDir run as process pid
+// could not start, if it recorded it.
+func ReadStartFailure(stateDir string, pid int) (StartFailure, bool) {
+	var f StartFailure
+	b, err := os.ReadFile(filepath.Join(stateDir, startFailureFile))
+	if err != nil || json.Unmarshal(b, &f) != nil || f.PID != pid {
+		return StartFailure{}, false
+	}
+	return f, true
+}

@@ -24,7 +24,7 @@ import (
 // program learns of a lost lease from its own store's events. A LocalRefs
 // is safe for concurrent use.
 type LocalRefs struct {
-	a    *agent
+	a    *server
 	mu   sync.Mutex
 	held map[string]int // references held, by package; nil once closed
 }

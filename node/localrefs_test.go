@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
@@ -59,7 +60,7 @@ func TestLocalRefsShareHostRef(t *testing.T) {
 	if err := refs.IncRef(ctx, "lr"); err != nil {
 		t.Fatalf("second IncRef: %v", err)
 	}
-	c, err := node.Connect(ctx, state)
+	c, err := agent.Connect(ctx, state)
 	if err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
@@ -91,7 +92,7 @@ func TestLocalRefsShareHostRef(t *testing.T) {
 	if err := refs.DecRef("lr"); !errors.Is(err, etcdstore.ErrNoRef) {
 		t.Errorf("DecRef after Close = %v, want ErrNoRef", err)
 	}
-	if err := refs.IncRef(ctx, "lr"); !errors.Is(err, node.ErrNodeGone) {
+	if err := refs.IncRef(ctx, "lr"); !errors.Is(err, agent.ErrNodeGone) {
 		t.Errorf("IncRef after Close = %v, want ErrNodeGone", err)
 	}
 }

@@ -89,7 +89,7 @@ type Node struct {
 
 	reg *registration // set by Run
 
-	agent atomic.Pointer[agent] // the local API; set by New
+	agent atomic.Pointer[server] // the local API; set by New
 
 	// reconcile asks reconcileLoop for a reconciliation now (after a new
 	// lease); buffered, so a request while one runs is not lost.
@@ -120,6 +120,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	defer func() {
 		if err != nil {
 			n.Close()
+			recordStartFailure(cfg.StateDir, err)
 		}
 	}()
 	// One node per state directory, embedded or not: it owns the agent

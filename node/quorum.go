@@ -2,18 +2,12 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
-
-// ErrNoQuorum means the etcd members that answered have no leader: too
-// few members are up for a quorum (for example 2 of 3 down), so nothing
-// can be read or written until enough come back.
-var ErrNoQuorum = errors.New("granary: etcd has no leader: quorum lost")
 
 // quorumLoss asks each endpoint for its status (each within a second) and,
 // if some member answered without knowing a leader and none knows one,

@@ -10,12 +10,12 @@ import (
 // granary-run may link: its reason to exist is a process start without the
 // init work of etcd, gRPC, protobuf, prometheus, minio, otel (and x/sys).
 var light = map[string]bool{
-	"github.com/granary-build/granary/cmd/granary-run":    true,
-	"github.com/granary-build/granary/core":               true,
-	"github.com/granary-build/granary/internal/agentwire": true,
-	"github.com/granary-build/granary/internal/jobrun":    true,
-	"github.com/granary-build/granary/internal/paths":     true,
-	"github.com/granary-build/granary/internal/thinrun":   true,
+	"github.com/granary-build/granary/cmd/granary-run":  true,
+	"github.com/granary-build/granary/core":             true,
+	"github.com/granary-build/granary/agent":            true,
+	"github.com/granary-build/granary/internal/jobrun":  true,
+	"github.com/granary-build/granary/internal/paths":   true,
+	"github.com/granary-build/granary/internal/thinrun": true,
 }
 
 // heavyStd are the standard packages granary-run must not link: net's cgo

@@ -11,6 +11,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/node"
 )
 
@@ -56,7 +57,7 @@ func (r *run) agent(ctx context.Context) error {
 
 	// Warm: the host takes its etcd reference once; it lingers (5 s)
 	// between the pairs below.
-	warm, err := node.Connect(ctx, state)
+	warm, err := agent.Connect(ctx, state)
 	if err != nil {
 		return err
 	}
@@ -65,61 +66,82 @@ func (r *run) agent(ctx context.Context) error {
 		return err
 	}
 
-	n := r.z.HotPairs * r.z.HotRounds
 	for _, c := range r.z.HotConcurrency {
-		conns := make([]*node.Conn, c)
-		for i := range conns {
-			if conns[i], err = node.Connect(ctx, state); err != nil {
-				return err
-			}
-		}
-		free := make(chan *node.Conn, c)
-		for _, cn := range conns {
-			free <- cn
-		}
-		pair := func(ctx context.Context, i int) (time.Duration, error) {
-			cn := <-free // one caller at a time per Conn, as a process's
-			defer func() { free <- cn }()
-			h := cn.Handle(id)
-			t := time.Now()
-			if err := h.IncRefContext(ctx); err != nil {
-				return 0, err
-			}
-			err := h.DecRefContext(ctx)
-			return time.Since(t), err
-		}
-		before := r.cnt.Snapshot()
-		wall, lats, err := parallel(ctx, c, n, pair)
-		for _, cn := range conns {
-			cn.Close()
-		}
-		if err != nil {
+		if err := r.agentPairs(ctx, state, id, c); err != nil {
 			return err
 		}
-		cnt := r.cnt.Snapshot().Sub(before)
-		rate := float64(n) / wall.Seconds()
-		r.res[fmt.Sprintf("agent_ops_per_s_c%d", c)] = rate
-		r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
-		r.res[fmt.Sprintf("agent_pair_p99_us_c%d", c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
-		r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)] = float64(cnt.Writes) / float64(n)
-		direct := r.res[fmt.Sprintf("hotpath_ops_per_s_c%d", c)]
-		if direct > 0 {
-			r.res[fmt.Sprintf("agent_vs_direct_c%d", c)] = rate / direct
-		}
-		r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
-			c, rate, direct, r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)], r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)])
-		floor, floorP50, err := r.socketFloor(ctx, c, n)
-		if err != nil {
-			return err
-		}
-		r.res[fmt.Sprintf("socket_floor_ops_per_s_c%d", c)] = floor
-		r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)] = float64(floorP50) / float64(time.Microsecond)
-		r.logf("  c=%d: the floor, two bare round trips on a unix socket: %.0f pairs/s, p50 %.0f µs (the agent reaches %.0f %% of it)",
-			c, floor, r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)], 100*rate/floor)
 	}
 	if r.cfg.Run == nil {
 		return nil
 	}
+	if err := r.runFloors(ctx); err != nil {
+		return err
+	}
+	return r.runJobs(ctx, cli, state, id)
+}
+
+// agentPairs measures warm IncRef+DecRef pairs through the node at c
+// callers, each with a Conn of its own, next to the floor of two bare
+// round trips on a unix socket.
+func (r *run) agentPairs(ctx context.Context, state, id string, c int) error {
+	n := r.z.HotPairs * r.z.HotRounds
+	var err error
+	conns := make([]*agent.Conn, c)
+	for i := range conns {
+		if conns[i], err = agent.Connect(ctx, state); err != nil {
+			return err
+		}
+	}
+	free := make(chan *agent.Conn, c)
+	for _, cn := range conns {
+		free <- cn
+	}
+	pair := func(ctx context.Context, i int) (time.Duration, error) {
+		cn := <-free // one caller at a time per Conn, as a process's
+		defer func() { free <- cn }()
+		h := cn.Handle(id)
+		t := time.Now()
+		if err := h.IncRefContext(ctx); err != nil {
+			return 0, err
+		}
+		err := h.DecRefContext(ctx)
+		return time.Since(t), err
+	}
+	before := r.cnt.Snapshot()
+	wall, lats, err := parallel(ctx, c, n, pair)
+	for _, cn := range conns {
+		cn.Close()
+	}
+	if err != nil {
+		return err
+	}
+	cnt := r.cnt.Snapshot().Sub(before)
+	rate := float64(n) / wall.Seconds()
+	r.res[fmt.Sprintf("agent_ops_per_s_c%d", c)] = rate
+	r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
+	r.res[fmt.Sprintf("agent_pair_p99_us_c%d", c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
+	r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)] = float64(cnt.Writes) / float64(n)
+	direct := r.res[fmt.Sprintf("hotpath_ops_per_s_c%d", c)]
+	if direct > 0 {
+		r.res[fmt.Sprintf("agent_vs_direct_c%d", c)] = rate / direct
+	}
+	r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
+		c, rate, direct, r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)], r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)])
+	floor, floorP50, err := r.socketFloor(ctx, c, n)
+	if err != nil {
+		return err
+	}
+	r.res[fmt.Sprintf("socket_floor_ops_per_s_c%d", c)] = floor
+	r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)] = float64(floorP50) / float64(time.Microsecond)
+	r.logf("  c=%d: the floor, two bare round trips on a unix socket: %.0f pairs/s, p50 %.0f µs (the agent reaches %.0f %% of it)",
+		c, floor, r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)], 100*rate/floor)
+	return nil
+}
+
+// runFloors times the floors of a job's process start: the full binary's
+// start and exit (`granary help`), the light launcher's (`granary-run
+// --version`), and /bin/true's.
+func (r *run) runFloors(ctx context.Context) error {
 	jobs := max(r.z.HotRounds*7, 3)
 	// The floors: the full binary's start and exit (`granary help`), the
 	// light launcher's (`granary-run --version`), and /bin/true's.
@@ -145,6 +167,14 @@ func (r *run) agent(ctx context.Context) error {
 		r.res[f.key] = ms(quantile(walls, 0.5))
 		r.logf("  %s (process start and exit, a floor): p50 %.1f ms", f.what, r.res[f.key])
 	}
+	return nil
+}
+
+// runJobs times a warm `granary run ID -- true` through the agent and
+// with a direct store, and `granary-run ID -- true`, with the etcd
+// revisions each costs.
+func (r *run) runJobs(ctx context.Context, cli *clientv3.Client, state, id string) error {
+	jobs := max(r.z.HotRounds*7, 3)
 	ttl := strconv.Itoa(int(r.z.TTL / time.Second))
 	type runMode struct {
 		name, what string

@@ -184,7 +184,7 @@ type Series struct {
 	HotConcurrency []int     `json:"hot_concurrency"`
 	HotGranary     []float64 `json:"hot_granary_ops_per_s"`
 	HotRaw         []float64 `json:"hot_raw_ops_per_s"`
-	// HotAgent: the same pairs through the host agent (a node.Conn per
+	// HotAgent: the same pairs through the host agent (an agent.Conn per
 	// caller, on a package the host holds: no etcd request).
 	HotAgent  []float64 `json:"hot_agent_ops_per_s,omitempty"`
 	Waiters   []int     `json:"waiters"` // total goroutines waiting

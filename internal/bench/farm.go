@@ -67,7 +67,7 @@ const (
 	FarmDirect = "direct"
 	// FarmAgent: each host runs the node's local API (node.LocalAPI, the
 	// code `granary serve` runs) on a unix socket; each job connects
-	// (node.Connect), takes and drops its reference, and closes, as
+	// (agent.Connect), takes and drops its reference, and closes, as
 	// `granary run` does through the node.
 	FarmAgent = "agent"
 	// FarmInProcess: the same node code per host, the jobs taking their

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/node"
 )
@@ -80,7 +81,7 @@ type socketHost struct {
 }
 
 func (h socketHost) acquire(ctx context.Context, id string) (func(context.Context) error, error) {
-	c, err := node.Connect(ctx, h.state)
+	c, err := agent.Connect(ctx, h.state)
 	if err != nil {
 		return nil, err
 	}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/jobrun"
@@ -29,7 +30,7 @@ const EnvAgent = jobrun.EnvAgent
 //   - the node serves another root or prefix than cfg names;
 //   - for builds, a remote cache is configured on the command line (the
 //     node's own cache configuration would be used instead).
-func (e *env) agentFor(ctx context.Context, cfg node.Config, purpose string, forBuild bool) (*node.Conn, error) {
+func (e *env) agentFor(ctx context.Context, cfg node.Config, purpose string, forBuild bool) (*agent.Conn, error) {
 	if e.getenv(EnvAgent) == "off" || (forBuild && cfg.Cache != "") {
 		return nil, nil
 	}
@@ -41,8 +42,8 @@ func (e *env) agentFor(ctx context.Context, cfg node.Config, purpose string, for
 			return nil, err
 		}
 	}
-	c, err := node.ConnectWith(ctx, cfg.StateDir, node.ConnectOptions{Purpose: purpose})
-	if errors.Is(err, node.ErrNoLocalNode) {
+	c, err := agent.ConnectWith(ctx, cfg.StateDir, agent.Options{Purpose: purpose})
+	if errors.Is(err, agent.ErrNoLocalNode) {
 		return nil, nil
 	}
 	if err != nil {
@@ -58,12 +59,13 @@ func (e *env) agentFor(ctx context.Context, cfg node.Config, purpose string, for
 
 // buildViaAgent is `build` through the local node: one attempt per ID for
 // every caller on the host, the builder run here.
-func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv []string) error {
-	h := c.Handle(id)
+func (e *env) buildViaAgent(ctx context.Context, c *agent.Conn, id string, argv []string) error {
+	h := agentBuilder{c.Handle(id)}
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	defer prog.stop()
 	var cacheEvents eventLog
-	c.OnEvent(func(ev etcdstore.Event) {
+	c.OnEvent(func(wev agent.Event) {
+		ev := node.StoreEvent(wev)
 		prog.event(ev)
 		if ev.ID == id {
 			cacheEvents.add(ev)
@@ -83,12 +85,12 @@ func (e *env) buildViaAgent(ctx context.Context, c *node.Conn, id string, argv [
 // its reference again; if the package is gone by then, or no node comes
 // back within jobrun.ReconnectWithin, it stops its command and says why
 // (jobrun.Job.Run, shared with cmd/granary-run).
-func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id string, argv []string) error {
+func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *agent.Conn, id string, argv []string) error {
 	// IncRef waits for a build in progress: show what it waits for.
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
-	c.OnEvent(func(ev etcdstore.Event) {
-		if ev.Kind == etcdstore.EventWaiting {
-			prog.event(ev)
+	c.OnEvent(func(ev agent.Event) {
+		if ev.Kind == agent.EventWaiting {
+			prog.event(node.StoreEvent(ev))
 		}
 	})
 	err := c.Handle(id).IncRefContext(ctx)
@@ -107,7 +109,7 @@ func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id
 		Hold: func(ctx context.Context) (jobrun.Ref, error) {
 			c, err := e.agentFor(ctx, cfg, "granary run "+argv[0], false)
 			if err == nil && c == nil {
-				err = node.ErrNoLocalNode
+				err = agent.ErrNoLocalNode
 			}
 			if err != nil {
 				return nil, err
@@ -124,7 +126,7 @@ func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *node.Conn, id
 
 // localHolders lists the local holders of id that the local node knows,
 // or nil when no node serves cfg.
-func (e *env) localHolders(ctx context.Context, cfg node.Config, id string) []node.Holder {
+func (e *env) localHolders(ctx context.Context, cfg node.Config, id string) []agent.Holder {
 	c, err := e.agentFor(ctx, cfg, "granary inspect", false)
 	if err != nil || c == nil {
 		return nil
@@ -138,7 +140,7 @@ func (e *env) localHolders(ctx context.Context, cfg node.Config, id string) []no
 }
 
 // printHolders shows the local holders of a package (nil: no node).
-func printHolders(e *env, hs []node.Holder) {
+func printHolders(e *env, hs []agent.Holder) {
 	if hs == nil {
 		return
 	}
@@ -161,4 +163,19 @@ func (e *env) tryRemove(ctx context.Context, cfg node.Config, c *conn, id string
 		return ac.Handle(id).TryRemoveContext(ctx)
 	}
 	return c.store.Handle(id).TryRemoveContext(ctx)
+}
+
+// agentBuilder is a package of the local node as `build` needs it: its
+// outcome and errors in etcdstore's terms, as a store's handle gives them.
+type agentBuilder struct{ h *agent.Handle }
+
+func (b agentBuilder) OutputDirectory() string  { return b.h.OutputDirectory() }
+func (b agentBuilder) LoggingDirectory() string { return b.h.LoggingDirectory() }
+
+func (b agentBuilder) BuildOutcome(ctx context.Context, builder func(context.Context) error) (etcdstore.Outcome, error) {
+	out, err := b.h.BuildOutcome(ctx, builder)
+	if err != nil {
+		return etcdstore.Outcome{}, node.StoreError(err)
+	}
+	return node.StoreOutcome(out), nil
 }

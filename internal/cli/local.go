@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -112,7 +111,7 @@ func startNode(ctx context.Context, cfg node.Config) (int, error) {
 			}
 			tail := logTail(logPath, off)
 			hint := ""
-			if strings.Contains(tail, "root bound to another etcd cluster") {
+			if f, ok := node.ReadStartFailure(cfg.StateDir, cmd.Process.Pid); ok && f.Code == node.StartFailForeignCluster {
 				hint = fmt.Sprintf("\nthe shared root %s belongs to another etcd cluster than the local node's (in %s): "+
 					"pass --endpoints of the cluster that owns it, or --root for another root", cfg.Root, cfg.StateDir)
 			}

@@ -3,18 +3,16 @@ package cli
 import (
 	"context"
 	"errors"
-	"fmt"
-	"os"
-	"os/exec"
-	"os/signal"
-	"syscall"
-	"time"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/jobrun"
 )
 
+// cmdRun runs a command holding a reference to a package: through the
+// local node when one serves the configuration, else with a store of its
+// own. Both go through jobrun's loop (signals, lost reference, exit code).
 func cmdRun(ctx context.Context, e *env, args []string) error {
 	f, err := e.newFlags("run", false)
 	if err != nil {
@@ -29,72 +27,71 @@ func cmdRun(ctx context.Context, e *env, args []string) error {
 	} else if ac != nil {
 		return e.runViaAgent(ctx, f.cfg, ac, id, argv)
 	}
-	lost := make(chan etcdstore.Event, 1)
-	// IncRef waits for a build in progress: show what it waits for.
-	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
-	defer prog.stop()
-	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose(fmt.Sprintf("granary run %s", argv[0])),
-		etcdstore.WithEvents(func(ev etcdstore.Event) {
-			if ev.Kind == etcdstore.EventWaiting || ev.Kind == etcdstore.EventWaitRoot {
-				prog.event(ev)
-			}
-			if ev.Kind == etcdstore.EventRefLost && ev.ID == id {
-				select {
-				case lost <- ev:
-				default:
-				}
-			}
-		}))
+	r, err := e.holdDirect(ctx, f, id, argv[0])
 	if err != nil {
 		return err
 	}
-	defer c.Close()
-	h := c.store.Handle(id)
-	err = h.IncRefContext(ctx)
-	prog.stop()
+	j := &jobrun.Job{ID: id, Argv: argv, Pkg: r.h.OutputDirectory(), Stdin: e.stdin, Stdout: e.stdout, Stderr: e.stderr}
+	return j.Run(ctx, r)
+}
+
+// holdDirect takes the reference to id with a store of the command's own,
+// showing what IncRef waits for (a build in progress).
+func (e *env) holdDirect(ctx context.Context, f *flags, id, prog string) (*directRef, error) {
+	r := &directRef{notices: make(chan agent.Notice, 1)}
+	p := newProgress(e.stderr, id, isTerminal(e.stderr))
+	defer p.stop()
+	c, err := e.connect(ctx, f.cfg, etcdstore.WithPurpose("granary run "+prog),
+		etcdstore.WithEvents(func(ev etcdstore.Event) { r.event(p, id, ev) }))
 	if err != nil {
+		return nil, err
+	}
+	r.c, r.h = c, c.store.Handle(id)
+	err = r.h.IncRefContext(ctx)
+	p.stop()
+	if err != nil {
+		c.Close()
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return jobrun.NotExist(id)
+			return nil, jobrun.NotExist(id)
 		}
-		return err
+		return nil, err
 	}
-	defer func() {
-		dctx, cancel := context.WithTimeout(context.Background(), f.cfg.OpTimeout)
-		defer cancel()
-		h.DecRefContext(dctx) //nolint:errcheck // Close revokes the lease anyway
-	}()
+	return r, nil
+}
 
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, jobrun.Forwarded...)
-	defer signal.Stop(sigs)
+// directRef is a job's reference held by the command's own store, as
+// jobrun sees it: a connection that never goes away (the lease is the
+// store's), whose lost reference is a notice.
+type directRef struct {
+	c       *conn
+	h       *etcdstore.Handle
+	notices chan agent.Notice
+}
 
-	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), EnvPkg+"="+h.OutputDirectory())
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = e.stdin, e.stdout, e.stderr
-	if err := cmd.Start(); err != nil {
-		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", argv[0], err)}
-	}
-	waited := make(chan error, 1)
-	go func() { waited <- cmd.Wait() }()
-
-	var refLost bool
-	var kill <-chan time.Time
-	for {
+// event shows the waits of IncRef and turns a lost reference into a notice.
+func (r *directRef) event(p *progress, id string, ev etcdstore.Event) {
+	switch {
+	case ev.Kind == etcdstore.EventWaiting || ev.Kind == etcdstore.EventWaitRoot:
+		p.event(ev)
+	case ev.Kind == etcdstore.EventRefLost && ev.ID == id:
 		select {
-		case s := <-sigs:
-			cmd.Process.Signal(s) //nolint:errcheck // it may have exited
-		case ev := <-lost:
-			refLost = true
-			fmt.Fprintf(e.stderr, "granary: the reference to %s was lost (%v); the package may be gone: stopping %s\n", id, ev.Err, argv[0])
-			cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck
-			kill = time.After(10 * time.Second)
-		case <-kill:
-			cmd.Process.Kill() //nolint:errcheck
-		case err := <-waited:
-			if refLost {
-				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: its reference to %s was lost", argv[0], id)}
-			}
-			return jobrun.ChildExit(err)
+		case r.notices <- agent.Notice{Kind: agent.NoticeRefLost, ID: id, Err: ev.Err}:
+		default:
 		}
 	}
+}
+
+func (r *directRef) Done() <-chan struct{}        { return nil }
+func (r *directRef) Err() error                   { return nil }
+func (r *directRef) Notices() <-chan agent.Notice { return r.notices }
+func (r *directRef) NodePID() int                 { return 0 }
+
+// Close releases the reference and the store (whose lease revocation
+// would release it anyway).
+func (r *directRef) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), r.c.cfg.OpTimeout)
+	defer cancel()
+	err := r.h.DecRefContext(ctx)
+	r.c.Close()
+	return err
 }

@@ -1,7 +1,7 @@
 // Package jobrun runs a job's command while it holds a reference to a
 // package through the local node: what `granary run` does through the
-// host agent, shared by the full CLI (internal/cli, over node.Conn) and
-// the light launcher cmd/granary-run (over agentwire.Client). It owns the
+// host agent, shared by the full CLI (internal/cli) and
+// the light launcher cmd/granary-run , both over agent.Conn. It owns the
 // command's process: signals are forwarded to it, its exit code passed on,
 // and it is stopped, with a reason, when its reference is lost. It imports
 // only the standard library and the light project packages.
@@ -20,8 +20,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
-	"github.com/granary-build/granary/internal/agentwire"
 )
 
 // EnvPkg is set, for the command of `run`, to the package's contents
@@ -105,14 +105,14 @@ func waitStatus(ws syscall.WaitStatus) (int, string) {
 const ReconnectWithin = 30 * time.Second
 
 // Ref is a connection to the local node that holds the job's reference
-// (node.Conn and agentwire.Client are).
+// (agent.Conn is).
 type Ref interface {
 	// Done is closed when the connection ended (the reference with it);
 	// Err then says why.
 	Done() <-chan struct{}
 	Err() error
 	// Notices delivers what the node reports unasked.
-	Notices() <-chan agentwire.Notice
+	Notices() <-chan agent.Notice
 	// NodePID is the node's process ID.
 	NodePID() int
 	// Close releases the reference and ends the connection.
@@ -137,91 +137,136 @@ type Job struct {
 
 // Run starts the command holding r's reference and waits for it: it
 // forwards signals (Forwarded), passes on the command's exit (ChildExit;
-// 127 when it cannot start), and closes the connection it holds last. If
-// the node goes away it takes the reference again with Hold, for at most
-// ReconnectWithin; if the package is gone by then, no node comes back, or
-// the node reports the reference lost, it stops the command (SIGTERM, then
-// SIGKILL 10 s later) and says why.
+// 127 when it cannot start), and closes r last. If the node goes away it
+// takes the reference again with Hold, for at most ReconnectWithin; if the
+// package is gone by then, no node comes back, or r reports the reference
+// lost, it stops the command (SIGTERM, then SIGKILL 10 s later) and says
+// why. Every way of running a job (directly with a store of its own,
+// through the node, granary-run) goes through it, so they all say the same
+// and exit with the same codes.
 func (j *Job) Run(ctx context.Context, r Ref) error {
-	defer func() { r.Close() }()
+	l := &loop{j: j, r: r, prog: j.Argv[0], stderr: j.Stderr, reconnected: make(chan held, 1)}
+	defer func() { l.r.Close() }()
 	sigs := make(chan os.Signal, 8)
 	signal.Notify(sigs, Forwarded...)
 	defer signal.Stop(sigs)
-
-	prog := j.Argv[0]
-	stderr := j.Stderr
-	if _, ok := stderr.(*os.File); !ok {
+	if _, ok := l.stderr.(*os.File); !ok {
 		// Run's messages and the command's output (copied by os/exec) go
 		// to the same writer.
-		stderr = &lockedWriter{w: stderr}
+		l.stderr = &lockedWriter{w: l.stderr}
 	}
-	cmd, err := start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, stderr)
+	var err error
+	l.cmd, err = start(j.Argv, append(os.Environ(), EnvPkg+"="+j.Pkg), j.Stdin, j.Stdout, l.stderr)
 	if err != nil {
-		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", prog, err)}
+		return &ExitErr{Code: 127, Err: fmt.Errorf("granary: run %s: %w", l.prog, err)}
 	}
-
-	var stopped error // why the command was stopped
-	var kill <-chan time.Time
-	stop := func(why error) {
-		if stopped != nil {
-			return
-		}
-		stopped = why
-		fmt.Fprintf(stderr, "granary: %v: stopping %s\n", why, prog)
-		cmd.signal(syscall.SIGTERM)
-		kill = time.After(10 * time.Second)
-	}
-	type held struct {
-		r   Ref
-		err error
-	}
-	reconnected := make(chan held, 1)
-	reconnecting := false
 	rctx, rcancel := context.WithCancel(ctx)
 	defer rcancel()
 	for {
-		var done <-chan struct{}
-		var notices <-chan agentwire.Notice
-		if !reconnecting && stopped == nil {
-			done, notices = r.Done(), r.Notices()
-		}
 		select {
 		case s := <-sigs:
-			cmd.signal(s)
-		case n := <-notices:
-			if n.Kind == agentwire.NoticeRefLost && n.ID == j.ID {
-				stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", j.ID, n.Err))
-			}
-		case <-done:
-			reconnecting = true
-			fmt.Fprintf(stderr, "granary: the local node went away (%v); reconnecting\n", r.Err())
-			go func() {
-				nr, err := j.reconnect(rctx)
-				reconnected <- held{nr, err}
-			}()
-		case h := <-reconnected:
-			reconnecting = false
-			if h.err != nil {
-				stop(h.err)
-				continue
-			}
-			r = h.r
-			fmt.Fprintf(stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", r.NodePID(), j.ID)
-		case <-kill:
-			cmd.signal(syscall.SIGKILL)
-		case err := <-cmd.waited:
-			if reconnecting {
-				rcancel()
-				if h := <-reconnected; h.r != nil {
-					r = h.r
-				}
-			}
-			if stopped != nil {
-				return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", prog, stopped)}
-			}
-			return err
+			l.cmd.signal(s)
+		case n := <-l.notices():
+			l.notice(n)
+		case <-l.done():
+			l.nodeGone(rctx)
+		case h := <-l.reconnected:
+			l.held(h)
+		case <-l.kill:
+			l.cmd.signal(syscall.SIGKILL)
+		case err := <-l.cmd.waited:
+			return l.exited(rcancel, err)
 		}
 	}
+}
+
+// held is the outcome of a reconnection.
+type held struct {
+	r   Ref
+	err error
+}
+
+// loop is the state of Run's select loop; only that loop touches it.
+type loop struct {
+	j      *Job
+	r      Ref // the connection holding the reference
+	prog   string
+	stderr io.Writer
+	cmd    *child
+
+	stopped      error            // why the command was stopped
+	kill         <-chan time.Time // SIGKILL after a stop
+	reconnecting bool
+	reconnected  chan held
+}
+
+// done and notices are r's while it is the live connection.
+func (l *loop) done() <-chan struct{} {
+	if l.reconnecting || l.stopped != nil {
+		return nil
+	}
+	return l.r.Done()
+}
+
+func (l *loop) notices() <-chan agent.Notice {
+	if l.reconnecting || l.stopped != nil {
+		return nil
+	}
+	return l.r.Notices()
+}
+
+// stop stops the command (once) and says why.
+func (l *loop) stop(why error) {
+	if l.stopped != nil {
+		return
+	}
+	l.stopped = why
+	fmt.Fprintf(l.stderr, "granary: %v: stopping %s\n", why, l.prog)
+	l.cmd.signal(syscall.SIGTERM)
+	l.kill = time.After(10 * time.Second)
+}
+
+// notice stops the command when its reference is lost.
+func (l *loop) notice(n agent.Notice) {
+	if n.Kind == agent.NoticeRefLost && n.ID == l.j.ID {
+		l.stop(fmt.Errorf("the reference to %s was lost (%v); the package may be gone", l.j.ID, n.Err))
+	}
+}
+
+// nodeGone starts taking the reference again in the background.
+func (l *loop) nodeGone(ctx context.Context) {
+	l.reconnecting = true
+	fmt.Fprintf(l.stderr, "granary: the local node went away (%v); reconnecting\n", l.r.Err())
+	go func() {
+		nr, err := l.j.reconnect(ctx)
+		l.reconnected <- held{nr, err}
+	}()
+}
+
+// held takes the outcome of a reconnection.
+func (l *loop) held(h held) {
+	l.reconnecting = false
+	if h.err != nil {
+		l.stop(h.err)
+		return
+	}
+	l.r = h.r
+	fmt.Fprintf(l.stderr, "granary: reconnected to the local node (pid %d); holding %s again\n", l.r.NodePID(), l.j.ID)
+}
+
+// exited is Run's result once the command exited: a reconnection under
+// way is cancelled (and its connection kept, for Run to close).
+func (l *loop) exited(cancel context.CancelFunc, err error) error {
+	if l.reconnecting {
+		cancel()
+		if h := <-l.reconnected; h.r != nil {
+			l.r = h.r
+		}
+	}
+	if l.stopped != nil {
+		return &ExitErr{Code: ExitError, Err: fmt.Errorf("granary: %s stopped: %w", l.prog, l.stopped)}
+	}
+	return err
 }
 
 // reconnect takes the reference again with Hold, retrying with backoff

@@ -12,27 +12,27 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
-	"github.com/granary-build/granary/internal/agentwire"
 )
 
 // testRef is a connection whose end and notices the test controls.
 type testRef struct {
 	pid     int
 	done    chan struct{}
-	notices chan agentwire.Notice
+	notices chan agent.Notice
 	mu      sync.Mutex
 	closed  bool
 }
 
 func newRef(pid int) *testRef {
-	return &testRef{pid: pid, done: make(chan struct{}), notices: make(chan agentwire.Notice, 4)}
+	return &testRef{pid: pid, done: make(chan struct{}), notices: make(chan agent.Notice, 4)}
 }
 
-func (r *testRef) Done() <-chan struct{}            { return r.done }
-func (r *testRef) Err() error                       { return agentwire.ErrNodeGone }
-func (r *testRef) Notices() <-chan agentwire.Notice { return r.notices }
-func (r *testRef) NodePID() int                     { return r.pid }
+func (r *testRef) Done() <-chan struct{}        { return r.done }
+func (r *testRef) Err() error                   { return agent.ErrNodeGone }
+func (r *testRef) Notices() <-chan agent.Notice { return r.notices }
+func (r *testRef) NodePID() int                 { return r.pid }
 
 func (r *testRef) Close() error {
 	r.mu.Lock()
@@ -138,8 +138,8 @@ func TestRunStopsOnRefLost(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			out := mk()
 			r := newRef(1)
-			r.notices <- agentwire.Notice{Kind: agentwire.NoticeRefLost, ID: "other", Err: errors.New("x")}
-			r.notices <- agentwire.Notice{Kind: agentwire.NoticeRefLost, ID: "p", Err: errors.New("package removed")}
+			r.notices <- agent.Notice{Kind: agent.NoticeRefLost, ID: "other", Err: errors.New("x")}
+			r.notices <- agent.Notice{Kind: agent.NoticeRefLost, ID: "p", Err: errors.New("package removed")}
 			j := &Job{ID: "p", Argv: []string{"sleep", "1000"}, Stdout: out.stdout, Stderr: out.stderr}
 			err := j.Run(context.Background(), r)
 			want := "granary: sleep stopped: the reference to p was lost (package removed); the package may be gone"

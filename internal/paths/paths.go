@@ -22,10 +22,6 @@ const (
 // DefaultPrefix is the default etcd key prefix (etcdstore.DefaultPrefix).
 const DefaultPrefix = "/granary/"
 
-// AgentSocket is the file name of the node's local API socket in the state
-// directory.
-const AgentSocket = "agent.sock"
-
 // DefaultRoot is the default shared root: $XDG_DATA_HOME/granary if that
 // is an absolute path, else ~/.local/share/granary; "" without a home
 // directory (node.Config.Validate reports it).
@@ -72,9 +68,6 @@ func (p Places) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(p.StateDir, "state-dir", *p.StateDir, "host-local state directory ($"+EnvStateDir+")")
 	fs.StringVar(p.Prefix, "prefix", *p.Prefix, "etcd key prefix ($"+EnvPrefix+")")
 }
-
-// Socket is the node's local API socket of stateDir.
-func Socket(stateDir string) string { return filepath.Join(stateDir, AgentSocket) }
 
 // Contents is the contents directory of package id under root
 // (etcdstore's layout: <root>/pkgs/<id>/contents), $GRANARY_PKG of a job.

@@ -38,7 +38,4 @@ func TestResolve(t *testing.T) {
 			}
 		})
 	}
-	if got := Socket("/st"); got != "/st/agent.sock" {
-		t.Errorf("Socket = %q", got)
-	}
 }

@@ -26,9 +26,9 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/jobrun"
-	"github.com/granary-build/granary/internal/paths"
 	"github.com/granary-build/granary/node"
 )
 
@@ -523,7 +523,7 @@ func (h *host) waitReady(within time.Duration) error {
 	h.mu.Unlock()
 	deadline := time.Now().Add(within)
 	for {
-		c, err := net.DialTimeout("unix", paths.Socket(h.stateDir), time.Second)
+		c, err := net.DialTimeout("unix", agent.SocketPath(h.stateDir), time.Second)
 		if err == nil {
 			c.Close()
 			return nil

@@ -2,7 +2,7 @@
 // launcher: `granary-run [flags] ID -- CMD [ARGS...]` does what
 // `granary run` does, with the same flags, environment, defaults,
 // messages and exit codes, but links only the standard library and the
-// light project packages (paths, agentwire, jobrun, core), so that the
+// light project packages (paths, agent, jobrun, core), so that the
 // process starts in a few milliseconds instead of the ~50 ms the full
 // binary spends initialising etcd, gRPC, protobuf and the rest.
 //
@@ -42,8 +42,8 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
-	"github.com/granary-build/granary/internal/agentwire"
 	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/internal/paths"
 )
@@ -111,8 +111,8 @@ func parse(args []string, getenv func(string) string) (config, error) {
 // hold connects to the node of c and takes the reference to c.id. With
 // noWait, it gives up (ErrWaiting) as soon as the node reports that the
 // reference waits for a build.
-func hold(ctx context.Context, c config, noWait bool) (*agentwire.Client, error) {
-	cl, incref, err := agentwire.DialHold(ctx, paths.Socket(c.stateDir), "granary run "+c.argv[0], c.id, noWait)
+func hold(ctx context.Context, c config, noWait bool) (*agent.Conn, error) {
+	cl, incref, err := agent.ConnectHold(ctx, c.stateDir, agent.Options{Purpose: "granary run " + c.argv[0]}, c.id, noWait)
 	if err != nil {
 		return nil, &fallback{"no local node serves " + c.stateDir}
 	}
@@ -139,12 +139,12 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	c, err := parse(args, os.Getenv)
 	var fb *fallback
 	if err == nil {
-		var cl *agentwire.Client
+		var cl *agent.Conn
 		cl, err = hold(ctx, c, true)
 		switch {
 		case err == nil:
 			j := &jobrun.Job{
-				ID: c.id, Argv: c.argv, Pkg: paths.Contents(cl.Hello().Root, c.id),
+				ID: c.id, Argv: c.argv, Pkg: cl.Handle(c.id).OutputDirectory(),
 				Stdin: stdin, Stdout: stdout, Stderr: stderr,
 				Hold: func(ctx context.Context) (jobrun.Ref, error) {
 					r, err := hold(ctx, c, false)

@@ -1,4 +1,4 @@
-package agentwire
+package agent
 
 import (
 	"bufio"
@@ -45,7 +45,7 @@ func (l *LineReader) Next() ([]byte, error) {
 	l.long = append(l.long[:0], line...)
 	for err == bufio.ErrBufferFull {
 		if len(l.long) > MaxLine {
-			return nil, fmt.Errorf("agentwire: message longer than %d bytes", MaxLine)
+			return nil, fmt.Errorf("agent: message longer than %d bytes", MaxLine)
 		}
 		line, err = l.br.ReadSlice('\n')
 		l.long = append(l.long, line...)
@@ -69,7 +69,7 @@ func Decode(line []byte, m *Msg) error {
 // flat reports whether AppendMsg encodes m by hand: it has no nested
 // values, and its strings need no escaping.
 func flat(m *Msg) bool {
-	if m.Hello != nil || m.Holders != nil {
+	if m.Hello != nil || m.Holders != nil || m.Info != nil || m.Event != nil || m.Outcome != nil {
 		return false
 	}
 	for _, s := range m.Codes {
@@ -86,7 +86,7 @@ func AppendMsg(b []byte, m *Msg) []byte {
 	if !flat(m) {
 		j, err := json.Marshal(m)
 		if err != nil { // cannot happen: Msg has only marshalable fields
-			panic(err)
+			panic("agent: cannot encode a message: " + err.Error())
 		}
 		return append(append(b, j...), '\n')
 	}

@@ -1,34 +1,26 @@
-// Package agentwire is the host agent's protocol: JSON lines over the unix
-// socket <state>/agent.sock, one Msg per line in each direction. A request
-// carries a sequence number chosen by the client; the node answers it with
-// op "reply" and the same number, in any order (slow requests do not hold
-// up fast ones). The node also sends, unasked, "build_now" / "build_stop"
-// for a build request whose builder must run or stop in the caller's
-// process, and notices ("ref_lost", "lease_lost", "lease_restored").
-// docs/design.md says why JSON lines and not gRPC.
-//
-// The node (package node) and its full client (node.Conn) add the fields
-// that carry etcdstore's types (a package's record, a build's outcome, a
-// store event) by embedding Msg; this package imports only the standard
-// library, so that the light job launcher cmd/granary-run can speak the
-// protocol (with Client) without linking etcd.
-package agentwire
+package agent
 
 import (
-	"errors"
+	"path/filepath"
 	"time"
 )
 
 // Version is the protocol version the node announces in its hello.
 const Version = 1
 
-// Operations.
+// SocketName is the file name of the node's socket in its state directory.
+const SocketName = "agent.sock"
+
+// SocketPath is the node's socket in stateDir.
+func SocketPath(stateDir string) string { return filepath.Join(stateDir, SocketName) }
+
+// Operations: the values of Msg.Op.
 const (
-	OpHello     = "hello"        // client → node: purpose; reply: Hello
+	OpHello     = "hello"        // client → node: Purpose; reply: Hello
 	OpIncRef    = "incref"       // ID
 	OpDecRef    = "decref"       // ID
 	OpTryRemove = "tryremove"    // ID; reply OK says whether it was removed
-	OpBuild     = "build"        // ID; reply when the build settled
+	OpBuild     = "build"        // ID; reply when the build settled (Outcome)
 	OpCancel    = "cancel"       // Seq of a build request the caller gave up
 	OpBuilt     = "built"        // Seq of a build request: the builder's result (Err, Codes)
 	OpBuilderPG = "builder_pgid" // Seq of a build request: its builder runs in process group PID
@@ -36,15 +28,19 @@ const (
 	OpBye       = "bye"          // client → node: release everything; reply, then the client closes
 	OpReply     = "reply"        // node → client: the answer to Seq
 	OpBuildNow  = "build_now"    // node → client: run the builder of build request Seq
-	OpBuildStop = "build_stop"
-	OpRefLost   = "ref_lost" // node → client: the host's reference to ID is gone with the package
-	OpLeaseLost = "lease_lost"
+	OpBuildStop = "build_stop"   // node → client: stop the builder of build request Seq
+	OpRefLost   = "ref_lost"     // node → client: the host's reference to ID is gone with the package
+	OpLeaseLost = "lease_lost"   // node → client: the node's lease is in doubt (Err)
 	OpLeaseBack = "lease_restored"
-	OpEvent     = "event" // node → client: a store event about a package the client is building or waiting for
+	OpEvent     = "event" // node → client: a store event about a package the client builds or waits for
 )
 
-// Msg is the part of every message that needs no etcdstore type. Unused
-// fields are omitted.
+// Msg is every message, in both directions: JSON, one per line. A request
+// carries a sequence number chosen by the client; the node answers it with
+// OpReply and the same number, in any order (slow requests do not hold up
+// fast ones). Unused fields are omitted. The hot path's messages are flat
+// (no Hello, Holders, Info, Event or Outcome) and take the hand codec
+// (codec.go).
 type Msg struct {
 	Op      string   `json:"op"`
 	Seq     uint64   `json:"seq,omitempty"`
@@ -53,9 +49,12 @@ type Msg struct {
 	PID     int      `json:"pid,omitempty"`
 	OK      bool     `json:"ok,omitempty"`
 	Err     string   `json:"err,omitempty"`
-	Codes   []string `json:"codes,omitempty"` // sentinels the error wraps (Code*)
+	Codes   []string `json:"codes,omitempty"` // names of the sentinels Err wraps (errors.go)
 	Hello   *Hello   `json:"hello,omitempty"`
 	Holders []Holder `json:"holders,omitempty"`
+	Info    *Info    `json:"info,omitempty"`
+	Event   *Event   `json:"event,omitempty"`
+	Outcome *Outcome `json:"outcome,omitempty"`
 }
 
 // Hello is the node's side of the handshake.
@@ -66,8 +65,8 @@ type Hello struct {
 	Root    string `json:"root"`
 	Prefix  string `json:"prefix"`
 	UID     int    `json:"uid"` // the caller's, as the node saw it
-	// Linger is the node's: how long it keeps a package's etcd reference
-	// after its last local holder.
+	// Linger is how long the node keeps a package's etcd reference after
+	// its last local holder.
 	Linger time.Duration `json:"linger"`
 }
 
@@ -80,21 +79,6 @@ type Holder struct {
 	Since   time.Time `json:"since"`
 	Purpose string    `json:"purpose,omitempty"`
 }
-
-// The names of the sentinel errors that cross the socket in Msg.Codes;
-// package node maps them to core's, etcdstore's and context's sentinels.
-const (
-	CodeInvalid     = "invalid"
-	CodeNotExist    = "notexist"
-	CodeBuildFailed = "buildfailed"
-	CodeNoRef       = "noref"
-	CodeLeaseLost   = "leaselost"
-	CodeFenced      = "fenced"
-	CodeAbandon     = "abandon"
-	CodeClosed      = "closed"
-	CodeCanceled    = "canceled"
-	CodeDeadline    = "deadline"
-)
 
 // NoticeKind says what a Notice reports.
 type NoticeKind string
@@ -122,19 +106,15 @@ type Notice struct {
 	Err  error
 }
 
-// NoticeOf returns the notice an unasked message m carries, if it is one.
-func NoticeOf(m Msg) (Notice, bool) {
+// noticeOf returns the notice an unasked message m carries, if it is one.
+func noticeOf(m *Msg) (Notice, bool) {
 	switch m.Op {
 	case OpRefLost:
-		return Notice{Kind: NoticeRefLost, ID: m.ID, Err: errors.New(m.Err)}, true
+		return Notice{Kind: NoticeRefLost, ID: m.ID, Err: &Error{Msg: m.Err}}, true
 	case OpLeaseLost:
-		return Notice{Kind: NoticeLeaseLost, Err: errors.New(m.Err)}, true
+		return Notice{Kind: NoticeLeaseLost, Err: &Error{Msg: m.Err}}, true
 	case OpLeaseBack:
 		return Notice{Kind: NoticeLeaseRestored}, true
 	}
 	return Notice{}, false
 }
-
-// ErrNodeGone is wrapped by the errors of a connection whose node closed it
-// (it stopped, crashed or was killed) or that was closed.
-var ErrNodeGone = errors.New("granary: connection to the local node ended")

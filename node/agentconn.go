@@ -1,0 +1,403 @@
+package node
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/granary-build/granary/agent"
+	"github.com/granary-build/granary/core"
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// agentConn is one client connection of the local API. Its reader (run)
+// dispatches each request to one handler per operation (handle); handlers
+// that may block on etcd run in a goroutine of their own, counted by reqs,
+// so that slow requests do not hold up fast ones.
+type agentConn struct {
+	a        *server
+	c        *net.UnixConn
+	uid, pid int
+	since    time.Time
+	ctx      context.Context // ends when the connection does
+	cancel   context.CancelFunc
+	reqs     sync.WaitGroup // request goroutines; run waits for them
+
+	wmu sync.Mutex
+	bw  *bufio.Writer
+	buf []byte // the message being written
+
+	mu      sync.Mutex
+	purpose string
+	refs    map[string][]time.Time // since of each local reference, by package; nil once released
+	builds  map[uint64]*serverBuild
+	increfs map[string]int // IncRefs that went to the store (they may wait for a build), by package
+}
+
+// serverBuild is one build request of a connection.
+type serverBuild struct {
+	id     string
+	pgid   atomic.Int64 // the builder's process group, while it runs (0: none reported)
+	cancel context.CancelFunc
+	result chan error // the builder's result, from OpBuilt
+}
+
+func (a *server) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
+	uid, pid, err := peerCred(c)
+	if err != nil {
+		a.log.Debug("agent: no peer credentials", "err", err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	ac := &agentConn{a: a, c: c, uid: uid, pid: pid, since: time.Now(), ctx: cctx, cancel: cancel,
+		refs: make(map[string][]time.Time), builds: make(map[uint64]*serverBuild), increfs: make(map[string]int)}
+	ac.bw = bufio.NewWriter(c)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		cancel()
+		return nil
+	}
+	a.conns[ac] = struct{}{}
+	return ac
+}
+
+// send writes one message; a write error closes the connection.
+func (c *agentConn) send(m *agent.Msg) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.buf = agent.AppendMsg(c.buf[:0], m)
+	if _, err := c.bw.Write(c.buf); err == nil {
+		if err = c.bw.Flush(); err == nil {
+			return
+		}
+	}
+	c.c.Close()
+}
+
+// reply answers request seq with err (explained, and its sentinels named
+// in Codes); fill, if not nil, adds to the answer.
+func (c *agentConn) reply(seq uint64, err error, fill func(*agent.Msg)) {
+	err = c.a.explain(err)
+	m := agent.Msg{Op: agent.OpReply, Seq: seq, OK: err == nil}
+	if err != nil {
+		m.Err, m.Codes = err.Error(), wireCodes(err)
+	}
+	if fill != nil {
+		fill(&m)
+	}
+	c.send(&m)
+}
+
+// async runs a request's handler in a goroutine of its own.
+func (c *agentConn) async(f func()) {
+	c.reqs.Add(1)
+	go func() {
+		defer c.reqs.Done()
+		f()
+	}()
+}
+
+// run reads requests until the connection ends, then releases everything
+// the connection held: its references at once (the host's etcd reference
+// after the linger), its builds cancelled (an attempt whose builder ran in
+// this process is abandoned).
+func (c *agentConn) run() {
+	defer c.finish()
+	lr := agent.NewLineReader(c.c)
+	for {
+		m := new(agent.Msg)
+		line, err := lr.Next()
+		if err == nil {
+			err = agent.Decode(line, m)
+		}
+		if err != nil {
+			return
+		}
+		c.handle(m)
+	}
+}
+
+// finish ends the connection once its reader has returned.
+func (c *agentConn) finish() {
+	c.cancel()
+	c.c.Close()
+	c.reqs.Wait()
+	c.releaseAll()
+	c.a.mu.Lock()
+	delete(c.a.conns, c)
+	c.a.mu.Unlock()
+}
+
+// handle dispatches one request: one handler per operation.
+func (c *agentConn) handle(m *agent.Msg) {
+	switch m.Op {
+	case agent.OpIncRef:
+		c.incRef(m)
+	case agent.OpDecRef:
+		c.decRef(m)
+	case agent.OpHello:
+		c.hello(m)
+	case agent.OpTryRemove:
+		c.async(func() { c.tryRemove(m) })
+	case agent.OpInspect:
+		c.async(func() { c.inspect(m) })
+	case agent.OpBuild:
+		c.startBuild(m)
+	case agent.OpBye:
+		c.bye(m)
+	case agent.OpCancel:
+		c.cancelBuild(m)
+	case agent.OpBuilderPG:
+		c.builderPG(m)
+	case agent.OpBuilt:
+		c.built(m)
+	default:
+		c.reply(m.Seq, fmt.Errorf("%w %q", agent.ErrUnknownOp, m.Op), nil)
+	}
+}
+
+// hello records the connection's purpose and answers with the node's
+// side of the handshake.
+func (c *agentConn) hello(m *agent.Msg) {
+	c.mu.Lock()
+	c.purpose = m.Purpose
+	c.mu.Unlock()
+	a := c.a
+	c.send(&agent.Msg{Op: agent.OpReply, Seq: m.Seq, OK: true, Hello: &agent.Hello{
+		Version: agent.Version, Host: a.host, PID: os.Getpid(),
+		Root: a.store.Root(), Prefix: a.store.Prefix(), UID: c.uid, Linger: a.linger}})
+}
+
+// incRef grants a local reference: from memory when the host's etcd
+// reference is proven, else after taking or confirming it (in the
+// background: it may wait for a build).
+func (c *agentConn) incRef(m *agent.Msg) {
+	if c.a.refs.tryFast(m.ID) {
+		c.addRef(m.ID)
+		c.reply(m.Seq, nil, nil)
+		return
+	}
+	c.mu.Lock()
+	c.increfs[m.ID]++
+	c.mu.Unlock()
+	c.async(func() { c.reply(m.Seq, c.take(m.ID), nil) })
+}
+
+// take takes the host's reference to id for a local one of c.
+func (c *agentConn) take(id string) error {
+	err := c.a.refs.take(c.ctx, id)
+	c.mu.Lock()
+	if c.increfs[id]--; c.increfs[id] == 0 {
+		delete(c.increfs, id)
+	}
+	c.mu.Unlock()
+	if err == nil && !c.addRef(id) {
+		c.a.refs.drop(id) //nolint:errcheck // the connection ended meanwhile; held, so it cannot fail
+	}
+	return err
+}
+
+// decRef drops c's newest reference to id. With a linger it only counts
+// down in memory; without one, the last local reference's release waits
+// for etcd (in the background).
+func (c *agentConn) decRef(m *agent.Msg) {
+	if err := core.ValidateID(m.ID); err != nil {
+		c.reply(m.Seq, fmt.Errorf("granary: decref: %w", err), nil)
+		return
+	}
+	if !c.dropRef(m.ID) {
+		c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, core.ErrNoRef), nil)
+		return
+	}
+	if c.a.linger > 0 {
+		c.a.refs.drop(m.ID) //nolint:errcheck // in memory only; held, so it cannot fail
+		c.reply(m.Seq, nil, nil)
+		return
+	}
+	c.async(func() { c.reply(m.Seq, c.a.refs.drop(m.ID), nil) })
+}
+
+// tryRemove removes the package unless something holds it.
+func (c *agentConn) tryRemove(m *agent.Msg) {
+	ok, err := c.a.refs.remove(c.ctx, m.ID)
+	c.reply(m.Seq, err, func(r *agent.Msg) { r.OK = ok && err == nil })
+}
+
+// inspect answers the package's record (other hosts' nodes say how many
+// of their jobs hold it) and its local holders.
+func (c *agentConn) inspect(m *agent.Msg) {
+	info, err := c.a.store.AskHolders(c.ctx, m.ID, etcdstore.DefaultHoldersWait)
+	c.reply(m.Seq, err, func(r *agent.Msg) {
+		if err == nil {
+			wi := recast[agent.Info](info)
+			r.Info, r.Holders = &wi, c.a.holders(m.ID)
+		}
+	})
+}
+
+// bye releases every reference of c before it answers.
+func (c *agentConn) bye(m *agent.Msg) {
+	c.releaseAll()
+	c.reply(m.Seq, nil, nil)
+}
+
+// releaseAll drops every reference of c; c takes no more.
+func (c *agentConn) releaseAll() {
+	c.mu.Lock()
+	refs := c.refs
+	c.refs = nil
+	c.mu.Unlock()
+	for id, rs := range refs {
+		for range rs {
+			c.a.refs.drop(id) //nolint:errcheck // logged by the store; the lease covers it
+		}
+	}
+}
+
+// addRef records a local reference of c; false if c has ended.
+func (c *agentConn) addRef(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.refs == nil {
+		return false
+	}
+	c.refs[id] = append(c.refs[id], time.Now())
+	return true
+}
+
+// dropRef forgets c's newest reference to id; false if it holds none.
+func (c *agentConn) dropRef(id string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	rs := c.refs[id]
+	if len(rs) == 0 {
+		return false
+	}
+	if len(rs) == 1 {
+		delete(c.refs, id)
+	} else {
+		c.refs[id] = rs[:len(rs)-1]
+	}
+	return true
+}
+
+// startBuild starts build request m: the store's build, whose builder
+// runs in c's process. The build record names that process, not the node.
+func (c *agentConn) startBuild(m *agent.Msg) {
+	b := &serverBuild{id: m.ID, result: make(chan error, 1)}
+	bctx, cancel := context.WithCancel(c.ctx)
+	b.cancel = cancel
+	c.mu.Lock()
+	c.builds[m.Seq] = b
+	who := etcdstore.BuilderProcess{PID: c.pid, Command: c.purpose}
+	c.mu.Unlock()
+	c.async(func() {
+		out, err := c.a.build(etcdstore.WithBuilderProcess(bctx, who), c, m.Seq, m.ID, b)
+		cancel()
+		c.mu.Lock()
+		delete(c.builds, m.Seq)
+		c.mu.Unlock()
+		c.reply(m.Seq, err, func(r *agent.Msg) {
+			if err == nil {
+				wo := recast[agent.Outcome](out)
+				r.Outcome = &wo
+			}
+		})
+	})
+}
+
+// buildOf returns c's build request seq, or nil.
+func (c *agentConn) buildOf(seq uint64) *serverBuild {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.builds[seq]
+}
+
+// cancelBuild: the caller gave up build request m.Seq.
+func (c *agentConn) cancelBuild(m *agent.Msg) {
+	if b := c.buildOf(m.Seq); b != nil {
+		b.cancel()
+	}
+}
+
+// builderPG records the process group of build request m.Seq's builder.
+func (c *agentConn) builderPG(m *agent.Msg) {
+	if b := c.buildOf(m.Seq); b != nil && m.PID > 1 {
+		b.pgid.Store(int64(m.PID))
+	}
+}
+
+// built takes the result of build request m.Seq's builder.
+func (c *agentConn) built(m *agent.Msg) {
+	b := c.buildOf(m.Seq)
+	if b == nil {
+		return
+	}
+	b.pgid.Store(0) // it returned; the group may be gone and its number reused
+	select {
+	case b.result <- builderErr(m):
+	default:
+	}
+}
+
+// build runs one build request of c: the store's BuildContext (one flight
+// per ID on this host), whose builder asks c's process to run its own
+// builder and waits for the result. If the attempt was abandoned because
+// another caller's process went away mid-build, it tries again with c's
+// builder.
+func (a *server) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) (etcdstore.Outcome, error) {
+	for {
+		var ran atomic.Bool
+		out, err := a.build1(ctx, id, func(bctx context.Context) error {
+			ran.Store(true)
+			return c.runBuilder(bctx, seq, b)
+		})
+		if err != nil && !ran.Load() && errors.Is(err, etcdstore.ErrAbandon) && ctx.Err() == nil {
+			continue // another caller's builder gave up; try with ours
+		}
+		return out, err
+	}
+}
+
+// runBuilder asks c's process to run the builder of build request seq and
+// waits for its result. If bctx ends first it tells the process to stop
+// the builder and waits until it has; if the process goes away, the
+// attempt is abandoned.
+func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild) error {
+	c.send(&agent.Msg{Op: agent.OpBuildNow, Seq: seq})
+	select {
+	case err := <-b.result:
+		return err
+	case <-c.ctx.Done():
+		return c.builderGone(b)
+	case <-bctx.Done():
+	}
+	c.send(&agent.Msg{Op: agent.OpBuildStop, Seq: seq})
+	select {
+	case err := <-b.result:
+		if err == nil {
+			err = context.Cause(bctx)
+		}
+		return err
+	case <-c.ctx.Done():
+		return c.builderGone(b)
+	}
+}
+
+// builderGone is the end of a build whose caller's process went away: no
+// builder outlives its attempt, so the group the caller reported (its
+// builder's processes, left behind by its death) is killed.
+func (c *agentConn) builderGone(b *serverBuild) error {
+	if pg := int(b.pgid.Swap(0)); pg > 1 {
+		if err := killGroup(pg); err != nil {
+			c.a.log.Warn("agent: cannot kill the builder of a caller that went away", "pgid", pg, "err", err)
+		}
+	}
+	return fmt.Errorf("%w: the caller's process (pid %d) went away mid-build", etcdstore.ErrAbandon, c.pid)
+}

@@ -1,0 +1,26 @@
+package node
+
+import (
+	"errors"
+
+	"github.com/granary-build/granary/agent"
+)
+
+var (
+	// ErrNoLocalNode is returned by ReadLocal, and wrapped by the error of
+	// agent.Connect, when no local node serves the state directory. It is
+	// agent.ErrNoLocalNode.
+	ErrNoLocalNode = agent.ErrNoLocalNode
+
+	// ErrNodeGone is agent.ErrNodeGone: wrapped by the errors of a
+	// connection whose node went away, and by LocalRefs' after Close.
+	ErrNodeGone = agent.ErrNodeGone
+
+	// ErrNoQuorum means the etcd members that answered have no leader: too
+	// few members are up for a quorum (for example 2 of 3 down), so nothing
+	// can be read or written until enough come back.
+	ErrNoQuorum = errors.New("granary: etcd has no leader: quorum lost")
+
+	// ErrUnreachable wraps a failure to reach etcd.
+	ErrUnreachable = errors.New("granary: cannot reach etcd")
+)

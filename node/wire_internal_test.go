@@ -1,0 +1,72 @@
+package node
+
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/granary-build/granary/agent"
+	"github.com/granary-build/granary/etcdstore"
+)
+
+// The wire types of package agent carry etcdstore's records field for
+// field: a field added on one side only fails here.
+func TestWireTypesMatchStore(t *testing.T) {
+	now := time.Date(2026, 12, 6, 1, 2, 3, 4, time.UTC)
+	pkg := &etcdstore.PackageRecord{BuiltBy: "h", PID: 1, BuiltAt: now, BuildSeconds: 1.5, Size: 2, Digest: "sha256:x", FromCache: true, Attempt: 3, Entries: 4}
+	info := etcdstore.Info{ID: "p", State: etcdstore.StateFailed, OutputDir: "/o", LogDir: "/l", Package: pkg,
+		Build: &etcdstore.BuildRecord{State: "failed", Host: "h", PID: 5, Started: now, LogDir: "/l", Attempt: 6, Error: "e", Command: "c"},
+		Refs:  []etcdstore.RefInfo{{Host: "h", PID: 7, Since: now, Purpose: "p", Lease: "1f", Cached: true, Holders: 8, HoldersAt: now}},
+		ATime: now}
+	out := etcdstore.Outcome{How: etcdstore.Waited, Package: pkg, LogDir: "/l", Waited: time.Second, Elapsed: 2 * time.Second}
+	for _, tc := range []struct {
+		name       string
+		store, got any
+	}{
+		{"Info", info, StoreInfo(recast[agent.Info](info))},
+		{"Outcome", out, StoreOutcome(recast[agent.Outcome](out))},
+	} {
+		want, _ := json.Marshal(tc.store)
+		wire, _ := json.Marshal(tc.got)
+		if string(want) != string(wire) {
+			t.Errorf("%s through the wire:\n got %s\nwant %s", tc.name, wire, want)
+		}
+	}
+	e := etcdstore.Event{Kind: etcdstore.EventWaiting, ID: "p", Time: now, Host: "h", PID: 1, Since: now, LogDir: "/l", Elapsed: 3, Size: 4, Digest: "d", Err: errors.New("x")}
+	if got := StoreEvent(*wireEvent(e)); got.Err.Error() != "x" || got.Kind != e.Kind || got.Since != e.Since || got.Digest != e.Digest {
+		t.Errorf("event through the wire = %+v, want %+v", got, e)
+	}
+	for _, k := range []struct {
+		wire  agent.EventKind
+		store etcdstore.EventKind
+	}{
+		{agent.EventWaiting, etcdstore.EventWaiting}, {agent.EventLockDelay, etcdstore.EventLockDelay},
+		{agent.EventCacheHit, etcdstore.EventCacheHit}, {agent.EventPublished, etcdstore.EventPublished},
+		{agent.EventFailed, etcdstore.EventFailed}, {agent.EventCacheUploadFailed, etcdstore.EventCacheUploadFailed},
+		{agent.EventCacheStored, etcdstore.EventCacheStored}, {agent.EventCacheMiss, etcdstore.EventCacheMiss},
+		{agent.EventLastFailed, etcdstore.EventLastFailed},
+	} {
+		if int(k.wire) != int(k.store) {
+			t.Errorf("agent's %d is etcdstore's %v (%d)", k.wire, k.store, k.store)
+		}
+	}
+	for _, h := range []struct {
+		wire  agent.How
+		store etcdstore.How
+	}{{agent.AlreadyAvailable, etcdstore.AlreadyAvailable}, {agent.Built, etcdstore.Built}, {agent.FromCache, etcdstore.FromCache}, {agent.Waited, etcdstore.Waited}} {
+		if int(h.wire) != int(h.store) {
+			t.Errorf("agent.How %d is etcdstore's %v", h.wire, h.store)
+		}
+	}
+}
+
+// The store's sentinels cross the socket as the wire's, and come back.
+func TestStoreSentinelsCrossTheWire(t *testing.T) {
+	for _, s := range storeSentinels {
+		m := agent.Msg{Err: "x", Codes: wireCodes(s.store)}
+		if err := builderErr(&m); !errors.Is(err, s.store) || !errors.Is(err, s.wire) {
+			t.Errorf("%v through the wire = %v (codes %v); want both sentinels", s.store, err, m.Codes)
+		}
+	}
+}
