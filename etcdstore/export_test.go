@@ -45,3 +45,6 @@ func SetSealProgressEvery(d time.Duration) (restore func()) {
 // whose key etcd deleted behind its back (fn may block it). Call it
 // before the deletion.
 func SetTestHookRetake(s *Store, fn func(id string)) { s.testHookRetake = fn }
+
+// SetTestHookInvalidate sets a hook run after Invalidate read the graph.
+func SetTestHookInvalidate(s *Store, fn func(id string)) { s.testHookInvalidate = fn }

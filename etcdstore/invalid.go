@@ -82,6 +82,9 @@ func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (Invalida
 		if err != nil {
 			return rep, fmt.Errorf("etcdstore: invalidate %q: %w", id, err)
 		}
+		if s.testHookInvalidate != nil {
+			s.testHookInvalidate(id)
+		}
 		done, err := s.invalidateAll(ctx, order, rev, InvalidRecord{By: by, Host: s.opt.host, At: at, Reason: reason}, id)
 		if err != nil {
 			return rep, fmt.Errorf("etcdstore: invalidate %q: %w", id, err)

@@ -57,6 +57,8 @@ const (
 	KeptLingering = "lingering" // only nodes' cached references keep it
 	KeptBuilding  = "building"  // an attempt holds its lock
 	KeptTouched   = "touched"   // used since the sweep listed it
+	KeptPinned    = "pinned"    // pinned (Pin)
+	KeptNeeded    = "needed"    // published packages that remain need it
 )
 
 // KeptPackage is a candidate Prune did not remove, and why.
@@ -67,6 +69,10 @@ type KeptPackage struct {
 	Reason string    `json:"reason"` // one of the Kept* constants
 	// Refs are the references that kept it (KeptHeld, KeptLingering).
 	Refs []RefInfo `json:"refs,omitempty"`
+	// Pin kept it (KeptPinned); NeededBy, the packages that need it
+	// (KeptNeeded).
+	Pin      *PinRecord `json:"pin,omitempty"`
+	NeededBy []string   `json:"needed_by,omitempty"`
 }
 
 // PrunedPackage is one package Prune removed (or would remove).
@@ -100,18 +106,15 @@ type PruneReport struct {
 
 // Prune removes packages as opts says, oldest access first, each with
 // TryRemove's guarantees plus one more: a package touched since the sweep
-// listed it is kept. It also moves orphan directories (a tree with no
-// package, older than the grace period) to the trash and deletes old trash.
-// One collector runs at a time across the cluster; a second concurrent
-// Prune returns ErrCollectorBusy.
+// listed it is kept. An invalidated package is always a candidate, whatever
+// its age and the grace period. A package kept only because a candidate
+// needs it is tried again once that candidate is removed, so an unused
+// dependent and then its unused needs go in one sweep. It also moves
+// orphan directories (a tree with no package, older than the grace period)
+// to the trash and deletes old trash. One collector runs at a time across
+// the cluster; a second concurrent Prune returns ErrCollectorBusy.
 func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, error) {
 	rep := PruneReport{DryRun: opts.DryRun, Removed: []PrunedPackage{}, InUse: []string{}, Kept: []KeptPackage{}, Orphans: []string{}}
-	grace := opts.Grace
-	if grace == 0 {
-		grace = DefaultPruneGrace
-	} else if grace < 0 {
-		grace = 0
-	}
 	ls, err := s.sess.Current(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
@@ -130,69 +133,132 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	if err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
-	now := time.Now()
-	for _, p := range avail {
-		rep.TotalBytes += p.size
+	sw := &sweep{s: s, opts: opts, rep: &rep, now: time.Now(), grace: opts.Grace, index: map[string]*candidate{}, deferred: map[string]*candidate{}}
+	if sw.grace == 0 {
+		sw.grace = DefaultPruneGrace
+	} else if sw.grace < 0 {
+		sw.grace = 0
+	}
+	slices.SortStableFunc(avail, func(a, b candidate) int { return cmp.Compare(a.lastUse, b.lastUse) })
+	for i := range avail {
+		rep.TotalBytes += avail[i].size
+		sw.index[avail[i].id] = &avail[i]
 	}
 	rep.Packages = len(avail)
-	slices.SortStableFunc(avail, func(a, b candidate) int { return cmp.Compare(a.lastUse, b.lastUse) })
-
-	remaining := rep.TotalBytes
-	for _, p := range avail {
-		if opts.MaxRemovals > 0 && len(rep.Removed) >= opts.MaxRemovals {
-			break
-		}
-		last := time.Unix(0, p.lastUse)
-		age := now.Sub(last)
-		old := opts.OlderThan < 0 || (opts.OlderThan > 0 && age > opts.OlderThan)
-		big := opts.TargetBytes != 0 && remaining > max(opts.TargetBytes, 0)
-		if !old && !big {
-			continue
-		}
-		pp := PrunedPackage{ID: p.id, Size: p.size, ATime: last}
-		if age < grace {
-			rep.Kept = append(rep.Kept, KeptPackage{ID: p.id, Size: p.size, ATime: last, Reason: KeptGrace})
-			continue
-		}
-		if err := ctx.Err(); err != nil {
-			return rep, err
-		}
-		if opts.DryRun {
-			if p.refs > 0 || p.busy {
-				if err := s.keep(ctx, &rep, pp); err != nil {
-					return rep, err
-				}
-				continue
-			}
-			rep.Removed = append(rep.Removed, pp)
-			rep.FreedBytes += pp.Size
-			remaining -= pp.Size
-			continue
-		}
-		removed, err := s.tryRemove(ctx, p.id, p.atimeRev, false)
-		switch {
-		case err != nil && !errors.Is(err, core.ErrPackageNotExist):
-			return rep, fmt.Errorf("etcdstore: prune %q: %w", p.id, err)
-		case removed:
-			rep.Removed = append(rep.Removed, pp)
-			rep.FreedBytes += pp.Size
-			remaining -= pp.Size
-		case err == nil:
-			if err := s.keep(ctx, &rep, pp); err != nil {
-				return rep, err
-			}
-		}
+	sw.remaining = rep.TotalBytes
+	if err := sw.run(ctx, avail); err != nil {
+		return rep, err
 	}
-	if err := s.sweepDirs(ctx, known, grace, &rep); err != nil {
+	if err := s.sweepDirs(ctx, known, sw.grace, &rep); err != nil {
 		return rep, fmt.Errorf("etcdstore: prune: %w", err)
 	}
 	return rep, nil
 }
 
+// sweep is one Prune's pass over its candidates.
+type sweep struct {
+	s         *Store
+	opts      PruneOptions
+	rep       *PruneReport
+	now       time.Time
+	grace     time.Duration
+	remaining int64                 // bytes left in the store
+	index     map[string]*candidate // every available package
+	// deferred are candidates kept only because packages that need them
+	// exist; each is tried again when the last of those is removed.
+	deferred map[string]*candidate
+}
+
+// run goes over avail oldest first, then over the needs its removals freed.
+func (sw *sweep) run(ctx context.Context, avail []candidate) error {
+	queue := make([]*candidate, len(avail))
+	for i := range avail {
+		queue[i] = sw.index[avail[i].id]
+	}
+	for len(queue) > 0 {
+		if sw.opts.MaxRemovals > 0 && len(sw.rep.Removed) >= sw.opts.MaxRemovals {
+			break
+		}
+		p := queue[0]
+		queue = queue[1:]
+		freed, err := sw.one(ctx, p)
+		if err != nil {
+			return err
+		}
+		queue = append(freed, queue...) // its needs next: the cascade
+	}
+	for _, p := range sw.deferred { // never freed: kept because needed
+		if err := sw.s.keep(ctx, sw.rep, p.pruned()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// one decides candidate p and returns the deferred needs its removal freed.
+func (sw *sweep) one(ctx context.Context, p *candidate) ([]*candidate, error) {
+	age := sw.now.Sub(time.Unix(0, p.lastUse))
+	old := p.invalid || sw.opts.OlderThan < 0 || (sw.opts.OlderThan > 0 && age > sw.opts.OlderThan)
+	big := sw.opts.TargetBytes != 0 && sw.remaining > max(sw.opts.TargetBytes, 0)
+	if !old && !big {
+		return nil, nil
+	}
+	pp := p.pruned()
+	if age < sw.grace && !p.invalid {
+		sw.rep.Kept = append(sw.rep.Kept, KeptPackage{ID: pp.ID, Size: pp.Size, ATime: pp.ATime, Reason: KeptGrace})
+		return nil, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	var removed bool
+	if sw.opts.DryRun {
+		removed = p.refs == 0 && !p.busy && !p.pinned && p.neededBy == 0
+	} else {
+		var err error
+		removed, err = sw.s.tryRemove(ctx, p.id, p.atimeRev, false)
+		if err != nil && !errors.Is(err, core.ErrPackageNotExist) {
+			return nil, fmt.Errorf("etcdstore: prune %q: %w", p.id, err)
+		}
+		if err != nil {
+			return nil, nil // gone meanwhile
+		}
+	}
+	switch {
+	case removed:
+		sw.rep.Removed = append(sw.rep.Removed, pp)
+		sw.rep.FreedBytes += pp.Size
+		sw.remaining -= pp.Size
+		return sw.free(p), nil
+	case p.refs == 0 && !p.busy && !p.pinned && p.neededBy > 0:
+		sw.deferred[p.id] = p // a dependent may go later in this sweep
+		return nil, nil
+	}
+	return nil, sw.s.keep(ctx, sw.rep, pp)
+}
+
+// free counts p's removal against its needs and returns those deferred that
+// nothing needs any more.
+func (sw *sweep) free(p *candidate) []*candidate {
+	var freed []*candidate
+	for _, n := range p.needs {
+		c := sw.index[n]
+		if c == nil {
+			continue
+		}
+		c.neededBy--
+		if d := sw.deferred[n]; d != nil && c.neededBy <= 0 {
+			delete(sw.deferred, n)
+			freed = append(freed, d)
+		}
+	}
+	return freed
+}
+
 // keep adds a candidate that is in use to rep.InUse and rep.Kept, with the
 // reason read back from etcd: a plain reference (a job), only cached
-// references (nodes lingering), a build record, or else a use since the
-// sweep listed it.
+// references (nodes lingering), a build record, a pin, a dependent, or
+// else a use since the sweep listed it.
 func (s *Store) keep(ctx context.Context, rep *PruneReport, p PrunedPackage) error {
 	rep.InUse = append(rep.InUse, p.ID)
 	info, err := s.Inspect(ctx, p.ID)
@@ -215,6 +281,10 @@ func (s *Store) keep(ctx context.Context, rep *PruneReport, p PrunedPackage) err
 		k.Reason, k.Refs = KeptLingering, cached
 	case info.Build != nil && info.Build.State == BuildRunning:
 		k.Reason = KeptBuilding
+	case info.Pin != nil:
+		k.Reason, k.Pin = KeptPinned, info.Pin
+	case len(info.NeededBy) > 0:
+		k.Reason, k.NeededBy = KeptNeeded, info.NeededBy
 	}
 	rep.Kept = append(rep.Kept, k)
 	return nil
@@ -286,6 +356,14 @@ type candidate struct {
 	atimeRev int64
 	refs     int32
 	busy     bool // a build record exists (an attempt or a failure)
+	neededBy int32
+	pinned   bool
+	invalid  bool
+	needs    []string
+}
+
+func (c *candidate) pruned() PrunedPackage {
+	return PrunedPackage{ID: c.id, Size: c.size, ATime: time.Unix(0, c.lastUse)}
 }
 
 // pruneCandidates reads the available packages page by page, with their
@@ -299,7 +377,7 @@ func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bo
 		avail: func(id string, p *PackageRecord) {
 			known[id] = true
 			index[id] = len(cands)
-			cands = append(cands, candidate{id: id, lastUse: p.BuiltAt.UnixNano(), size: p.Size})
+			cands = append(cands, candidate{id: id, lastUse: p.BuiltAt.UnixNano(), size: p.Size, needs: p.Needs})
 		},
 		buildKeysOnly: true,
 		build: func(id string, _ *BuildRecord) {
@@ -319,6 +397,21 @@ func (s *Store) pruneCandidates(ctx context.Context) ([]candidate, map[string]bo
 		ref: func(id string) {
 			if i, ok := index[id]; ok {
 				cands[i].refs++
+			}
+		},
+		neededBy: func(id string) {
+			if i, ok := index[id]; ok {
+				cands[i].neededBy++
+			}
+		},
+		pin: func(id string, p *PinRecord) {
+			if i, ok := index[id]; ok {
+				cands[i].pinned = !p.Expired(time.Now())
+			}
+		},
+		invalid: func(id string, _ *InvalidRecord) {
+			if i, ok := index[id]; ok {
+				cands[i].invalid = true
 			}
 		},
 	})

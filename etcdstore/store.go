@@ -67,6 +67,9 @@ type Store struct {
 	// testHookRetake runs before a reference whose key etcd deleted is
 	// taken again.
 	testHookRetake func(id string)
+	// testHookInvalidate, likewise, runs after Invalidate read the
+	// dependents and before its Txns.
+	testHookInvalidate func(id string)
 }
 
 // New returns a Store that keeps packages under root and coordinates
