@@ -152,12 +152,24 @@ func (s *Store) invalidateAll(ctx context.Context, order []string, rev int64, ba
 		if p != id {
 			rec.Cause = id
 		}
+		st, err := s.readState(ctx, p)
+		if err != nil {
+			return false, err
+		}
+		if st.avail == nil {
+			if p == id {
+				return false, core.ErrPackageNotExist
+			}
+			continue // removed meanwhile
+		}
+		rec.Digest, rec.Attempt = st.avail.Digest, st.avail.Attempt
 		cctx, cancel := s.opCtx(ctx)
 		resp, err := s.cli.Txn(cctx).
 			If(
-				// Published: an absent package is not invalidated (its
-				// next build is simply a build).
-				clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(p)), ">", 0),
+				// Published, as read (the record names that publish): an
+				// absent package is not invalidated (its next build is
+				// simply a build).
+				clientv3.Compare(clientv3.ModRevision(s.keys.AvailKey(p)), "=", st.availRev),
 				// Not invalid already: the first reason stands.
 				clientv3.Compare(clientv3.CreateRevision(s.keys.InvalidKey(p)), "=", 0),
 				// No dependent published since the graph was read (each
@@ -165,9 +177,7 @@ func (s *Store) invalidateAll(ctx context.Context, order []string, rev int64, ba
 				clientv3.Compare(clientv3.CreateRevision(s.keys.NeededBy(p)), "<", rev+1).WithPrefix(),
 			).
 			Then(clientv3.OpPut(s.keys.InvalidKey(p), mustJSON(rec))).
-			Else(
-				clientv3.OpGet(s.keys.AvailKey(p), clientv3.WithCountOnly()),
-				clientv3.OpGet(s.keys.InvalidKey(p), clientv3.WithCountOnly())).
+			Else(clientv3.OpGet(s.keys.InvalidKey(p), clientv3.WithCountOnly())).
 			Commit()
 		cancel()
 		if err != nil {
@@ -177,16 +187,10 @@ func (s *Store) invalidateAll(ctx context.Context, order []string, rev int64, ba
 			s.emit(Event{Kind: EventInvalidated, ID: p, Host: base.Host, Err: errors.New(rec.Reason)})
 			continue
 		}
-		avail := resp.Responses[0].GetResponseRange().Count > 0
-		invalid := resp.Responses[1].GetResponseRange().Count > 0
-		switch {
-		case !avail && p == id:
-			return false, core.ErrPackageNotExist
-		case !avail || invalid:
-			continue // removed meanwhile, or invalid already
-		default:
-			return false, nil // a new dependent: start over
+		if resp.Responses[0].GetResponseRange().Count > 0 {
+			continue // invalid already: the first reason stands
 		}
+		return false, nil // removed (or built again), or a new dependent: start over
 	}
 	return true, nil
 }
