@@ -98,6 +98,8 @@ type Driver struct {
 	vols  map[string]*volume
 	holds map[string]*node.Hold
 	busy  map[string]bool
+
+	ready chan struct{} // closed once Run listens
 }
 
 // New makes the Driver of n. It reads nothing and serves nothing yet.
@@ -115,6 +117,7 @@ func New(n *node.Node, cfg Config, log *slog.Logger) (*Driver, error) {
 		vols:  map[string]*volume{},
 		holds: map[string]*node.Hold{},
 		busy:  map[string]bool{},
+		ready: make(chan struct{}),
 	}, nil
 }
 
@@ -191,6 +194,7 @@ func (d *Driver) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("csi: listen: %w", err)
 	}
+	close(d.ready)
 	srv := grpc.NewServer(grpc.UnaryInterceptor(d.logCall))
 	csi.RegisterIdentityServer(srv, identity{d: d})
 	csi.RegisterNodeServer(srv, nodeServer{d: d})
@@ -212,6 +216,31 @@ func (d *Driver) Run(ctx context.Context) error {
 		<-served
 	}
 	return err
+}
+
+// Ready is closed once Run listens on the endpoint.
+func (d *Driver) Ready() <-chan struct{} { return d.ready }
+
+// Serve runs the node and the Driver together until ctx ends or either
+// fails: Recover must have been called (the references of the volumes
+// published before a restart are taken before anything serves). It stops
+// in this order: the Driver (its calls in progress finish or are cut),
+// then the node (node.Node.Run's own order), whose store the Driver's
+// calls need. It returns the errors of both.
+func (d *Driver) Serve(ctx context.Context) error {
+	nctx, stopNode := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopNode()
+	dctx, stopDriver := context.WithCancel(ctx)
+	defer stopDriver()
+	done := make(chan error, 1)
+	go func() {
+		err := d.Run(dctx)
+		stopNode() // the node outlives the Driver
+		done <- err
+	}()
+	nodeErr := d.n.Run(nctx)
+	stopDriver() // the node failed: the Driver goes too
+	return errors.Join(<-done, nodeErr)
 }
 
 // logCall logs every failed call, as kubelet shows it in the pod's events.
