@@ -45,6 +45,7 @@ type server struct {
 	path      string
 
 	refs *hostRefs // the host references (hostrefs.go)
+	held heldSet   // references held for others than connections (holds.go)
 
 	mu     sync.Mutex
 	closed bool
@@ -183,6 +184,7 @@ func (a *server) holders(id string) []Holder {
 		}
 		c.mu.Unlock()
 	}
+	out = append(out, a.held.list(id)...)
 	sort.Slice(out, func(i, j int) bool { return out[i].Since.Before(out[j].Since) })
 	return out
 }

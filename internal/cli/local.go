@@ -17,6 +17,7 @@ import (
 	"github.com/gofrs/flock"
 
 	"github.com/granary-build/granary/node"
+	"github.com/granary-build/granary/node/csidriver"
 )
 
 // startTimeout bounds how long the CLI waits for a node it started.
@@ -143,6 +144,9 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	f.cfg.RegisterNodeFlags(f.FlagSet)
+	csiCfg := csidriver.DefaultConfig()
+	f.StringVar(&csiCfg.Endpoint, "csi-endpoint", "", "serve the Kubernetes CSI node plugin on this socket (unix:///PATH; empty: off)")
+	f.StringVar(&csiCfg.Name, "csi-driver-name", csiCfg.Name, "the CSI driver name (the CSIDriver object's name)")
 	if pos, cmd, err := e.parse(f, args); err != nil {
 		return err
 	} else if len(pos)+len(cmd) > 0 {
@@ -151,12 +155,33 @@ func cmdServe(ctx context.Context, e *env, args []string) error {
 	if err := f.cfg.Validate(); err != nil {
 		return &ExitErr{Code: ExitUsage, Err: err}
 	}
+	if csiCfg.Endpoint != "" {
+		if err := csiCfg.Validate(); err != nil {
+			return &ExitErr{Code: ExitUsage, Err: err}
+		}
+	}
 	log := slog.New(slog.NewTextHandler(e.stderr, nil))
 	n, err := node.New(ctx, f.cfg, log)
 	if err != nil {
 		return err
 	}
-	return n.Run(ctx)
+	if csiCfg.Endpoint == "" {
+		return n.Run(ctx)
+	}
+	return serveCSI(ctx, n, csiCfg, log)
+}
+
+// serveCSI runs n with its CSI node plugin (csidriver.Driver.Serve).
+func serveCSI(ctx context.Context, n *node.Node, cfg csidriver.Config, log *slog.Logger) error {
+	d, err := csidriver.New(n, cfg, log)
+	if err == nil {
+		err = d.Recover(ctx)
+	}
+	if err != nil {
+		n.Close()
+		return err
+	}
+	return d.Serve(ctx)
 }
 
 func cmdNode(ctx context.Context, e *env, args []string) error {
