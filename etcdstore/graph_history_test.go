@@ -273,4 +273,3 @@ func TestRandomGraphHistory(t *testing.T) {
 		}
 	}
 }
-

@@ -17,7 +17,7 @@ import (
 // package held by a job protects it for a Hold too. Holders (and so
 // `granary inspect`) lists it with its description until Release.
 type Hold struct {
-	a     *agent
+	a     *server
 	id    string
 	who   Holder
 	mu    sync.Mutex
