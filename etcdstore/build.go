@@ -235,6 +235,8 @@ type state struct {
 	build       *BuildRecord
 	buildModRev int64
 	invalid     *InvalidRecord // the package was invalidated (invalid.go)
+	pin         *PinRecord     // its pin, expired or not (pins.go)
+	pinRev      int64
 }
 
 // readState reads avail, build and invalid in one read-only Txn (no Raft
@@ -243,7 +245,7 @@ func (s *Store) readState(ctx context.Context, id string) (state, error) {
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	resp, err := s.cli.Txn(cctx).Then(clientv3.OpGet(s.keys.AvailKey(id)), clientv3.OpGet(s.keys.BuildKey(id)),
-		clientv3.OpGet(s.keys.InvalidKey(id))).Commit()
+		clientv3.OpGet(s.keys.InvalidKey(id)), clientv3.OpGet(s.keys.PinKey(id))).Commit()
 	if err != nil {
 		return state{}, err
 	}
@@ -258,6 +260,12 @@ func (s *Store) readState(ctx context.Context, id string) (state, error) {
 		if st.invalid, err = decode[InvalidRecord](kvs[0].Value); err != nil {
 			return state{}, err
 		}
+	}
+	if kvs := resp.Responses[3].GetResponseRange().Kvs; len(kvs) > 0 {
+		if st.pin, err = decode[PinRecord](kvs[0].Value); err != nil {
+			return state{}, err
+		}
+		st.pinRev = kvs[0].ModRevision
 	}
 	if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
 		if st.build, err = decode[BuildRecord](kvs[0].Value); err != nil {

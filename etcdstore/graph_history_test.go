@@ -248,6 +248,12 @@ func TestRandomGraphHistory(t *testing.T) {
 		needs:   map[string][]string{"mid0": {"base0"}, "mid1": {"base0", "base1"}, "top": {"mid0", "mid1"}},
 		store:   stores[0], pinned: map[string]int{}, badDigests: map[string]time.Time{}, counts: map[string]int{},
 	}
+	// As a node does: invalid packages go as soon as nothing holds them
+	// (a build of one waits for that).
+	sweepCtx, stopSweep := context.WithCancel(context.Background())
+	swept := make(chan struct{})
+	go func() { defer close(swept); stores[1].WatchInvalid(sweepCtx) }()
+	defer func() { stopSweep(); <-swept }()
 	var wg sync.WaitGroup
 	for si, s := range stores {
 		for w := range 3 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -50,13 +51,18 @@ func (h *Handle) BuildNeedsOutcome(ctx context.Context, needs []string, builder 
 		return h.BuildOutcome(ctx, builder)
 	}
 	// An available package needs nothing more (one read, as Build's fast
-	// path would do).
+	// path does). Not BuildOutcome: if the package were removed after this
+	// read, its attempt would publish without its needs.
+	start := time.Now()
 	st, err := h.s.readState(ctx, h.id)
 	if err != nil {
 		return Outcome{}, h.fail("build", err)
 	}
 	if st.avail != nil && st.invalid == nil {
-		return h.BuildOutcome(ctx, builder)
+		if err := h.s.awaitVisibleWhilePublished(ctx, h.id, st.avail); err != nil {
+			return Outcome{}, h.fail("build", err)
+		}
+		return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: h.s.logDir(h.id), Elapsed: time.Since(start)}, nil
 	}
 	release, err := h.s.holdNeeds(ctx, needs)
 	if err != nil {

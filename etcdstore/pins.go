@@ -94,31 +94,26 @@ func (s *Store) Unpin(ctx context.Context, id string) (bool, error) {
 	return resp.Deleted > 0, nil
 }
 
-// pinOf reads id's pin and its revision, deleting it first if it expired
-// (only if unchanged since read). It returns nil for no pin in force.
-func (s *Store) pinOf(ctx context.Context, id string) (*PinRecord, error) {
+// pinGone reports whether st's pin is not in force: there is none, or it
+// expired and is deleted now (only if unchanged since read, so a pin
+// renewed meanwhile stands).
+func (s *Store) pinGone(ctx context.Context, id string, st state) (bool, error) {
+	if st.pin == nil {
+		return true, nil
+	}
+	if !st.pin.Expired(time.Now()) {
+		return false, nil
+	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	resp, err := s.cli.Get(cctx, s.keys.PinKey(id))
-	if err != nil || len(resp.Kvs) == 0 {
-		return nil, err
-	}
-	kv := resp.Kvs[0]
-	p, err := decode[PinRecord](kv.Value)
-	if err != nil || !p.Expired(time.Now()) {
-		return p, err
-	}
-	resp2, err := s.cli.Txn(cctx).
-		If(clientv3.Compare(clientv3.ModRevision(s.keys.PinKey(id)), "=", kv.ModRevision)).
+	resp, err := s.cli.Txn(cctx).
+		If(clientv3.Compare(clientv3.ModRevision(s.keys.PinKey(id)), "=", st.pinRev)).
 		Then(clientv3.OpDelete(s.keys.PinKey(id))).
 		Commit()
 	if err != nil {
-		return nil, err
+		return false, err
 	}
-	if !resp2.Succeeded {
-		return p, nil // renewed or replaced meanwhile: it stands (the removal Txn checks it anyway)
-	}
-	return nil, nil
+	return resp.Succeeded, nil
 }
 
 // currentUser names the user this process runs as.

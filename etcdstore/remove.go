@@ -95,8 +95,8 @@ func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int6
 	if st.avail == nil {
 		return false, core.ErrPackageNotExist
 	}
-	if pin, err := s.pinOf(ctx, id); err != nil || pin != nil {
-		return false, err // pinned (an expired pin was deleted by pinOf)
+	if unpinned, err := s.pinGone(ctx, id, st); err != nil || !unpinned {
+		return false, err // pinned
 	}
 	cmps := []clientv3.Cmp{
 		// It is published, as read (a missing package is ErrPackageNotExist).
