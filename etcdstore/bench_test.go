@@ -187,3 +187,69 @@ func newStoreAt(b *testing.B, srv *etcdtest.Server, root string) *etcdstore.Stor
 	b.Cleanup(func() { s.Close(); cli.Close() })
 	return s
 }
+
+// buildNeeding publishes id needing n packages of its own (id-need-0…).
+func buildNeeding(b *testing.B, s *etcdstore.Store, id string, n int) {
+	b.Helper()
+	var needs []string
+	for i := range n {
+		need := id + "-need-" + strconv.Itoa(i)
+		buildB(b, s, need)
+		needs = append(needs, need)
+	}
+	if err := s.Handle(id).BuildNeeds(context.Background(), needs, func(context.Context) error { return nil }); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkIncRefNeeds is IncRef+DecRef on a package with 0, 5 and 20
+// needs: the closure is protected by the need edges, so the reference is
+// the same one Txn whatever the count.
+func BenchmarkIncRefNeeds(b *testing.B) {
+	for _, n := range []int{0, 5, 20} {
+		b.Run("needs="+strconv.Itoa(n), func(b *testing.B) {
+			srv := etcdtest.Start(b)
+			s := newStoreB(b, srv)
+			buildNeeding(b, s, "top", n)
+			h := s.Handle("top")
+			for b.Loop() {
+				if err := h.IncRef(); err != nil {
+					b.Fatal(err)
+				}
+				if err := h.DecRef(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkRemoveNeeds publishes a package with 0, 5 or 20 needs and
+// removes it (the removal deletes its edges in its Txn); the publish is
+// inside the loop, so compare the counts with each other, not with
+// BenchmarkIncRefDecRef.
+func BenchmarkRemoveNeeds(b *testing.B) {
+	for _, n := range []int{0, 5, 20} {
+		b.Run("needs="+strconv.Itoa(n), func(b *testing.B) {
+			srv := etcdtest.Start(b)
+			s := newStoreB(b, srv)
+			buildNeeding(b, s, "top", n)
+			var needs []string
+			for i := range n {
+				needs = append(needs, "top-need-"+strconv.Itoa(i))
+			}
+			ctx := context.Background()
+			h := s.Handle("top")
+			for b.Loop() {
+				if ok, err := h.TryRemove(); !ok || err != nil {
+					b.Fatalf("remove = %v, %v", ok, err)
+				}
+				b.StopTimer()
+				if err := h.BuildNeeds(ctx, needs, func(context.Context) error { return nil }); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}
