@@ -3,6 +3,7 @@ package etcdstore
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -73,34 +74,53 @@ func (s *Store) askHolders(ctx context.Context, id string, wait time.Duration) e
 // reads it. It does nothing if the store holds no cached reference to the
 // package.
 func (h *Handle) RecordHolders(ctx context.Context, n int) error {
+	return h.record(ctx, "record holders", func(r *ref) { r.holders, r.holdersAt = n, time.Now() })
+}
+
+// RecordPods writes the Kubernetes pods ("namespace/name") whose volumes
+// hold the package through this store's cached reference into that
+// reference's record: Inspect on every host shows them, and WatchCluster
+// reports the changes (ClusterPodMounted, ClusterPodUnmounted). It does
+// nothing if the store holds no cached reference to the package.
+func (h *Handle) RecordPods(ctx context.Context, pods []string) error {
+	pods = slices.Clone(pods)
+	return h.record(ctx, "record pods", func(r *ref) { r.pods = pods })
+}
+
+// record applies set to the newest cached reference to the package and
+// writes its record again, over the reference's key only.
+func (h *Handle) record(ctx context.Context, op string, set func(*ref)) error {
 	if h.err != nil {
-		return h.fail("record holders", h.err)
+		return h.fail(op, h.err)
 	}
 	s := h.s
 	s.refs.move.RLock() // the key and lease stay put meanwhile
 	defer s.refs.move.RUnlock()
-	var r ref
 	s.refs.mu.Lock()
+	var r *ref
 	for _, x := range s.refs.held[h.id] {
 		if x.cached && !x.lost {
-			r = *x
+			r = x
 		}
 	}
-	s.refs.mu.Unlock()
-	if r.key == "" {
+	if r == nil || r.key == "" {
+		s.refs.mu.Unlock()
 		return nil
 	}
+	set(r)
+	key, lease := r.key, r.lease
 	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: r.since, Purpose: s.opt.purpose, Cached: true,
-		Holders: n, HoldersAt: time.Now()})
+		Holders: r.holders, HoldersAt: r.holdersAt, Pods: r.pods})
+	s.refs.mu.Unlock()
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	// Only over the reference itself: never bring back a released key.
 	_, err := s.cli.Txn(cctx).
-		If(clientv3.Compare(clientv3.CreateRevision(r.key), ">", 0)).
-		Then(clientv3.OpPut(r.key, val, clientv3.WithLease(r.lease))).
+		If(clientv3.Compare(clientv3.CreateRevision(key), ">", 0)).
+		Then(clientv3.OpPut(key, val, clientv3.WithLease(lease))).
 		Commit()
 	if err != nil {
-		return h.fail("record holders", err)
+		return h.fail(op, err)
 	}
 	return nil
 }

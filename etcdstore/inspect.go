@@ -62,6 +62,9 @@ type RefInfo struct {
 	// AskHolders).
 	Holders   int       `json:"holders,omitempty"`
 	HoldersAt time.Time `json:"holders_at,omitzero"`
+	// Pods are the Kubernetes pods ("namespace/name") whose volumes the
+	// node publishes from this reference.
+	Pods []string `json:"pods,omitempty"`
 }
 
 // Inspect describes package id from one consistent read.
@@ -127,7 +130,7 @@ func (s *Store) refInfo(id string, kv *mvccpb.KeyValue) RefInfo {
 	lease, _, _ := strings.Cut(rest, "/")
 	ri := RefInfo{Lease: lease}
 	if rec, err := decode[refRecord](kv.Value); err == nil {
-		ri.Host, ri.PID, ri.Since, ri.Purpose, ri.Cached, ri.Holders, ri.HoldersAt = rec.Host, rec.PID, rec.Since, rec.Purpose, rec.Cached, rec.Holders, rec.HoldersAt
+		ri.Host, ri.PID, ri.Since, ri.Purpose, ri.Cached, ri.Holders, ri.HoldersAt, ri.Pods = rec.Host, rec.PID, rec.Since, rec.Purpose, rec.Cached, rec.Holders, rec.HoldersAt, rec.Pods
 	}
 	return ri
 }

@@ -64,6 +64,9 @@ type refRecord struct {
 	// (AskHolders).
 	Holders   int       `json:"holders,omitempty"`
 	HoldersAt time.Time `json:"holders_at,omitzero"`
+	// Pods are the Kubernetes pods ("namespace/name") whose volumes hold
+	// the package through a cached reference (RecordPods).
+	Pods []string `json:"pods,omitempty"`
 }
 
 func mustJSON(v any) string {

@@ -66,6 +66,11 @@ type ref struct {
 	// up again.
 	invalidUnwatched bool
 	stopWatch        context.CancelFunc // ends the key's watches (cached only)
+	// holders, holdersAt and pods are what RecordHolders and RecordPods
+	// last wrote into the record; a retake writes them again.
+	holders   int
+	holdersAt time.Time
+	pods      []string
 }
 
 // settleLocked ends what follows r's current key: a wait for its retake
@@ -233,9 +238,10 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		}
 	}()
 	s.refs.mu.Lock()
-	since, cached := r.since, r.cached
+	rec := refRecord{Host: s.opt.host, PID: s.pid, Since: r.since, Purpose: s.opt.purpose, Cached: r.cached,
+		Holders: r.holders, HoldersAt: r.holdersAt, Pods: r.pods}
 	s.refs.mu.Unlock()
-	val := mustJSON(refRecord{Host: s.opt.host, PID: s.pid, Since: since, Purpose: s.opt.purpose, Cached: cached})
+	val := mustJSON(rec)
 	now := time.Now()
 	cmps := []clientv3.Cmp{
 		// Only a published package can be referenced. TryRemove deletes
