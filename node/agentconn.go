@@ -383,6 +383,9 @@ func (a *server) build(ctx context.Context, c *agentConn, seq uint64, id string,
 // the builder and waits until it has; if the process goes away, the
 // attempt is abandoned.
 func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild) error {
+	if err := c.giveDirs(b.id); err != nil {
+		return err
+	}
 	c.send(&agent.Msg{Op: agent.OpBuildNow, Seq: seq})
 	select {
 	case err := <-b.result:
@@ -401,6 +404,24 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 	case <-c.ctx.Done():
 		return c.builderGone(b)
 	}
+}
+
+// giveDirs hands the attempt's output and log directories, which the node
+// made, to the caller's user when the node runs as root and the caller is
+// another user: the builder runs in the caller's process and writes there.
+// Only the two directories, fresh and empty, change owner (Lchown: never
+// through a link).
+func (c *agentConn) giveDirs(id string) error {
+	if os.Geteuid() != 0 || c.uid <= 0 || c.uid == os.Geteuid() {
+		return nil
+	}
+	h := c.a.store.Handle(id)
+	for _, dir := range []string{h.OutputDirectory(), h.LoggingDirectory()} {
+		if err := os.Lchown(dir, c.uid, -1); err != nil {
+			return fmt.Errorf("granary: give the build's directory to uid %d: %w", c.uid, err)
+		}
+	}
+	return nil
 }
 
 // builderGone is the end of a build whose caller's process went away: no
