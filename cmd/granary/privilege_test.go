@@ -190,4 +190,3 @@ func waitPath(t *testing.T, path string) {
 	}
 	t.Fatalf("%s did not appear within 60s", path)
 }
-
