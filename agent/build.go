@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+
+	"github.com/granary-build/granary/core"
 )
 
 // clientBuild is a build request: its builder, run when the node says so.
 type clientBuild struct {
 	builder func(context.Context) error
+	needs   []core.Need        // given to the builder (core.NeedsOf)
 	cancel  context.CancelFunc // of the running builder
 	ran     bool
 	err     error         // the builder's
@@ -33,12 +36,36 @@ func (h *Handle) BuildContext(ctx context.Context, builder func(ctx context.Cont
 // it (with this process's builder if it ran, else another local caller's),
 // Waited that another host did.
 func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Context) error) (Outcome, error) {
+	return h.BuildNeedsOutcome(ctx, nil, builder)
+}
+
+// BuildNeeds implements core.NeedsHandler: BuildContext for a package
+// built on the packages needs (at most core.MaxNeeds). The node takes a
+// reference on each need before the attempt (waiting for one being built;
+// an error wrapping core.ErrPackageNotExist names a need that is not
+// available, and core.ErrInvalidated one that was invalidated) and holds
+// them while the builder runs; the builder finds them with core.NeedsOf
+// (their OutputDirectory, stable paths it may embed). The published
+// package records its needs, and a reference on it protects them.
+func (h *Handle) BuildNeeds(ctx context.Context, needs []string, builder func(ctx context.Context) error) error {
+	_, err := h.BuildNeedsOutcome(ctx, needs, builder)
+	return err
+}
+
+// BuildNeedsOutcome is BuildNeeds with the outcome of BuildOutcome.
+func (h *Handle) BuildNeedsOutcome(ctx context.Context, needs []string, builder func(ctx context.Context) error) (Outcome, error) {
 	if h.err != nil {
 		return Outcome{}, h.fail(OpBuild, h.err)
 	}
 	c := h.c
 	b := &clientBuild{builder: builder, done: make(chan struct{})}
-	s := c.sendBuild(h.id, b)
+	for _, n := range needs {
+		if err := core.ValidateID(n); err != nil {
+			return Outcome{}, h.fail(OpBuild, fmt.Errorf("need: %w", err))
+		}
+		b.needs = append(b.needs, core.Need{ID: n, Dir: c.Handle(n).OutputDirectory()})
+	}
+	s := c.sendBuild(h.id, needs, b)
 	if s.err != nil {
 		return Outcome{}, h.fail(OpBuild, s.err)
 	}
@@ -62,7 +89,7 @@ func (h *Handle) BuildOutcome(ctx context.Context, builder func(ctx context.Cont
 }
 
 // sendBuild registers b and sends its request.
-func (c *Conn) sendBuild(id string, b *clientBuild) sent {
+func (c *Conn) sendBuild(id string, needs []string, b *clientBuild) sent {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -74,7 +101,7 @@ func (c *Conn) sendBuild(id string, b *clientBuild) sent {
 	c.pending[s.seq] = s.cl
 	c.builds[s.seq] = b
 	c.mu.Unlock()
-	if err := c.write(&Msg{Op: OpBuild, Seq: s.seq, ID: id}, true); err != nil {
+	if err := c.write(&Msg{Op: OpBuild, Seq: s.seq, ID: id, Needs: needs}, true); err != nil {
 		return sent{err: err}
 	}
 	return s
@@ -123,6 +150,9 @@ func (c *Conn) runBuilder(seq uint64) {
 	}
 	b.ran = true
 	bctx, cancel := context.WithCancel(context.WithValue(context.Background(), builderKey{}, builderRef{c, seq}))
+	if len(b.needs) > 0 {
+		bctx = core.WithNeeds(bctx, b.needs)
+	}
 	b.cancel = cancel
 	c.mu.Unlock()
 	go func() {

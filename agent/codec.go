@@ -69,10 +69,16 @@ func Decode(line []byte, m *Msg) error {
 // flat reports whether AppendMsg encodes m by hand: it has no nested
 // values, and its strings need no escaping.
 func flat(m *Msg) bool {
-	if m.Hello != nil || m.Holders != nil || m.Info != nil || m.Event != nil || m.Outcome != nil {
+	if m.Hello != nil || m.Holders != nil || m.Info != nil || m.Event != nil || m.Outcome != nil ||
+		m.Note != "" || m.For != 0 || m.Pin != nil || m.Report != nil || m.Why != nil {
 		return false
 	}
 	for _, s := range m.Codes {
+		if !plain(s) {
+			return false
+		}
+	}
+	for _, s := range m.Needs {
 		if !plain(s) {
 			return false
 		}
@@ -105,17 +111,24 @@ func AppendMsg(b []byte, m *Msg) []byte {
 		b = append(b, `,"ok":true`...)
 	}
 	b = appendString(b, "err", m.Err)
-	if len(m.Codes) > 0 {
-		b = append(b, `,"codes":[`...)
-		for i, c := range m.Codes {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = append(append(append(b, '"'), c...), '"')
-		}
-		b = append(b, ']')
-	}
+	b = appendStrings(b, "codes", m.Codes)
+	b = appendStrings(b, "needs", m.Needs)
 	return append(b, "}\n"...)
+}
+
+// appendStrings appends a non-empty array of plain strings.
+func appendStrings(b []byte, key string, vs []string) []byte {
+	if len(vs) == 0 {
+		return b
+	}
+	b = append(append(append(b, `,"`...), key...), `":[`...)
+	for i, v := range vs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(append(append(b, '"'), v...), '"')
+	}
+	return append(b, ']')
 }
 
 func appendString(b []byte, key, v string) []byte {
@@ -175,6 +188,8 @@ func DecodeMsg(line []byte, m *Msg) bool {
 			m.OK, ok = p.bool()
 		case "codes":
 			m.Codes, ok = p.strs()
+		case "needs":
+			m.Needs, ok = p.strs()
 		default:
 			return false
 		}

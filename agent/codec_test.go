@@ -19,17 +19,23 @@ var codecSeeds = []Msg{
 	{Op: OpReply, Err: "<html> & \"quotes\" \\ é \x01"},
 	{Op: OpReply, Hello: &Hello{Version: 1, Host: "h"}},
 	{Op: OpReply, Holders: []Holder{{UID: 1, PID: 2}}},
+	{Op: OpBuild, Seq: 9, ID: "py-env", Needs: []string{"cpython-3.12", "zlib"}},
+	{Op: OpBuild, Seq: 9, ID: "x", Needs: []string{}},
+	{Op: OpPin, Seq: 10, ID: "x", For: 3, Note: "keep"},
 }
 
 // AppendMsg writes what json.Encoder writes, for every message.
 func FuzzAppendMsg(f *testing.F) {
 	for _, m := range codecSeeds {
-		f.Add(m.Op, m.Seq, m.ID, m.Purpose, m.PID, m.OK, m.Err, strings.Join(m.Codes, "\x00"), len(m.Codes) > 0)
+		f.Add(m.Op, m.Seq, m.ID, m.Purpose, m.PID, m.OK, m.Err, strings.Join(m.Codes, "\x00"), len(m.Codes) > 0, strings.Join(m.Needs, "\x00"), len(m.Needs) > 0)
 	}
-	f.Fuzz(func(t *testing.T, op string, seq uint64, id, purpose string, pid int, ok bool, errMsg, codes string, hasCodes bool) {
+	f.Fuzz(func(t *testing.T, op string, seq uint64, id, purpose string, pid int, ok bool, errMsg, codes string, hasCodes bool, needs string, hasNeeds bool) {
 		m := Msg{Op: op, Seq: seq, ID: id, Purpose: purpose, PID: pid, OK: ok, Err: errMsg}
 		if hasCodes {
 			m.Codes = strings.Split(codes, "\x00")
+		}
+		if hasNeeds {
+			m.Needs = strings.Split(needs, "\x00")
 		}
 		var want bytes.Buffer
 		if err := json.NewEncoder(&want).Encode(&m); err != nil {

@@ -16,6 +16,7 @@ import (
 var (
 	_ core.PackageManager = (*Conn)(nil)
 	_ core.ContextHandler = (*Handle)(nil)
+	_ core.NeedsHandler   = (*Handle)(nil)
 )
 
 // Conn is a connection to the local node of a state directory: a

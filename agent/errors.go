@@ -41,6 +41,12 @@ var (
 	// ErrUnknownOp is the node's answer to an operation it does not know
 	// (a client newer than the node).
 	ErrUnknownOp = errors.New("granary: unknown operation")
+
+	// ErrNotAllowed is wrapped by the node's refusal of a privileged
+	// operation (remove, pin, unpin, invalidate) to a caller that is not
+	// root, the node's user or a member of its admin group; the message
+	// names who may.
+	ErrNotAllowed = errors.New("granary: not allowed through the node")
 )
 
 // Codes: the names of the sentinels that cross the socket in Msg.Codes.
@@ -56,6 +62,8 @@ const (
 	CodeCanceled    = "canceled"
 	CodeDeadline    = "deadline"
 	CodeUnknownOp   = "unknownop"
+	CodeInvalidated = "invalidated"
+	CodeNotAllowed  = "notallowed"
 )
 
 // codes is the one table of codes and the sentinels they stand for, on
@@ -75,6 +83,8 @@ var codes = []struct {
 	{CodeCanceled, context.Canceled},
 	{CodeDeadline, context.DeadlineExceeded},
 	{CodeUnknownOp, ErrUnknownOp},
+	{CodeInvalidated, core.ErrInvalidated},
+	{CodeNotAllowed, ErrNotAllowed},
 }
 
 // Codes lists the names of the sentinels err wraps, for Msg.Codes.

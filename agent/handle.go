@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/granary-build/granary/core"
 )
@@ -153,4 +154,81 @@ func (h *Handle) TryRemoveContext(ctx context.Context) (bool, error) {
 		return false, h.fail("remove", err)
 	}
 	return r.OK, nil
+}
+
+// PinOptions are Pin's optional settings.
+type PinOptions struct {
+	For  time.Duration // how long the pin lasts; 0: until unpinned
+	Note string        // why, for people
+}
+
+// Pin pins the published package id in the node's store, replacing an
+// earlier pin of it: no rm, gc or Prune removes it (nor, through its need
+// edges, its closure) until it is unpinned or o.For passes. The pin
+// records the caller's user and the node's host. It is privileged: the
+// node refuses it, with an error wrapping ErrNotAllowed, to a caller that
+// is not root, the node's user or a member of its admin group. It returns
+// an error wrapping core.ErrPackageNotExist if id is not published.
+func (c *Conn) Pin(ctx context.Context, id string, o PinOptions) (PinRecord, error) {
+	if err := core.ValidateID(id); err != nil {
+		return PinRecord{}, named(OpPin, id, err)
+	}
+	r, err := c.request(ctx, Msg{Op: OpPin, ID: id, For: o.For, Note: o.Note})
+	if err == nil && r.Pin == nil {
+		err = errors.New("granary: pin: the node's answer has no pin")
+	}
+	if err != nil {
+		return PinRecord{}, named(OpPin, id, err)
+	}
+	return *r.Pin, nil
+}
+
+// Unpin removes id's pin and reports whether there was one. It is
+// privileged, as Pin is.
+func (c *Conn) Unpin(ctx context.Context, id string) (bool, error) {
+	if err := core.ValidateID(id); err != nil {
+		return false, named(OpUnpin, id, err)
+	}
+	r, err := c.request(ctx, Msg{Op: OpUnpin, ID: id})
+	if err != nil {
+		return false, named(OpUnpin, id, err)
+	}
+	return r.OK, nil
+}
+
+// Invalidate marks the published package id, and every package that needs
+// it, bad cluster-wide: no new reference is granted on them (an IncRef
+// fails with an error wrapping core.ErrPackageNotExist and
+// core.ErrInvalidated that says who invalidated it and why), jobs holding
+// them keep running, and each is removed as soon as its last holder
+// leaves. The report says which were removed at once and which are held.
+// It is privileged, as Pin is.
+func (c *Conn) Invalidate(ctx context.Context, id, reason string) (InvalidateReport, error) {
+	if err := core.ValidateID(id); err != nil {
+		return InvalidateReport{}, named(OpInvalidate, id, err)
+	}
+	r, err := c.request(ctx, Msg{Op: OpInvalidate, ID: id, Note: reason})
+	if err == nil && r.Report == nil {
+		err = errors.New("granary: invalidate: the node's answer has no report")
+	}
+	if err != nil {
+		return InvalidateReport{}, named(OpInvalidate, id, err)
+	}
+	return *r.Report, nil
+}
+
+// Why explains what keeps id from removal right now, as the node's store
+// sees it (other hosts' nodes asked for their local holder counts).
+func (c *Conn) Why(ctx context.Context, id string) (*Why, error) {
+	if err := core.ValidateID(id); err != nil {
+		return nil, named(OpWhy, id, err)
+	}
+	r, err := c.request(ctx, Msg{Op: OpWhy, ID: id})
+	if err == nil && r.Why == nil {
+		err = errors.New("granary: why: the node's answer has no explanation")
+	}
+	if err != nil {
+		return nil, named(OpWhy, id, err)
+	}
+	return r.Why, nil
 }

@@ -33,14 +33,22 @@ const (
 	OpLeaseLost = "lease_lost"   // node → client: the node's lease is in doubt (Err)
 	OpLeaseBack = "lease_restored"
 	OpEvent     = "event" // node → client: a store event about a package the client builds or waits for
+
+	// The package graph's operations (issue 20). Pin, unpin and
+	// invalidate (and tryremove) are privileged: the node allows them to
+	// root, its own user and its admin group only (ErrNotAllowed).
+	OpPin        = "pin"        // ID, For, Note; reply Pin
+	OpUnpin      = "unpin"      // ID; reply OK says whether there was a pin
+	OpInvalidate = "invalidate" // ID, Note (the reason); reply Report
+	OpWhy        = "why"        // ID; reply Why
 )
 
 // Msg is every message, in both directions: JSON, one per line. A request
 // carries a sequence number chosen by the client; the node answers it with
 // OpReply and the same number, in any order (slow requests do not hold up
 // fast ones). Unused fields are omitted. The hot path's messages are flat
-// (no Hello, Holders, Info, Event or Outcome) and take the hand codec
-// (codec.go).
+// (no Note, For, Hello, Holders, Info, Event, Outcome, Pin, Report or Why)
+// and take the hand codec (codec.go).
 type Msg struct {
 	Op      string   `json:"op"`
 	Seq     uint64   `json:"seq,omitempty"`
@@ -50,11 +58,21 @@ type Msg struct {
 	OK      bool     `json:"ok,omitempty"`
 	Err     string   `json:"err,omitempty"`
 	Codes   []string `json:"codes,omitempty"` // names of the sentinels Err wraps (errors.go)
-	Hello   *Hello   `json:"hello,omitempty"`
-	Holders []Holder `json:"holders,omitempty"`
-	Info    *Info    `json:"info,omitempty"`
-	Event   *Event   `json:"event,omitempty"`
-	Outcome *Outcome `json:"outcome,omitempty"`
+	// Needs are the packages a build needs (OpBuild), in declared order.
+	Needs []string `json:"needs,omitempty"`
+	// Note is a pin's note (OpPin) or an invalidation's reason
+	// (OpInvalidate).
+	Note string `json:"note,omitempty"`
+	// For is how long a pin lasts (OpPin; 0: until unpinned).
+	For     time.Duration     `json:"for,omitempty"`
+	Hello   *Hello            `json:"hello,omitempty"`
+	Holders []Holder          `json:"holders,omitempty"`
+	Info    *Info             `json:"info,omitempty"`
+	Event   *Event            `json:"event,omitempty"`
+	Outcome *Outcome          `json:"outcome,omitempty"`
+	Pin     *PinRecord        `json:"pin,omitempty"`    // reply to OpPin
+	Report  *InvalidateReport `json:"report,omitempty"` // reply to OpInvalidate
+	Why     *Why              `json:"why,omitempty"`    // reply to OpWhy
 }
 
 // Hello is the node's side of the handshake.

@@ -28,6 +28,14 @@ type Info struct {
 	Build     *BuildRecord   `json:"build,omitempty"`   // attempt in progress or last failure
 	Refs      []RefInfo      `json:"refs"`
 	ATime     time.Time      `json:"atime,omitzero"`
+	// NeededBy lists the published packages that need this one (its needs
+	// are Package.Needs).
+	NeededBy []string   `json:"needed_by"`
+	Pin      *PinRecord `json:"pin,omitempty"`
+	// Invalid is the invalidation in force; Invalidated, that of an
+	// invalidated package already removed (kept for the failure retention).
+	Invalid     *InvalidRecord `json:"invalid,omitempty"`
+	Invalidated *InvalidRecord `json:"invalidated,omitempty"`
 }
 
 // PackageRecord is a published package's record: who built it, when, its
@@ -42,6 +50,57 @@ type PackageRecord struct {
 	FromCache    bool      `json:"from_cache,omitempty"`
 	Attempt      int64     `json:"attempt"`
 	Entries      int       `json:"entries,omitempty"`
+	Needs        []string  `json:"needs,omitempty"` // the packages it was built on
+}
+
+// PinRecord is a pin: it keeps a package, and its closure, from every
+// removal until it is unpinned or Until passes.
+type PinRecord struct {
+	By    string    `json:"by"` // user who pinned
+	Host  string    `json:"host"`
+	At    time.Time `json:"at"`
+	Until time.Time `json:"until,omitzero"` // zero: until unpinned
+	Note  string    `json:"note,omitempty"`
+}
+
+// InvalidRecord is an invalidation: who marked the package bad, when and
+// why (Cause names the need whose invalidation invalidated it).
+type InvalidRecord struct {
+	By      string    `json:"by"`
+	Host    string    `json:"host"`
+	At      time.Time `json:"at"`
+	Reason  string    `json:"reason"`
+	Cause   string    `json:"cause,omitempty"`
+	Digest  string    `json:"digest,omitempty"`
+	Attempt int64     `json:"attempt,omitempty"`
+	Removed time.Time `json:"removed,omitzero"` // when the package was removed
+}
+
+// InvalidateReport is what an invalidation did: the packages it
+// invalidated (dependents first), those removed at once, and those
+// removed when their last holder leaves.
+type InvalidateReport struct {
+	Invalidated []string `json:"invalidated"`
+	Removed     []string `json:"removed"`
+	Held        []string `json:"held"`
+}
+
+// Why is what keeps one package from removal: its references, its pin, the
+// packages that need it (each with what keeps it), a build in progress,
+// the gc grace period and an invalidation. Alive says whether anything
+// but the grace period keeps it from rm; Seen marks a dependent explained
+// higher up in the tree (its other fields are empty).
+type Why struct {
+	ID         string         `json:"id"`
+	State      State          `json:"state"`
+	Refs       []RefInfo      `json:"refs"`
+	Pin        *PinRecord     `json:"pin,omitempty"`
+	NeededBy   []*Why         `json:"needed_by,omitempty"`
+	Build      *BuildRecord   `json:"build,omitempty"`
+	GraceUntil time.Time      `json:"grace_until,omitzero"`
+	Invalid    *InvalidRecord `json:"invalid,omitempty"`
+	Alive      bool           `json:"alive"`
+	Seen       bool           `json:"seen,omitempty"`
 }
 
 // BuildRecord is an attempt in progress, or the last one that failed.

@@ -23,8 +23,8 @@ import (
 // directory.
 const AgentSocket = agent.SocketName
 
-// buildFunc is the store's BuildOutcome for an ID.
-type buildFunc func(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error)
+// buildFunc is the store's BuildNeedsOutcome for an ID.
+type buildFunc func(ctx context.Context, id string, needs []string, builder func(context.Context) error) (etcdstore.Outcome, error)
 
 // server is the node's local API: it serves Conns on <state>/agent.sock and
 // aggregates their references, so the host holds at most one etcd reference
@@ -41,6 +41,7 @@ type server struct {
 	opTimeout time.Duration
 	linger    time.Duration
 	build1    buildFunc
+	priv      *privilege // who may remove, pin, unpin, invalidate
 	ln        *net.UnixListener
 	path      string
 
@@ -62,9 +63,13 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 		log = slog.New(slog.DiscardHandler)
 	}
 	if build == nil {
-		build = func(ctx context.Context, id string, builder func(context.Context) error) (etcdstore.Outcome, error) {
-			return store.Handle(id).BuildOutcome(ctx, builder)
+		build = func(ctx context.Context, id string, needs []string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+			return store.Handle(id).BuildNeedsOutcome(ctx, needs, builder)
 		}
+	}
+	priv, err := newPrivilege(cfg.AdminGroup)
+	if err != nil {
+		return nil, err
 	}
 	path := cfg.AgentSocketPath()
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
@@ -101,7 +106,7 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 		}
 	}
 	a := &server{
-		store: store, log: log, host: cfg.Name, opTimeout: cfg.OpTimeout, linger: cfg.Linger, build1: build, ln: ln, path: path,
+		store: store, log: log, host: cfg.Name, opTimeout: cfg.OpTimeout, linger: cfg.Linger, build1: build, priv: priv, ln: ln, path: path,
 		conns: make(map[*agentConn]struct{}),
 	}
 	a.refs = newHostRefs(storeRefs{store}, cfg.Linger, cfg.OpTimeout, log, a.tellLost)

@@ -43,6 +43,7 @@ type agentConn struct {
 // serverBuild is one build request of a connection.
 type serverBuild struct {
 	id     string
+	needs  []string
 	pgid   atomic.Int64 // the builder's process group, while it runs (0: none reported)
 	cancel context.CancelFunc
 	result chan error // the builder's result, from OpBuilt
@@ -147,6 +148,14 @@ func (c *agentConn) handle(m *agent.Msg) {
 		c.async(func() { c.tryRemove(m) })
 	case agent.OpInspect:
 		c.async(func() { c.inspect(m) })
+	case agent.OpPin:
+		c.async(func() { c.pin(m) })
+	case agent.OpUnpin:
+		c.async(func() { c.unpin(m) })
+	case agent.OpInvalidate:
+		c.async(func() { c.invalidate(m) })
+	case agent.OpWhy:
+		c.async(func() { c.why(m) })
 	case agent.OpBuild:
 		c.startBuild(m)
 	case agent.OpBye:
@@ -223,8 +232,12 @@ func (c *agentConn) decRef(m *agent.Msg) {
 	c.async(func() { c.reply(m.Seq, c.a.refs.drop(m.ID), nil) })
 }
 
-// tryRemove removes the package unless something holds it.
+// tryRemove removes the package unless something holds it (privileged).
 func (c *agentConn) tryRemove(m *agent.Msg) {
+	if !c.a.priv.allowed(c.uid, c.pid) {
+		c.reply(m.Seq, c.a.priv.refuse("rm", m.ID, "remove packages"), nil)
+		return
+	}
 	ok, err := c.a.refs.remove(c.ctx, m.ID)
 	c.reply(m.Seq, err, func(r *agent.Msg) { r.OK = ok && err == nil })
 }
@@ -290,7 +303,7 @@ func (c *agentConn) dropRef(id string) bool {
 // startBuild starts build request m: the store's build, whose builder
 // runs in c's process. The build record names that process, not the node.
 func (c *agentConn) startBuild(m *agent.Msg) {
-	b := &serverBuild{id: m.ID, result: make(chan error, 1)}
+	b := &serverBuild{id: m.ID, needs: m.Needs, result: make(chan error, 1)}
 	bctx, cancel := context.WithCancel(c.ctx)
 	b.cancel = cancel
 	c.mu.Lock()
@@ -354,7 +367,7 @@ func (c *agentConn) built(m *agent.Msg) {
 func (a *server) build(ctx context.Context, c *agentConn, seq uint64, id string, b *serverBuild) (etcdstore.Outcome, error) {
 	for {
 		var ran atomic.Bool
-		out, err := a.build1(ctx, id, func(bctx context.Context) error {
+		out, err := a.build1(ctx, id, b.needs, func(bctx context.Context) error {
 			ran.Store(true)
 			return c.runBuilder(bctx, seq, b)
 		})
@@ -370,6 +383,9 @@ func (a *server) build(ctx context.Context, c *agentConn, seq uint64, id string,
 // the builder and waits until it has; if the process goes away, the
 // attempt is abandoned.
 func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild) error {
+	if err := c.giveDirs(b.id); err != nil {
+		return err
+	}
 	c.send(&agent.Msg{Op: agent.OpBuildNow, Seq: seq})
 	select {
 	case err := <-b.result:
@@ -388,6 +404,24 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 	case <-c.ctx.Done():
 		return c.builderGone(b)
 	}
+}
+
+// giveDirs hands the attempt's output and log directories, which the node
+// made, to the caller's user when the node runs as root and the caller is
+// another user: the builder runs in the caller's process and writes there.
+// Only the two directories, fresh and empty, change owner (Lchown: never
+// through a link).
+func (c *agentConn) giveDirs(id string) error {
+	if os.Geteuid() != 0 || c.uid <= 0 || c.uid == os.Geteuid() {
+		return nil
+	}
+	h := c.a.store.Handle(id)
+	for _, dir := range []string{h.OutputDirectory(), h.LoggingDirectory()} {
+		if err := os.Lchown(dir, c.uid, -1); err != nil {
+			return fmt.Errorf("granary: give the build's directory to uid %d: %w", c.uid, err)
+		}
+	}
+	return nil
 }
 
 // builderGone is the end of a build whose caller's process went away: no

@@ -110,6 +110,11 @@ type Config struct {
 	// given: with SocketMode 0660, the host's job users in that group may
 	// connect.
 	SocketGroup string
+	// AdminGroup, if set, is the group (name or number) whose members may,
+	// through the socket, remove (rm), pin, unpin and invalidate packages,
+	// besides root and the node's own user, who always may. Other callers
+	// that can reach the socket may take references, run and build only.
+	AdminGroup string
 	// FailureRetention is how long the record of a failed build attempt
 	// is kept (0: etcdstore.DefaultFailureRetention, a day).
 	FailureRetention time.Duration
@@ -178,6 +183,8 @@ const (
 	EnvCacheSignKey = "GRANARY_CACHE_SIGN_KEY"
 	EnvCacheTrusted = "GRANARY_CACHE_TRUSTED_KEYS"
 	EnvCacheBudget  = "GRANARY_CACHE_FETCH_BUDGET"
+	// EnvAdminGroup sets AdminGroup.
+	EnvAdminGroup = "GRANARY_ADMIN_GROUP"
 	// EnvFailureRetention sets FailureRetention.
 	EnvFailureRetention = "GRANARY_FAILURE_RETENTION"
 )
@@ -203,6 +210,7 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	set(&c.CacheCACert, EnvCacheCACert)
 	set(&c.CacheSignKey, EnvCacheSignKey)
 	set(&c.CacheTrustedKeys, EnvCacheTrusted)
+	set(&c.AdminGroup, EnvAdminGroup)
 	if v := getenv(EnvCacheBudget); v != "" {
 		d, err := parseSeconds(v)
 		if err != nil {
@@ -374,6 +382,7 @@ func (c *Config) RegisterNodeFlags(fs *flag.FlagSet) {
 		return err
 	})
 	fs.StringVar(&c.SocketGroup, "socket-group", c.SocketGroup, "group of the local API socket (with --socket-mode 0660)")
+	fs.StringVar(&c.AdminGroup, "admin-group", c.AdminGroup, "group whose members may rm, pin, unpin and invalidate through the local API socket, besides root and the node's user ($"+EnvAdminGroup+")")
 	fs.Var(NonNegative(&c.GCInterval), "gc-interval", "how often to prune (0: never)")
 	fs.Var(NonNegative(&c.GC.OlderThan), "gc-older-than", "prune packages unused for this long")
 	fs.Int64Var(&c.GC.TargetBytes, "gc-target-bytes", c.GC.TargetBytes, "prune oldest first while the store is larger (0: no target)")

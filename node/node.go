@@ -157,7 +157,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if err != nil {
 		return nil, err
 	}
-	ag, err := newAgent(n.store, n.cfg, n.log, n.Build)
+	ag, err := newAgent(n.store, n.cfg, n.log, n.BuildNeeds)
 	if err != nil {
 		return nil, err
 	}
@@ -223,13 +223,25 @@ func (n *Node) Build(ctx context.Context, id string, builder func(context.Contex
 	return out, err
 }
 
+// BuildNeeds is the store's BuildNeedsOutcome (a build on the packages
+// needs), timed in the node's metrics as Build is.
+func (n *Node) BuildNeeds(ctx context.Context, id string, needs []string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+	out, err := n.store.Handle(id).BuildNeedsOutcome(ctx, needs, builder)
+	if err == nil {
+		n.m.built(out)
+	}
+	return out, err
+}
+
 // Run serves until ctx ends, the embedded etcd stops, or (embedded only)
 // no client has used the node for IdleTimeout. It runs the GC loop, the
+// sweeper of invalid packages (etcdstore's WatchInvalid: an invalidated
+// package goes as soon as its last holder leaves), the
 // registration P/node/<name>/<lease> on its own lease, and the HTTP server. It then
 // shuts down in this order:
 //
-//  1. stop the GC loop and the idle watch (a sweep in progress is cancelled
-//     and waited for), and the local API: its socket closes, every
+//  1. stop the GC loop, the invalid packages' sweeper and the idle watch (a
+//     sweep in progress is cancelled and waited for), and the local API: its socket closes, every
 //     connection is closed (its process learns at once that the node is
 //     gone) and its requests are waited for;
 //  2. close the store: builds running in this process are cancelled and
@@ -260,6 +272,12 @@ func (n *Node) Run(ctx context.Context) error {
 	goRun(reg.run)
 	goRun(n.agent.Load().serve)
 	goRun(n.reconcileLoop)
+	// Invalid packages go as soon as their last holder (of any host)
+	// leaves; WatchInvalid returns ctx's error when the node stops.
+	goRun(func(ctx context.Context) error {
+		n.store.WatchInvalid(ctx) //nolint:errcheck // only ever ctx's error
+		return nil
+	})
 	if n.cfg.GCInterval > 0 {
 		goRun(n.gcLoop)
 	}

@@ -115,3 +115,18 @@ func recast[T any](v any) T {
 	}
 	return out
 }
+
+// StoreWhy is the etcdstore.Why an agent.Why carries.
+func StoreWhy(w agent.Why) *etcdstore.Why {
+	out := recast[etcdstore.Why](w)
+	return &out
+}
+
+// StorePin is the etcdstore.PinRecord an agent.PinRecord carries.
+func StorePin(p agent.PinRecord) etcdstore.PinRecord { return recast[etcdstore.PinRecord](p) }
+
+// StoreInvalidateReport is the etcdstore.InvalidateReport an
+// agent.InvalidateReport carries.
+func StoreInvalidateReport(r agent.InvalidateReport) etcdstore.InvalidateReport {
+	return recast[etcdstore.InvalidateReport](r)
+}

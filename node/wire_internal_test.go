@@ -14,11 +14,18 @@ import (
 // field: a field added on one side only fails here.
 func TestWireTypesMatchStore(t *testing.T) {
 	now := time.Date(2026, 12, 6, 1, 2, 3, 4, time.UTC)
-	pkg := &etcdstore.PackageRecord{BuiltBy: "h", PID: 1, BuiltAt: now, BuildSeconds: 1.5, Size: 2, Digest: "sha256:x", FromCache: true, Attempt: 3, Entries: 4}
+	pkg := &etcdstore.PackageRecord{BuiltBy: "h", PID: 1, BuiltAt: now, BuildSeconds: 1.5, Size: 2, Digest: "sha256:x", FromCache: true, Attempt: 3, Entries: 4, Needs: []string{"n1", "n2"}}
 	info := etcdstore.Info{ID: "p", State: etcdstore.StateFailed, OutputDir: "/o", LogDir: "/l", Package: pkg,
 		Build: &etcdstore.BuildRecord{State: "failed", Host: "h", PID: 5, Started: now, LogDir: "/l", Attempt: 6, Error: "e", Command: "c"},
 		Refs:  []etcdstore.RefInfo{{Host: "h", PID: 7, Since: now, Purpose: "p", Lease: "1f", Cached: true, Holders: 8, HoldersAt: now}},
-		ATime: now}
+		ATime: now, NeededBy: []string{"d"},
+		Pin:         &etcdstore.PinRecord{By: "u", Host: "h", At: now, Until: now, Note: "n"},
+		Invalid:     &etcdstore.InvalidRecord{By: "u", Host: "h", At: now, Reason: "r", Cause: "c", Digest: "d", Attempt: 1},
+		Invalidated: &etcdstore.InvalidRecord{By: "u", Host: "h", At: now, Reason: "r", Removed: now}}
+	why := &etcdstore.Why{ID: "p", State: etcdstore.StateAvailable, Refs: info.Refs, Pin: info.Pin, Build: info.Build,
+		GraceUntil: now, Invalid: info.Invalid, Alive: true,
+		NeededBy: []*etcdstore.Why{{ID: "d", Refs: []etcdstore.RefInfo{}}, {ID: "e", Seen: true}}}
+	rep := etcdstore.InvalidateReport{Invalidated: []string{"d", "p"}, Removed: []string{"d"}, Held: []string{"p"}}
 	out := etcdstore.Outcome{How: etcdstore.Waited, Package: pkg, LogDir: "/l", Waited: time.Second, Elapsed: 2 * time.Second}
 	for _, tc := range []struct {
 		name       string
@@ -26,6 +33,9 @@ func TestWireTypesMatchStore(t *testing.T) {
 	}{
 		{"Info", info, StoreInfo(recast[agent.Info](info))},
 		{"Outcome", out, StoreOutcome(recast[agent.Outcome](out))},
+		{"Why", why, recast[etcdstore.Why](recast[agent.Why](why))},
+		{"InvalidateReport", rep, recast[etcdstore.InvalidateReport](recast[agent.InvalidateReport](rep))},
+		{"PinRecord", *info.Pin, recast[etcdstore.PinRecord](recast[agent.PinRecord](*info.Pin))},
 	} {
 		want, _ := json.Marshal(tc.store)
 		wire, _ := json.Marshal(tc.got)

@@ -59,7 +59,7 @@ func (e *env) agentFor(ctx context.Context, cfg node.Config, purpose string, for
 
 // buildViaAgent is `build` through the local node: one attempt per ID for
 // every caller on the host, the builder run here.
-func (e *env) buildViaAgent(ctx context.Context, c *agent.Conn, id string, argv []string) error {
+func (e *env) buildViaAgent(ctx context.Context, c *agent.Conn, id string, needs, argv []string) error {
 	h := agentBuilder{c.Handle(id)}
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	defer prog.stop()
@@ -71,7 +71,7 @@ func (e *env) buildViaAgent(ctx context.Context, c *agent.Conn, id string, argv 
 			cacheEvents.add(ev)
 		}
 	})
-	out, ran, err := e.buildWith(ctx, h, id, argv, prog)
+	out, ran, err := e.buildWith(ctx, h, id, needs, argv, prog)
 	if err != nil {
 		return err
 	}
@@ -99,7 +99,7 @@ func (e *env) runViaAgent(ctx context.Context, cfg node.Config, c *agent.Conn, i
 	if err != nil {
 		c.Close()
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return jobrun.NotExist(id)
+			return jobrun.NotAvailable(id, err)
 		}
 		return err
 	}
@@ -154,17 +154,6 @@ func printHolders(e *env, hs []agent.Holder) {
 	}
 }
 
-// tryRemove removes id through the local node when one serves cfg (a
-// reference the node only keeps for its linger does not block it), else
-// through the command's own store.
-func (e *env) tryRemove(ctx context.Context, cfg node.Config, c *conn, id string) (bool, error) {
-	if ac, err := e.agentFor(ctx, cfg, "granary rm", false); err == nil && ac != nil {
-		defer ac.Close()
-		return ac.Handle(id).TryRemoveContext(ctx)
-	}
-	return c.store.Handle(id).TryRemoveContext(ctx)
-}
-
 // agentBuilder is a package of the local node as `build` needs it: its
 // outcome and errors in etcdstore's terms, as a store's handle gives them.
 type agentBuilder struct{ h *agent.Handle }
@@ -172,8 +161,8 @@ type agentBuilder struct{ h *agent.Handle }
 func (b agentBuilder) OutputDirectory() string  { return b.h.OutputDirectory() }
 func (b agentBuilder) LoggingDirectory() string { return b.h.LoggingDirectory() }
 
-func (b agentBuilder) BuildOutcome(ctx context.Context, builder func(context.Context) error) (etcdstore.Outcome, error) {
-	out, err := b.h.BuildOutcome(ctx, builder)
+func (b agentBuilder) BuildNeedsOutcome(ctx context.Context, needs []string, builder func(context.Context) error) (etcdstore.Outcome, error) {
+	out, err := b.h.BuildNeedsOutcome(ctx, needs, builder)
 	if err != nil {
 		return etcdstore.Outcome{}, node.StoreError(err)
 	}

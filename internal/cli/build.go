@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/internal/reaper"
@@ -23,13 +24,45 @@ const (
 	EnvOut  = "GRANARY_OUT"
 	EnvLogs = "GRANARY_LOGS"
 	EnvPkg  = jobrun.EnvPkg
+	// EnvNeeds lists a builder's needs (build --needs) as space-separated
+	// ID:PATH pairs in declared order; IDs never contain ':', PATH is the
+	// need's contents directory (a stable path the build may embed). It is
+	// set, empty, for a build without needs.
+	EnvNeeds = "GRANARY_NEEDS"
 )
+
+// needsEnv is GRANARY_NEEDS's value for needs.
+func needsEnv(needs []core.Need) string {
+	var b strings.Builder
+	for i, n := range needs {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(n.ID + ":" + n.Dir)
+	}
+	return b.String()
+}
+
+// needList is the value of build's repeatable --needs.
+type needList []string
+
+func (l *needList) String() string { return strings.Join(*l, ",") }
+
+func (l *needList) Set(s string) error {
+	if err := core.ValidateID(s); err != nil {
+		return err
+	}
+	*l = append(*l, s)
+	return nil
+}
 
 func cmdBuild(ctx context.Context, e *env, args []string) error {
 	f, err := e.newFlags("build", false)
 	if err != nil {
 		return err
 	}
+	var needs needList
+	f.Var(&needs, "needs", "a package the build needs (repeatable): held while CMD runs, listed in $"+EnvNeeds+", kept while this package exists")
 	id, argv, err := e.parseIDCmd(f, args)
 	if err != nil {
 		return err
@@ -40,7 +73,7 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 		return err
 	} else if ac != nil {
 		defer ac.Close()
-		return e.buildViaAgent(ctx, ac, id, argv)
+		return e.buildViaAgent(ctx, ac, id, needs, argv)
 	}
 	prog := newProgress(e.stderr, id, isTerminal(e.stderr))
 	defer prog.stop()
@@ -61,7 +94,7 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 	if fr, err := c.store.LastFailure(ctx, id); err == nil && fr != nil {
 		prog.lastFailure(fr)
 	}
-	out, ran, err := e.buildWith(ctx, h, id, argv, prog)
+	out, ran, err := e.buildWith(ctx, h, id, needs, argv, prog)
 	if err != nil {
 		return err
 	}
@@ -83,19 +116,20 @@ func cmdBuild(ctx context.Context, e *env, args []string) error {
 type builderHandle interface {
 	OutputDirectory() string
 	LoggingDirectory() string
-	BuildOutcome(ctx context.Context, builder func(context.Context) error) (etcdstore.Outcome, error)
+	BuildNeedsOutcome(ctx context.Context, needs []string, builder func(context.Context) error) (etcdstore.Outcome, error)
 }
 
 // buildWith builds id through h with argv as the builder, and turns a
 // failure into build's message and exit code (the builder's code, 127
 // when it cannot start, 128+N when signal N killed it). ran reports that
 // the builder ran in this process.
-func (e *env) buildWith(ctx context.Context, h builderHandle, id string, argv []string, prog *progress) (out etcdstore.Outcome, ran bool, err error) {
+func (e *env) buildWith(ctx context.Context, h builderHandle, id string, needs, argv []string, prog *progress) (out etcdstore.Outcome, ran bool, err error) {
 	var logPath string
-	out, err = h.BuildOutcome(ctx, func(bctx context.Context) error {
+	out, err = h.BuildNeedsOutcome(ctx, needs, func(bctx context.Context) error {
 		ran = true
 		logPath = filepath.Join(h.LoggingDirectory(), "build-"+time.Now().UTC().Format("20060102T150405.000")+".log")
-		return runBuilder(bctx, argv, h.OutputDirectory(), h.LoggingDirectory(), logPath, e.stdout, e.stderr)
+		env := []string{EnvOut + "=" + h.OutputDirectory(), EnvLogs + "=" + h.LoggingDirectory(), EnvNeeds + "=" + needsEnv(core.NeedsOf(bctx))}
+		return runBuilder(bctx, argv, env, logPath, e.stdout, e.stderr)
 	})
 	prog.stop()
 	if err == nil {
@@ -150,13 +184,13 @@ func (e *env) reportBuilt(id string, out etcdstore.Outcome, ran bool, cacheEvent
 	}
 }
 
-// runBuilder runs argv as the builder: GRANARY_OUT and GRANARY_LOGS set, its
-// output shown and copied to logPath. It runs under a guard
+// runBuilder runs argv as the builder with env (GRANARY_OUT, GRANARY_LOGS,
+// GRANARY_NEEDS) added to its environment, its output shown and copied to logPath. It runs under a guard
 // (internal/reaper) that kills the builder's whole tree, including
 // processes that left its process group or session, when ctx ends (the
 // build was cancelled or the lease is in doubt), when the builder exits, and
 // when this process dies, even by SIGKILL.
-func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, stdout, stderr io.Writer) error {
+func runBuilder(ctx context.Context, argv, env []string, logPath string, stdout, stderr io.Writer) error {
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return fmt.Errorf("build log: %w", err)
@@ -166,7 +200,7 @@ func runBuilder(ctx context.Context, argv []string, out, logs, logPath string, s
 	if err != nil {
 		return err
 	}
-	cmd.Env = append(cmd.Env, EnvOut+"="+out, EnvLogs+"="+logs)
+	cmd.Env = append(cmd.Env, env...)
 	var mu sync.Mutex // the log gets both streams
 	cmd.Stdout = io.MultiWriter(stdout, lockedWriter{&mu, logf})
 	cmd.Stderr = io.MultiWriter(stderr, lockedWriter{&mu, logf})

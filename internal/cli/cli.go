@@ -12,6 +12,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
@@ -24,7 +25,10 @@ const (
 	ExitOK       = jobrun.ExitOK       // success
 	ExitError    = jobrun.ExitError    // any other failure
 	ExitUsage    = jobrun.ExitUsage    // bad command line or configuration
-	ExitNotExist = jobrun.ExitNotExist // the package does not exist
+	ExitNotExist = jobrun.ExitNotExist // the package does not exist (or is invalidated)
+	// ExitNotAllowed: the local node refused a privileged operation (rm,
+	// pin, unpin, invalidate) to a caller outside its admin group.
+	ExitNotAllowed = 4
 )
 
 // ExitErr carries an exit code. A nil Err means the reason was already
@@ -37,7 +41,8 @@ var ErrUsage = errors.New("usage")
 
 // ExitCode maps an error of Run to the process exit code: 0 for nil, an
 // ExitErr's own code, 2 for usage and configuration errors, 3 when a
-// package does not exist, 1 otherwise.
+// package does not exist, 4 when the local node refused a privileged
+// operation, 1 otherwise.
 func ExitCode(err error) int {
 	var ee *ExitErr
 	switch {
@@ -49,6 +54,8 @@ func ExitCode(err error) int {
 		return ExitUsage
 	case errors.Is(err, core.ErrPackageNotExist):
 		return ExitNotExist
+	case errors.Is(err, agent.ErrNotAllowed):
+		return ExitNotAllowed
 	}
 	return ExitError
 }
@@ -106,6 +113,33 @@ directory for extra logs) in its environment; its output is shown and kept
 in the package's log directory ('granary logs ID'). While another host
 builds the package, build waits and says who builds it. Exits with CMD's
 code.
+
+--needs DEP (repeatable) builds the package on DEP: build takes a reference
+on each need before CMD runs (waiting for one being built; exit 3 naming a
+need that does not exist or was invalidated) and holds it while CMD runs;
+CMD finds them in $` + EnvNeeds + `, space-separated ID:PATH pairs in the
+order given (IDs never contain ':'; PATH is the need's contents directory, a
+stable path the package may embed). The package records its needs: a
+reference on it protects them, and they cannot be removed while it exists.
+`,
+	"pin": `A pinned package, and everything it needs, is never removed by rm or gc
+until it is unpinned or --for passes. Pins belong to no process: they
+survive restarts and crashes. Through the local node, pin, unpin,
+invalidate and rm need root, the node's user or its --admin-group (exit 4
+otherwise).
+`,
+	"invalidate": `Marks the package bad in the whole cluster at once, with every package that
+needs it: no new reference is granted (run exits 3 and says who invalidated
+it and why), jobs that hold it keep running, and it is removed as soon as
+its last holder leaves. The next build of it waits for that removal and
+builds afresh. Prints what was invalidated, what was removed now and what
+is still held.
+`,
+	"why": `Lists everything that keeps the package from removal right now: references
+per host (a node's reference with how many of its jobs hold it), a pin,
+the packages that need it and what keeps them (a tree), a build in
+progress, an invalidation, and the gc grace period (which only gc waits
+for); or says that nothing does.
 `,
 	"run": `CMD runs with $` + EnvPkg + ` (the package's files) while a reference keeps
 the package from removal; signals are forwarded and run exits with CMD's
@@ -126,7 +160,11 @@ func init() {
 		"inspect":    {"[flags] ID", "describe a package: state, builder, references, size, digest, logs", cmdInspect},
 		"logs":       {"[--follow] [--attempt N] [--list] ID", "print a package's build log from any host, or follow the build in progress", cmdLogs},
 		"events":     {"[--json] [--since REV]", "stream what the cluster does: builds, waits, publishes, failures, removals, references, GC, nodes", cmdEvents},
-		"rm":         {"[flags] ID", "remove a package unless it is referenced or being built", cmdRm},
+		"rm":         {"[flags] ID", "remove a package unless it is referenced, pinned, needed by another or being built", cmdRm},
+		"pin":        {"[--for DURATION] [--note TEXT] ID", "keep a package (and what it needs) from rm and gc until unpinned or --for passes", cmdPin},
+		"unpin":      {"[flags] ID", "remove a package's pin", cmdUnpin},
+		"invalidate": {"--reason TEXT ID", "mark a package (and what needs it) bad everywhere: no new run; removed when its last holder leaves", cmdInvalidate},
+		"why":        {"[--json] ID", "explain what keeps a package from removal: holders, pin, dependents, a build, gc grace", cmdWhy},
 		"gc":         {"[flags]", "remove unused packages (--older-than, --target-size, --dry-run)", cmdGC},
 		"status":     {"[flags]", "show nodes, builds in progress and totals", cmdStatus},
 		"verify":     {"[flags] ID", "check a package's tree against the digest recorded at publish", cmdVerify},
@@ -150,14 +188,17 @@ $XDG_DATA_HOME/granary (else ~/.local/share/granary).
 With --cache URL (or $GRANARY_CACHE), builds check that remote cache before
 building and fill it after publishing.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist;
+Exit codes: 0 ok, 1 error, 2 usage, 3 package does not exist (or is
+invalidated: the message says who invalidated it and why), 4 not allowed
+(rm, pin, unpin and invalidate through the local node need root, the node's
+user or its --admin-group);
 'granary build' and 'granary run' exit with their command's code
 (127: it cannot start, 128+N: signal N killed it).
 `
 
 // commandOrder is the order of the commands in the help and in shell
 // completion.
-var commandOrder = []string{"build", "run", "ls", "inspect", "logs", "events", "rm", "gc", "status", "verify", "cache", "node", "init-root", "serve", "demo", "version", "completion"}
+var commandOrder = []string{"build", "run", "ls", "inspect", "why", "logs", "events", "rm", "gc", "pin", "unpin", "invalidate", "status", "verify", "cache", "node", "init-root", "serve", "demo", "version", "completion"}
 
 func usage() string {
 	var b strings.Builder

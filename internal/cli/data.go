@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math"
 	"slices"
 	"strconv"
@@ -71,7 +72,7 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 		return writeJSON(e.stdout, list)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSTATE\tSIZE\tREFS\tLAST USED\tBUILT BY\tLAST FAILURE")
+	fmt.Fprintln(tw, "ID\tSTATE\tSIZE\tREFS\tNEEDED BY\tPINNED\tLAST USED\tBUILT BY\tLAST FAILURE")
 	for _, p := range list {
 		size, by := "-", "-"
 		if p.Package != nil {
@@ -83,7 +84,11 @@ func cmdLs(ctx context.Context, e *env, args []string) error {
 		if p.LastFailure != nil {
 			failed = fmt.Sprintf("%s on %s (%s)", ago(p.LastFailure.Ended), p.LastFailure.Host, failureStatus(p.LastFailure))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", p.ID, p.State, size, p.Refs, ago(p.ATime), by, failed)
+		state := string(p.State)
+		if p.Invalid != nil {
+			state += " (invalid)" // no new reference; removed when its last holder leaves
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", p.ID, state, size, p.Refs, p.NeededBy, pinnedColumn(p.Pin), ago(p.ATime), by, failed)
 	}
 	return tw.Flush()
 }
@@ -128,6 +133,42 @@ func cmdInspect(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
+// pinnedColumn is ls's PINNED: "-", "yes" or "until TIME".
+func pinnedColumn(p *etcdstore.PinRecord) string {
+	switch {
+	case p == nil || p.Expired(time.Now()):
+		return "-"
+	case p.Until.IsZero():
+		return "yes"
+	}
+	return "until " + p.Until.Format(time.RFC3339)
+}
+
+// printGraph prints a package's needs, dependents, pin and invalidation.
+func printGraph(w io.Writer, info etcdstore.Info) {
+	if p := info.Package; p != nil && len(p.Needs) > 0 {
+		fmt.Fprintf(w, "needs:   %s\n", strings.Join(p.Needs, ", "))
+	}
+	if len(info.NeededBy) > 0 {
+		fmt.Fprintf(w, "needed by: %s\n", strings.Join(info.NeededBy, ", "))
+	}
+	if p := info.Pin; p != nil {
+		expired := ""
+		if p.Expired(time.Now()) {
+			expired = " (expired: the next removal drops it)"
+		}
+		fmt.Fprintf(w, "pin:     %s, at %s%s\n", pinText(p), p.At.Format(time.RFC3339), expired)
+	}
+	if r := info.Invalid; r != nil {
+		fmt.Fprintf(w, "invalid: by %s on %s at %s: %s (no new reference; removed when its last holder leaves)\n",
+			r.By, r.Host, r.At.Format(time.RFC3339), invalidReason(r))
+	}
+	if r := info.Invalidated; r != nil {
+		fmt.Fprintf(w, "invalidated: by %s on %s at %s: %s; removed at %s\n",
+			r.By, r.Host, r.At.Format(time.RFC3339), invalidReason(r), r.Removed.Format(time.RFC3339))
+	}
+}
+
 func printInfo(e *env, info etcdstore.Info) {
 	w := e.stdout
 	fmt.Fprintf(w, "id:      %s\nstate:   %s\n", info.ID, info.State)
@@ -149,6 +190,7 @@ func printInfo(e *env, info etcdstore.Info) {
 		// has none to point at.
 		fmt.Fprintf(w, "path:    %s\n", info.OutputDir)
 	}
+	printGraph(w, info)
 	fmt.Fprintf(w, "logs:    %s\nrefs:    %d\n", info.LogDir, len(info.Refs))
 	for _, r := range info.Refs {
 		fmt.Fprintf(w, "  - %s\n", holder(r))
@@ -167,42 +209,6 @@ func holder(r etcdstore.RefInfo) string {
 		s += " (the node's reference for its host's jobs; held by a job there, or lingering)"
 	}
 	return s
-}
-
-func cmdRm(ctx context.Context, e *env, args []string) error {
-	f, id, c, err := e.openID(ctx, "rm", false, args)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	ok, err := e.tryRemove(ctx, f.cfg, c, id)
-	switch {
-	case errors.Is(err, core.ErrPackageNotExist):
-		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: rm: package %q does not exist", id)}
-	case err != nil:
-		return err
-	case ok:
-		fmt.Fprintf(e.stderr, "granary: removed %s; its tree is in %s/.trash and is deleted in the background "+
-			"(files still open on some host are kept until closed; 'granary gc' finishes and reports what is pending)\n", id, c.store.Root())
-		return nil
-	}
-	info, err := c.store.AskHolders(ctx, id, etcdstore.DefaultHoldersWait)
-	if err != nil {
-		return fmt.Errorf("granary: rm %s refused: in use (and cannot say by whom: %w)", id, err)
-	}
-	var why strings.Builder
-	switch {
-	case len(info.Refs) > 0:
-		fmt.Fprintf(&why, "referenced by %d holder(s):", len(info.Refs))
-		for _, r := range info.Refs {
-			fmt.Fprintf(&why, "\n  - %s", holder(r))
-		}
-	case info.Build != nil && info.Build.State == etcdstore.BuildRunning:
-		fmt.Fprintf(&why, "being built on %s (pid %d%s)", info.Build.Host, info.Build.PID, commandSuffix(info.Build.Command))
-	default:
-		why.WriteString("its lock is held by a build or removal in progress; try again")
-	}
-	return fmt.Errorf("granary: rm %s refused: %s", id, why.String())
 }
 
 func cmdGC(ctx context.Context, e *env, args []string) error {

@@ -52,7 +52,7 @@ func (e *env) holdDirect(ctx context.Context, f *flags, id, prog string) (*direc
 	if err != nil {
 		c.Close()
 		if errors.Is(err, core.ErrPackageNotExist) {
-			return nil, jobrun.NotExist(id)
+			return nil, jobrun.NotAvailable(id, err)
 		}
 		return nil, err
 	}

@@ -67,6 +67,16 @@ func NotExist(id string) error {
 	return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: package %q does not exist (and no build of it is in progress); build it first: granary build %s -- CMD", id, id)}
 }
 
+// NotAvailable is `run`'s error for a reference refused with err (which
+// wraps core.ErrPackageNotExist): the store's own words for an invalidated
+// package (who invalidated it, when and why), else NotExist's.
+func NotAvailable(id string, err error) error {
+	if errors.Is(err, core.ErrInvalidated) {
+		return &ExitErr{Code: ExitNotExist, Err: err}
+	}
+	return NotExist(id)
+}
+
 // Forwarded are the signals `run` passes on to its command.
 var Forwarded = []os.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGWINCH}
 

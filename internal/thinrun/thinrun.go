@@ -156,7 +156,7 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 			}
 			return j.Run(ctx, cl)
 		case errors.Is(err, core.ErrPackageNotExist):
-			return jobrun.NotExist(c.id)
+			return jobrun.NotAvailable(c.id, err)
 		case errors.As(err, &fb):
 		default:
 			fb = &fallback{err.Error()}
