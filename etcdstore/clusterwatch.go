@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,20 +17,25 @@ import (
 
 // Kinds of ClusterEvent.
 const (
-	ClusterWaiting     = "waiting"      // a host queued for the build lock while another builds (Host, PID: the waiter; Builder: who builds)
-	ClusterBuilding    = "building"     // an attempt took the lock (Host, PID, LogDir; Purpose: the builder's command, when a node runs it in its caller)
-	ClusterPublished   = "published"    // the package is available (Host, PID, Size, Seconds, Digest)
-	ClusterFailed      = "failed"       // an attempt failed (Host, PID, Error, LogDir)
-	ClusterAbandoned   = "abandoned"    // an attempt ended without publishing or failing: its builder died or gave up
-	ClusterRemoved     = "removed"      // the package was removed
-	ClusterRefTaken    = "ref-taken"    // a holder took a reference (Host, PID, Lease, Purpose)
-	ClusterRefDropped  = "ref-dropped"  // a reference was released or its lease ended
-	ClusterGCStarted   = "gc-started"   // a collector started a sweep (Host, PID)
-	ClusterGCEnded     = "gc-ended"     // the sweep ended
-	ClusterNodeJoined  = "node-joined"  // a node registered (Host: its name, PID, Version)
-	ClusterNodeLeft    = "node-left"    // a node's registration ended
-	ClusterFailureGone = "failure-gone" // the record of a failed attempt expired or was dropped
-	ClusterYield       = "yield"        // a removal (Host) asks nodes that only linger on the package to release it
+	ClusterWaiting     = "waiting"       // a host queued for the build lock while another builds (Host, PID: the waiter; Builder: who builds)
+	ClusterBuilding    = "building"      // an attempt took the lock (Host, PID, LogDir; Purpose: the builder's command, when a node runs it in its caller)
+	ClusterPublished   = "published"     // the package is available (Host, PID, Size, Seconds, Digest)
+	ClusterFailed      = "failed"        // an attempt failed (Host, PID, Error, LogDir)
+	ClusterAbandoned   = "abandoned"     // an attempt ended without publishing or failing: its builder died or gave up
+	ClusterRemoved     = "removed"       // the package was removed
+	ClusterRefTaken    = "ref-taken"     // a holder took a reference (Host, PID, Lease, Purpose)
+	ClusterRefDropped  = "ref-dropped"   // a reference was released or its lease ended
+	ClusterGCStarted   = "gc-started"    // a collector started a sweep (Host, PID)
+	ClusterGCEnded     = "gc-ended"      // the sweep ended
+	ClusterNodeJoined  = "node-joined"   // a node registered (Host: its name, PID, Version)
+	ClusterNodeLeft    = "node-left"     // a node's registration ended
+	ClusterFailureGone = "failure-gone"  // the record of a failed attempt expired or was dropped
+	ClusterYield       = "yield"         // a removal (Host) asks nodes that only linger on the package to release it
+	ClusterPinned      = "pinned"        // the package was pinned (By, Host, Until; Purpose: the note)
+	ClusterUnpinned    = "unpinned"      // its pin was removed, or deleted once expired
+	ClusterInvalidated = "invalidated"   // the package was invalidated (By, Host, Reason; Cause: the need it was invalidated with)
+	ClusterPodMounted  = "pod-mounted"   // a node (Host) publishes the package as a volume of the pods in Purpose
+	ClusterPodUnmount  = "pod-unmounted" // a node (Host) no longer publishes it to the pods in Purpose
 )
 
 // ClusterEvent is one thing the cluster did, decoded from a change of the
@@ -51,6 +57,10 @@ type ClusterEvent struct {
 	Digest  string    `json:"digest,omitempty"`
 	Error   string    `json:"error,omitempty"`
 	Version string    `json:"version,omitempty"`
+	By      string    `json:"by,omitempty"`     // pinned, invalidated: the user
+	Until   time.Time `json:"until,omitzero"`   // pinned: when the pin expires
+	Reason  string    `json:"reason,omitempty"` // invalidated
+	Cause   string    `json:"cause,omitempty"`  // invalidated: with this need
 }
 
 // ErrCompacted is returned by WatchCluster when the revision to start from
@@ -188,7 +198,11 @@ func (d *decoder) decode(evs []*clientv3.Event) []ClusterEvent {
 		case keys.Lock:
 			ok = d.lock(c, &ce)
 		case keys.Ref:
-			ok = refChange(c, &ce)
+			ok = refChange(c, &ce) || podChange(c, &ce)
+		case keys.Pin:
+			ok = pinChange(c, &ce)
+		case keys.Invalid:
+			ok = invalidChange(c, &ce)
 		case keys.GC:
 			ok = gcChange(c, &ce)
 		case keys.Node:
@@ -334,5 +348,65 @@ func nodeChange(c change, ce *ClusterEvent) bool {
 			ce.Time = reg.Started // a replayed join keeps its own time
 		}
 	}
+	return true
+}
+
+// podChange reports the pods a rewrite of a node's cached reference added
+// or removed (RecordPods), as one event for the first kind that changed.
+func podChange(c change, ce *ClusterEvent) bool {
+	if !c.put || c.created {
+		return false
+	}
+	now, err1 := decode[refRecord](c.ev.Kv.Value)
+	was, err2 := decode[refRecord](c.prev)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	ce.Lease, _, _ = strings.Cut(c.key.Rest, "/")
+	ce.Host, ce.PID = now.Host, now.PID
+	if added := missing(now.Pods, was.Pods); len(added) > 0 {
+		ce.Kind, ce.Purpose = ClusterPodMounted, "pod "+strings.Join(added, ", pod ")
+		return true
+	}
+	if gone := missing(was.Pods, now.Pods); len(gone) > 0 {
+		ce.Kind, ce.Purpose = ClusterPodUnmount, "pod "+strings.Join(gone, ", pod ")
+		return true
+	}
+	return false
+}
+
+// missing returns the elements of a that b lacks.
+func missing(a, b []string) []string {
+	var out []string
+	for _, x := range a {
+		if !slices.Contains(b, x) {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+func pinChange(c change, ce *ClusterEvent) bool {
+	if !c.put {
+		ce.Kind = ClusterUnpinned
+		return true
+	}
+	p, err := decode[PinRecord](c.ev.Kv.Value)
+	if err != nil {
+		return false
+	}
+	ce.Kind, ce.By, ce.Host, ce.Time, ce.Until, ce.Purpose = ClusterPinned, p.By, p.Host, p.At, p.Until, p.Note
+	return true
+}
+
+func invalidChange(c change, ce *ClusterEvent) bool {
+	if !c.put {
+		return false // the removal that deletes it is reported as removed
+	}
+	r, err := decode[InvalidRecord](c.ev.Kv.Value)
+	if err != nil {
+		return false
+	}
+	ce.Kind, ce.By, ce.Host, ce.Time, ce.Reason, ce.Cause = ClusterInvalidated, r.By, r.Host, r.At, r.Reason, r.Cause
 	return true
 }

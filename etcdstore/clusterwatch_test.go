@@ -88,3 +88,59 @@ func TestWatchCluster(t *testing.T) {
 		t.Fatalf("replay = %v after %d events, want %v after %d", err, n, stop, len(want))
 	}
 }
+
+// TestWatchClusterGraph: pins, invalidations and the pods a node's cached
+// reference records are cluster events.
+func TestWatchClusterGraph(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	w := newStore(t, srv, root, etcdstore.WithHost("watcher"))
+	a := newStore(t, srv, root, etcdstore.WithHost("host-a"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := a.Handle("pkg").Build(func() error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	evs := make(chan etcdstore.ClusterEvent, 100)
+	started := make(chan int64, 1)
+	go w.WatchCluster(ctx, 0, func(rev int64) { started <- rev }, func(ev etcdstore.ClusterEvent) error { //nolint:errcheck // ends with ctx
+		evs <- ev
+		return nil
+	})
+	<-started
+	h := a.Handle("pkg")
+	steps := []func() error{
+		func() error { _, err := a.Pin(ctx, "pkg", etcdstore.PinOptions{By: "alice", Note: "release"}); return err },
+		func() error { _, err := a.Unpin(ctx, "pkg"); return err },
+		func() error { return h.IncRefCachedContext(ctx) },
+		func() error { return h.RecordPods(ctx, []string{"farm/job-1"}) },
+		func() error { return h.RecordPods(ctx, nil) },
+		func() error { _, err := a.Invalidate(ctx, "pkg", "bad", "bob"); return err },
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := []string{etcdstore.ClusterPinned, etcdstore.ClusterUnpinned, etcdstore.ClusterRefTaken,
+		etcdstore.ClusterPodMounted, etcdstore.ClusterPodUnmount, etcdstore.ClusterInvalidated}
+	for i, kind := range want {
+		select {
+		case ev := <-evs:
+			ok := ev.Kind == kind
+			switch kind {
+			case etcdstore.ClusterPinned:
+				ok = ok && ev.By == "alice" && ev.Purpose == "release"
+			case etcdstore.ClusterPodMounted, etcdstore.ClusterPodUnmount:
+				ok = ok && ev.Purpose == "pod farm/job-1" && ev.Host == "host-a"
+			case etcdstore.ClusterInvalidated:
+				ok = ok && ev.By == "bob" && ev.Reason == "bad"
+			}
+			if !ok {
+				t.Fatalf("event %d = %+v, want %s", i, ev, kind)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no %s event within 30s", kind)
+		}
+	}
+}

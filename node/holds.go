@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -17,8 +18,10 @@ import (
 // package held by a job protects it for a Hold too. Holders (and so
 // `granary inspect`) lists it with its description until Release.
 type Hold struct {
+	n     *Node
 	a     *server
 	id    string
+	pod   string // "namespace/name", for a pod's volume
 	who   Holder
 	mu    sync.Mutex
 	freed bool
@@ -46,6 +49,20 @@ func (s *heldSet) remove(h *Hold) {
 	delete(s.m, h)
 }
 
+// pods returns the pods of id's Holds, sorted.
+func (s *heldSet) pods(id string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []string
+	for h := range s.m {
+		if h.id == id && h.pod != "" {
+			out = append(out, h.pod)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // list returns the holders of id's Holds.
 func (s *heldSet) list(id string) []Holder {
 	s.mu.Lock()
@@ -69,6 +86,14 @@ func (s *heldSet) list(id string) []Holder {
 // before Run (a restarted CSI driver takes its volumes' references again
 // before anything serves).
 func (n *Node) HoldFor(ctx context.Context, id, purpose string) (*Hold, error) {
+	return n.HoldForPod(ctx, id, "", purpose)
+}
+
+// HoldForPod is HoldFor for a Kubernetes pod ("namespace/name"): the
+// node's etcd reference to id also records the pods it holds the package
+// for (etcdstore.Handle.RecordPods), so that inspect on every host and
+// `granary events` (pod-mounted, pod-unmounted) name them.
+func (n *Node) HoldForPod(ctx context.Context, id, pod, purpose string) (*Hold, error) {
 	a := n.agent.Load()
 	if a == nil {
 		return nil, fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
@@ -79,8 +104,11 @@ func (n *Node) HoldFor(ctx context.Context, id, purpose string) (*Hold, error) {
 			return nil, a.explain(err)
 		}
 	}
-	h := &Hold{a: a, id: id, who: Holder{Since: time.Now(), Purpose: purpose}}
+	h := &Hold{n: n, a: a, id: id, pod: pod, who: Holder{Since: time.Now(), Purpose: purpose}}
 	a.held.add(h)
+	if pod != "" {
+		h.recordPods(ctx)
+	}
 	return h, nil
 }
 
@@ -99,5 +127,19 @@ func (h *Hold) Release() error {
 		return fmt.Errorf("granary: decref %q: %w", h.id, etcdstore.ErrNoRef)
 	}
 	h.a.held.remove(h)
+	if h.pod != "" {
+		h.recordPods(context.Background())
+	}
 	return h.a.refs.drop(h.id)
+}
+
+// recordPods writes the pods the node holds h's package for into its etcd
+// reference. A failure is logged: the pods are for people, the reference
+// itself stands.
+func (h *Hold) recordPods(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.n.cfg.OpTimeout)
+	defer cancel()
+	if err := h.n.store.Handle(h.id).RecordPods(ctx, h.a.held.pods(h.id)); err != nil {
+		h.n.log.Warn("recording the pods that hold a package failed", "id", h.id, "err", err)
+	}
 }

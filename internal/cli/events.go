@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/granary-build/granary/etcdstore"
 )
@@ -72,6 +73,18 @@ func eventLine(ev etcdstore.ClusterEvent) string {
 	}
 	if ev.Version != "" {
 		kv("version", ev.Version)
+	}
+	if ev.By != "" {
+		kv("by", ev.By)
+	}
+	if !ev.Until.IsZero() {
+		kv("until", ev.Until.Local().Format(time.RFC3339))
+	}
+	if ev.Reason != "" {
+		kv("reason", fmt.Sprintf("%q", ev.Reason))
+	}
+	if ev.Cause != "" {
+		kv("with", ev.Cause)
 	}
 	if ev.Purpose != "" {
 		kv("purpose", fmt.Sprintf("%q", ev.Purpose))

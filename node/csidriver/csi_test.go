@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -230,6 +231,10 @@ func TestCSIPublishHoldsUntilUnpublish(t *testing.T) {
 	}
 	if ok, err := other.Handle("tool-1").TryRemoveContext(ctx); ok || err != nil {
 		t.Fatalf("TryRemove from another host while published: got (%v, %v), want (false, nil)", ok, err)
+	}
+	// Another host sees the pod in the node's reference.
+	if info, err := other.Inspect(ctx, "tool-1"); err != nil || len(info.Refs) != 1 || !slices.Equal(info.Refs[0].Pods, []string{"farm/job-v1"}) {
+		t.Errorf("inspect from another host: %+v, %v; want the node's reference naming pod farm/job-v1", info.Refs, err)
 	}
 	// A sub-path: only sub/ of the package.
 	subTarget := filepath.Join(t.TempDir(), "sub")

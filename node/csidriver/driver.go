@@ -143,7 +143,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 			d.log.Info("dropping the record of a volume that is no longer mounted", "volume", id, "package", v.Package, "target", v.Target)
 			continue
 		}
-		h, err := d.n.HoldFor(ctx, v.Package, v.holder())
+		h, err := d.n.HoldForPod(ctx, v.Package, v.podName(), v.holder())
 		switch {
 		case errors.Is(err, core.ErrPackageNotExist):
 			d.log.Error("a published volume's package is no longer in the store; unmounting it", "volume", id, "package", v.Package, "target", v.Target)

@@ -160,7 +160,7 @@ func (d *Driver) publish(ctx context.Context, v *volume) error {
 		return d.mount(v)
 	}
 	v.Since = time.Now()
-	h, err := d.n.HoldFor(ctx, v.Package, v.holder())
+	h, err := d.n.HoldForPod(ctx, v.Package, v.podName(), v.holder())
 	if err != nil {
 		return holdStatus(v.Package, err)
 	}

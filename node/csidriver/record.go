@@ -106,3 +106,11 @@ func (r recordFile) save(vols map[string]*volume) error {
 	}
 	return nil
 }
+
+// podName is the volume's pod as "namespace/name", or "" without pod info.
+func (v *volume) podName() string {
+	if v.Pod.Name == "" {
+		return ""
+	}
+	return v.Pod.Namespace + "/" + v.Pod.Name
+}
