@@ -110,7 +110,10 @@ func TestWatchClusterGraph(t *testing.T) {
 	<-started
 	h := a.Handle("pkg")
 	steps := []func() error{
-		func() error { _, err := a.Pin(ctx, "pkg", etcdstore.PinOptions{By: "alice", Note: "release"}); return err },
+		func() error {
+			_, err := a.Pin(ctx, "pkg", etcdstore.PinOptions{By: "alice", Note: "release"})
+			return err
+		},
 		func() error { _, err := a.Unpin(ctx, "pkg"); return err },
 		func() error { return h.IncRefCachedContext(ctx) },
 		func() error { return h.RecordPods(ctx, []string{"farm/job-1"}) },
