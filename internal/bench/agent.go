@@ -67,7 +67,7 @@ func (r *run) agent(ctx context.Context) error {
 	}
 
 	for _, c := range r.z.HotConcurrency {
-		if err := r.agentPairs(ctx, state, id, c); err != nil {
+		if err := r.agentPairs(ctx, state, id, c, "agent"); err != nil {
 			return err
 		}
 	}
@@ -81,9 +81,10 @@ func (r *run) agent(ctx context.Context) error {
 }
 
 // agentPairs measures warm IncRef+DecRef pairs through the node at c
-// callers, each with a Conn of its own, next to the floor of two bare
-// round trips on a unix socket.
-func (r *run) agentPairs(ctx context.Context, state, id string, c int) error {
+// callers, each with a Conn of its own, as results named key_…; for the
+// agent scenario (key "agent") next to the floor of two bare round trips
+// on a unix socket.
+func (r *run) agentPairs(ctx context.Context, state, id string, c int, key string) error {
 	n := r.z.HotPairs * r.z.HotRounds
 	var err error
 	conns := make([]*agent.Conn, c)
@@ -117,16 +118,19 @@ func (r *run) agentPairs(ctx context.Context, state, id string, c int) error {
 	}
 	cnt := r.cnt.Snapshot().Sub(before)
 	rate := float64(n) / wall.Seconds()
-	r.res[fmt.Sprintf("agent_ops_per_s_c%d", c)] = rate
-	r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
-	r.res[fmt.Sprintf("agent_pair_p99_us_c%d", c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
-	r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)] = float64(cnt.Writes) / float64(n)
+	r.res[fmt.Sprintf("%s_ops_per_s_c%d", key, c)] = rate
+	r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
+	r.res[fmt.Sprintf("%s_pair_p99_us_c%d", key, c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
+	r.res[fmt.Sprintf("%s_etcd_writes_per_pair_c%d", key, c)] = float64(cnt.Writes) / float64(n)
 	direct := r.res[fmt.Sprintf("hotpath_ops_per_s_c%d", c)]
 	if direct > 0 {
-		r.res[fmt.Sprintf("agent_vs_direct_c%d", c)] = rate / direct
+		r.res[fmt.Sprintf("%s_vs_direct_c%d", key, c)] = rate / direct
 	}
 	r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
-		c, rate, direct, r.res[fmt.Sprintf("agent_pair_p50_us_c%d", c)], r.res[fmt.Sprintf("agent_etcd_writes_per_pair_c%d", c)])
+		c, rate, direct, r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)], r.res[fmt.Sprintf("%s_etcd_writes_per_pair_c%d", key, c)])
+	if key != "agent" {
+		return nil
+	}
 	floor, floorP50, err := r.socketFloor(ctx, c, n)
 	if err != nil {
 		return err

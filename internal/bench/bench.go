@@ -227,6 +227,7 @@ var scenarios = []struct{ key, name string }{
 	{key: "takeover", name: "takeover"},
 	{key: "prune", name: "prune"},
 	{key: "refs", name: "references"},
+	{key: "needs", name: "needs"},
 }
 
 // Scenarios returns the keys of the scenarios, in the order they run.
@@ -281,7 +282,7 @@ func Run(ctx context.Context, cfg Config) (rep *Report, err error) {
 	start := time.Now()
 	fns := map[string]func(context.Context) error{
 		"hotpath": r.hotpath, "agent": r.agent, "waiters": r.waiters, "stampede": r.stampede,
-		"distinct": r.distinct, "takeover": r.takeover, "prune": r.prune, "refs": r.refs,
+		"distinct": r.distinct, "takeover": r.takeover, "prune": r.prune, "refs": r.refs, "needs": r.needs,
 	}
 	for _, st := range scenarios {
 		if len(cfg.Only) > 0 && !slices.Contains(cfg.Only, st.key) {
