@@ -45,3 +45,7 @@ func SetSealProgressEvery(d time.Duration) (restore func()) {
 // whose key etcd deleted behind its back (fn may block it). Call it
 // before the deletion.
 func SetTestHookRetake(s *Store, fn func(id string)) { s.testHookRetake = fn }
+
+// LockPrefix is the key prefix of id's lock queue in s (one key per store
+// that holds or waits for the lock).
+func LockPrefix(s *Store, id string) string { return s.lockPrefix(id) }
