@@ -70,10 +70,11 @@ func frozenEtcdMember(t *testing.T, leader bool) {
 	// (etcd-io/etcd#15247's check is skipped right after a thaw; see
 	// docs/design.md, "A frozen etcd member"). etcd logs "Ignore the lease
 	// revoking request" when it does the right thing; without that line,
-	// losses after the thaw are the server's, not the clients'.
-	time.Sleep(2 * time.Second)
-	etcdLog, _ := c.compose(t.Context(), "logs", "--no-color", member)
-	raced := leader && !strings.Contains(etcdLog, "Ignore the lease revoking request")
+	// losses after the thaw are the server's, not the clients'. The line
+	// comes at the member's first expiry check after the thaw (every
+	// 500 ms): wait for it, and take its absence after ten checks as the
+	// race.
+	raced := leader && !c.logShows(member, "Ignore the lease revoking request", 5*time.Second)
 	if raced {
 		t.Logf("the thawed old leader %s revoked the leases it saw expire (etcd server race): losses after the thaw are not checked; build spanning the freeze: %s", member, spanned)
 	} else if spanned.code != 0 {
@@ -164,4 +165,22 @@ func sinceIn(line string, t0 time.Time) string {
 		return "?"
 	}
 	return at.Sub(t0).Round(10 * time.Millisecond).String()
+}
+
+// logShows reports whether service's log contains line within ceiling,
+// reading the log again every 250 ms until it does.
+func (c *cluster) logShows(service, line string, ceiling time.Duration) bool {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(ceiling)
+	for {
+		if out, _ := c.compose(c.t.Context(), "logs", "--no-color", service); strings.Contains(out, line) {
+			return true
+		}
+		select {
+		case <-deadline:
+			return false
+		case <-tick.C:
+		}
+	}
 }

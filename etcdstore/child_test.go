@@ -43,6 +43,7 @@ func childMain() int {
 	}
 	defer s.Close()
 	n, _ := strconv.Atoi(os.Getenv("GOROUTINES"))
+	procs, _ := strconv.Atoi(os.Getenv("PROCS"))
 	h := s.Handle(id)
 	builder := func() error {
 		if err := appendLine(filepath.Join(root, "builds.log"), fmt.Sprintf("%s %d", mode, os.Getpid())); err != nil {
@@ -54,7 +55,13 @@ func childMain() int {
 			select {} // killed here
 		}
 		os.WriteFile(filepath.Join(root, fmt.Sprintf("started-%d", os.Getpid())), nil, 0o644)
-		time.Sleep(300 * time.Millisecond) // let the other processes pile up behind the lock
+		// Let the other processes pile up behind the lock: the builder
+		// finishes only once every process has its key in the lock queue,
+		// so the test covers waiters in other processes, not latecomers
+		// who find the package published.
+		if err := awaitQueue(cli, etcdstore.LockPrefix(s, id), procs); err != nil {
+			return err
+		}
 		return os.WriteFile(filepath.Join(h.OutputDirectory(), "data"), []byte("complete"), 0o644)
 	}
 	var wg sync.WaitGroup
@@ -73,6 +80,27 @@ func childMain() int {
 	return 0
 }
 
+// awaitQueue waits until the lock queue under pfx holds at least n keys,
+// by a watch from the revision of each count; it gives up after a minute
+// (a process that never queued is then the test's failure).
+func awaitQueue(cli *clientv3.Client, pfx string, n int) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		resp, err := cli.Get(ctx, pfx, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil {
+			return fmt.Errorf("lock queue %s: want %d processes in it: %w", pfx, n, err)
+		}
+		if resp.Count >= int64(n) {
+			return nil
+		}
+		wch := cli.Watch(ctx, pfx, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+		if _, ok := <-wch; !ok {
+			return fmt.Errorf("lock queue %s: %d of %d processes in it: %w", pfx, resp.Count, n, ctx.Err())
+		}
+	}
+}
+
 func appendLine(path, line string) error {
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 	if err != nil {
@@ -82,11 +110,13 @@ func appendLine(path, line string) error {
 	return errors.Join(err, f.Close())
 }
 
-func child(t *testing.T, srv *etcdtest.Server, mode, root, id string, goroutines int) *exec.Cmd {
+// child starts this test binary as one process of procs that build id
+// (mode "build") or as a builder that hangs until killed (mode "hang").
+func child(t *testing.T, srv *etcdtest.Server, mode, root, id string, goroutines, procs int) *exec.Cmd {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+mode, "ENDPOINT="+srv.Endpoint, "ROOT="+root, "ID="+id,
-		"GOROUTINES="+strconv.Itoa(goroutines))
+		"GOROUTINES="+strconv.Itoa(goroutines), "PROCS="+strconv.Itoa(procs))
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -111,7 +141,7 @@ func TestBuildOnceProcesses(t *testing.T) {
 	root := t.TempDir()
 	var cmds []*exec.Cmd
 	for range 3 {
-		cmds = append(cmds, child(t, srv, "build", root, "multi-proc", 4))
+		cmds = append(cmds, child(t, srv, "build", root, "multi-proc", 4, 3))
 	}
 	for i, c := range cmds {
 		if err := c.Wait(); err != nil {
@@ -130,7 +160,7 @@ func TestBuildOnceProcesses(t *testing.T) {
 func TestBuilderKilled(t *testing.T) {
 	srv := etcdtest.Start(t)
 	root := t.TempDir()
-	victim := child(t, srv, "hang", root, "killed", 1)
+	victim := child(t, srv, "hang", root, "killed", 1, 1)
 	started := filepath.Join(root, fmt.Sprintf("started-%d", victim.Process.Pid))
 	waitFile(t, started)
 

@@ -48,3 +48,7 @@ func SetTestHookRetake(s *Store, fn func(id string)) { s.testHookRetake = fn }
 
 // SetTestHookInvalidate sets a hook run after Invalidate read the graph.
 func SetTestHookInvalidate(s *Store, fn func(id string)) { s.testHookInvalidate = fn }
+
+// LockPrefix is the key prefix of id's lock queue in s (one key per store
+// that holds or waits for the lock).
+func LockPrefix(s *Store, id string) string { return s.keys.LockPrefix(id) }

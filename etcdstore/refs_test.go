@@ -152,17 +152,21 @@ func TestInspectShowsRefs(t *testing.T) {
 
 // TestIncRefRacesTryRemove: IncRef on one store and TryRemove on another,
 // started together, round after round. Never may both succeed, and an
-// IncRef that succeeds must see the complete tree.
+// IncRef that succeeds must see the complete tree. It runs at least
+// minRounds and goes on until both orders have happened (at most
+// maxRounds), and fails if one of them never did: a race test that only
+// ever sees one winner has not tested the race.
 func TestIncRefRacesTryRemove(t *testing.T) {
 	srv := etcdtest.Start(t)
 	root := t.TempDir()
 	stores := []*etcdstore.Store{newStore(t, srv, root), newStore(t, srv, root), newStore(t, srv, root)}
-	rounds := 200
+	minRounds, maxRounds := 200, 600
 	if testing.Short() {
-		rounds = 30
+		minRounds = 30
 	}
-	var refWins, removeWins int
-	for i := range rounds {
+	var refWins, removeWins, rounds int
+	for i := 0; i < maxRounds && (i < minRounds || refWins == 0 || removeWins == 0); i++ {
+		rounds++
 		builder, reffer, remover := stores[i%3], stores[(i+1)%3], stores[(i+2)%3]
 		build(t, builder, "raced")
 		var wg sync.WaitGroup
@@ -215,4 +219,8 @@ func TestIncRefRacesTryRemove(t *testing.T) {
 		}
 	}
 	t.Logf("%d rounds: IncRef first %d, TryRemove first %d", rounds, refWins, removeWins)
+	if refWins == 0 || removeWins == 0 {
+		t.Errorf("in %d rounds IncRef won %d times and TryRemove %d: both orders must happen for the race to be tested (change the stagger)",
+			rounds, refWins, removeWins)
+	}
 }

@@ -518,7 +518,9 @@ func TestYieldRacesIncRef(t *testing.T) {
 	obs := observer(t, srv, root, etcdstore.WithYieldWait(300*time.Millisecond))
 	ctx := context.Background()
 	won := map[string]int{}
-	for i := range 20 {
+	// At least 20 rounds, then on until both have won (at most 80 rounds):
+	// a race test that never saw one of the orders has not tested it.
+	for i := 0; i < 80 && (i < 20 || won["job"] == 0 || won["removal"] == 0); i++ {
 		id := fmt.Sprintf("race-%d", i)
 		build(t, obs, id)
 		h := ca.Handle(id)
@@ -537,7 +539,7 @@ func TestYieldRacesIncRef(t *testing.T) {
 		wg.Go(func() {
 			// Start at a different point of the removal each time
 			// (its lock, its request, the node's release, its Txn).
-			time.Sleep(time.Duration(i) * 3 * time.Millisecond)
+			time.Sleep(time.Duration(i%20) * 3 * time.Millisecond)
 			incErr = h.IncRefContext(ctx)
 		})
 		wg.Go(func() { removed, rmErr = obs.Handle(id).TryRemoveContext(ctx) })
@@ -562,6 +564,9 @@ func TestYieldRacesIncRef(t *testing.T) {
 		}
 	}
 	t.Logf("winners: %v", won)
+	if won["job"] == 0 || won["removal"] == 0 {
+		t.Errorf("winners %v: both the job and the removal must win at least once for the race to be tested", won)
+	}
 }
 
 // Inspect from another host asks the node for its local holder count,

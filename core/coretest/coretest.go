@@ -5,6 +5,7 @@
 package coretest
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -33,6 +34,10 @@ func TestPackageManager(t *testing.T, newManagers NewManagers) {
 	t.Run("InvalidIDs", func(t *testing.T) { testInvalidIDs(t, newManagers(t, 1)[0]) })
 	t.Run("DecRefWithoutRef", func(t *testing.T) { testDecRefWithoutRef(t, newManagers(t, 1)[0]) })
 	t.Run("IncRefWaitsForBuild", func(t *testing.T) { testIncRefWaitsForBuild(t, newManagers(t, 2)) })
+	t.Run("WaitersOfFailedAttempt", func(t *testing.T) { testWaitersOfFailedAttempt(t, newManagers(t, 2)) })
+	t.Run("TryRemoveDuringBuild", func(t *testing.T) { testTryRemoveDuringBuild(t, newManagers(t, 2)) })
+	t.Run("LoggingDirectory", func(t *testing.T) { testLoggingDirectory(t, newManagers(t, 2)) })
+	t.Run("ContextHandler", func(t *testing.T) { testContextHandler(t, newManagers(t, 2)) })
 }
 
 // writeFile returns a builder that writes name=content into h's output.
@@ -278,5 +283,285 @@ func testIncRefWaitsForBuild(t *testing.T, pms []core.PackageManager) {
 		if err := pm.Get(id).DecRef(); err != nil {
 			t.Errorf("DecRef = %v", err)
 		}
+	}
+}
+
+// testWaitersOfFailedAttempt: callers that wait on an attempt that fails,
+// on its manager and on another, get an error wrapping ErrBuildFailed and
+// do not run their own builders; a later caller tries again. Whether a
+// caller joined the attempt before it failed cannot be observed through
+// the interface, so a caller that arrived after the failure may build
+// instead (it must then succeed); the round is repeated, with the failing
+// builder holding on longer each time, until the waiters did wait.
+func testWaitersOfFailedAttempt(t *testing.T, pms []core.PackageManager) {
+	hold := 50 * time.Millisecond
+	for round := 0; round < 6; round++ {
+		if waited := failedAttemptRound(t, pms, fmt.Sprintf("fails-for-waiters-%d", round), hold); waited > 0 {
+			return
+		}
+		hold *= 2
+	}
+	t.Fatalf("in 6 rounds no caller waited on the failing attempt (each built itself after it failed)")
+}
+
+// failedAttemptRound runs one attempt that fails after hold while two
+// callers per manager ask for id, checks each caller's outcome, and
+// returns how many got ErrBuildFailed.
+func failedAttemptRound(t *testing.T, pms []core.PackageManager, id string, hold time.Duration) (waited int) {
+	t.Helper()
+	boom := errors.New("boom")
+	started, failed := make(chan struct{}), make(chan struct{})
+	h := pms[0].Get(id)
+	first := make(chan error, 1)
+	go func() {
+		first <- h.Build(func() error {
+			close(started)
+			time.Sleep(hold) // the other callers' time to join (see the caller)
+			close(failed)
+			return boom
+		})
+	}()
+	<-started
+	type outcome struct {
+		err   error
+		built bool
+	}
+	outs := make(chan outcome, 2*len(pms))
+	for _, pm := range pms {
+		for range 2 {
+			go func() {
+				var built bool
+				err := pm.Get(id).Build(func() error {
+					select {
+					case <-failed:
+					default:
+						t.Errorf("a waiter's builder ran while the first attempt was running")
+					}
+					built = true
+					return os.WriteFile(filepath.Join(pm.Get(id).OutputDirectory(), "f"), []byte("x"), 0o644)
+				})
+				outs <- outcome{err, built}
+			}()
+		}
+	}
+	if err := <-first; !errors.Is(err, boom) {
+		t.Fatalf("the failing Build = %v, want it to wrap the builder's error", err)
+	}
+	for range 2 * len(pms) {
+		o := <-outs
+		switch {
+		case o.err != nil && !errors.Is(o.err, core.ErrBuildFailed):
+			t.Errorf("a waiter's Build = %v, want an error wrapping ErrBuildFailed", o.err)
+		case o.err != nil && o.built:
+			t.Errorf("a waiter ran its builder and got %v", o.err)
+		case o.err != nil:
+			waited++
+		}
+	}
+	return waited
+}
+
+// testTryRemoveDuringBuild: a TryRemove while a build runs, on its manager
+// or another, removes nothing: it reports false (ErrPackageNotExist is
+// allowed: the package is not available yet), the builder's partial output
+// stays, and the build publishes it.
+func testTryRemoveDuringBuild(t *testing.T, pms []core.PackageManager) {
+	const id = "remove-during-build"
+	h := pms[0].Get(id)
+	started, release := make(chan struct{}), make(chan struct{})
+	built := make(chan error, 1)
+	go func() {
+		built <- h.Build(func() error {
+			if err := os.WriteFile(filepath.Join(h.OutputDirectory(), "early"), []byte("x"), 0o644); err != nil {
+				return err
+			}
+			close(started)
+			<-release
+			return os.WriteFile(filepath.Join(h.OutputDirectory(), "late"), []byte("y"), 0o644)
+		})
+	}()
+	<-started
+	for i, pm := range pms {
+		ok, err := pm.Get(id).TryRemove()
+		if ok || (err != nil && !errors.Is(err, core.ErrPackageNotExist)) {
+			t.Errorf("manager %d: TryRemove during the build = %v, %v; want false and nil or ErrPackageNotExist", i, ok, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(h.OutputDirectory(), "early")); err != nil {
+		t.Errorf("the build's partial output after a TryRemove during the build: %v", err)
+	}
+	close(release)
+	if err := <-built; err != nil {
+		t.Fatalf("Build = %v", err)
+	}
+	for _, f := range []string{"early", "late"} {
+		if _, err := os.Stat(filepath.Join(pms[1].Get(id).OutputDirectory(), f)); err != nil {
+			t.Errorf("published tree lacks %s: %v", f, err)
+		}
+	}
+	if err := pms[1].Get(id).IncRef(); err != nil {
+		t.Fatalf("IncRef after the build = %v", err)
+	}
+	if err := pms[1].Get(id).DecRef(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// testLoggingDirectory: every valid package has a logging directory, the
+// same from every manager and apart from its output; the builder can write
+// into it, and a failed build's logs stay there until the next attempt.
+func testLoggingDirectory(t *testing.T, pms []core.PackageManager) {
+	const id = "logs"
+	h := pms[0].Get(id)
+	logs := h.LoggingDirectory()
+	if logs == "" {
+		t.Fatalf("LoggingDirectory of a valid ID is empty")
+	}
+	if other := pms[1].Get(id).LoggingDirectory(); other != logs {
+		t.Errorf("LoggingDirectory differs between managers: %q vs %q", other, logs)
+	}
+	if out := h.OutputDirectory(); logs == out || strings.HasPrefix(logs, out+string(filepath.Separator)) {
+		t.Errorf("LoggingDirectory %q is (inside) OutputDirectory %q: logs would be part of the package", logs, out)
+	}
+	boom := errors.New("boom")
+	err := h.Build(func() error {
+		if err := os.WriteFile(filepath.Join(h.LoggingDirectory(), "attempt-1.log"), []byte("it broke"), 0o644); err != nil {
+			return fmt.Errorf("write into LoggingDirectory: %w", err)
+		}
+		return boom
+	})
+	if !errors.Is(err, boom) {
+		t.Fatalf("failing Build = %v, want it to wrap the builder's error", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(pms[1].Get(id).LoggingDirectory(), "attempt-1.log")); err != nil || string(b) != "it broke" {
+		t.Errorf("the failed build's log = %q, %v; want it kept", b, err)
+	}
+	if err := h.Build(writeFile(h, "f", "ok", nil)); err != nil {
+		t.Fatalf("Build after the failure = %v", err)
+	}
+	for _, id := range InvalidIDs[:3] {
+		if d := pms[0].Get(id).LoggingDirectory(); d != "" {
+			t.Errorf("LoggingDirectory(%q) = %q, want empty for an invalid id", id, d)
+		}
+	}
+}
+
+// testContextHandler runs the context variants of handlers that offer
+// them (core.ContextHandler): the same lifecycle as without, a context
+// that has ended takes no reference and removes nothing, and a builder's
+// context ends when its only caller's context does.
+func testContextHandler(t *testing.T, pms []core.PackageManager) {
+	if _, ok := pms[0].Get("x").(core.ContextHandler); !ok {
+		t.Skipf("%T does not implement core.ContextHandler", pms[0].Get("x"))
+	}
+	handles := func(id string) (core.ContextHandler, core.ContextHandler) {
+		return pms[0].Get(id).(core.ContextHandler), pms[1].Get(id).(core.ContextHandler)
+	}
+	t.Run("Lifecycle", func(t *testing.T) {
+		h, other := handles("context-lifecycle")
+		testContextLifecycle(t, h, other)
+	})
+	t.Run("EndedContext", func(t *testing.T) {
+		h, other := handles("context-ended")
+		testEndedContext(t, h, other)
+	})
+	t.Run("BuilderContextEnds", func(t *testing.T) {
+		h, _ := handles("context-abandoned")
+		testBuilderContextEnds(t, h)
+	})
+}
+
+// testContextLifecycle is testLifecycle's core through the context
+// variants, h building and other holding.
+func testContextLifecycle(t *testing.T, h, other core.ContextHandler) {
+	ctx := t.Context()
+	if err := h.IncRefContext(ctx); !errors.Is(err, core.ErrPackageNotExist) {
+		t.Fatalf("IncRefContext before the build = %v, want ErrPackageNotExist", err)
+	}
+	var builds atomic.Int32
+	err := h.BuildContext(ctx, func(bctx context.Context) error {
+		if bctx.Err() != nil {
+			return fmt.Errorf("the builder's context ended already: %w", bctx.Err())
+		}
+		return writeFile(h, "f", "x", &builds)()
+	})
+	if err != nil || builds.Load() != 1 {
+		t.Fatalf("BuildContext = %v (builder ran %d times), want nil and 1", err, builds.Load())
+	}
+	if err := other.IncRefContext(ctx); err != nil {
+		t.Fatalf("IncRefContext = %v", err)
+	}
+	if ok, err := h.TryRemoveContext(ctx); ok || err != nil {
+		t.Fatalf("TryRemoveContext while referenced = %v, %v; want false, nil", ok, err)
+	}
+	if err := other.DecRefContext(ctx); err != nil {
+		t.Fatalf("DecRefContext = %v", err)
+	}
+	if err := other.DecRefContext(ctx); err == nil {
+		t.Fatalf("DecRefContext without a reference = nil, want an error")
+	}
+	if ok, err := h.TryRemoveContext(ctx); !ok || err != nil {
+		t.Fatalf("TryRemoveContext without references = %v, %v; want true, nil", ok, err)
+	}
+}
+
+// testEndedContext: a call whose context has ended before it starts fails
+// and changes nothing: IncRefContext leaves no reference (a removal right
+// after succeeds), TryRemoveContext removes nothing.
+func testEndedContext(t *testing.T, h, other core.ContextHandler) {
+	ctx := t.Context()
+	if err := h.BuildContext(ctx, func(context.Context) error { return writeFile(h, "f", "x", nil)() }); err != nil {
+		t.Fatalf("BuildContext = %v", err)
+	}
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	if ok, err := h.TryRemoveContext(ended); ok || err == nil {
+		t.Errorf("TryRemoveContext with an ended context = %v, %v; want false and an error", ok, err)
+	}
+	if err := other.IncRefContext(ctx); err != nil {
+		t.Fatalf("IncRefContext after a TryRemoveContext with an ended context = %v, want nil (the package must still be there)", err)
+	}
+	if err := other.DecRefContext(ctx); err != nil {
+		t.Fatalf("DecRefContext = %v", err)
+	}
+	if err := other.IncRefContext(ended); err == nil {
+		t.Errorf("IncRefContext with an ended context = nil, want an error")
+		other.DecRefContext(ctx) //nolint:errcheck // the reference it should not have taken
+	}
+	if ok, err := h.TryRemoveContext(ctx); !ok || err != nil {
+		t.Fatalf("TryRemoveContext after an IncRefContext with an ended context = %v, %v; want true, nil (no reference may be left)", ok, err)
+	}
+}
+
+// testBuilderContextEnds: when the only caller of an attempt gives up, the
+// builder's context ends, BuildContext returns an error, and nothing is
+// published.
+func testBuilderContextEnds(t *testing.T, h core.ContextHandler) {
+	ctx, cancel := context.WithCancel(t.Context())
+	started := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- h.BuildContext(ctx, func(bctx context.Context) error {
+			close(started)
+			<-bctx.Done()
+			return bctx.Err()
+		})
+	}()
+	<-started
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatalf("BuildContext whose caller gave up = nil, want an error")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the builder's context did not end within 30 s of its only caller's")
+	}
+	// IncRef waits for a build in progress: an attempt the builder did not
+	// leave would hold it, so it is bounded.
+	ictx, icancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer icancel()
+	if err := h.IncRefContext(ictx); !errors.Is(err, core.ErrPackageNotExist) {
+		t.Errorf("IncRefContext after an abandoned build = %v, want ErrPackageNotExist (a deadline: the abandoned attempt still runs)", err)
 	}
 }

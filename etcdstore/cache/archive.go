@@ -201,93 +201,132 @@ func Unpack(r io.Reader, dir string, lim Limits) (st PackStats, err error) {
 		return st, err
 	}
 	defer zr.Close()
-	tr := tar.NewReader(zr)
-	unsafe := func(format string, args ...any) error {
-		return fmt.Errorf("%w: %s", ErrUnsafeArchive, fmt.Sprintf(format, args...))
+	u := &unpacker{
+		root: root, tr: tar.NewReader(zr), lim: lim,
+		dirs: map[string]bool{".": true}, seen: map[string]bool{},
+		parents: &parentRoots{root: root}, buf: make([]byte, 1<<20),
 	}
-	dirs := map[string]bool{".": true} // directories this archive created
-	seen := map[string]bool{}
-	var dirModes []dirMode
-	var links []string
-	parents := &parentRoots{root: root}
-	defer parents.close()
-	buf := make([]byte, 1<<20)
+	defer u.parents.close()
 	for {
-		hdr, err := tr.Next()
+		hdr, err := u.tr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			return st, fmt.Errorf("cache: read archive: %w", err)
+			return u.st, fmt.Errorf("cache: read archive: %w", err)
 		}
-		name := hdr.Name
-		if len(name) > MaxNameLen || strings.Count(name, "/") > MaxDepth {
-			return st, unsafe("entry %.64q…: longer than %d bytes or deeper than %d directories", name, MaxNameLen, MaxDepth)
-		}
-		if hdr.Typeflag == tar.TypeDir {
-			name = strings.TrimSuffix(name, "/")
-		}
-		if name == "" || path.IsAbs(name) || path.Clean(name) != name || name == "." || name == ".." ||
-			strings.HasPrefix(name, "../") || strings.ContainsAny(name, "\x00\\") {
-			return st, unsafe("entry %q: not a canonical relative path", hdr.Name)
-		}
-		if seen[name] {
-			return st, unsafe("entry %q appears twice", name)
-		}
-		seen[name] = true
-		if !dirs[path.Dir(name)] {
-			return st, unsafe("entry %q: its parent is not a directory of the archive", name)
-		}
-		if st.Entries++; st.Entries > lim.MaxEntries {
-			return st, unsafe("more than %d entries", lim.MaxEntries)
-		}
-		perm := fs.FileMode(hdr.Mode).Perm()
-		switch hdr.Typeflag {
-		case tar.TypeDir:
-			if err := root.Mkdir(name, 0o700); err != nil {
-				return st, err
-			}
-			dirs[name] = true
-			dirModes = append(dirModes, dirMode{name, perm | 0o700})
-		case tar.TypeReg:
-			if hdr.Size < 0 || hdr.Size > lim.MaxBytes-st.Bytes {
-				return st, unsafe("entry %q: more than %d bytes in all", name, lim.MaxBytes)
-			}
-			pr, err := parents.open(path.Dir(name))
-			if err != nil {
-				return st, err
-			}
-			if err := writeFile(pr, name, path.Base(name), perm, tr, hdr.Size, buf); err != nil {
-				return st, err
-			}
-			st.Bytes += hdr.Size
-		case tar.TypeSymlink:
-			if !linkInside(name, hdr.Linkname) {
-				return st, unsafe("symlink %q -> %q leads out of the tree", name, hdr.Linkname)
-			}
-			if err := root.Symlink(hdr.Linkname, name); err != nil {
-				return st, err
-			}
-			links = append(links, name)
-		default:
-			return st, unsafe("entry %q: type %q not allowed (only directories, files, symlinks)", name, hdr.Typeflag)
+		if err := u.entry(hdr); err != nil {
+			return u.st, err
 		}
 	}
+	return u.st, u.finish()
+}
+
+// unpacker is the state of one Unpack: what the archive has created so far
+// and what is left to do once every entry is written.
+type unpacker struct {
+	root    *os.Root
+	tr      *tar.Reader
+	lim     Limits
+	st      PackStats
+	dirs    map[string]bool // directories this archive created
+	seen    map[string]bool // every name so far
+	modes   []dirMode       // directory modes, applied last
+	links   []string        // symlinks, resolved for real at the end
+	parents *parentRoots
+	buf     []byte
+}
+
+// unsafeErr is ErrUnsafeArchive with what was refused.
+func unsafeErr(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrUnsafeArchive, fmt.Sprintf(format, args...))
+}
+
+// name returns hdr's name if it is safe to create: bounded, canonical,
+// relative, new, under a directory of this archive, within the entry limit.
+func (u *unpacker) name(hdr *tar.Header) (string, error) {
+	name := hdr.Name
+	if len(name) > MaxNameLen || strings.Count(name, "/") > MaxDepth {
+		return "", unsafeErr("entry %.64q…: longer than %d bytes or deeper than %d directories", name, MaxNameLen, MaxDepth)
+	}
+	if hdr.Typeflag == tar.TypeDir {
+		name = strings.TrimSuffix(name, "/")
+	}
+	if name == "" || path.IsAbs(name) || path.Clean(name) != name || name == "." || name == ".." ||
+		strings.HasPrefix(name, "../") || strings.ContainsAny(name, "\x00\\") {
+		return "", unsafeErr("entry %q: not a canonical relative path", hdr.Name)
+	}
+	if u.seen[name] {
+		return "", unsafeErr("entry %q appears twice", name)
+	}
+	u.seen[name] = true
+	if !u.dirs[path.Dir(name)] {
+		return "", unsafeErr("entry %q: its parent is not a directory of the archive", name)
+	}
+	if u.st.Entries++; u.st.Entries > u.lim.MaxEntries {
+		return "", unsafeErr("more than %d entries", u.lim.MaxEntries)
+	}
+	return name, nil
+}
+
+// entry creates one archive entry: a directory, a regular file or a
+// symlink that stays inside the tree; anything else is refused.
+func (u *unpacker) entry(hdr *tar.Header) error {
+	name, err := u.name(hdr)
+	if err != nil {
+		return err
+	}
+	perm := fs.FileMode(hdr.Mode).Perm()
+	switch hdr.Typeflag {
+	case tar.TypeDir:
+		if err := u.root.Mkdir(name, 0o700); err != nil {
+			return err
+		}
+		u.dirs[name] = true
+		u.modes = append(u.modes, dirMode{name, perm | 0o700})
+	case tar.TypeReg:
+		if hdr.Size < 0 || hdr.Size > u.lim.MaxBytes-u.st.Bytes {
+			return unsafeErr("entry %q: more than %d bytes in all", name, u.lim.MaxBytes)
+		}
+		pr, err := u.parents.open(path.Dir(name))
+		if err != nil {
+			return err
+		}
+		if err := writeFile(pr, name, path.Base(name), perm, u.tr, hdr.Size, u.buf); err != nil {
+			return err
+		}
+		u.st.Bytes += hdr.Size
+	case tar.TypeSymlink:
+		if !linkInside(name, hdr.Linkname) {
+			return unsafeErr("symlink %q -> %q leads out of the tree", name, hdr.Linkname)
+		}
+		if err := u.root.Symlink(hdr.Linkname, name); err != nil {
+			return err
+		}
+		u.links = append(u.links, name)
+	default:
+		return unsafeErr("entry %q: type %q not allowed (only directories, files, symlinks)", name, hdr.Typeflag)
+	}
+	return nil
+}
+
+// finish checks the symlinks for real and applies the directory modes.
+func (u *unpacker) finish() error {
 	// A target that is lexically inside can still lead out through another
 	// symlink ("d/s -> ..", "d/t -> s/../.."): resolve each one for real,
 	// through the Root, which refuses to leave dir. A dangling link is fine.
-	for _, name := range links {
-		if _, err := root.Stat(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return st, unsafe("symlink %q leads out of the tree: %v", name, err)
+	for _, name := range u.links {
+		if _, err := u.root.Stat(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return unsafeErr("symlink %q leads out of the tree: %v", name, err)
 		}
 	}
 	// Directory modes last: a read-only directory could not take children.
-	for _, d := range dirModes {
-		if err := chmodDir(root, d.name, d.mode); err != nil {
-			return st, err
+	for _, d := range u.modes {
+		if err := chmodDir(u.root, d.name, d.mode); err != nil {
+			return err
 		}
 	}
-	return st, nil
+	return nil
 }
 
 type dirMode struct {

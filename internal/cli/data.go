@@ -270,6 +270,13 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	if f.json {
 		return writeJSON(e.stdout, rep)
 	}
+	printPrune(e, rep, opts.Grace)
+	return nil
+}
+
+// printPrune prints a sweep's report: each package removed or kept and
+// why, orphans, totals, the trash, and what the trash could not delete.
+func printPrune(e *env, rep etcdstore.PruneReport, grace time.Duration) {
 	verb := "removed"
 	if rep.DryRun {
 		verb = "would remove"
@@ -278,7 +285,7 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stdout, "%s %s (%s, last used %s)\n", verb, p.ID, human(p.Size), ago(p.ATime))
 	}
 	for _, k := range rep.Kept {
-		fmt.Fprintf(e.stdout, "kept %s (%s)\n", k.ID, keptReason(k, opts.Grace))
+		fmt.Fprintf(e.stdout, "kept %s (%s)\n", k.ID, keptReason(k, grace))
 	}
 	for _, id := range rep.Orphans {
 		fmt.Fprintf(e.stdout, "%s orphan directory %s\n", verb, id)
@@ -291,7 +298,6 @@ func cmdGC(ctx context.Context, e *env, args []string) error {
 	for _, msg := range rep.TrashErrors {
 		fmt.Fprintf(e.stderr, "granary: gc: cannot delete from the trash (the next gc tries again): %s\n", msg)
 	}
-	return nil
 }
 
 // keptReason says why gc kept a package: "in grace: …", "held by …",
@@ -354,17 +360,33 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer c.Close()
-	st := status{Building: []etcdstore.Summary{}, Failed: []etcdstore.Summary{}, Root: c.store.Root(), Prefix: c.store.Prefix()}
-	if st.Nodes, err = node.ReadRegistrations(ctx, c.cli, c.cfg.Prefix); err != nil {
+	st, err := readStatus(ctx, c)
+	if err != nil {
 		return err
+	}
+	if f.json {
+		return writeJSON(e.stdout, st)
+	}
+	printStatus(e.stdout, st, c.cli.Endpoints())
+	return nil
+}
+
+// readStatus gathers the cluster's status: nodes, packages and their
+// references, builds in progress, and failed attempts (from a live build
+// record, else from the failure record of a package with no later attempt).
+func readStatus(ctx context.Context, c *conn) (status, error) {
+	st := status{Building: []etcdstore.Summary{}, Failed: []etcdstore.Summary{}, Root: c.store.Root(), Prefix: c.store.Prefix()}
+	var err error
+	if st.Nodes, err = node.ReadRegistrations(ctx, c.cli, c.cfg.Prefix); err != nil {
+		return st, err
 	}
 	list, err := c.store.List(ctx)
 	if err != nil {
-		return err
+		return st, err
 	}
 	fails, err := c.store.Failures(ctx)
 	if err != nil {
-		return err
+		return st, err
 	}
 	for _, p := range list {
 		if p.State == etcdstore.StateFailed {
@@ -397,11 +419,12 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 			st.Local = &l
 		}
 	}
-	if f.json {
-		return writeJSON(e.stdout, st)
-	}
-	w := e.stdout
-	fmt.Fprintf(w, "root %s, prefix %s, etcd %s\n", st.Root, st.Prefix, strings.Join(c.cli.Endpoints(), ","))
+	return st, nil
+}
+
+// printStatus prints st for a person.
+func printStatus(w io.Writer, st status, endpoints []string) {
+	fmt.Fprintf(w, "root %s, prefix %s, etcd %s\n", st.Root, st.Prefix, strings.Join(endpoints, ","))
 	fmt.Fprintf(w, "nodes: %d\n", len(st.Nodes))
 	for _, n := range st.Nodes {
 		gone := ""
@@ -421,7 +444,6 @@ func cmdStatus(ctx context.Context, e *env, args []string) error {
 		}
 	}
 	fmt.Fprintf(w, "packages: %d (%s), references: %d\n", st.Packages, human(st.Bytes), st.Refs)
-	return nil
 }
 
 func cmdVerify(ctx context.Context, e *env, args []string) error {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -72,6 +73,26 @@ func (d *demo) event(host string) func(etcdstore.Event) {
 	}
 }
 
+// demoRequests are the demo's build requests: shared packages, unique ones,
+// and one whose build fails.
+var demoRequests = []demoRequest{
+	{"host-a", "toolchain-1"}, {"host-b", "toolchain-1"}, {"host-c", "toolchain-1"},
+	{"host-b", "sdk-2"}, {"host-c", "sdk-2"},
+	{"host-a", "venv-a"}, {"host-b", "venv-b"}, {"host-c", "venv-c"},
+	{"host-a", "broken-1"}, {"host-b", "broken-1"}, {"host-c", "broken-1"},
+}
+
+// demoRequest is one host asking for one package.
+type demoRequest struct{ host, id string }
+
+// demoResult is what one request got.
+type demoResult struct {
+	host, id string
+	err      error
+	built    bool
+	took     time.Duration
+}
+
 func cmdDemo(ctx context.Context, e *env, args []string) error {
 	f, err := e.newFlags("demo", false)
 	if err != nil {
@@ -94,12 +115,40 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	defer emb.Close()
 	root := filepath.Join(tmp, "root")
 
-	requests := []struct{ host, id string }{
-		{"host-a", "toolchain-1"}, {"host-b", "toolchain-1"}, {"host-c", "toolchain-1"},
-		{"host-b", "sdk-2"}, {"host-c", "sdk-2"},
-		{"host-a", "venv-a"}, {"host-b", "venv-b"}, {"host-c", "venv-c"},
-		{"host-a", "broken-1"}, {"host-b", "broken-1"}, {"host-c", "broken-1"},
+	d := newDemo(w, demoRequests)
+	hosts := map[string]*demoHost{}
+	defer func() {
+		for _, h := range hosts {
+			h.store.Close() // the crashed host's fails to revoke: its client is gone
+			h.cli.Close()
+		}
+	}()
+	if err := d.startHosts(ctx, emb.Endpoint, root, hosts); err != nil {
+		return err
 	}
+	fmt.Fprintf(w, "granary demo: embedded etcd %s, shared root %s, 3 hosts, lease TTL %v\n\n", emb.Endpoint, root, demoTTL)
+
+	results, err := d.buildAll(ctx, hosts)
+	if err != nil {
+		return err
+	}
+	d.takeRefs(ctx, hosts, results)
+	d.crashAndRemove(ctx, hosts)
+	d.collect(ctx, hosts["host-a"].store)
+
+	fmt.Fprintf(w, "\ninvariants checked: one builder run per package and never two at once; waiters on a failed build get ErrBuildFailed;\n"+
+		"IncRef only on published packages; no removal while referenced; a crashed holder blocks removal only until its lease expires\n")
+	if len(d.fails) > 0 {
+		return fmt.Errorf("granary demo: %d invariant(s) broken", len(d.fails))
+	}
+	fmt.Fprintf(w, "all held; demo took %v\n", time.Since(start).Round(100*time.Millisecond))
+	return nil
+}
+
+// newDemo prepares the record of a demo over requests: how many hosts ask
+// for each package, and a ready channel per package that closes once every
+// other requester waits on its builder.
+func newDemo(w io.Writer, requests []demoRequest) *demo {
 	d := &demo{w: w, runs: map[string]int{}, live: map[string]int{}, peak: map[string]int{},
 		waits: map[string]map[string]bool{}, ready: map[string]chan struct{}{}, want: map[string]int{}}
 	for _, r := range requests {
@@ -111,19 +160,18 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 			close(d.ready[id]) // nobody else to wait for
 		}
 	}
+	return d
+}
 
+// startHosts gives each of the three simulated hosts its own etcd client
+// and store (its own lease) on endpoint and root, adding them to hosts as
+// they start; the caller closes them.
+func (d *demo) startHosts(ctx context.Context, endpoint, root string, hosts map[string]*demoHost) error {
 	cfg := node.DefaultConfig()
-	cc, err := cfg.ClientConfig([]string{emb.Endpoint})
+	cc, err := cfg.ClientConfig([]string{endpoint})
 	if err != nil {
 		return err
 	}
-	hosts := map[string]*demoHost{}
-	defer func() {
-		for _, h := range hosts {
-			h.store.Close() // the crashed host's fails to revoke: its client is gone
-			h.cli.Close()
-		}
-	}()
 	for _, name := range []string{"host-a", "host-b", "host-c"} {
 		cli, err := clientv3.New(cc)
 		if err != nil {
@@ -137,22 +185,18 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 		}
 		hosts[name] = &demoHost{name: name, cli: cli, store: s}
 	}
-	fmt.Fprintf(w, "granary demo: embedded etcd %s, shared root %s, 3 hosts, lease TTL %v\n\n", emb.Endpoint, root, demoTTL)
+	return nil
+}
 
-	// 1. Concurrent requests.
-	fmt.Fprintf(w, "1. %d concurrent build requests from 3 hosts for %d packages\n", len(requests), len(d.want))
-	type result struct {
-		host, id string
-		err      error
-		built    bool
-		took     time.Duration
-	}
-	results := make([]result, len(requests))
+// buildAll is step 1: every request at once, then what each got and the
+// builder runs per package, checked against the invariants.
+func (d *demo) buildAll(ctx context.Context, hosts map[string]*demoHost) ([]demoResult, error) {
+	w := d.w
+	fmt.Fprintf(w, "1. %d concurrent build requests from 3 hosts for %d packages\n", len(demoRequests), len(d.want))
+	results := make([]demoResult, len(demoRequests))
 	var wg sync.WaitGroup
-	for i, r := range requests {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	for i, r := range demoRequests {
+		wg.Go(func() {
 			h := hosts[r.host].store.Handle(r.id)
 			t0 := time.Now()
 			var built bool
@@ -160,42 +204,48 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 				built = true
 				return d.builder(bctx, r.id, h.OutputDirectory())
 			})
-			results[i] = result{r.host, r.id, err, built, time.Since(t0)}
-		}()
+			results[i] = demoResult{r.host, r.id, err, built, time.Since(t0)}
+		})
 	}
 	wg.Wait()
 	if ctx.Err() != nil {
-		return ctx.Err()
+		return nil, ctx.Err()
 	}
 	for _, r := range results {
-		var what string
-		switch {
-		case r.err != nil && r.built:
-			what = "ran the builder: it failed"
-		case r.err != nil:
-			what = "waited on the failed attempt: " + shortErr(r.err)
-		case r.built:
-			what = "ran the builder: built"
-		case d.waited(r.id, r.host):
-			what = "waited for another host's build, then used it"
-		default:
-			what = "already available"
-		}
-		fmt.Fprintf(w, "   %s  %-12s %-50s %v\n", r.host, r.id, what, r.took.Round(time.Millisecond))
-		switch {
-		case r.id == "broken-1" && !errors.Is(r.err, core.ErrBuildFailed):
-			d.failf("%s: request for broken-1 returned %v, want an error wrapping ErrBuildFailed", r.host, r.err)
-		case r.id != "broken-1" && r.err != nil:
-			d.failf("%s: request for %s failed: %v", r.host, r.id, r.err)
-		}
+		d.reportResult(r)
 	}
-	ids := slices.Sorted(func(yield func(string) bool) {
-		for id := range d.want {
-			if !yield(id) {
-				return
-			}
-		}
-	})
+	d.reportRuns()
+	return results, nil
+}
+
+// reportResult prints what one request got and checks it.
+func (d *demo) reportResult(r demoResult) {
+	var what string
+	switch {
+	case r.err != nil && r.built:
+		what = "ran the builder: it failed"
+	case r.err != nil:
+		what = "waited on the failed attempt: " + shortErr(r.err)
+	case r.built:
+		what = "ran the builder: built"
+	case d.waited(r.id, r.host):
+		what = "waited for another host's build, then used it"
+	default:
+		what = "already available"
+	}
+	fmt.Fprintf(d.w, "   %s  %-12s %-50s %v\n", r.host, r.id, what, r.took.Round(time.Millisecond))
+	switch {
+	case r.id == "broken-1" && !errors.Is(r.err, core.ErrBuildFailed):
+		d.failf("%s: request for broken-1 returned %v, want an error wrapping ErrBuildFailed", r.host, r.err)
+	case r.id != "broken-1" && r.err != nil:
+		d.failf("%s: request for %s failed: %v", r.host, r.id, r.err)
+	}
+}
+
+// reportRuns prints the builder runs per package and the waits, and checks
+// that each package's builder ran exactly once and never twice at once.
+func (d *demo) reportRuns() {
+	ids := slices.Sorted(maps.Keys(d.want))
 	var per []string
 	for _, id := range ids {
 		per = append(per, fmt.Sprintf("%s=%d", id, d.runs[id]))
@@ -210,10 +260,13 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	for _, hs := range d.waits {
 		nwaits += len(hs)
 	}
-	fmt.Fprintf(w, "   builder runs per package: %s\n   waits on another host's build: %d\n\n", strings.Join(per, " "), nwaits)
+	fmt.Fprintf(d.w, "   builder runs per package: %s\n   waits on another host's build: %d\n\n", strings.Join(per, " "), nwaits)
+}
 
-	// 2. References.
-	fmt.Fprintln(w, "2. every host takes a reference to each package it got")
+// takeRefs is step 2: every host takes a reference to each package it got,
+// and a reference to the failed package is refused.
+func (d *demo) takeRefs(ctx context.Context, hosts map[string]*demoHost, results []demoResult) {
+	fmt.Fprintln(d.w, "2. every host takes a reference to each package it got")
 	for _, r := range results {
 		if r.err == nil {
 			if err := hosts[r.host].store.Handle(r.id).IncRefContext(ctx); err != nil {
@@ -224,17 +277,21 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	if err := hosts["host-a"].store.Handle("broken-1").IncRefContext(ctx); !errors.Is(err, core.ErrPackageNotExist) {
 		d.failf("IncRef on the failed package = %v, want ErrPackageNotExist", err)
 	} else {
-		fmt.Fprintln(w, "   host-a  broken-1     refused: package does not exist")
+		fmt.Fprintln(d.w, "   host-a  broken-1     refused: package does not exist")
 	}
-	a := hosts["host-a"].store
-	d.showRefs(ctx, a, "toolchain-1", 3)
+	d.showRefs(ctx, hosts["host-a"].store, "toolchain-1", 3)
+}
 
-	// 3. A crash.
+// crashAndRemove is steps 3 and 4: host-c crashes holding references; the
+// removal of toolchain-1 is refused while any host holds it, including the
+// crashed one until its lease expires, and then succeeds.
+func (d *demo) crashAndRemove(ctx context.Context, hosts map[string]*demoHost) {
+	w := d.w
 	fmt.Fprintln(w, "\n3. host-c crashes while holding toolchain-1, sdk-2 and venv-c (its etcd client dies; no clean-up)")
 	crashed := time.Now()
 	hosts["host-c"].cli.Close()
 
-	// 4. Removal refused, then allowed.
+	a := hosts["host-a"].store
 	fmt.Fprintln(w, "\n4. removing toolchain-1")
 	d.tryRemove(ctx, a, "toolchain-1", false)
 	for _, h := range []string{"host-a", "host-b"} {
@@ -251,9 +308,12 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(w, "   host-c's reference expired %v after the crash\n", time.Since(crashed).Round(100*time.Millisecond))
 	}
 	d.tryRemove(ctx, a, "toolchain-1", true)
+}
 
-	// 5. GC.
-	fmt.Fprintln(w, "\n5. host-a releases venv-a; a GC sweep removes every unreferenced package")
+// collect is step 5: host-a releases venv-a and a GC sweep from a removes
+// exactly the unreferenced packages, leaving the referenced trees intact.
+func (d *demo) collect(ctx context.Context, a *etcdstore.Store) {
+	fmt.Fprintln(d.w, "\n5. host-a releases venv-a; a GC sweep removes every unreferenced package")
 	if err := a.Handle("venv-a").DecRefContext(ctx); err != nil {
 		d.failf("host-a: DecRef venv-a: %v", err)
 	}
@@ -267,7 +327,7 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 	}
 	slices.Sort(removed)
 	slices.Sort(rep.InUse)
-	fmt.Fprintf(w, "   removed: %s (%s)\n   kept, referenced by host-b: %s\n", strings.Join(removed, ", "), human(rep.FreedBytes), strings.Join(rep.InUse, ", "))
+	fmt.Fprintf(d.w, "   removed: %s (%s)\n   kept, referenced by host-b: %s\n", strings.Join(removed, ", "), human(rep.FreedBytes), strings.Join(rep.InUse, ", "))
 	if !slices.Equal(removed, []string{"venv-a", "venv-c"}) {
 		d.failf("GC removed %v, want [venv-a venv-c] (host-c's refs expired; host-b holds the rest)", removed)
 	}
@@ -279,14 +339,6 @@ func cmdDemo(ctx context.Context, e *env, args []string) error {
 			d.failf("referenced package %s lost its tree: %v", id, err)
 		}
 	}
-
-	fmt.Fprintf(w, "\ninvariants checked: one builder run per package and never two at once; waiters on a failed build get ErrBuildFailed;\n"+
-		"IncRef only on published packages; no removal while referenced; a crashed holder blocks removal only until its lease expires\n")
-	if len(d.fails) > 0 {
-		return fmt.Errorf("granary demo: %d invariant(s) broken", len(d.fails))
-	}
-	fmt.Fprintf(w, "all held; demo took %v\n", time.Since(start).Round(100*time.Millisecond))
-	return nil
 }
 
 // builder simulates work: it waits until every other requester of id is

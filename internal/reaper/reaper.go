@@ -240,23 +240,36 @@ func guard(argv []string) int {
 		fmt.Fprintf(os.Stderr, "granary: %v\n", err)
 		return 126
 	}
-	builder := p.Pid
+	return reapAll(p.Pid, watchLifeline(lifeline), reapChildren(), statusw)
+}
 
-	parentGone := make(chan struct{})
+// watchLifeline returns a channel closed when the lifeline's read ends:
+// the parent died or closed its end on purpose.
+func watchLifeline(lifeline *os.File) <-chan struct{} {
+	gone := make(chan struct{})
 	go func() {
 		buf := make([]byte, 1)
 		for {
 			if _, err := lifeline.Read(buf); err != nil {
-				close(parentGone)
+				close(gone)
 				return
 			}
 		}
 	}()
-	type reaped struct {
-		pid int
-		ws  syscall.WaitStatus
-		err error
-	}
+	return gone
+}
+
+// reaped is one child the guard waited for (err ECHILD: none is left).
+type reaped struct {
+	pid int
+	ws  syscall.WaitStatus
+	err error
+}
+
+// reapChildren waits for every child of the guard (its own and the
+// orphans re-parented to it) and sends each; it ends after sending the
+// error that says no child is left.
+func reapChildren() <-chan reaped {
 	reapc := make(chan reaped)
 	go func() {
 		for {
@@ -271,7 +284,14 @@ func guard(argv []string) int {
 			}
 		}
 	}()
+	return reapc
+}
 
+// reapAll kills every descendant once the parent is gone or the builder
+// has exited, again after each child it reaps, until none is left; then it
+// writes the builder's wait status on statusw and returns the shell's exit
+// code for it (128+SIGKILL if the builder's status was never seen).
+func reapAll(builder int, parentGone <-chan struct{}, reapc <-chan reaped, statusw *os.File) int {
 	var status *syscall.WaitStatus
 	killing := false
 	for {
