@@ -209,13 +209,15 @@ func TestInvalidate(t *testing.T) {
 			return os.WriteFile(filepath.Join(h.OutputDirectory(), "f"), []byte("fixed"), 0o644)
 		})
 	}()
-	// The job leaves: app, then lib, go (the sweeper a node runs).
+	// The job leaves: its DecRef removes app, then lib, which app alone
+	// kept.
 	if err := b.Handle("app").DecRef(); err != nil {
 		t.Fatal(err)
 	}
-	removed, err := b.SweepInvalid(ctx)
-	if err != nil || !slices.Equal(removed, []string{"app", "lib"}) {
-		t.Fatalf("sweep = %v, %v; want app and lib", removed, err)
+	for _, id := range []string{"app", "lib"} {
+		if info, err := b.Inspect(ctx, id); err != nil || info.Package != nil && info.Invalid != nil {
+			t.Fatalf("%s after its last holder left: %+v, %v; want removed", id, info, err)
+		}
 	}
 	if err := <-built; err != nil || rebuilt.Load() != 1 {
 		t.Fatalf("build of lib after its invalidation = %v, builder ran %d times; want once", err, rebuilt.Load())

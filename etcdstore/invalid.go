@@ -227,9 +227,30 @@ func (s *Store) removedInvalidOps(ctx context.Context, id string, rec *InvalidRe
 	}, nil
 }
 
+// removeInvalid is DecRef's last step when the package it released is
+// invalid: if that was the last reference, remove it now, and then every
+// invalid package that it alone kept (its invalid needs). It does not ask
+// nodes to yield (their last local holder releases an invalid package at
+// once, and their sweeper removes it); errors are logged, as the sweepers
+// and the next gc try again.
+func (s *Store) removeInvalid(ctx context.Context, id string) {
+	ctx = context.WithoutCancel(ctx)
+	ok, err := s.tryRemove(ctx, id, 0, false)
+	if err == nil && ok {
+		_, err = s.sweepInvalid(ctx, false)
+	}
+	if err != nil && !errors.Is(err, core.ErrPackageNotExist) {
+		s.opt.logger.Warn("removing an invalidated package after its last holder left failed; the sweepers and gc try again", "id", id, "err", err)
+	}
+}
+
 // SweepInvalid tries once to remove every invalid package, dependents
 // before their needs, and returns those it removed.
-func (s *Store) SweepInvalid(ctx context.Context) ([]string, error) {
+func (s *Store) SweepInvalid(ctx context.Context) ([]string, error) { return s.sweepInvalid(ctx, true) }
+
+// sweepInvalid is SweepInvalid; with yield, a package that only nodes'
+// cached references hold is asked for.
+func (s *Store) sweepInvalid(ctx context.Context, yield bool) ([]string, error) {
 	var ids []string
 	err := s.scan(ctx, keys.Invalid, true, func(id string, _ *mvccpb.KeyValue) error {
 		ids = append(ids, id)
@@ -243,7 +264,7 @@ func (s *Store) SweepInvalid(ctx context.Context) ([]string, error) {
 		progress = false
 		var left []string
 		for _, id := range ids {
-			ok, err := s.tryRemove(ctx, id, 0, true)
+			ok, err := s.tryRemove(ctx, id, 0, yield)
 			switch {
 			case ok || errors.Is(err, core.ErrPackageNotExist):
 				if ok {

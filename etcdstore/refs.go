@@ -363,21 +363,28 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
+	// Is the package invalid? Asked in the same Txn (a range read, no
+	// write): the last holder to leave removes it (invalid.go).
+	invalid := clientv3.OpGet(s.keys.InvalidKey(h.id), clientv3.WithCountOnly())
+	var resp *clientv3.TxnResponse
 	var err error
 	if r.cached {
 		// A cached reference stands for its host's jobs: their last use is
 		// now, as far as pruning is concerned.
-		_, err = s.cli.Txn(cctx).
+		resp, err = s.cli.Txn(cctx).
 			If(clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(h.id)), ">", 0)).
-			Then(clientv3.OpDelete(r.key), clientv3.OpPut(s.keys.ATimeKey(h.id), formatNanos(time.Now()))).
-			Else(clientv3.OpDelete(r.key)).
+			Then(clientv3.OpDelete(r.key), invalid, clientv3.OpPut(s.keys.ATimeKey(h.id), formatNanos(time.Now()))).
+			Else(clientv3.OpDelete(r.key), invalid).
 			Commit()
 	} else {
-		_, err = s.cli.Delete(cctx, r.key)
+		resp, err = s.cli.Txn(cctx).Then(clientv3.OpDelete(r.key), invalid).Commit()
 	}
 	if err != nil {
 		s.deleteLater(r.key)
 		return h.fail("decref", fmt.Errorf("%w (will keep trying in the background)", err))
+	}
+	if resp.Responses[1].GetResponseRange().Count > 0 {
+		s.removeInvalid(ctx, h.id)
 	}
 	return nil
 }

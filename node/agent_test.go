@@ -67,7 +67,7 @@ func TestConnConformance(t *testing.T) {
 			nd, _ := agentNode(t, srv, t.TempDir(), "host-a", node.DefaultLinger)
 			pms := make([]core.PackageManager, n)
 			for i := range pms {
-				pms[i] = connect(t, nd)
+				pms[i] = curatedConn{connect(t, nd)}
 			}
 			return pms
 		})
@@ -83,7 +83,7 @@ func TestConnConformance(t *testing.T) {
 			pms := make([]core.PackageManager, n)
 			for i := range pms {
 				nd, _ := agentNode(t, srv, root, "host-"+string(rune('a'+i)), node.DefaultLinger)
-				pms[i] = connect(t, nd)
+				pms[i] = curatedConn{connect(t, nd)}
 			}
 			return pms
 		})

@@ -38,6 +38,7 @@ func TestPackageManager(t *testing.T, newManagers NewManagers) {
 	t.Run("TryRemoveDuringBuild", func(t *testing.T) { testTryRemoveDuringBuild(t, newManagers(t, 2)) })
 	t.Run("LoggingDirectory", func(t *testing.T) { testLoggingDirectory(t, newManagers(t, 2)) })
 	t.Run("ContextHandler", func(t *testing.T) { testContextHandler(t, newManagers(t, 2)) })
+	t.Run("Graph", func(t *testing.T) { testGraph(t, newManagers(t, 2)) })
 }
 
 // writeFile returns a builder that writes name=content into h's output.
