@@ -185,6 +185,14 @@ func (s *Store) invalidateAll(ctx context.Context, order []string, rev int64, ba
 		}
 		if resp.Succeeded {
 			s.emit(Event{Kind: EventInvalidated, ID: p, Host: base.Host, Err: errors.New(rec.Reason)})
+			// Our own cached reference needs no watch to learn it: a node
+			// refuses its next local holder from now on.
+			s.refs.mu.Lock()
+			r := s.newestCached(p)
+			s.refs.mu.Unlock()
+			if r != nil {
+				s.refInvalid(p, r, &rec)
+			}
 			continue
 		}
 		if resp.Responses[0].GetResponseRange().Count > 0 {

@@ -211,9 +211,15 @@ func (sw *sweep) one(ctx context.Context, p *candidate) ([]*candidate, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	if p.neededBy > 0 && p.refs == 0 && !p.busy && !p.pinned {
+		// Needed by a package the listing saw: not worth a removal
+		// attempt now; tried again if that dependent goes in this sweep.
+		sw.deferred[p.id] = p
+		return nil, nil
+	}
 	var removed bool
 	if sw.opts.DryRun {
-		removed = p.refs == 0 && !p.busy && !p.pinned && p.neededBy == 0
+		removed = p.refs == 0 && !p.busy && !p.pinned
 	} else {
 		var err error
 		removed, err = sw.s.tryRemove(ctx, p.id, p.atimeRev, false)
@@ -224,17 +230,13 @@ func (sw *sweep) one(ctx context.Context, p *candidate) ([]*candidate, error) {
 			return nil, nil // gone meanwhile
 		}
 	}
-	switch {
-	case removed:
-		sw.rep.Removed = append(sw.rep.Removed, pp)
-		sw.rep.FreedBytes += pp.Size
-		sw.remaining -= pp.Size
-		return sw.free(p), nil
-	case p.refs == 0 && !p.busy && !p.pinned && p.neededBy > 0:
-		sw.deferred[p.id] = p // a dependent may go later in this sweep
-		return nil, nil
+	if !removed {
+		return nil, sw.s.keep(ctx, sw.rep, pp)
 	}
-	return nil, sw.s.keep(ctx, sw.rep, pp)
+	sw.rep.Removed = append(sw.rep.Removed, pp)
+	sw.rep.FreedBytes += pp.Size
+	sw.remaining -= pp.Size
+	return sw.free(p), nil
 }
 
 // free counts p's removal against its needs and returns those deferred that

@@ -155,8 +155,12 @@ func (s *Store) setInvalidUnwatched(r *ref, v bool) {
 // invalidated.
 func (s *Store) refInvalid(id string, r *ref, inv *InvalidRecord) {
 	s.refs.mu.Lock()
+	known := r.invalid != nil
 	r.invalid, r.invalidUnwatched = inv, false
 	s.refs.mu.Unlock()
+	if known {
+		return
+	}
 	s.emit(Event{Kind: EventRefInvalid, ID: id, Host: inv.Host, Err: inv.err(id)})
 }
 

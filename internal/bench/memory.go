@@ -18,45 +18,59 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/etcdstore"
+	"github.com/granary-build/granary/internal/keys"
 )
 
 // prune loads each of PrunePackages published packages (their etcd
 // records only, written in bulk with the store's key layout, all last used
 // two hours ago) and times one Prune sweep over them in a child process,
 // as the node's GC loop runs it: older than one hour, at most
-// PruneMaxRemovals removals.
+// PruneMaxRemovals removals. It does so twice per size: islands, then
+// with every second package needing the one before it (need edges and
+// records with needs: what the graph adds to a sweep's reads and to the
+// removals it refuses).
 func (r *run) prune(ctx context.Context) error {
 	cli, err := r.client()
 	if err != nil {
 		return err
 	}
 	for _, n := range r.z.PrunePackages {
-		t := time.Now()
-		if err := r.load(ctx, cli, "old", n, time.Now().Add(-2*time.Hour)); err != nil {
-			return err
-		}
-		r.logf("  loaded %d packages in %.1fs", n, time.Since(t).Seconds())
-		out, err := r.child(ctx, "prune", strconv.Itoa(r.z.PruneMaxRemovals))
-		if err != nil {
-			return err
-		}
-		name := sizeName(n)
-		r.res["prune_"+name+"_s"] = out.Seconds
-		r.res["prune_"+name+"_removed"] = float64(out.Count)
-		r.res["prune_"+name+"_peak_rss_mb"] = out.PeakRSSMB
-		r.res["prune_peak_rss_mb"] = max(r.res["prune_peak_rss_mb"], out.PeakRSSMB)
-		r.logf("  prune over %d packages: %.2fs, removed %d, peak RSS %.0f MB", n, out.Seconds, out.Count, out.PeakRSSMB)
-		if want := min(n, r.z.PruneMaxRemovals); out.Count != want {
-			return fmt.Errorf("prune over %d packages removed %d, want %d", n, out.Count, want)
-		}
-		cctx, cancel := context.WithTimeout(ctx, 4*r.cfg.OpTimeout)
-		for _, kind := range []string{"avail/", "atime/"} {
-			if err == nil {
-				_, err = cli.Delete(cctx, r.prefix+kind, clientv3.WithPrefix())
+		for _, needs := range []bool{false, true} {
+			if err := r.pruneOnce(ctx, cli, n, needs); err != nil {
+				return err
 			}
 		}
-		cancel()
-		if err != nil {
+	}
+	return nil
+}
+
+// pruneOnce is one sweep of prune over n packages.
+func (r *run) pruneOnce(ctx context.Context, cli *clientv3.Client, n int, needs bool) error {
+	t := time.Now()
+	if err := r.load(ctx, cli, "old", n, time.Now().Add(-2*time.Hour), needs); err != nil {
+		return err
+	}
+	r.logf("  loaded %d packages (needs: %v) in %.1fs", n, needs, time.Since(t).Seconds())
+	out, err := r.child(ctx, "prune", strconv.Itoa(r.z.PruneMaxRemovals))
+	if err != nil {
+		return err
+	}
+	name := sizeName(n)
+	if needs {
+		name += "_needs"
+	}
+	r.res["prune_"+name+"_s"] = out.Seconds
+	r.res["prune_"+name+"_removed"] = float64(out.Count)
+	r.res["prune_"+name+"_peak_rss_mb"] = out.PeakRSSMB
+	r.res["prune_peak_rss_mb"] = max(r.res["prune_peak_rss_mb"], out.PeakRSSMB)
+	r.logf("  prune over %d packages (needs: %v): %.2fs, removed %d, peak RSS %.0f MB", n, needs, out.Seconds, out.Count, out.PeakRSSMB)
+	if want := min(n, r.z.PruneMaxRemovals); out.Count != want {
+		return fmt.Errorf("prune over %d packages (needs: %v) removed %d, want %d", n, needs, out.Count, want)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 4*r.cfg.OpTimeout)
+	defer cancel()
+	for _, kind := range []string{keys.Avail, keys.ATime, keys.Need} {
+		if _, err := cli.Delete(cctx, keys.Space{Prefix: r.prefix}.Kind(kind), clientv3.WithPrefix()); err != nil {
 			return err
 		}
 	}
@@ -70,7 +84,7 @@ func (r *run) refs(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := r.load(ctx, cli, "refd", r.z.RefPackages, time.Now()); err != nil {
+	if err := r.load(ctx, cli, "refd", r.z.RefPackages, time.Now(), false); err != nil {
 		return err
 	}
 	// IncRef hands a package out only once this host sees its (empty) tree.
@@ -104,9 +118,13 @@ func sizeName(n int) string {
 }
 
 // load publishes n packages <name>-<i> by writing their avail and atime
-// records directly, 32 packages per Txn, 8 Txns at a time.
-func (r *run) load(ctx context.Context, cli *clientv3.Client, name string, n int, at time.Time) error {
-	rec, err := json.Marshal(etcdstore.PackageRecord{BuiltBy: "bench", PID: os.Getpid(), BuiltAt: at.UTC(), Digest: "sha256:none", Size: 1})
+// records directly, 32 packages per Txn, 8 Txns at a time; with needs,
+// every odd-numbered package needs the one before it (its record lists it,
+// and the need edge is written).
+func (r *run) load(ctx context.Context, cli *clientv3.Client, name string, n int, at time.Time, needs bool) error {
+	ks := keys.Space{Prefix: r.prefix}
+	plain := etcdstore.PackageRecord{BuiltBy: "bench", PID: os.Getpid(), BuiltAt: at.UTC(), Digest: "sha256:none", Size: 1}
+	rec, err := json.Marshal(plain)
 	if err != nil {
 		return err
 	}
@@ -116,7 +134,16 @@ func (r *run) load(ctx context.Context, cli *clientv3.Client, name string, n int
 		var ops []clientv3.Op
 		for i := b * perTxn; i < min(n, (b+1)*perTxn); i++ {
 			id := fmt.Sprintf("%s-%d", name, i)
-			ops = append(ops, clientv3.OpPut(r.prefix+"avail/"+id, string(rec)), clientv3.OpPut(r.prefix+"atime/"+id, atime))
+			val := string(rec)
+			if needs && i%2 == 1 {
+				need := fmt.Sprintf("%s-%d", name, i-1)
+				dep := plain
+				dep.Needs = []string{need}
+				b, _ := json.Marshal(dep)
+				val = string(b)
+				ops = append(ops, clientv3.OpPut(ks.NeedKey(need, id), ""))
+			}
+			ops = append(ops, clientv3.OpPut(ks.AvailKey(id), val), clientv3.OpPut(ks.ATimeKey(id), atime))
 		}
 		cctx, cancel := r.opCtx(ctx)
 		defer cancel()
