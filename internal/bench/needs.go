@@ -52,10 +52,12 @@ func (r *run) needs(ctx context.Context) error {
 		r.res[fmt.Sprintf("needs_%d_etcd_writes_per_pair", k)] = float64(cnt.Writes) / float64(n)
 		r.logf("  %d needs, direct, c=%d: %.0f pairs/s, etcd writes per pair %.2f", k, c, float64(n)/wall.Seconds(), float64(cnt.Writes)/float64(n))
 	}
-	if err := r.needsAgent(ctx, s, c); err != nil {
+	// Removals first: the agent's host references, on s, would keep the
+	// packages afterwards.
+	if err := r.needsRemove(ctx, s); err != nil {
 		return err
 	}
-	return r.needsRemove(ctx, s)
+	return r.needsAgent(ctx, s, c)
 }
 
 // publishNeeding publishes needs-<k> with k needs of its own and returns
@@ -102,6 +104,7 @@ func (r *run) needsAgent(ctx context.Context, s *etcdstore.Store, c int) error {
 		if err := warm.Handle(id).IncRefContext(ctx); err != nil { // the host holds it from now on
 			return err
 		}
+		r.logf("  %d needs, through the agent (warm):", k)
 		if err := r.agentPairs(ctx, state, id, c, fmt.Sprintf("needs_%d_agent", k)); err != nil {
 			return err
 		}
