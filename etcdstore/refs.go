@@ -276,7 +276,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		case err == nil && resp.Succeeded:
 			var pkg *PackageRecord
 			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
-				pkg, _ = decode[PackageRecord](kvs[0].Value)
+				pkg = s.records.decode(id, kvs[0].ModRevision, kvs[0].Value)
 			}
 			s.took(id, r, key, l.ID, pkg, resp.Header.Revision, add)
 			return nil, nil

@@ -44,6 +44,7 @@ type Store struct {
 	mount   MountInfo   // the root's mount, checked by New (mount.go)
 	created bool        // New made the root: it did not exist (binding.go)
 	visible visibleMemo // published attempts this store has seen (visible.go)
+	records recordMemo  // published records by revision, decoded once (visible.go)
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc

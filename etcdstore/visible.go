@@ -281,3 +281,39 @@ func (s *Store) watchUnpublished(ctx context.Context, id string, attempt int64, 
 		}
 	}
 }
+
+// recordMemo remembers the published record of each package by the mod
+// revision of its avail key, which names one record for good: IncRef, which
+// reads the record back in its Txn, decodes it once per publish instead of
+// once per call (the decode was an eighth of IncRef's client CPU).
+type recordMemo struct {
+	mu sync.Mutex
+	m  map[string]memoRecord
+}
+
+type memoRecord struct {
+	rev int64
+	rec *PackageRecord // shared: read only
+}
+
+// decode returns the record of id published at rev from b, decoding it
+// only if the memo does not hold it.
+func (v *recordMemo) decode(id string, rev int64, b []byte) *PackageRecord {
+	v.mu.Lock()
+	got, ok := v.m[id]
+	v.mu.Unlock()
+	if ok && got.rev == rev {
+		return got.rec
+	}
+	rec, err := decode[PackageRecord](b)
+	if err != nil {
+		return nil
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.m == nil || len(v.m) >= memoMax {
+		v.m = make(map[string]memoRecord)
+	}
+	v.m[id] = memoRecord{rev: rev, rec: rec}
+	return rec
+}
