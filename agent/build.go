@@ -25,7 +25,9 @@ type clientBuild struct {
 // the node stops the attempt). If the process running the builder goes
 // away, the node abandons the attempt and the other callers try again with
 // their own builders. A failure of this process's builder is wrapped in
-// the returned error.
+// the returned error. If ctx has ended already nothing is sent; if it ends
+// later the node is told, and when no other caller on the host waits for
+// the attempt, the node stops it (the builder's context ends).
 func (h *Handle) BuildContext(ctx context.Context, builder func(ctx context.Context) error) error {
 	_, err := h.BuildOutcome(ctx, builder)
 	return err
@@ -64,6 +66,9 @@ func (h *Handle) BuildNeedsOutcome(ctx context.Context, needs []string, builder 
 			return Outcome{}, h.fail(OpBuild, fmt.Errorf("need: %w", err))
 		}
 		b.needs = append(b.needs, core.Need{ID: n, Dir: c.Handle(n).OutputDirectory()})
+	}
+	if err := ctx.Err(); err != nil {
+		return Outcome{}, h.fail(OpBuild, err) // nothing sent: no attempt starts for a caller that gave up
 	}
 	s := c.sendBuild(h.id, needs, b)
 	if s.err != nil {
@@ -107,10 +112,20 @@ func (c *Conn) sendBuild(id string, needs []string, b *clientBuild) sent {
 	return s
 }
 
-// forgetBuild forgets build request seq once its builder, if it ran, has
-// returned: the node may still wait for its result on behalf of other
-// callers.
+// forgetBuild forgets build request seq, whose caller has returned. A
+// builder that has not started never will: a later OpBuildNow finds no
+// build and is answered that the attempt is abandoned (the node's other
+// callers then try with their own builders). A builder that runs is
+// forgotten once it has returned: the node may still wait for its result
+// on behalf of other callers, and stops it (OpBuildStop) when none is left.
 func (c *Conn) forgetBuild(seq uint64, b *clientBuild) {
+	c.mu.Lock()
+	if !b.ran {
+		delete(c.builds, seq)
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Unlock()
 	go func() {
 		b.result(c)
 		c.mu.Lock()

@@ -97,9 +97,14 @@ func ConnectHold(ctx context.Context, stateDir string, o Options, id string, noW
 		return nil, nil, err
 	}
 	h := c.Handle(id)
-	hello := c.sendHello(o.purpose(), h.err != nil) // else flushed with the IncRef
-	var inc sent
-	if h.err == nil {
+	// The IncRef goes with the handshake unless its ID is invalid or its
+	// caller has given up already: then nothing is sent for it.
+	inc := sent{err: h.err}
+	if inc.err == nil {
+		inc.err = ctx.Err()
+	}
+	hello := c.sendHello(o.purpose(), inc.err != nil) // else flushed with the IncRef
+	if inc.err == nil {
 		inc = c.send(Msg{Op: OpIncRef, ID: id}, true)
 	}
 	if err := c.hello1(ctx, hello); err != nil {
@@ -279,13 +284,14 @@ func (c *Conn) read() {
 	}
 }
 
-// replied hands a reply to its request.
+// replied hands a reply to its request. It does so under c.mu (the reply
+// channel has room for the one reply), so that a request that gives up
+// and leaves pending knows that no reply comes after it left.
 func (c *Conn) replied(m Msg) {
 	c.mu.Lock()
-	cl := c.pending[m.Seq]
-	delete(c.pending, m.Seq)
-	c.mu.Unlock()
-	if cl != nil {
+	defer c.mu.Unlock()
+	if cl := c.pending[m.Seq]; cl != nil {
+		delete(c.pending, m.Seq)
 		cl.reply <- m
 	}
 }
@@ -342,14 +348,28 @@ func (c *Conn) send(m Msg, flush bool) sent {
 	return sent{cl: cl, seq: m.Seq}
 }
 
-// request sends m and waits for its reply (see await).
+// sendUnlessDone is send, unless ctx has ended already: a request whose
+// caller gave up before it started is not sent, so it changes nothing in
+// the node.
+func (c *Conn) sendUnlessDone(ctx context.Context, m Msg, flush bool) sent {
+	if err := ctx.Err(); err != nil {
+		return sent{err: err}
+	}
+	return c.send(m, flush)
+}
+
+// request sends m, unless ctx has ended, and waits for its reply (see
+// await).
 func (c *Conn) request(ctx context.Context, m Msg) (Msg, error) {
-	return c.await(ctx, c.send(m, true), false)
+	return c.await(ctx, c.sendUnlessDone(ctx, m, true), false)
 }
 
 // await waits for the reply to s, the end of the connection, ctx, or
-// (with noWait) a store event. When it gives up on an IncRef that the node
-// may still grant, the reference is given back when it is.
+// (with noWait) a store event. A reply that has come by the time it gives
+// up is returned: the node did what it was asked, and an error would hide
+// it. Otherwise the request leaves pending and its reply, if the node still
+// sends one, is dropped, except an IncRef's: the reference the node may
+// still grant is given back when it is.
 func (c *Conn) await(ctx context.Context, s sent, noWait bool) (Msg, error) {
 	if s.err != nil {
 		return Msg{}, s.err
@@ -374,12 +394,18 @@ func (c *Conn) await(ctx context.Context, s sent, noWait bool) (Msg, error) {
 	case <-ctx.Done():
 		gaveUp = ctx.Err()
 	}
+	if s.cl.op != OpIncRef {
+		c.mu.Lock()
+		delete(c.pending, s.seq) // from here on no reply comes (replied)
+		c.mu.Unlock()
+	}
+	select {
+	case r := <-s.cl.reply:
+		return r, ErrorOf(&r)
+	default:
+	}
 	if s.cl.op == OpIncRef {
 		go c.giveBack(s.cl)
-	} else {
-		c.mu.Lock()
-		delete(c.pending, s.seq)
-		c.mu.Unlock()
 	}
 	return Msg{}, gaveUp
 }

@@ -93,13 +93,14 @@ func (h *Handle) Build(builder func() error) error {
 // If the host holds the package already, the node answers from memory;
 // otherwise it takes the host's etcd reference first, which may wait for
 // a build in progress. It returns an error wrapping core.ErrPackageNotExist
-// if the package is not available. If ctx ends before the node answers,
-// a reference the node grants afterwards is given back.
+// if the package is not available. If ctx has ended already, nothing is
+// asked of the node; if it ends before the node answers, a reference the
+// node grants afterwards is given back.
 func (h *Handle) IncRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail(OpIncRef, h.err)
 	}
-	return h.incref(ctx, h.c.send(Msg{Op: OpIncRef, ID: h.id}, true), false)
+	return h.incref(ctx, h.c.sendUnlessDone(ctx, Msg{Op: OpIncRef, ID: h.id}, true), false)
 }
 
 // incref waits for the IncRef sent as s and counts the reference.
@@ -121,10 +122,15 @@ func (h *Handle) incref(ctx context.Context, s sent, noWait bool) error {
 // without asking the node). The host's etcd reference goes after the
 // node's linger if no other local holder has the package. It waits for the
 // node's answer, so that a TryRemove from any other connection that starts
-// after it returns sees the reference gone.
+// after it returns sees the reference gone. If ctx has ended already, the
+// reference stays held and nothing is asked of the node; once sent, the
+// release happens even if ctx ends before the node answers.
 func (h *Handle) DecRefContext(ctx context.Context) error {
 	if h.err != nil {
 		return h.fail(OpDecRef, h.err)
+	}
+	if err := ctx.Err(); err != nil {
+		return h.fail(OpDecRef, err)
 	}
 	c := h.c
 	c.mu.Lock()
@@ -136,7 +142,7 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 		delete(c.held, h.id)
 	}
 	c.mu.Unlock()
-	if _, err := c.request(ctx, Msg{Op: OpDecRef, ID: h.id}); err != nil {
+	if _, err := c.await(ctx, c.send(Msg{Op: OpDecRef, ID: h.id}, true), false); err != nil {
 		return h.fail(OpDecRef, err)
 	}
 	return nil
@@ -144,7 +150,10 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 
 // TryRemoveContext removes the package unless a reference (local or of any
 // host) or a build holds it. A host reference that only lingers, with no
-// local holder, does not keep it.
+// local holder, does not keep it. If ctx has ended already, nothing is
+// asked of the node (false and ctx's error). If ctx ends after the request
+// was sent and before the answer, the error wraps ctx's and the node may
+// still remove the package, as a store's Txn cut short may apply.
 func (h *Handle) TryRemoveContext(ctx context.Context) (bool, error) {
 	if h.err != nil {
 		return false, h.fail("remove", h.err)

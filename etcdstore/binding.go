@@ -93,25 +93,16 @@ func (s *Store) bindingPath() string { return filepath.Join(s.root, ".granary", 
 // makes the store's directories. It is the part of New that touches the
 // shared root.
 func (s *Store) openRoot(ctx context.Context) error {
-	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Get(cctx, s.keys.RootKey())
-	cancel()
+	cluster, shared, sharedRev, err := s.sharedRoot(ctx)
 	if err != nil {
-		return fmt.Errorf("etcdstore: cannot reach etcd at %v within %v: %w", s.cli.Endpoints(), s.opt.opTimeout, err)
-	}
-	cluster := strconv.FormatUint(resp.Header.ClusterId, 16)
-	var shared *RootRecord
-	var sharedRev int64
-	if len(resp.Kvs) > 0 {
-		if shared, err = decode[RootRecord](resp.Kvs[0].Value); err != nil {
-			return fmt.Errorf("etcdstore: %s: %w", s.keys.RootKey(), err)
-		}
-		sharedRev = resp.Kvs[0].ModRevision
+		return err
 	}
 	notShared := func(what string, waited time.Duration) error {
 		return &NotSharedRootError{Root: s.root, What: what, Cluster: cluster, Prefix: s.opt.prefix, Shared: *shared, Waited: waited}
 	}
-	if shared != nil && !s.opt.initRoot {
+	// mustBeShared: this root must be the prefix's shared root already.
+	mustBeShared := shared != nil && !s.opt.initRoot
+	if mustBeShared {
 		// etcd says the prefix has a shared root: if this host cannot see
 		// one here, that may be its cache (a negative entry from before
 		// the root was made), so look again before refusing.
@@ -123,41 +114,12 @@ func (s *Store) openRoot(ctx context.Context) error {
 			return err
 		}
 	}
-
-	switch fi, err := os.Stat(s.root); {
-	case errors.Is(err, fs.ErrNotExist):
-		if shared != nil && !s.opt.initRoot {
-			return notShared(s.root+" does not exist", 0) // gone since awaitRoot saw it
-		}
-		s.opt.logger.Warn("the shared root does not exist; creating it", "root", s.root)
-		if err := os.MkdirAll(s.root, 0o755); err != nil {
-			return fmt.Errorf("etcdstore: create root: %w", err)
-		}
-		s.created = true
-	case err != nil:
-		return fmt.Errorf("etcdstore: root: %w", err)
-	case !fi.IsDir():
-		return fmt.Errorf("etcdstore: root %s is not a directory", s.root)
+	if err := s.makeRoot(mustBeShared, notShared); err != nil {
+		return err
 	}
-
-	b, err := readBinding(s.bindingPath())
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		if shared != nil && !s.opt.initRoot {
-			return notShared(s.root+" is not bound (empty, or never used)", 0) // gone since awaitRoot saw it
-		}
-		b, err = s.createBinding(cluster)
-		if err != nil {
-			return err
-		}
-	case err != nil:
-		return fmt.Errorf("etcdstore: root binding: %w", err)
-	default:
-		// Older bindings were 0600: a job running as another user could
-		// not open the store. Widen it if it is ours.
-		if fi, err := os.Stat(s.bindingPath()); err == nil && fi.Mode().Perm()&0o044 != 0o044 {
-			os.Chmod(s.bindingPath(), fi.Mode().Perm()|0o044) //nolint:errcheck // best effort: only the owner may
-		}
+	b, err := s.openBinding(cluster, mustBeShared, notShared)
+	if err != nil {
+		return err
 	}
 	if b.ClusterID != cluster || b.Prefix != s.opt.prefix {
 		return fmt.Errorf("%w: %s is bound to etcd cluster %s with prefix %q (since %s), but this client reaches cluster %s with prefix %q; "+
@@ -166,7 +128,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 	}
 	switch {
 	case shared != nil && shared.RootID == b.RootID:
-	case shared != nil && !s.opt.initRoot:
+	case mustBeShared:
 		return notShared(fmt.Sprintf("%s has root ID %s", s.root, b.RootID), 0)
 	default:
 		if err := s.claimPrefix(ctx, b, sharedRev); err != nil {
@@ -180,6 +142,68 @@ func (s *Store) openRoot(ctx context.Context) error {
 	}
 	s.checkMount()
 	return nil
+}
+
+// sharedRoot reads the prefix's shared root from etcd: the cluster's ID,
+// the root's record (nil if the prefix has none yet) and its revision.
+func (s *Store) sharedRoot(ctx context.Context) (cluster string, shared *RootRecord, rev int64, err error) {
+	cctx, cancel := s.opCtx(ctx)
+	resp, err := s.cli.Get(cctx, s.keys.RootKey())
+	cancel()
+	if err != nil {
+		return "", nil, 0, fmt.Errorf("etcdstore: cannot reach etcd at %v within %v: %w", s.cli.Endpoints(), s.opt.opTimeout, err)
+	}
+	cluster = strconv.FormatUint(resp.Header.ClusterId, 16)
+	if len(resp.Kvs) > 0 {
+		if shared, err = decode[RootRecord](resp.Kvs[0].Value); err != nil {
+			return "", nil, 0, fmt.Errorf("etcdstore: %s: %w", s.keys.RootKey(), err)
+		}
+		rev = resp.Kvs[0].ModRevision
+	}
+	return cluster, shared, rev, nil
+}
+
+// makeRoot checks that the root is a directory, creating it unless it
+// must be the shared root already (mustBeShared).
+func (s *Store) makeRoot(mustBeShared bool, notShared func(string, time.Duration) error) error {
+	switch fi, err := os.Stat(s.root); {
+	case errors.Is(err, fs.ErrNotExist):
+		if mustBeShared {
+			return notShared(s.root+" does not exist", 0) // gone since awaitRoot saw it
+		}
+		s.opt.logger.Warn("the shared root does not exist; creating it", "root", s.root)
+		if err := os.MkdirAll(s.root, 0o755); err != nil {
+			return fmt.Errorf("etcdstore: create root: %w", err)
+		}
+		s.created = true
+	case err != nil:
+		return fmt.Errorf("etcdstore: root: %w", err)
+	case !fi.IsDir():
+		return fmt.Errorf("etcdstore: root %s is not a directory", s.root)
+	}
+	return nil
+}
+
+// openBinding reads the root's binding, creating it for cluster unless the
+// root must be the shared root already (mustBeShared).
+func (s *Store) openBinding(cluster string, mustBeShared bool, notShared func(string, time.Duration) error) (*binding, error) {
+	b, err := readBinding(s.bindingPath())
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if mustBeShared {
+			return nil, notShared(s.root+" is not bound (empty, or never used)", 0) // gone since awaitRoot saw it
+		}
+		return s.createBinding(cluster)
+	case err != nil:
+		return nil, fmt.Errorf("etcdstore: root binding: %w", err)
+	default:
+		// Older bindings were 0600: a job running as another user could
+		// not open the store. Widen it if it is ours.
+		if fi, err := os.Stat(s.bindingPath()); err == nil && fi.Mode().Perm()&0o044 != 0o044 {
+			os.Chmod(s.bindingPath(), fi.Mode().Perm()|0o044) //nolint:errcheck // best effort: only the owner may
+		}
+	}
+	return b, nil
 }
 
 // rootMissing says that this host cannot see the shared root, or its

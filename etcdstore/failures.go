@@ -221,23 +221,51 @@ func (s *Store) Failures(ctx context.Context) (map[string]*FailureRecord, error)
 // one is deleted only if unchanged since read, so a new attempt's record
 // is never touched.
 func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRun bool) ([]string, error) {
-	type victim struct {
-		id    string
-		rev   int64
-		lease clientv3.LeaseID
-	}
-	var vs []victim
 	now := time.Now()
+	vs, err := s.oldFailures(ctx, now, olderThan)
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+	}
+	attempts, err := s.oldFailedAttempts(ctx, now, olderThan, vs)
+	if err != nil {
+		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+	}
+	ids, err := s.dropFailureRecords(ctx, vs, dryRun)
+	if err != nil {
+		return ids, err
+	}
+	if ids, err = s.dropFailedAttempts(ctx, attempts, dryRun, ids); err != nil {
+		return ids, err
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// failureVictim is a record DropFailures deletes: a failure record (with
+// its lease) or a failed attempt's record, at the revision it was read.
+type failureVictim struct {
+	id    string
+	rev   int64
+	lease clientv3.LeaseID
+}
+
+// oldFailures lists the failure records that ended at least olderThan
+// before now (and those that do not decode).
+func (s *Store) oldFailures(ctx context.Context, now time.Time, olderThan time.Duration) ([]failureVictim, error) {
+	var vs []failureVictim
 	err := s.scan(ctx, keys.Failed, false, func(id string, kv *mvccpb.KeyValue) error {
 		if fr, err := decode[FailureRecord](kv.Value); err == nil && now.Sub(fr.Ended) < olderThan {
 			return nil
 		}
-		vs = append(vs, victim{id, kv.ModRevision, clientv3.LeaseID(kv.Lease)})
+		vs = append(vs, failureVictim{id, kv.ModRevision, clientv3.LeaseID(kv.Lease)})
 		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
-	}
+	return vs, err
+}
+
+// oldFailedAttempts lists the failed attempts' records to delete with the
+// failures dropped (vs).
+func (s *Store) oldFailedAttempts(ctx context.Context, now time.Time, olderThan time.Duration, vs []failureVictim) ([]failureVictim, error) {
 	// The failed attempts' records: those of the failures dropped here,
 	// and those whose failure record is already gone (expired, or never
 	// written) if they started more than olderThan ago.
@@ -246,28 +274,31 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		dropped[v.id] = true
 	}
 	kept := map[string]bool{}
-	err = s.scan(ctx, keys.Failed, true, func(id string, _ *mvccpb.KeyValue) error {
+	err := s.scan(ctx, keys.Failed, true, func(id string, _ *mvccpb.KeyValue) error {
 		kept[id] = !dropped[id]
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+		return nil, err
 	}
-	var attempts []victim
+	var attempts []failureVictim
 	err = s.scan(ctx, keys.Build, false, func(id string, kv *mvccpb.KeyValue) error {
 		b, err := decode[BuildRecord](kv.Value)
 		if err != nil || b.State != BuildFailed || kept[id] {
 			return nil
 		}
 		if dropped[id] || now.Sub(b.Started) >= olderThan {
-			attempts = append(attempts, victim{id: id, rev: kv.ModRevision})
+			attempts = append(attempts, failureVictim{id: id, rev: kv.ModRevision})
 		}
 		return nil
 	})
-	if err != nil {
-		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
-	}
+	return attempts, err
+}
 
+// dropFailureRecords deletes the failure records vs (unless dryRun) and
+// revokes their leases; it returns the IDs of those it deleted (all of
+// them with dryRun).
+func (s *Store) dropFailureRecords(ctx context.Context, vs []failureVictim, dryRun bool) ([]string, error) {
 	ids := []string{}
 	for _, v := range vs {
 		if !dryRun {
@@ -289,6 +320,12 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 		}
 		ids = append(ids, v.id)
 	}
+	return ids, nil
+}
+
+// dropFailedAttempts deletes the failed attempts' records (unless dryRun)
+// and adds the IDs of those it deleted to ids.
+func (s *Store) dropFailedAttempts(ctx context.Context, attempts []failureVictim, dryRun bool, ids []string) ([]string, error) {
 	for _, v := range attempts {
 		if !dryRun {
 			cctx, cancel := s.opCtx(ctx)
@@ -308,7 +345,6 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 			ids = append(ids, v.id)
 		}
 	}
-	slices.Sort(ids)
 	return ids, nil
 }
 

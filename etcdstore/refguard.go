@@ -392,40 +392,70 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
 	}
+	before, onLease, err := s.refsOnLease(ctx, l)
+	if err != nil {
+		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+	}
+	missing, strays := s.compareRefs(l, before, onLease)
+	for _, x := range missing {
+		s.refs.mu.Lock()
+		key := x.r.key
+		s.refs.mu.Unlock()
+		s.refDeleted(x.id, x.r, key, "reconciliation found its key gone from etcd")
+	}
+	dropped, err := s.dropStrays(ctx, l, strays)
+	if err != nil {
+		return dropped, fmt.Errorf("etcdstore: reconcile references: %w", err)
+	}
+	return dropped, nil
+}
+
+// refsOnLease lists the reference keys attached to lease l, and the
+// revision read just before the listing.
+func (s *Store) refsOnLease(ctx context.Context, l *Lease) (before int64, onLease map[string]bool, err error) {
 	// The revision before the listing: a key put at or before it is in
 	// the listing unless it was deleted (a linearizable read, so the
 	// listing that follows sees at least this revision).
 	cctx, cancel := s.opCtx(ctx)
-	before, err := s.cli.Get(cctx, s.keys.Kind(keys.Ref), clientv3.WithCountOnly())
+	rev, err := s.cli.Get(cctx, s.keys.Kind(keys.Ref), clientv3.WithCountOnly())
 	cancel()
 	if err != nil {
-		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+		return 0, nil, err
 	}
 	cctx, cancel = s.opCtx(ctx)
 	resp, err := s.cli.TimeToLive(cctx, l.ID, clientv3.WithAttachedKeys())
 	cancel()
 	if err != nil {
-		return 0, fmt.Errorf("etcdstore: reconcile references: lease %s: %w", l.hex, err)
+		return 0, nil, fmt.Errorf("lease %s: %w", l.hex, err)
 	}
 	if resp.TTL <= 0 {
-		return 0, fmt.Errorf("etcdstore: reconcile references: %w: etcd no longer knows lease %s", ErrLeaseLost, l.hex)
+		return 0, nil, fmt.Errorf("%w: etcd no longer knows lease %s", ErrLeaseLost, l.hex)
 	}
-	// Snapshot after the listing: a key listed was pending before its Txn
-	// was sent, so it is pending or held now, unless it was given up.
 	pfx := s.keys.Kind(keys.Ref)
-	onLease := make(map[string]bool, len(resp.Keys))
+	onLease = make(map[string]bool, len(resp.Keys))
 	for _, k := range resp.Keys {
 		if ks := string(k); strings.HasPrefix(ks, pfx) {
 			onLease[ks] = true
 		}
 	}
-	type tracked struct {
-		id string
-		r  *ref
-	}
-	var missing []tracked
-	var strays []string
+	return rev.Header.Revision, onLease, nil
+}
+
+// trackedRef is a reference the store holds, with its package.
+type trackedRef struct {
+	id string
+	r  *ref
+}
+
+// compareRefs sets the store's references against onLease, the keys
+// listed on lease l after revision before: missing are tracked cached
+// references whose key the listing must have seen and did not; strays are
+// keys on the lease the store does not track.
+func (s *Store) compareRefs(l *Lease, before int64, onLease map[string]bool) (missing []trackedRef, strays []string) {
+	// Snapshot after the listing: a key listed was pending before its Txn
+	// was sent, so it is pending or held now, unless it was given up.
 	s.refs.mu.Lock()
+	defer s.refs.mu.Unlock()
 	known := make(map[string]bool, len(s.refs.pending))
 	for k := range s.refs.pending {
 		known[k] = true
@@ -435,8 +465,8 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 			known[r.key] = true
 			// A key put after the listing is not in it: only one the
 			// listing must have seen counts as missing.
-			if r.cached && !r.lost && r.gone == nil && r.lease == l.ID && !onLease[r.key] && r.rev <= before.Header.Revision {
-				missing = append(missing, tracked{id, r})
+			if r.cached && !r.lost && r.gone == nil && r.lease == l.ID && !onLease[r.key] && r.rev <= before {
+				missing = append(missing, trackedRef{id, r})
 			}
 		}
 	}
@@ -445,13 +475,13 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 			strays = append(strays, k)
 		}
 	}
-	s.refs.mu.Unlock()
-	for _, x := range missing {
-		s.refs.mu.Lock()
-		key := x.r.key
-		s.refs.mu.Unlock()
-		s.refDeleted(x.id, x.r, key, "reconciliation found its key gone from etcd")
-	}
+	return missing, strays
+}
+
+// dropStrays deletes the stray reference keys from lease l, reporting
+// each it deleted, and returns how many.
+func (s *Store) dropStrays(ctx context.Context, l *Lease, strays []string) (int, error) {
+	pfx := s.keys.Kind(keys.Ref)
 	dropped := 0
 	var errs []error
 	for _, k := range strays {
@@ -474,10 +504,7 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 		s.opt.logger.Warn("dropped a reference the store did not track (an IncRef whose outcome was lost)", "id", id, "key", k)
 		s.emit(Event{Kind: EventRefDropped, ID: id, Host: s.opt.host, PID: s.pid})
 	}
-	if err := errors.Join(errs...); err != nil {
-		return dropped, fmt.Errorf("etcdstore: reconcile references: %w", err)
-	}
-	return dropped, nil
+	return dropped, errors.Join(errs...)
 }
 
 // reconcileSoon runs ReconcileRefs once, after a delay in which a Txn

@@ -40,13 +40,20 @@ type agentConn struct {
 	increfs map[string]int // IncRefs that went to the store (they may wait for a build), by package
 }
 
-// serverBuild is one build request of a connection.
+// serverBuild is one build request of a connection. It stays in the
+// connection's builds while the store's build for it runs or a runBuilder
+// waits for its OpBuilt: when the caller gives up, the store's build
+// returns at once, but the attempt still waits for the builder that its
+// stop (OpBuildStop) ends, and that builder's result must reach it.
 type serverBuild struct {
 	id     string
 	needs  []string
 	pgid   atomic.Int64 // the builder's process group, while it runs (0: none reported)
 	cancel context.CancelFunc
 	result chan error // the builder's result, from OpBuilt
+
+	settled bool // guarded by agentConn.mu: the store's build has returned
+	running int  // guarded by agentConn.mu: runBuilder calls waiting for OpBuilt
 }
 
 func (a *server) newConn(ctx context.Context, c *net.UnixConn) *agentConn {
@@ -314,7 +321,8 @@ func (c *agentConn) startBuild(m *agent.Msg) {
 		out, err := c.a.build(etcdstore.WithBuilderProcess(bctx, who), c, m.Seq, m.ID, b)
 		cancel()
 		c.mu.Lock()
-		delete(c.builds, m.Seq)
+		b.settled = true
+		c.forgetBuildLocked(m.Seq, b)
 		c.mu.Unlock()
 		c.reply(m.Seq, err, func(r *agent.Msg) {
 			if err == nil {
@@ -323,6 +331,14 @@ func (c *agentConn) startBuild(m *agent.Msg) {
 			}
 		})
 	})
+}
+
+// forgetBuildLocked drops build request seq once neither the store's build
+// nor a builder's result needs it. c.mu is held.
+func (c *agentConn) forgetBuildLocked(seq uint64, b *serverBuild) {
+	if b.settled && b.running == 0 && c.builds[seq] == b {
+		delete(c.builds, seq)
+	}
 }
 
 // buildOf returns c's build request seq, or nil.
@@ -386,6 +402,19 @@ func (c *agentConn) runBuilder(bctx context.Context, seq uint64, b *serverBuild)
 	if err := c.giveDirs(b.id); err != nil {
 		return err
 	}
+	c.mu.Lock()
+	// b stays in builds until its OpBuilt came, so that built finds it;
+	// it is put back if the store's build returned before the attempt
+	// called its builder (sequence numbers are never reused).
+	b.running++
+	c.builds[seq] = b
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		b.running--
+		c.forgetBuildLocked(seq, b)
+		c.mu.Unlock()
+	}()
 	c.send(&agent.Msg{Op: agent.OpBuildNow, Seq: seq})
 	select {
 	case err := <-b.result:

@@ -414,6 +414,39 @@ func (c *Config) LocalEndpoint() string { return "unix://" + c.SocketPath() }
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	c.validatePaths(bad)
+	if c.GC.TargetBytes < 0 || c.GC.OlderThan < 0 {
+		// etcdstore reads these as "zero" (everything goes); a node's
+		// periodic sweep never means that.
+		bad("GC target %d bytes / age %v: want zero (off) or more", c.GC.TargetBytes, c.GC.OlderThan)
+	}
+	if c.SocketMode&^os.ModePerm != 0 {
+		bad("socket mode %#o: want permission bits only", c.SocketMode)
+	}
+	if c.Root != "" && c.StateDir != "" {
+		r, _ := filepath.Abs(c.Root)
+		s, _ := filepath.Abs(c.StateDir)
+		if r == s || strings.HasPrefix(s, r+string(filepath.Separator)) {
+			bad("state directory %s is inside the shared root %s: etcd data must stay host-local", s, r)
+		}
+	}
+	c.validateEtcd(bad)
+	if c.Name == "" {
+		bad("empty host name")
+	}
+	c.validateCache(bad)
+	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.Linger < 0 || c.YieldWait < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
+		bad("negative interval, or non-positive timeout")
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("granary: bad configuration: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// validatePaths reports a missing root or state directory and socket
+// paths too long for a unix socket, through bad.
+func (c *Config) validatePaths(bad func(format string, args ...any)) {
 	if c.Root == "" {
 		bad("no shared root: set --root or $%s (no home directory to default to)", EnvRoot)
 	}
@@ -430,21 +463,11 @@ func (c *Config) Validate() error {
 		bad("socket path %s is %d bytes, too long for a unix socket (max %d): set a shorter --state-dir or $%s",
 			c.AgentSocketPath(), len(c.AgentSocketPath()), MaxSocketPath, EnvStateDir)
 	}
-	if c.GC.TargetBytes < 0 || c.GC.OlderThan < 0 {
-		// etcdstore reads these as "zero" (everything goes); a node's
-		// periodic sweep never means that.
-		bad("GC target %d bytes / age %v: want zero (off) or more", c.GC.TargetBytes, c.GC.OlderThan)
-	}
-	if c.SocketMode&^os.ModePerm != 0 {
-		bad("socket mode %#o: want permission bits only", c.SocketMode)
-	}
-	if c.Root != "" && c.StateDir != "" {
-		r, _ := filepath.Abs(c.Root)
-		s, _ := filepath.Abs(c.StateDir)
-		if r == s || strings.HasPrefix(s, r+string(filepath.Separator)) {
-			bad("state directory %s is inside the shared root %s: etcd data must stay host-local", s, r)
-		}
-	}
+}
+
+// validateEtcd reports bad endpoints, prefix, TTL and credentials through
+// bad.
+func (c *Config) validateEtcd(bad func(format string, args ...any)) {
 	for _, e := range c.Endpoints {
 		if !strings.Contains(e, "://") {
 			if _, _, err := net.SplitHostPort(e); err != nil {
@@ -472,9 +495,11 @@ func (c *Config) Validate() error {
 	if (c.Password != "" || c.PasswordFile != "") && c.User == "" {
 		bad("a password without --user")
 	}
-	if c.Name == "" {
-		bad("empty host name")
-	}
+}
+
+// validateCache reports cache settings without a cache and a cache that
+// does not open, through bad.
+func (c *Config) validateCache(bad func(format string, args ...any)) {
 	if (c.CacheToken != "" || c.CacheCACert != "" || c.CacheSignKey != "" || c.CacheTrustedKeys != "") && c.Cache == "" {
 		bad("$%s, --cache-cacert, --cache-sign-key or --cache-trusted-keys set without a cache URL (--cache or $%s)", EnvCacheToken, EnvCache)
 	}
@@ -488,11 +513,4 @@ func (c *Config) Validate() error {
 			r.Close()
 		}
 	}
-	if c.GCInterval < 0 || c.IdleTimeout < 0 || c.Linger < 0 || c.YieldWait < 0 || c.OpTimeout <= 0 || c.DialTimeout <= 0 {
-		bad("negative interval, or non-positive timeout")
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("granary: bad configuration: %w", errors.Join(errs...))
-	}
-	return nil
 }

@@ -31,7 +31,23 @@ type metrics struct {
 	refsDropped  prometheus.Counter
 }
 
+// newMetrics makes the node's series and registers them, with the series
+// read at scrape time (member watch counters, etcd key counts).
 func newMetrics(n *Node) *metrics {
+	m := newSeries()
+	for _, r := range []string{"built", "failed", "cache_hit"} {
+		m.builds.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "busy", "error"} {
+		m.gcSweeps.WithLabelValues(r)
+	}
+	m.registerScraped(n)
+	return m
+}
+
+// newSeries makes the series the node updates, on a new registry (not yet
+// registered).
+func newSeries() *metrics {
 	m := &metrics{reg: prometheus.NewRegistry()}
 	m.builds = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "granary_builds_total", Help: "Build attempts finished by this node's store, by result (built, failed, cache_hit).",
@@ -65,12 +81,12 @@ func newMetrics(n *Node) *metrics {
 	m.refsDropped = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "granary_refs_dropped_total", Help: "Reference keys on this node's lease that it did not track (an IncRef whose outcome was lost), deleted by reconciliation.",
 	})
-	for _, r := range []string{"built", "failed", "cache_hit"} {
-		m.builds.WithLabelValues(r)
-	}
-	for _, r := range []string{"ok", "busy", "error"} {
-		m.gcSweeps.WithLabelValues(r)
-	}
+	return m
+}
+
+// registerScraped registers m's own series and those read from n at
+// scrape time: the member watch's counters and etcd's key counts.
+func (m *metrics) registerScraped(n *Node) {
 	count := func(kind string) func() float64 {
 		return func() float64 {
 			if n.cli == nil {
@@ -112,7 +128,6 @@ func newMetrics(n *Node) *metrics {
 			Name: "granary_packages_available", Help: "Published packages cluster-wide at scrape time.",
 		}, count(keys.Avail)),
 	)
-	return m
 }
 
 // registerCache adds the remote cache's counters, read at scrape time.
