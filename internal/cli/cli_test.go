@@ -83,7 +83,7 @@ func TestMessagePlain(t *testing.T) {
 			"granary: list: etcd has no leader: quorum lost (a majority of the etcd members must be up)"},
 		{"lease lost", fmt.Errorf("granary: build abandoned: %w", etcdstore.ErrLeaseLost),
 			"granary: build abandoned: the lease with etcd was lost"},
-		{"operation named twice", fmt.Errorf("granary: build %q: %w", "x", fmt.Errorf("etcdstore: build %q: %w", "x", context.DeadlineExceeded)),
+		{"store prefix inside", fmt.Errorf("granary: %w", fmt.Errorf("etcdstore: build %q: %w", "x", context.DeadlineExceeded)),
 			`granary: build "x": context deadline exceeded`},
 	}
 	for _, tt := range tests {

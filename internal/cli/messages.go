@@ -51,25 +51,10 @@ func plainErr(err error) string {
 	rest, had := strings.CutPrefix(msg, "granary: ")
 	rest = strings.ReplaceAll(rest, ": granary: ", ": ")
 	rest = strings.ReplaceAll(rest, "granary: ", "")
-	rest = dropRepeats(rest)
 	if had {
 		return "granary: " + rest
 	}
 	return rest
-}
-
-// dropRepeats removes a "op "id": " segment that follows itself (the CLI
-// and the store it calls, or the node, both name the operation).
-func dropRepeats(msg string) string {
-	parts := strings.Split(msg, ": ")
-	out := parts[:0]
-	for i, p := range parts {
-		if i > 0 && p == parts[i-1] && strings.Contains(p, `"`) {
-			continue
-		}
-		out = append(out, p)
-	}
-	return strings.Join(out, ": ")
 }
 
 // plainBuildError says who failed and where the logs are.
