@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/agent"
+	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/node"
 )
 
@@ -34,24 +35,12 @@ func (r *run) agent(ctx context.Context) error {
 	if err := s.Handle(id).BuildContext(ctx, func(context.Context) error { return nil }); err != nil {
 		return err
 	}
-	state, err := os.MkdirTemp("", "gb") // short: unix socket paths are limited
+	state, stop, err := r.localAPI(ctx, s, "agent-host")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(state)
-	cfg := node.DefaultConfig()
-	cfg.StateDir, cfg.Root, cfg.Prefix, cfg.Name = state, r.root, r.prefix, "agent-host"
-	cfg.OpTimeout, cfg.TTL = r.cfg.OpTimeout, r.z.TTL
-	api, err := node.NewLocalAPI(s, cfg, nil)
-	if err != nil {
-		return err
-	}
-	actx, stop := context.WithCancel(ctx)
-	served := make(chan error, 1)
-	go func() { served <- api.Run(actx) }()
 	defer func() {
 		stop()
-		<-served
 		s.Close() //nolint:errcheck // revokes the lease: the host's lingering reference goes with it
 	}()
 
@@ -78,6 +67,27 @@ func (r *run) agent(ctx context.Context) error {
 		return err
 	}
 	return r.runJobs(ctx, cli, state, id)
+}
+
+// localAPI serves the host agent's socket for s, as a node named name
+// does, in a fresh state directory; stop ends it and removes the directory.
+func (r *run) localAPI(ctx context.Context, s *etcdstore.Store, name string) (state string, stop func(), err error) {
+	state, err = os.MkdirTemp("", "gb") // short: unix socket paths are limited
+	if err != nil {
+		return "", nil, err
+	}
+	cfg := node.DefaultConfig()
+	cfg.StateDir, cfg.Root, cfg.Prefix, cfg.Name = state, r.root, r.prefix, name
+	cfg.OpTimeout, cfg.TTL = r.cfg.OpTimeout, r.z.TTL
+	api, err := node.NewLocalAPI(s, cfg, nil)
+	if err != nil {
+		os.RemoveAll(state)
+		return "", nil, err
+	}
+	actx, cancel := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- api.Run(actx) }()
+	return state, func() { cancel(); <-served; os.RemoveAll(state) }, nil
 }
 
 // agentPairs measures warm IncRef+DecRef pairs through the node at c

@@ -3,13 +3,11 @@ package bench
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"time"
 
 	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/etcdstore"
-	"github.com/granary-build/granary/node"
 )
 
 // needCounts are the sizes of a package's needs the needs scenario
@@ -78,22 +76,11 @@ func (r *run) publishNeeding(ctx context.Context, s *etcdstore.Store, k int) (st
 
 // needsAgent is the warm pair through a host agent on s, for each count.
 func (r *run) needsAgent(ctx context.Context, s *etcdstore.Store, c int) error {
-	state, err := os.MkdirTemp("", "gn") // short: unix socket paths are limited
+	state, stop, err := r.localAPI(ctx, s, "needs-host")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(state)
-	cfg := node.DefaultConfig()
-	cfg.StateDir, cfg.Root, cfg.Prefix, cfg.Name = state, r.root, r.prefix, "needs-host"
-	cfg.OpTimeout, cfg.TTL = r.cfg.OpTimeout, r.z.TTL
-	api, err := node.NewLocalAPI(s, cfg, nil)
-	if err != nil {
-		return err
-	}
-	actx, stop := context.WithCancel(ctx)
-	served := make(chan error, 1)
-	go func() { served <- api.Run(actx) }()
-	defer func() { stop(); <-served }()
+	defer stop()
 	warm, err := agent.Connect(ctx, state)
 	if err != nil {
 		return err
