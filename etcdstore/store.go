@@ -14,6 +14,7 @@ import (
 
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/internal/keys"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 var (
@@ -202,11 +203,11 @@ func (s *Store) opCtx(ctx context.Context) (context.Context, context.CancelFunc)
 
 // Keys and paths.
 
-func (s *Store) pkgsDir() string            { return filepath.Join(s.root, "pkgs") }
-func (s *Store) trashDir() string           { return filepath.Join(s.root, ".trash") }
-func (s *Store) pkgDir(id string) string    { return filepath.Join(s.pkgsDir(), id) }
-func (s *Store) outputDir(id string) string { return filepath.Join(s.pkgDir(id), "contents") }
-func (s *Store) logDir(id string) string    { return filepath.Join(s.pkgDir(id), "logs") }
+func (s *Store) pkgsDir() string            { return paths.Pkgs(s.root) }
+func (s *Store) trashDir() string           { return paths.Trash(s.root) }
+func (s *Store) pkgDir(id string) string    { return paths.PkgDir(s.root, id) }
+func (s *Store) outputDir(id string) string { return paths.Contents(s.root, id) }
+func (s *Store) logDir(id string) string    { return paths.Logs(s.root, id) }
 
 // deleteLater deletes key in the background, retrying until it succeeds or
 // the store closes (when the lease revocation takes the key with it). It is

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"runtime"
 	"runtime/metrics"
 	"strconv"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/keys"
+	"github.com/granary-build/granary/internal/paths"
 )
 
 // prune loads each of PrunePackages published packages (their etcd
@@ -89,7 +89,7 @@ func (r *run) refs(ctx context.Context) error {
 	}
 	// IncRef hands a package out only once this host sees its (empty) tree.
 	for i := range r.z.RefPackages {
-		if err := os.MkdirAll(filepath.Join(r.root, "pkgs", fmt.Sprintf("refd-%d", i), "contents"), 0o755); err != nil {
+		if err := os.MkdirAll(paths.Contents(r.root, fmt.Sprintf("refd-%d", i)), 0o755); err != nil {
 			return err
 		}
 	}

@@ -69,6 +69,26 @@ func (p Places) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(p.Prefix, "prefix", *p.Prefix, "etcd key prefix ($"+EnvPrefix+")")
 }
 
-// Contents is the contents directory of package id under root
-// (etcdstore's layout: <root>/pkgs/<id>/contents), $GRANARY_PKG of a job.
-func Contents(root, id string) string { return filepath.Join(root, "pkgs", id, "contents") }
+// The shared root's layout, written here once (the light agent client,
+// which imports only the standard library and core, repeats the two
+// package paths; agent's tests hold them equal):
+//
+//	<root>/pkgs/<id>/contents   the package's tree (OutputDirectory)
+//	<root>/pkgs/<id>/logs       its builds' logs (LoggingDirectory)
+//	<root>/.trash/              removed trees, deleted in the background
+
+// Pkgs is the directory of every package under root.
+func Pkgs(root string) string { return filepath.Join(root, "pkgs") }
+
+// PkgDir is the directory of package id under root.
+func PkgDir(root, id string) string { return filepath.Join(root, "pkgs", id) }
+
+// Contents is the contents directory of package id under root, $GRANARY_PKG
+// of a job.
+func Contents(root, id string) string { return filepath.Join(PkgDir(root, id), "contents") }
+
+// Logs is the logging directory of package id under root.
+func Logs(root, id string) string { return filepath.Join(PkgDir(root, id), "logs") }
+
+// Trash is where removed trees wait for deletion.
+func Trash(root string) string { return filepath.Join(root, ".trash") }
