@@ -117,7 +117,8 @@ type BuildRecord struct {
 
 // RefInfo is one etcd reference to a package. Cached marks a node's host
 // reference; Holders is how many jobs of that host held the package when
-// it was last asked (HoldersAt).
+// it was last asked (HoldersAt); Pods are the Kubernetes pods
+// ("namespace/name") whose volumes that node publishes from it.
 type RefInfo struct {
 	Host      string    `json:"host"`
 	PID       int       `json:"pid"`
@@ -127,6 +128,7 @@ type RefInfo struct {
 	Cached    bool      `json:"cached,omitempty"`
 	Holders   int       `json:"holders,omitempty"`
 	HoldersAt time.Time `json:"holders_at,omitzero"`
+	Pods      []string  `json:"pods,omitempty"`
 }
 
 // EventKind says what an Event reports. The values are etcdstore's

@@ -3,6 +3,7 @@ package node
 import (
 	"encoding/json"
 	"errors"
+	"reflect"
 	"testing"
 	"time"
 
@@ -17,7 +18,7 @@ func TestWireTypesMatchStore(t *testing.T) {
 	pkg := &etcdstore.PackageRecord{BuiltBy: "h", PID: 1, BuiltAt: now, BuildSeconds: 1.5, Size: 2, Digest: "sha256:x", FromCache: true, Attempt: 3, Entries: 4, Needs: []string{"n1", "n2"}}
 	info := etcdstore.Info{ID: "p", State: etcdstore.StateFailed, OutputDir: "/o", LogDir: "/l", Package: pkg,
 		Build: &etcdstore.BuildRecord{State: "failed", Host: "h", PID: 5, Started: now, LogDir: "/l", Attempt: 6, Error: "e", Command: "c"},
-		Refs:  []etcdstore.RefInfo{{Host: "h", PID: 7, Since: now, Purpose: "p", Lease: "1f", Cached: true, Holders: 8, HoldersAt: now}},
+		Refs:  []etcdstore.RefInfo{{Host: "h", PID: 7, Since: now, Purpose: "p", Lease: "1f", Cached: true, Holders: 8, HoldersAt: now, Pods: []string{"ns/pod"}}},
 		ATime: now, NeededBy: []string{"d"},
 		Pin:         &etcdstore.PinRecord{By: "u", Host: "h", At: now, Until: now, Note: "n"},
 		Invalid:     &etcdstore.InvalidRecord{By: "u", Host: "h", At: now, Reason: "r", Cause: "c", Digest: "d", Attempt: 1},
@@ -77,6 +78,35 @@ func TestStoreSentinelsCrossTheWire(t *testing.T) {
 		m := agent.Msg{Err: "x", Codes: wireCodes(s.store)}
 		if err := builderErr(&m); !errors.Is(err, s.store) || !errors.Is(err, s.wire) {
 			t.Errorf("%v through the wire = %v (codes %v); want both sentinels", s.store, err, m.Codes)
+		}
+	}
+}
+
+// TestWireTypesHaveStoreFields: every field of a store type that crosses
+// the wire has a field of the same name and JSON tag in its agent copy, so
+// a field added to one side alone fails here rather than vanishing on the
+// wire.
+func TestWireTypesHaveStoreFields(t *testing.T) {
+	for _, pair := range [][2]reflect.Type{
+		{reflect.TypeFor[etcdstore.Info](), reflect.TypeFor[agent.Info]()},
+		{reflect.TypeFor[etcdstore.RefInfo](), reflect.TypeFor[agent.RefInfo]()},
+		{reflect.TypeFor[etcdstore.PackageRecord](), reflect.TypeFor[agent.PackageRecord]()},
+		{reflect.TypeFor[etcdstore.BuildRecord](), reflect.TypeFor[agent.BuildRecord]()},
+		{reflect.TypeFor[etcdstore.PinRecord](), reflect.TypeFor[agent.PinRecord]()},
+		{reflect.TypeFor[etcdstore.InvalidRecord](), reflect.TypeFor[agent.InvalidRecord]()},
+		{reflect.TypeFor[etcdstore.Why](), reflect.TypeFor[agent.Why]()},
+		{reflect.TypeFor[etcdstore.InvalidateReport](), reflect.TypeFor[agent.InvalidateReport]()},
+	} {
+		store, wire := pair[0], pair[1]
+		for i := range store.NumField() {
+			f := store.Field(i)
+			if !f.IsExported() {
+				continue
+			}
+			w, ok := wire.FieldByName(f.Name)
+			if !ok || w.Tag.Get("json") != f.Tag.Get("json") {
+				t.Errorf("%s.%s (json %q) has no twin in %s", store, f.Name, f.Tag.Get("json"), wire)
+			}
 		}
 	}
 }

@@ -208,6 +208,9 @@ func holder(r etcdstore.RefInfo) string {
 	case r.Cached:
 		s += " (the node's reference for its host's jobs; held by a job there, or lingering)"
 	}
+	if len(r.Pods) > 0 {
+		s += "; volumes of pod " + strings.Join(r.Pods, ", pod ")
+	}
 	return s
 }
 
