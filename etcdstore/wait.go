@@ -225,37 +225,11 @@ func (s *Store) awaitAttempt(ctx context.Context, id string, seen *attemptSeen) 
 		return true, nil
 	}
 	s.emit(Event{Kind: EventWaiting, ID: id, Host: seen.rec.Host, PID: seen.rec.PID, Since: seen.rec.Started, LogDir: seen.rec.LogDir})
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
-	defer cancel()
-	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
 	// From just after the read that saw the attempt, so nothing is missed.
-	availCh := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithRev(seen.rev+1))
-	buildCh := s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithRev(seen.rev+1))
-	for {
-		select {
-		case wr, ok := <-availCh:
-			if !ok || wr.Err() != nil {
-				return false, wctxErr(ctx, wctx)
-			}
-			if len(wr.Events) > 0 {
-				return true, nil // published
-			}
-		case wr, ok := <-buildCh:
-			if !ok || wr.Err() != nil {
-				return false, wctxErr(ctx, wctx)
-			}
-			for _, ev := range wr.Events {
-				if ev.Type == clientv3.EventTypeDelete {
-					return true, nil // the attempt died or published
-				}
-				if b, err := decode[BuildRecord](ev.Kv.Value); err == nil && b.State == BuildFailed {
-					return true, nil
-				}
-			}
-		case <-wctx.Done():
-			return false, wctxErr(ctx, wctx)
-		}
-	}
+	// Any change ends it: a publish, the record's deletion (the attempt
+	// died) or its turn to failed; a new attempt's record comes only after
+	// the old one's deletion.
+	return s.watchBuildEnd(ctx, id, seen.rev)
 }
 
 // wctxErr says why a wait under wctx (ctx's, ended also by Close) broke

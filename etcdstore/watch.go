@@ -55,11 +55,14 @@ func (s *Store) settled(ctx context.Context, id string, st state) (State, bool) 
 	return StateAbsent, true
 }
 
-// watchBuildEnd watches avail and build of id after rev until one changes.
-// It reports false when the watch ended without an event.
+// watchBuildEnd watches avail and build of id after rev until one changes
+// (the one wait for an attempt to end: WaitBuildEnd's and IncRef's). It
+// reports false when the watch ended without an event, with ctx's error,
+// ErrClosed if the store closed, or nil (the caller reads again).
 func (s *Store) watchBuildEnd(ctx context.Context, id string, rev int64) (bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
 	// One watch over the package's keys of both kinds is not possible (they
 	// share no prefix); two watches from the same revision see every change.
 	availCh := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithRev(rev+1))
@@ -70,12 +73,12 @@ func (s *Store) watchBuildEnd(ctx context.Context, id string, rev int64) (bool, 
 		select {
 		case wr, ok = <-availCh:
 		case wr, ok = <-buildCh:
-		case <-ctx.Done():
-			return false, ctx.Err()
+		case <-wctx.Done():
+			return false, wctxErr(ctx, wctx)
 		}
 		if !ok || wr.Err() != nil {
-			if ctx.Err() != nil {
-				return false, ctx.Err()
+			if err := wctxErr(ctx, wctx); err != nil {
+				return false, err
 			}
 			if wr.Err() != nil && !errors.Is(wr.Err(), context.Canceled) {
 				s.opt.logger.Debug("watch ended; reading state again", "id", id, "err", wr.Err())
