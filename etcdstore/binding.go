@@ -50,11 +50,6 @@ type RootRecord struct {
 	BoundAt time.Time `json:"bound_at"`
 }
 
-// ErrNotSharedRoot is returned by New when the root is empty, missing or
-// bound under another identity while the prefix already has a shared root:
-// most often, the shared volume is not mounted on this host.
-var ErrNotSharedRoot = errors.New("etcdstore: not the shared root of this prefix")
-
 // NotSharedRootError is the ErrNotSharedRoot that New returns: what is
 // wrong with Root, and which root etcd knows for the prefix.
 type NotSharedRootError struct {

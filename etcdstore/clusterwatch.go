@@ -63,14 +63,6 @@ type ClusterEvent struct {
 	Cause   string    `json:"cause,omitempty"`  // invalidated: with this need
 }
 
-// ErrCompacted is returned by WatchCluster when the revision to start from
-// was compacted away: etcd no longer has that history.
-var ErrCompacted = errors.New("etcdstore: revision compacted")
-
-// ErrFutureRevision is returned by WatchCluster for a start revision
-// etcd has not reached yet.
-var ErrFutureRevision = errors.New("etcdstore: revision not reached yet")
-
 // holderValue is what the store writes in its lock keys, so that a watcher
 // can say who waits and who sweeps.
 func (s *Store) holderValue() string {

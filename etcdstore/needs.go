@@ -97,15 +97,6 @@ func checkNeeds(id string, needs []string) ([]string, error) {
 	return out, nil
 }
 
-// NeedError says which need of a build was not available.
-type NeedError struct {
-	Need string
-	Err  error // wraps core.ErrPackageNotExist (and core.ErrInvalidated for an invalidated need)
-}
-
-func (e *NeedError) Error() string { return fmt.Sprintf("need %q: %v", e.Need, e.Err) }
-func (e *NeedError) Unwrap() error { return e.Err }
-
 // holdNeeds takes a reference on each need, waiting for one being built;
 // release gives them back.
 func (s *Store) holdNeeds(ctx context.Context, needs []string) (release func(), err error) {

@@ -25,11 +25,6 @@ const DefaultVisibleTimeout = 60 * time.Second
 // ErrNotVisible (default DefaultVisibleTimeout).
 func WithVisibleTimeout(d time.Duration) Option { return func(o *options) { o.visibleTimeout = d } }
 
-// ErrNotVisible is returned when etcd says a package is published but this
-// host cannot see its tree within the visibility timeout: its view of the
-// shared root is stale (a mount option), or the volume is not mounted.
-var ErrNotVisible = errors.New("etcdstore: published package not visible on this host")
-
 // awaitVisible returns once this host can see the tree that rec describes:
 // pkgs/<id>/contents exists and, when the record carries it, has the
 // recorded number of top-level entries. It revalidates first (opening a
