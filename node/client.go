@@ -115,9 +115,6 @@ func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, *
 	return cli, watch, nil
 }
 
-// ErrPermission means etcd answered but refused the credentials.
-var ErrPermission = errors.New("granary: etcd refused access")
-
 // diagnose looks for the cause that gRPC hides behind "context deadline
 // exceeded": it dials the first endpoint itself and, with TLS, completes a
 // handshake and waits briefly for the server's alert (TLS 1.3 servers reject

@@ -245,10 +245,6 @@ func (c *Config) FromEnv(getenv func(string) string) error {
 	return nil
 }
 
-// ErrNegative is wrapped by the error for a negative duration where only
-// zero or more makes sense.
-var ErrNegative = errors.New("negative duration")
-
 // ParseNonNegative parses a duration (time.ParseDuration) and refuses a
 // negative one: a sign typed by mistake must not turn "older than 5m" into
 // "everything".

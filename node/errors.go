@@ -23,4 +23,15 @@ var (
 
 	// ErrUnreachable wraps a failure to reach etcd.
 	ErrUnreachable = errors.New("granary: cannot reach etcd")
+
+	// ErrPermission means etcd answered but refused the credentials.
+	ErrPermission = errors.New("granary: etcd refused access")
+
+	// ErrNegative is wrapped by the error for a negative duration where only
+	// zero or more makes sense.
+	ErrNegative = errors.New("negative duration")
+
+	// ErrNodeRunning is returned by New when another local node holds the state
+	// directory.
+	ErrNodeRunning = errors.New("granary: a local node already runs for this state directory")
 )

@@ -24,10 +24,6 @@ import (
 	"github.com/granary-build/granary/internal/keys"
 )
 
-// ErrNodeRunning is returned by New when another local node holds the state
-// directory.
-var ErrNodeRunning = errors.New("granary: a local node already runs for this state directory")
-
 // errIdle ends Run when an embedded node has had no client for IdleTimeout.
 var errIdle = errors.New("idle")
 
