@@ -64,7 +64,7 @@ type InvalidateReport struct {
 	// (those already invalid included).
 	Invalidated []string `json:"invalidated"`
 	Removed     []string `json:"removed"` // removed at once: nothing held them
-	Held        []string `json:"held"`    // removed when their last holder leaves
+	Held        []string `json:"held"`    // removed when their last holder leaves (or by the sweepers, if the removal failed)
 }
 
 // Invalidate marks id and every package that needs it invalid (see the
@@ -79,13 +79,18 @@ func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (Invalida
 	at := time.Now().UTC()
 	for tries := 0; ; tries++ {
 		order, rev, err := s.dependents(ctx, id)
-		if err != nil {
-			return rep, fmt.Errorf("etcdstore: invalidate %q: %w", id, err)
-		}
-		if s.testHookInvalidate != nil {
+		if s.testHookInvalidate != nil && err == nil {
 			s.testHookInvalidate(id)
 		}
-		done, err := s.invalidateAll(ctx, order, rev, InvalidRecord{By: by, Host: s.opt.host, At: at, Reason: reason}, id)
+		done := false
+		if err == nil {
+			done, err = s.invalidateAll(ctx, order, rev, InvalidRecord{By: by, Host: s.opt.host, At: at, Reason: reason}, id)
+		}
+		if err != nil && transient(err) && tries < 4 && sleepCtx(ctx, time.Duration(tries+1)*100*time.Millisecond) {
+			// Cut by a member that froze or went away: every step can be
+			// made again (an invalid record stands; the first reason wins).
+			continue
+		}
 		if err != nil {
 			return rep, fmt.Errorf("etcdstore: invalidate %q: %w", id, err)
 		}
@@ -107,7 +112,9 @@ func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (Invalida
 				rep.Held = append(rep.Held, p)
 			}
 		default:
-			return rep, fmt.Errorf("etcdstore: invalidate %q: remove %q: %w", id, p, err)
+			// The invalidation stands; the nodes' sweepers and gc remove it.
+			s.opt.logger.Warn("invalidated, but its removal failed; the sweepers and gc try again", "id", p, "err", err)
+			rep.Held = append(rep.Held, p)
 		}
 	}
 	return rep, nil

@@ -54,19 +54,27 @@ func (h *Handle) BuildNeedsOutcome(ctx context.Context, needs []string, builder 
 	// path does). Not BuildOutcome: if the package were removed after this
 	// read, its attempt would publish without its needs.
 	start := time.Now()
-	st, err := h.s.readState(ctx, h.id)
+	var st state
+	var release func()
+	for tries := 1; ; tries++ {
+		if st, err = h.s.readState(ctx, h.id); err == nil && (st.avail == nil || st.invalid != nil) {
+			release, err = h.s.holdNeeds(ctx, needs)
+		}
+		// A call cut by a member that froze or went away is made again on
+		// another, as the attempt's own steps are (build.go); nothing was
+		// taken yet.
+		if err == nil || !transient(err) || tries >= 4 || !sleepCtx(ctx, time.Duration(tries)*100*time.Millisecond) {
+			break
+		}
+	}
 	if err != nil {
 		return Outcome{}, h.fail("build", err)
 	}
-	if st.avail != nil && st.invalid == nil {
+	if release == nil { // available
 		if err := h.s.awaitVisibleWhilePublished(ctx, h.id, st.avail); err != nil {
 			return Outcome{}, h.fail("build", err)
 		}
 		return Outcome{How: AlreadyAvailable, Package: st.avail, LogDir: h.s.logDir(h.id), Elapsed: time.Since(start)}, nil
-	}
-	release, err := h.s.holdNeeds(ctx, needs)
-	if err != nil {
-		return Outcome{}, h.fail("build", err)
 	}
 	defer release()
 	dirs := make([]core.Need, len(needs))
@@ -195,4 +203,16 @@ func needIDs(needs []core.Need) []string {
 		ids = append(ids, n.ID)
 	}
 	return ids
+}
+
+// sleepCtx waits d, or reports false when ctx ends first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }

@@ -53,6 +53,9 @@ type soakConfig struct {
 	RmEvery     time.Duration // `granary rm` of a random ID from a random host
 	GCEvery     time.Duration // `granary gc` from a random host
 	GCOlderThan time.Duration // its --older-than and --grace
+	// InvalidateEvery: `granary invalidate` of a random ID (and so of its
+	// dependents) from a random host; 0: none.
+	InvalidateEvery time.Duration
 
 	Seed uint64 // of the jobs' choices and the churn; 0: from the clock
 	// Dir, new or empty, keeps the processes' logs, etcd's data, the
@@ -74,36 +77,38 @@ func defaultConfig() soakConfig {
 		// 14 s): at 5 s, as the farm run had, the nodes lose their lease in
 		// the freezes themselves (2-4 times a run, builds abandoned), which
 		// README's TTL guidance says and the soak cannot tell from a bug.
-		TTL:            15 * time.Second,
-		Linger:         3 * time.Second,
-		Faults:         []string{faultFollowerFreeze, faultNodeKill, faultLeaderFreeze, faultLeaderRestart},
-		FaultEvery:     8 * time.Second,
-		LeaderFreeze:   2500 * time.Millisecond,
-		FollowerFreeze: 4 * time.Second,
-		NodeDown:       time.Second,
-		RmEvery:        time.Second,
-		GCEvery:        7 * time.Second,
-		GCOlderThan:    2 * time.Second,
+		TTL:             15 * time.Second,
+		Linger:          3 * time.Second,
+		Faults:          []string{faultFollowerFreeze, faultNodeKill, faultLeaderFreeze, faultLeaderRestart},
+		FaultEvery:      8 * time.Second,
+		LeaderFreeze:    2500 * time.Millisecond,
+		FollowerFreeze:  4 * time.Second,
+		NodeDown:        time.Second,
+		RmEvery:         time.Second,
+		GCEvery:         7 * time.Second,
+		GCOlderThan:     2 * time.Second,
+		InvalidateEvery: 9 * time.Second,
 	}
 }
 
 // Environment variables of longer or harsher local runs.
 const (
-	envDuration       = "GRANARY_SOAK_DURATION"        // e.g. 30m
-	envHosts          = "GRANARY_SOAK_HOSTS"           // e.g. 3
-	envLaunchers      = "GRANARY_SOAK_LAUNCHERS"       // per host, e.g. 4
-	envPackages       = "GRANARY_SOAK_PACKAGES"        // e.g. 30
-	envTTL            = "GRANARY_SOAK_TTL"             // e.g. 5s
-	envLinger         = "GRANARY_SOAK_LINGER"          // e.g. 5s
-	envFaults         = "GRANARY_SOAK_FAULTS"          // comma-separated, "none" for none
-	envFaultEvery     = "GRANARY_SOAK_FAULT_EVERY"     // e.g. 20s
-	envLeaderFreeze   = "GRANARY_SOAK_LEADER_FREEZE"   // e.g. 15s (expect revoked leases)
-	envFollowerFreeze = "GRANARY_SOAK_FOLLOWER_FREEZE" // e.g. 15s
-	envNodeDown       = "GRANARY_SOAK_NODE_DOWN"       // e.g. 10s (longer than the TTL: its references expire)
-	envRmEvery        = "GRANARY_SOAK_RM_EVERY"        // e.g. 10s
-	envGCEvery        = "GRANARY_SOAK_GC_EVERY"        // e.g. 20s
-	envSeed           = "GRANARY_SOAK_SEED"            // to replay a run's choices (not its timing)
-	envDir            = "GRANARY_SOAK_DIR"             // keep logs and reports here
+	envDuration        = "GRANARY_SOAK_DURATION"         // e.g. 30m
+	envHosts           = "GRANARY_SOAK_HOSTS"            // e.g. 3
+	envLaunchers       = "GRANARY_SOAK_LAUNCHERS"        // per host, e.g. 4
+	envPackages        = "GRANARY_SOAK_PACKAGES"         // e.g. 30
+	envTTL             = "GRANARY_SOAK_TTL"              // e.g. 5s
+	envLinger          = "GRANARY_SOAK_LINGER"           // e.g. 5s
+	envFaults          = "GRANARY_SOAK_FAULTS"           // comma-separated, "none" for none
+	envFaultEvery      = "GRANARY_SOAK_FAULT_EVERY"      // e.g. 20s
+	envLeaderFreeze    = "GRANARY_SOAK_LEADER_FREEZE"    // e.g. 15s (expect revoked leases)
+	envFollowerFreeze  = "GRANARY_SOAK_FOLLOWER_FREEZE"  // e.g. 15s
+	envNodeDown        = "GRANARY_SOAK_NODE_DOWN"        // e.g. 10s (longer than the TTL: its references expire)
+	envRmEvery         = "GRANARY_SOAK_RM_EVERY"         // e.g. 10s
+	envGCEvery         = "GRANARY_SOAK_GC_EVERY"         // e.g. 20s
+	envInvalidateEvery = "GRANARY_SOAK_INVALIDATE_EVERY" // e.g. 30s; 0s: none
+	envSeed            = "GRANARY_SOAK_SEED"             // to replay a run's choices (not its timing)
+	envDir             = "GRANARY_SOAK_DIR"              // keep logs and reports here
 )
 
 // soakConfigFromEnv is defaultConfig changed by the GRANARY_SOAK_*
@@ -118,7 +123,7 @@ func soakConfigFromEnv(getenv func(string) string) (soakConfig, error) {
 		{envDuration, &c.Duration}, {envTTL, &c.TTL}, {envLinger, &c.Linger},
 		{envFaultEvery, &c.FaultEvery}, {envLeaderFreeze, &c.LeaderFreeze},
 		{envFollowerFreeze, &c.FollowerFreeze}, {envNodeDown, &c.NodeDown},
-		{envRmEvery, &c.RmEvery}, {envGCEvery, &c.GCEvery},
+		{envRmEvery, &c.RmEvery}, {envGCEvery, &c.GCEvery}, {envInvalidateEvery, &c.InvalidateEvery},
 	}
 	for _, d := range durations {
 		if v := getenv(d.env); v != "" {

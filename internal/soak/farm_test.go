@@ -54,14 +54,18 @@ type farm struct {
 	hosts   []*host
 	ids     []string        // most popular first
 	failing map[string]bool // IDs whose builds fail on purpose
-	start   time.Time
-	tally   tally
+	// needs are the packages each ID is built on: every third ID needs the
+	// one before it (never a failing one), so jobs hold closures and rm,
+	// gc and invalidate meet dependents.
+	needs map[string][]string
+	start time.Time
+	tally tally
 }
 
 // newFarm builds the binaries and starts the etcd cluster and one node per
 // host.
 func newFarm(t *testing.T, cfg soakConfig) *farm {
-	f := &farm{t: t, cfg: cfg, failing: map[string]bool{}}
+	f := &farm{t: t, cfg: cfg, failing: map[string]bool{}, needs: map[string][]string{}}
 	f.dir = cfg.Dir
 	if f.dir != "" {
 		// etcd's data and the shared root must be new.
@@ -86,6 +90,11 @@ func newFarm(t *testing.T, cfg soakConfig) *farm {
 		h.Write([]byte(id))
 		if int(h.Sum32()%100) < cfg.FailPercent {
 			f.failing[id] = true
+		}
+	}
+	for i, id := range f.ids {
+		if i%3 == 2 && !f.failing[f.ids[i-1]] {
+			f.needs[id] = []string{f.ids[i-1]}
 		}
 	}
 	built := time.Now()
@@ -194,6 +203,10 @@ func (f *farm) run() {
 	r1, r2, r3 := rng(), rng(), rng()
 	wg.Go(func() { f.removals(ctx, r1) })
 	wg.Go(func() { f.collections(ctx, r2) })
+	if f.cfg.InvalidateEvery > 0 {
+		r4 := rng()
+		wg.Go(func() { f.invalidations(ctx, r4) })
+	}
 	if len(f.cfg.Faults) > 0 {
 		wg.Go(func() { f.faults(ctx, r3) })
 	}
@@ -263,12 +276,27 @@ func (f *farm) job(h *host, id string) {
 // build builds id on h as a job script does when its package is missing,
 // and reports whether the package is available now.
 func (f *farm) build(h *host, id string) bool {
-	argv := []string{f.bin.granary, "build", id, "--", f.bin.job, "build", id}
+	argv := []string{f.bin.granary, "build", id}
+	for _, n := range f.needs[id] {
+		argv = append(argv, "--needs", n)
+	}
+	argv = append(argv, "--", f.bin.job, "build", id)
 	if f.failing[id] {
 		argv = append(argv, "fail")
 	}
 	kills := h.kills.Load()
 	res := f.exec(h, argv...)
+	if res.code == jobrun.ExitNotExist && len(f.needs[id]) > 0 {
+		// A need is missing (or invalid): build it as a job script would,
+		// then this one again.
+		f.tally.needsFirst.Add(1)
+		for _, n := range f.needs[id] {
+			if !f.build(h, n) {
+				return false
+			}
+		}
+		res = f.exec(h, argv...)
+	}
 	switch {
 	case res.hung: // listed among the hangs
 	case res.code == 0 && f.failing[id]:
@@ -286,6 +314,10 @@ func (f *farm) build(h *host, id string) bool {
 		return true
 	case f.failing[id]:
 		f.tally.failIntended.Add(1)
+	case f.cfg.InvalidateEvery > 0 && strings.Contains(res.stderr, "invalidated"):
+		// A need (or the package) was invalidated while the build ran:
+		// its publish is refused, as it must be.
+		f.tally.failInvalidated.Add(1)
 	case h.kills.Load() != kills && strings.Contains(res.stderr, "the local node went away"):
 		// The builder runs in this process, for the node: a node killed
 		// mid-build abandons the attempt, and says so.
@@ -348,6 +380,24 @@ func (f *farm) collections(ctx context.Context, rng *rand.Rand) {
 		}
 		f.tally.gcSweeps.Add(1)
 		f.tally.gcRemoved.Add(int64(len(rep.Removed)))
+	}
+}
+
+// invalidations runs `granary invalidate` of a random ID from a random
+// host every InvalidateEvery, until ctx ends.
+func (f *farm) invalidations(ctx context.Context, rng *rand.Rand) {
+	for every(ctx, f.cfg.InvalidateEvery) {
+		h, id := f.hosts[rng.IntN(len(f.hosts))], f.ids[rng.IntN(len(f.ids))]
+		res := f.exec(h, f.bin.granary, "invalidate", id, "--reason", "soak")
+		switch {
+		case res.code == 0:
+			f.tally.invalidated.Add(1)
+		case res.code == jobrun.ExitNotExist:
+			f.tally.invAbsent.Add(1)
+		default:
+			f.tally.invErrors.Add(1)
+			f.tally.note("invalidate error", fmt.Sprintf("%s from %s: exit %d: %s", id, h.name, res.code, res.tail()))
+		}
 	}
 }
 
@@ -636,6 +686,8 @@ type tally struct {
 	failIntended, failNodeKilled, failLeaseLost               atomic.Int64
 	removed, rmRefused, rmAbsent, rmErrors                    atomic.Int64
 	gcSweeps, gcRemoved, gcErrors                             atomic.Int64
+	invalidated, invAbsent, invErrors                         atomic.Int64
+	needsFirst, failInvalidated                               atomic.Int64
 
 	hungCount atomic.Int64
 

@@ -144,14 +144,16 @@ func (f *farm) summary(left, violations, excused, stuck int) {
 	f.logf("summary:\n"+
 		"  jobs:       %d ok, %d stopped by granary-run (reference lost), %d failed their check, %d other errors, %d gave up (removed after each build)\n"+
 		"  builds:     %d ran the builder, %d waited for another, %d found it available\n"+
-		"  failures:   %d intended, %d node killed mid-build, %d lease lost (revocations expected), %d UNINTENDED\n"+
+		"  failures:   %d intended, %d node killed mid-build, %d lease lost (revocations expected), %d need invalidated mid-build, %d UNINTENDED\n"+
 		"  removals:   rm %d removed, %d refused, %d absent, %d errors; gc %d sweeps removed %d, %d errors\n"+
+		"  graph:      %d builds found a need missing or invalid and built it first; invalidate %d done, %d absent, %d errors\n"+
 		"  faults:     %s; the nodes lost their store's lease %d times, their registration's %d times\n"+
 		"  found:      %d VIOLATIONS, %d excused mismatches (job stopped), %d REFERENCES LEFT, %d STUCK BUILDS, %d HUNG COMMANDS",
 		t.jobs.Load(), t.jobsStopped.Load(), t.jobsFailedCheck.Load(), t.jobErrors.Load(), t.jobsGaveUp.Load(),
 		t.buildsRan.Load(), t.buildsWaited.Load(), t.buildsFound.Load(),
-		t.failIntended.Load(), t.failNodeKilled.Load(), t.failLeaseLost.Load(), len(t.failures),
+		t.failIntended.Load(), t.failNodeKilled.Load(), t.failLeaseLost.Load(), t.failInvalidated.Load(), len(t.failures),
 		t.removed.Load(), t.rmRefused.Load(), t.rmAbsent.Load(), t.rmErrors.Load(), t.gcSweeps.Load(), t.gcRemoved.Load(), t.gcErrors.Load(),
+		t.needsFirst.Load(), t.invalidated.Load(), t.invAbsent.Load(), t.invErrors.Load(),
 		strings.Join(faults, ", "), storeLost, regLost,
 		violations, excused, left, stuck, len(t.hangs))
 	for _, kind := range slices.Sorted(maps.Keys(t.notes)) {

@@ -2,11 +2,13 @@
 // (internal/soak), built by the test:
 //
 //	soakjob build ID [fail]  write a package into $GRANARY_OUT: a few files
-//	                         and manifest.json (names, sizes, sha256, and a
-//	                         nonce new at every build); with "fail", write a
-//	                         file and exit 7 (an intended build failure)
+//	                         and manifest.json (names, sizes, sha256, a
+//	                         nonce new at every build, and the nonce of
+//	                         each need in $GRANARY_NEEDS); with "fail",
+//	                         write a file and exit 7 (an intended failure)
 //	soakjob check ID         the job: verify $GRANARY_PKG against its
-//	                         manifest, sleep 50-300 ms, verify again
+//	                         manifest (and each need against the nonce it
+//	                         was built on), sleep 50-300 ms, verify again
 //	soakjob verify ID        verify $GRANARY_PKG once (the soak's final check)
 //
 // A check that finds a missing or changed file, a manifest of another ID,
@@ -30,6 +32,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -46,6 +49,15 @@ type manifest struct {
 	ID    string `json:"id"`
 	Nonce string `json:"nonce"`
 	Files []file `json:"files"`
+	// Needs are the packages it was built on ($GRANARY_NEEDS) and the
+	// nonce each had then: while this package exists, each must still be
+	// that very tree.
+	Needs []need `json:"needs,omitempty"`
+}
+
+type need struct {
+	ID    string `json:"id"`
+	Nonce string `json:"nonce"`
 }
 
 type file struct {
@@ -86,6 +98,14 @@ func build(id string, fail bool) error {
 	}
 	time.Sleep(time.Duration(100+rand.IntN(400)) * time.Millisecond)
 	m := manifest{ID: id, Nonce: strconv.FormatUint(rand.Uint64(), 36)}
+	for _, pair := range strings.Fields(os.Getenv("GRANARY_NEEDS")) {
+		nid, dir, _ := strings.Cut(pair, ":")
+		nm, err := verify(dir, nid)
+		if err != nil {
+			return fmt.Errorf("need %s: %w", nid, err)
+		}
+		m.Needs = append(m.Needs, need{ID: nid, Nonce: nm.Nonce})
+	}
 	if err := os.MkdirAll(filepath.Join(out, "lib"), 0o755); err != nil {
 		return err
 	}
@@ -143,6 +163,17 @@ func verify(pkg, id string) (manifest, error) {
 		sum := sha256.Sum256(data)
 		if len(data) != f.Size || hex.EncodeToString(sum[:]) != f.SHA256 {
 			return m, fmt.Errorf("%s: %d bytes sha256 %x, manifest (nonce %s) says %d bytes sha256 %s", f.Name, len(data), sum[:6], m.Nonce, f.Size, f.SHA256[:12])
+		}
+	}
+	// The closure: each need is the tree this package was built on
+	// (<root>/pkgs/<need>/contents, next to <root>/pkgs/<id>/contents).
+	for _, n := range m.Needs {
+		nm, err := verify(filepath.Join(filepath.Dir(filepath.Dir(pkg)), n.ID, "contents"), n.ID)
+		if err != nil {
+			return m, fmt.Errorf("need %s: %w", n.ID, err)
+		}
+		if nm.Nonce != n.Nonce {
+			return m, fmt.Errorf("need %s was rebuilt under its dependent: nonce %s, built on %s", n.ID, nm.Nonce, n.Nonce)
 		}
 	}
 	return m, nil
