@@ -4,12 +4,14 @@
 // own state directory on one shared root, job launchers running
 // `granary-run ID -- soakjob check ID` over Zipf-popular packages (building
 // them with `granary build` when they are missing, as a farm's job script
-// would, some failing on purpose), `granary rm` and `granary gc` churn from
+// would, some failing on purpose, every third one needing the one before
+// it), `granary rm`, `granary gc` and `granary invalidate` churn from
 // random hosts, and faults: SIGSTOP of the etcd leader and of a follower,
 // a restart of the etcd leader, kill -9 and restart of a node.
 //
-// It checks what must hold whatever the faults: no job sees its package
-// change or vanish while it holds a reference, unless it was told that
+// It checks what must hold whatever the faults: no job sees its package,
+// or a need of it, change or vanish while it holds a reference (a need
+// must be the very tree its dependent was built on), unless it was told that
 // the reference was lost (then granary-run stops it); no reference is left
 // in etcd once the jobs ended and the linger and the TTL passed; no build
 // fails other than the ones meant to, or stays "building" at the end; no
