@@ -161,6 +161,10 @@ const (
 	// EventLastFailed: the last attempt failed (Host, PID, LogDir, Err);
 	// this is a new one.
 	EventLastFailed EventKind = 14
+	// EventWaitInvalid: the package was invalidated (Host, Since: where and
+	// when; Err: by whom and why); the build waits for its holders to
+	// leave and its removal, then builds it anew.
+	EventWaitInvalid EventKind = 26
 )
 
 // Event is one step of a build's progress, from the node's store.

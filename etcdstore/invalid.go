@@ -369,7 +369,8 @@ func (e *invalidWait) Error() string { return "the package is invalidated: " + e
 // awaitRemoval waits until id's published record, seen invalid at w.rev, is
 // deleted.
 func (s *Store) awaitRemoval(ctx context.Context, id string, w *invalidWait) error {
-	s.emit(Event{Kind: EventWaitInvalid, ID: id, Host: w.rec.Host, Since: w.rec.At, Err: w.rec.err(id)})
+	s.emit(Event{Kind: EventWaitInvalid, ID: id, Host: w.rec.Host, Since: w.rec.At, Err: fmt.Errorf("invalidated by %s on %s at %s: %s",
+		w.rec.By, w.rec.Host, w.rec.At.Format(time.RFC3339), w.rec.Reason)})
 	s.opt.logger.Info("waiting for the invalidated package to be removed (its holders to leave) before building it anew",
 		"id", id, "invalidated_by", w.rec.By, "reason", w.rec.Reason)
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))

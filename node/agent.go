@@ -262,7 +262,8 @@ func (a *server) event(e etcdstore.Event) {
 		a.broadcast(agent.Msg{Op: agent.OpLeaseBack})
 	case etcdstore.EventWaiting, etcdstore.EventLockDelay, etcdstore.EventFailed, etcdstore.EventCacheHit,
 		etcdstore.EventCacheMiss, etcdstore.EventPublished, etcdstore.EventCacheStored, etcdstore.EventCacheUploadFailed,
-		etcdstore.EventLastFailed: // the builder says "the last attempt failed", as without a node
+		etcdstore.EventLastFailed, // the builder says "the last attempt failed", as without a node
+		etcdstore.EventWaitInvalid:
 		a.toBuilders(e)
 	}
 }

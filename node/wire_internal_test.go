@@ -56,7 +56,7 @@ func TestWireTypesMatchStore(t *testing.T) {
 		{agent.EventCacheHit, etcdstore.EventCacheHit}, {agent.EventPublished, etcdstore.EventPublished},
 		{agent.EventFailed, etcdstore.EventFailed}, {agent.EventCacheUploadFailed, etcdstore.EventCacheUploadFailed},
 		{agent.EventCacheStored, etcdstore.EventCacheStored}, {agent.EventCacheMiss, etcdstore.EventCacheMiss},
-		{agent.EventLastFailed, etcdstore.EventLastFailed},
+		{agent.EventLastFailed, etcdstore.EventLastFailed}, {agent.EventWaitInvalid, etcdstore.EventWaitInvalid},
 	} {
 		if int(k.wire) != int(k.store) {
 			t.Errorf("agent's %d is etcdstore's %v (%d)", k.wire, k.store, k.store)

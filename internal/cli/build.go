@@ -324,6 +324,8 @@ func (p *progress) event(ev etcdstore.Event) {
 		p.failure = nil // said here, from the live record: not again at EventBuilding
 		fmt.Fprintf(p.w, "%sgranary: %s: the last attempt failed on %s (pid %d, started %s; logs in %s): %v; this is a new attempt\n",
 			p.clear(), p.id, ev.Host, ev.PID, ev.Since.Format(time.RFC3339), ev.LogDir, ev.Err)
+	case etcdstore.EventWaitInvalid:
+		fmt.Fprintf(p.w, "%sgranary: %s: %v; waiting for its holders to leave and its removal, then building it anew\n", p.clear(), p.id, ev.Err)
 	case etcdstore.EventWaitVisible:
 		fmt.Fprintf(p.w, "%sgranary: %s: published by %s, but not visible on this host yet (%v); waiting up to %v (see \"Running on NFS\" in the README)\n",
 			p.clear(), p.id, ev.Host, ev.Err, ev.Elapsed)
