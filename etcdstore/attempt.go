@@ -325,9 +325,7 @@ func (a *attempt) publish(ctx context.Context, pkg PackageRecord) error {
 			return errors.Join(errs...)
 		}
 		s.opt.logger.Debug("publish got no answer; trying again", "id", id, "err", err)
-		select {
-		case <-time.After(time.Duration(try) * 100 * time.Millisecond):
-		case <-ctx.Done():
+		if !sleepCtx(ctx, time.Duration(try)*100*time.Millisecond) {
 			return errors.Join(append(errs, ctx.Err())...)
 		}
 	}

@@ -312,9 +312,7 @@ func (s *Store) build(ctx context.Context, id string, builder func(context.Conte
 			// its connection was closed to move off it). Nothing was
 			// claimed yet: start over on another member.
 			s.opt.logger.Debug("etcd call failed without an answer; starting over", "id", id, "err", err)
-			select {
-			case <-time.After(time.Duration(tries) * 100 * time.Millisecond):
-			case <-ctx.Done():
+			if !sleepCtx(ctx, time.Duration(tries)*100*time.Millisecond) {
 				return out, err
 			}
 			continue

@@ -322,3 +322,45 @@ func TestWhy(t *testing.T) {
 		t.Fatalf("why app with nothing on it = %+v, %v; want not alive", w, err)
 	}
 }
+
+func TestRefusedRemovalOfInvalidLeavesNoLease(t *testing.T) {
+	// The removal of an invalid package grants the lease of its
+	// remembered invalidation before its Txn; a removal refused (the
+	// package is still held) must give that lease back, or every sweep of
+	// a held invalid package leaves one for the whole retention.
+	ctx := context.Background()
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	a := newStore(t, srv, root, etcdstore.WithHost("host-a"))
+	b := newStore(t, srv, root, etcdstore.WithHost("host-b"))
+	cli := srv.Client(t)
+	buildOn(t, a, "lib")
+	if err := b.Handle("lib").IncRef(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Invalidate(ctx, "lib", "bad", "t"); err != nil {
+		t.Fatal(err)
+	}
+	before, err := cli.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if removed, err := a.SweepInvalid(ctx); err != nil || len(removed) != 0 {
+			t.Fatalf("sweep while held = %v, %v; want nothing removed", removed, err)
+		}
+	}
+	after, err := cli.Leases(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after.Leases) != len(before.Leases) {
+		t.Fatalf("leases: %d before 5 refused sweeps, %d after; want no new one", len(before.Leases), len(after.Leases))
+	}
+	if err := b.Handle("lib").DecRef(); err != nil { // the last holder leaves: removed now
+		t.Fatal(err)
+	}
+	if info, err := a.Inspect(ctx, "lib"); err != nil || info.State != etcdstore.StateAbsent || info.Invalidated == nil {
+		t.Fatalf("lib after its last holder left: %+v, %v; want removed, its invalidation remembered", info, err)
+	}
+}

@@ -107,10 +107,10 @@ func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (Invalida
 		switch {
 		case ok:
 			rep.Removed = append(rep.Removed, p)
-		case err == nil || errors.Is(err, core.ErrPackageNotExist):
-			if err == nil {
-				rep.Held = append(rep.Held, p)
-			}
+		case err == nil:
+			rep.Held = append(rep.Held, p)
+		case errors.Is(err, core.ErrPackageNotExist):
+			// removed meanwhile by someone else
 		default:
 			// The invalidation stands; the nodes' sweepers and gc remove it.
 			s.opt.logger.Warn("invalidated, but its removal failed; the sweepers and gc try again", "id", p, "err", err)
@@ -223,23 +223,24 @@ func (s *Store) invalidOf(ctx context.Context, id string) (*InvalidRecord, error
 
 // removedInvalidOps are what the removal Txn of an invalid package adds: the
 // record moves from P/invalid to P/invalidated, on a lease of the failure
-// retention (granted here, before the Txn).
-func (s *Store) removedInvalidOps(ctx context.Context, id string, rec *InvalidRecord) ([]clientv3.Op, error) {
+// retention, granted here before the Txn (the caller revokes it if the Txn
+// does not apply).
+func (s *Store) removedInvalidOps(ctx context.Context, id string, rec *InvalidRecord) ([]clientv3.Op, clientv3.LeaseID, error) {
 	if rec == nil {
-		return nil, nil
+		return nil, 0, nil
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	lease, err := s.cli.Grant(cctx, max(int64(s.opt.failureRetention/time.Second), 1))
 	if err != nil {
-		return nil, fmt.Errorf("grant the invalidation record's lease: %w", err)
+		return nil, 0, fmt.Errorf("grant the invalidation record's lease: %w", err)
 	}
 	gone := *rec
 	gone.Removed = time.Now().UTC()
 	return []clientv3.Op{
 		clientv3.OpDelete(s.keys.InvalidKey(id)),
 		clientv3.OpPut(s.keys.InvalidatedKey(id), mustJSON(gone), clientv3.WithLease(lease.ID)),
-	}, nil
+	}, lease.ID, nil
 }
 
 // removeInvalid is DecRef's last step when the package it released is
@@ -300,8 +301,9 @@ func (s *Store) sweepInvalid(ctx context.Context, yield bool) ([]string, error) 
 // WatchInvalid removes invalid packages as soon as nothing holds them: it
 // sweeps at start, whenever a package is invalidated, and whenever a
 // reference on an invalid package or a need edge to one is deleted, until
-// ctx ends. Nodes run it; a direct store's invalid packages go at the
-// invalidation itself or at the next Prune.
+// ctx ends. Nodes run it; without nodes, an invalid package goes at the
+// invalidation itself, at the DecRef of its last holder, or at the next
+// Prune.
 func (s *Store) WatchInvalid(ctx context.Context) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
@@ -311,11 +313,8 @@ func (s *Store) WatchInvalid(ctx context.Context) error {
 		}
 		// One watch on the whole prefix would carry every reference of the
 		// farm; invalid packages are few, so watch what concerns them.
-		if err := s.awaitInvalidChange(wctx); err != nil && ctx.Err() == nil {
-			select {
-			case <-time.After(time.Second):
-			case <-ctx.Done():
-			}
+		if err := s.awaitInvalidChange(wctx); err != nil {
+			sleepCtx(ctx, time.Second)
 		}
 	}
 	return ctx.Err()

@@ -204,15 +204,3 @@ func needIDs(needs []core.Need) []string {
 	}
 	return ids
 }
-
-// sleepCtx waits d, or reports false when ctx ends first.
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
-}

@@ -239,13 +239,16 @@ func refRetry() *backoff.ExponentialBackOff {
 }
 
 // sleep waits for d, or until the store closes (then it returns false).
-func (s *Store) sleep(d time.Duration) bool {
+func (s *Store) sleep(d time.Duration) bool { return sleepCtx(s.ctx, d) }
+
+// sleepCtx waits d, or reports false when ctx ends first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 		return true
-	case <-s.ctx.Done():
+	case <-ctx.Done():
 		return false
 	}
 }

@@ -3,6 +3,7 @@ package etcdstore
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -121,11 +122,23 @@ func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int6
 	for _, n := range st.avail.Needs {
 		ops = append(ops, clientv3.OpDelete(s.keys.NeedKey(n, id))) // our edges go with us
 	}
-	inv, err := s.removedInvalidOps(ctx, id, st.invalid)
+	inv, lease, err := s.removedInvalidOps(ctx, id, st.invalid)
 	if err != nil {
 		return false, err
 	}
 	ops = append(ops, inv...)
+	removed, err := s.commitRemoval(ctx, id, cmps, ops)
+	if !removed && lease != 0 {
+		// The record's lease was granted for nothing: a sweeper tries an
+		// invalid package that is still held again and again, and each
+		// lease would live for the whole retention.
+		s.revoke(ctx, lease)
+	}
+	return removed, err
+}
+
+// commitRemoval is removeTxn's Txn; an ambiguous outcome is read back.
+func (s *Store) commitRemoval(ctx context.Context, id string, cmps []clientv3.Cmp, ops []clientv3.Op) (bool, error) {
 	cctx, cancel := s.opCtx(ctx)
 	resp, err := s.cli.Txn(cctx).If(cmps...).Then(ops...).Commit()
 	cancel()
@@ -142,6 +155,16 @@ func (s *Store) removeTxn(ctx context.Context, l *lock, id string, atimeRev int6
 		return false, nil // referenced, needed, pinned, touched, or our lock is gone
 	}
 	return true, nil
+}
+
+// revoke ends a lease this store granted and no longer needs; a failure is
+// only logged (it expires).
+func (s *Store) revoke(ctx context.Context, lease clientv3.LeaseID) {
+	cctx, cancel := s.opCtx(context.WithoutCancel(ctx))
+	defer cancel()
+	if _, err := s.cli.Revoke(cctx, lease); err != nil {
+		s.opt.logger.Debug("revoking an unused lease failed; it expires", "lease", fmt.Sprintf("%x", int64(lease)), "err", err)
+	}
 }
 
 // sweepOrphan moves an orphan directory aside while holding the package's
