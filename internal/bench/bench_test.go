@@ -58,6 +58,7 @@ func TestRunTiny(t *testing.T) {
 		"waiters_release_p50_ms", "waiters_release_p99_ms", "stampede_overhead_ms", "stampede_builds",
 		"distinct_builds_per_s", "distinct_etcd_writes_per_build", "takeover_s", "ttl_s",
 		"prune_300_s", "prune_peak_rss_mb", "node_rss_mb_50_refs",
+		"needs_0_ops_per_s_c4", "needs_20_ops_per_s_c4", "needs_20_agent_ops_per_s_c4", "prune_300_needs_s",
 	} {
 		if _, ok := rep.Results[key]; !ok {
 			t.Errorf("result %q missing", key)
@@ -77,10 +78,29 @@ func TestRunTiny(t *testing.T) {
 		{"prune_300_removed", rep.Results["prune_300_removed"], float64(z.PruneMaxRemovals)},
 		{"waiters_count", rep.Results["waiters_count"], float64(z.WaiterStores * z.WaiterCounts[0])},
 		{"ttl_s", rep.Results["ttl_s"], z.TTL.Seconds()},
+		// Needs change nothing in a reference's cost: no etcd write
+		// through a warm agent (direct and removals, below).
+		{"needs_20_agent_etcd_writes_per_pair_c4", rep.Results["needs_20_agent_etcd_writes_per_pair_c4"], 0},
+		{"prune_300_needs_removed", rep.Results["prune_300_needs_removed"], float64(z.PruneMaxRemovals)},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
 			t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
+		}
+	}
+	// Direct, a pair is two writes and a removal four requests (lock,
+	// read, remove Txn, unlock) whatever the needs. The counter also sees
+	// the run's stray background requests (a publish's clean-up), hence
+	// the margin; a request per need would add 20.
+	for _, c := range []struct {
+		key  string
+		want float64
+	}{
+		{"needs_0_etcd_writes_per_pair", 2}, {"needs_20_etcd_writes_per_pair", 2},
+		{"needs_0_remove_etcd_requests", 4}, {"needs_20_remove_etcd_requests", 4},
+	} {
+		if got := rep.Results[c.key]; got < c.want || got > c.want+1 {
+			t.Errorf("%s = %v, want %v (at most %v with stray requests)", c.key, got, c.want, c.want+1)
 		}
 	}
 	if rep.Results["node_rss_mb_50_refs"] <= 0 || rep.Results["prune_peak_rss_mb"] <= 0 {
