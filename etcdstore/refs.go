@@ -242,41 +242,18 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		Holders: r.holders, HoldersAt: r.holdersAt, Pods: r.pods}
 	s.refs.mu.Unlock()
 	val := mustJSON(rec)
-	now := time.Now()
-	cmps := []clientv3.Cmp{
-		// Only a published package can be referenced. TryRemove deletes
-		// this key in the same Txn that checks for references, so the two
-		// cannot both succeed.
-		clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(id)), ">", 0),
-	}
-	if add {
-		// Nor an invalidated one (invalid.go): from the revision of its
-		// invalidation on, no new reference. A reference taken again
-		// (after its key was deleted, or on a new lease) is not new: its
-		// holders keep an invalidated package until they leave.
-		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.keys.InvalidKey(id)), "=", 0))
-	}
-	for attempt := 0; ; attempt++ {
+	for attempt, republished := 0, 0; ; attempt++ {
+		txn, known := s.refTxn(id, key, val, l.ID, add)
 		cctx, cancel := s.opCtx(ctx)
-		resp, err := s.cli.Txn(cctx).
-			If(cmps...).
-			Then(
-				// The reference, on our lease: it dies with us.
-				clientv3.OpPut(key, val, clientv3.WithLease(l.ID)),
-				// The access time that pruning orders by.
-				clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(now)),
-				// What was published: this host checks it can see it.
-				clientv3.OpGet(s.keys.AvailKey(id))).
-			// Not available: is it being built (IncRef then waits), or
-			// invalid?
-			Else(clientv3.OpGet(s.keys.BuildKey(id)), clientv3.OpGet(s.keys.InvalidKey(id))).
-			Commit()
+		resp, err := txn(s.cli.Txn(cctx)).Commit()
 		cancel()
 		switch {
 		case err == nil && resp.Succeeded:
-			var pkg *PackageRecord
-			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
-				pkg = s.records.decode(id, kvs[0].ModRevision, kvs[0].Value)
+			pkg := known.rec
+			if pkg == nil {
+				if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 {
+					pkg = s.records.decode(id, kvs[0].ModRevision, kvs[0].Value)
+				}
 			}
 			s.took(id, r, key, l.ID, pkg, resp.Header.Revision, add)
 			return nil, nil
@@ -285,6 +262,13 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 				if inv, derr := decode[InvalidRecord](kvs[0].Value); derr == nil {
 					return nil, inv.err(id)
 				}
+			}
+			// Published, but not the record the compare named (published
+			// again since): remember the new one and try again.
+			if kvs := resp.Responses[2].GetResponseRange().Kvs; len(kvs) == 1 && republished < 3 {
+				republished++
+				s.records.decode(id, kvs[0].ModRevision, kvs[0].Value)
+				continue
 			}
 			return runningAttempt(resp), core.ErrPackageNotExist
 		case errors.Is(err, rpctypes.ErrLeaseNotFound):
@@ -304,6 +288,53 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 		}
 		return nil, errors.Join(err, rerr)
 	}
+}
+
+// refTxn builds the Txn that puts reference key (value val, on lease) on a
+// published package id; with add, only if the package is not invalidated.
+// It reports the published record it relies on, if the store knows it.
+//
+// When the store has seen the package's published record (recordMemo),
+// the Txn compares the mod revision of the avail key with that record's
+// and reads nothing back: a warm reference costs etcd no range read and
+// the reply no record. Otherwise it asks only that the package be
+// published and reads the record in the same Txn. Either way a failed
+// Txn reads the build record, the invalidation and the avail key, in that
+// order, to say why.
+func (s *Store) refTxn(id, key, val string, lease clientv3.LeaseID, add bool) (func(clientv3.Txn) clientv3.Txn, memoRecord) {
+	avail := s.keys.AvailKey(id)
+	known := s.records.known(id)
+	// Only a published package can be referenced. TryRemove deletes the
+	// avail key in the same Txn that checks for references, so the two
+	// cannot both succeed. A mod revision names one publish for good.
+	published := clientv3.Compare(clientv3.CreateRevision(avail), ">", 0)
+	if known.rec != nil {
+		published = clientv3.Compare(clientv3.ModRevision(avail), "=", known.rev)
+	}
+	cmps := []clientv3.Cmp{published}
+	if add {
+		// Nor an invalidated one (invalid.go): from the revision of its
+		// invalidation on, no new reference. A reference taken again
+		// (after its key was deleted, or on a new lease) is not new: its
+		// holders keep an invalidated package until they leave.
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.keys.InvalidKey(id)), "=", 0))
+	}
+	then := []clientv3.Op{
+		// The reference, on our lease: it dies with us.
+		clientv3.OpPut(key, val, clientv3.WithLease(lease)),
+		// The access time that pruning orders by.
+		clientv3.OpPut(s.keys.ATimeKey(id), formatNanos(time.Now())),
+	}
+	if known.rec == nil {
+		// What was published: this host checks it can see it.
+		then = append(then, clientv3.OpGet(avail))
+	}
+	return func(t clientv3.Txn) clientv3.Txn {
+		// Not referenced: is it being built (IncRef then waits), invalid,
+		// or published anew?
+		return t.If(cmps...).Then(then...).
+			Else(clientv3.OpGet(s.keys.BuildKey(id)), clientv3.OpGet(s.keys.InvalidKey(id)), clientv3.OpGet(avail))
+	}, known
 }
 
 // took records that r's reference on id is key on lease, put at revision
@@ -363,27 +394,29 @@ func (h *Handle) DecRefContext(ctx context.Context) error {
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
-	// Is the package invalid? Asked in the same Txn (a range read, no
-	// write): the last holder to leave removes it (invalid.go).
-	invalid := clientv3.OpGet(s.keys.InvalidKey(h.id), clientv3.WithCountOnly())
+	// Is the package invalid? Asked in the same Txn, as a compare (a
+	// range read in a write Txn costs etcd more): the last holder to leave
+	// removes it (invalid.go).
+	valid := clientv3.Compare(clientv3.CreateRevision(s.keys.InvalidKey(h.id)), "=", 0)
 	var resp *clientv3.TxnResponse
 	var err error
 	if r.cached {
 		// A cached reference stands for its host's jobs: their last use is
-		// now, as far as pruning is concerned.
+		// now, as far as pruning is concerned (if the package is still
+		// published). The failure branch says which compare failed.
 		resp, err = s.cli.Txn(cctx).
-			If(clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(h.id)), ">", 0)).
-			Then(clientv3.OpDelete(r.key), invalid, clientv3.OpPut(s.keys.ATimeKey(h.id), formatNanos(time.Now()))).
-			Else(clientv3.OpDelete(r.key), invalid).
+			If(valid, clientv3.Compare(clientv3.CreateRevision(s.keys.AvailKey(h.id)), ">", 0)).
+			Then(clientv3.OpDelete(r.key), clientv3.OpPut(s.keys.ATimeKey(h.id), formatNanos(time.Now()))).
+			Else(clientv3.OpDelete(r.key), clientv3.OpGet(s.keys.InvalidKey(h.id), clientv3.WithCountOnly())).
 			Commit()
 	} else {
-		resp, err = s.cli.Txn(cctx).Then(clientv3.OpDelete(r.key), invalid).Commit()
+		resp, err = s.cli.Txn(cctx).If(valid).Then(clientv3.OpDelete(r.key)).Else(clientv3.OpDelete(r.key)).Commit()
 	}
 	if err != nil {
 		s.deleteLater(r.key)
 		return h.fail("decref", fmt.Errorf("%w (will keep trying in the background)", err))
 	}
-	if resp.Responses[1].GetResponseRange().Count > 0 {
+	if invalid := !resp.Succeeded && (!r.cached || resp.Responses[1].GetResponseRange().Count > 0); invalid {
 		s.removeInvalid(ctx, h.id)
 	}
 	return nil

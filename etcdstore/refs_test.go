@@ -224,3 +224,55 @@ func TestIncRefRacesTryRemove(t *testing.T) {
 			rounds, refWins, removeWins)
 	}
 }
+
+// TestIncRefAfterRepublish: a store that took a reference remembers the
+// published record and, from then on, takes references with a compare on
+// its mod revision instead of reading it back. After another store
+// removes the package and publishes a different tree under the same ID,
+// IncRef must notice the new publish, take the reference and check the
+// new tree's visibility (its entry count differs from the old one's), and
+// a removed package must still be reported as not existing.
+func TestIncRefAfterRepublish(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root := t.TempDir()
+	a := newStore(t, srv, root, etcdstore.WithVisibleTimeout(time.Second))
+	b := newStore(t, srv, root)
+	build(t, a, "p")
+	for range 2 { // the second one relies on the remembered record
+		if err := a.Handle("p").IncRef(); err != nil {
+			t.Fatalf("IncRef = %v", err)
+		}
+		if err := a.Handle("p").DecRef(); err != nil {
+			t.Fatalf("DecRef = %v", err)
+		}
+	}
+	if ok, err := b.Handle("p").TryRemove(); !ok || err != nil {
+		t.Fatalf("TryRemove = %v, %v, want true, nil", ok, err)
+	}
+	if err := a.Handle("p").IncRef(); !errors.Is(err, core.ErrPackageNotExist) {
+		t.Fatalf("IncRef of a removed package = %v, want ErrPackageNotExist", err)
+	}
+	hb := b.Handle("p")
+	if err := hb.Build(func() error {
+		for _, f := range []string{"one", "two", "three"} {
+			if err := os.WriteFile(filepath.Join(hb.OutputDirectory(), f), nil, 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("rebuild = %v", err)
+	}
+	if err := a.Handle("p").IncRef(); err != nil {
+		t.Fatalf("IncRef of the package published again = %v", err)
+	}
+	if got := a.HeldRefs("p"); got != 1 {
+		t.Errorf("HeldRefs = %d, want 1", got)
+	}
+	if ok, _ := b.Handle("p").TryRemove(); ok {
+		t.Errorf("TryRemove while a holds the new publish removed it")
+	}
+	if err := a.Handle("p").DecRef(); err != nil {
+		t.Fatalf("DecRef = %v", err)
+	}
+}

@@ -291,6 +291,13 @@ type memoRecord struct {
 	rec *PackageRecord // shared: read only
 }
 
+// known returns the record of id the memo holds, if any (rec is nil if not).
+func (v *recordMemo) known(id string) memoRecord {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.m[id]
+}
+
 // decode returns the record of id published at rev from b, decoding it
 // only if the memo does not hold it.
 func (v *recordMemo) decode(id string, rev int64, b []byte) *PackageRecord {

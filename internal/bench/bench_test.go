@@ -54,7 +54,7 @@ func TestRunTiny(t *testing.T) {
 	z := cfg.Sizes
 	for _, key := range []string{
 		"hotpath_ops_per_s", "hotpath_raw_ops_per_s", "hotpath_ratio", "hotpath_ops_per_s_c1", "hotpath_ops_per_s_c4",
-		"hotpath_p50_ms", "hotpath_p99_ms", "hotpath_raw_put_p99_ms",
+		"hotpath_p50_ms", "hotpath_p99_ms", "hotpath_raw_put_p99_ms", "hotpath_same_ratio_c4", "hotpath_cpu_us_per_pair_c4",
 		"waiters_release_p50_ms", "waiters_release_p99_ms", "stampede_overhead_ms", "stampede_builds",
 		"distinct_builds_per_s", "distinct_etcd_writes_per_build", "takeover_s", "ttl_s",
 		"prune_300_s", "prune_peak_rss_mb", "node_rss_mb_50_refs",
@@ -73,6 +73,7 @@ func TestRunTiny(t *testing.T) {
 		// IncRef+DecRef is two etcd requests, as the raw baseline is.
 		{"hotpath_etcd_requests_per_pair_c4", rep.Results["hotpath_etcd_requests_per_pair_c4"], 2},
 		{"hotpath_raw_etcd_requests_per_pair_c4", rep.Results["hotpath_raw_etcd_requests_per_pair_c4"], 2},
+		{"hotpath_raw_same_etcd_requests_per_pair_c4", rep.Results["hotpath_raw_same_etcd_requests_per_pair_c4"], 2},
 		// An uncontended build: lock Txn, record Txn, publish Txn.
 		{"distinct_etcd_writes_per_build", rep.Results["distinct_etcd_writes_per_build"], 3},
 		{"prune_300_removed", rep.Results["prune_300_removed"], float64(z.PruneMaxRemovals)},
