@@ -2,10 +2,12 @@ package etcdstore_test
 
 import (
 	"context"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -177,10 +179,70 @@ func BenchmarkWaitersRelease(b *testing.B) {
 	}
 }
 
-func newStoreAt(b *testing.B, srv *etcdtest.Server, root string) *etcdstore.Store {
+// BenchmarkIncRefWaitRelease is an IncRef on another store's build in
+// progress, on a busy etcd (four writers move the revision all along, as
+// a farm does): each iteration is a new package; the metrics are the
+// latency from the builder's return to the waiting IncRef's, p50 and max
+// (its wait starts its watches at the current revision: a watch started
+// at an older one would hear the publish only at etcd's next sync, up to
+// 100 ms later).
+func BenchmarkIncRefWaitRelease(b *testing.B) {
+	srv := etcdtest.Start(b)
+	root := b.TempDir()
+	waiting := make(chan struct{}, 1)
+	builder := newStoreAt(b, srv, root)
+	waiter := newStoreAt(b, srv, root, etcdstore.WithEvents(func(e etcdstore.Event) {
+		if e.Kind == etcdstore.EventWaiting {
+			waiting <- struct{}{}
+		}
+	}))
+	cli := srv.Client(b)
+	ctx, stop := context.WithCancel(context.Background())
+	var writers sync.WaitGroup
+	defer writers.Wait()
+	defer stop()
+	for w := range 4 {
+		writers.Go(func() {
+			for ctx.Err() == nil {
+				cli.Put(ctx, "/busy/"+strconv.Itoa(w), "x") //nolint:errcheck // load only
+			}
+		})
+	}
+	var lats []time.Duration
+	for i := 0; b.Loop(); i++ {
+		id := "incref-wait-" + strconv.Itoa(i)
+		started, release := make(chan struct{}), make(chan struct{})
+		built := make(chan time.Time, 1)
+		go func() {
+			if err := builder.Handle(id).Build(func() error { close(started); <-release; return nil }); err != nil {
+				b.Error(err)
+			}
+			built <- time.Now()
+		}()
+		<-started
+		got := make(chan time.Time, 1)
+		go func() {
+			if err := waiter.Handle(id).IncRef(); err != nil {
+				b.Error(err)
+			}
+			got <- time.Now()
+		}()
+		<-waiting // the IncRef is waiting on the attempt
+		close(release)
+		lats = append(lats, (<-got).Sub(<-built))
+		if err := waiter.Handle(id).DecRef(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	slices.Sort(lats)
+	b.ReportMetric(float64(lats[len(lats)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lats[len(lats)-1].Microseconds()), "max-µs")
+}
+
+func newStoreAt(b *testing.B, srv *etcdtest.Server, root string, opts ...etcdstore.Option) *etcdstore.Store {
 	b.Helper()
 	cli := srv.Client(b)
-	s, err := etcdstore.New(context.Background(), cli, root, etcdstore.WithTTL(testTTL))
+	s, err := etcdstore.New(context.Background(), cli, root, append([]etcdstore.Option{etcdstore.WithTTL(testTTL)}, opts...)...)
 	if err != nil {
 		b.Fatal(err)
 	}

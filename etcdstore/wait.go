@@ -59,31 +59,17 @@ func (w *waiter) waitOrLock(ctx context.Context) (*lock, Outcome, error) {
 	return nil, out, err
 }
 
-// watch starts the watches on the package's avail and build keys. They
-// start at the current revision, not at st.rev+1: etcd delivers events to
-// a watch that starts in the past only once it has caught up, which its
-// sync loop does every 100 ms, and a publish in that window would reach us
-// that much later. What changed between st and the watches' start is read
-// again here; done reports that the wait is over already.
+// watch starts the package's watches (watchPkg). What changed between st
+// and their start is read again here; done reports that the wait is over
+// already.
 func (w *waiter) watch(ctx, wctx context.Context) (out Outcome, done bool, err error) {
 	s := w.s
-	w.availCh = s.cli.Watch(wctx, s.keys.AvailKey(w.id), clientv3.WithCreatedNotify())
-	w.buildCh = s.cli.Watch(wctx, s.keys.BuildKey(w.id), clientv3.WithCreatedNotify())
-	from := int64(0)
-	for _, ch := range []clientv3.WatchChan{w.availCh, w.buildCh} {
-		select {
-		case wr, ok := <-ch:
-			if !ok || wr.Err() != nil || !wr.Created {
-				return Outcome{}, true, w.watchEnded(ctx, wr.Err())
-			}
-			// Events after this revision reach the watch (etcd reads it
-			// after registering the watch).
-			from = max(from, wr.Header.Revision)
-		case <-ctx.Done():
-			return Outcome{}, true, ctx.Err()
-		}
+	pw, err := s.watchPkg(ctx, wctx, w.id)
+	if err != nil {
+		return Outcome{}, true, w.watchEnded(ctx, err)
 	}
-	if from <= w.st.rev {
+	w.availCh, w.buildCh = pw.avail, pw.build
+	if pw.from <= w.st.rev {
 		return Outcome{}, false, nil
 	}
 	now, err := s.readState(ctx, w.id)
@@ -189,7 +175,7 @@ func (w *waiter) watchEnded(ctx context.Context, err error) error {
 		return ctx.Err()
 	}
 	if err == nil {
-		err = errors.New("watch closed")
+		err = errWatchClosed
 	}
 	w.s.opt.logger.Debug("watch ended; reading state again", "err", err)
 	// Avoid spinning while etcd has no leader.

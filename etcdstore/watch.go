@@ -1,6 +1,7 @@
 package etcdstore
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,38 +56,107 @@ func (s *Store) settled(ctx context.Context, id string, st state) (State, bool) 
 	return StateAbsent, true
 }
 
-// watchBuildEnd watches avail and build of id after rev until one changes
-// (the one wait for an attempt to end: WaitBuildEnd's and IncRef's). It
-// reports false when the watch ended without an event, with ctx's error,
-// ErrClosed if the store closed, or nil (the caller reads again).
+// pkgWatch is the watches on one package's avail and build keys that every
+// wait for an attempt's end runs on (watchBuildEnd; the build's waiter).
+type pkgWatch struct {
+	avail, build clientv3.WatchChan
+	// from: every change after this revision reaches the watches.
+	from int64
+}
+
+// watchPkg starts the watches on id's avail and build keys under wctx and
+// returns once etcd has registered both. They start at the current
+// revision, not at the revision of the caller's read: etcd delivers
+// events to a watch that starts in the past only once its sync loop has
+// caught it up, every 100 ms, and on a busy store (every write moves the
+// revision) a publish in that window reached waiters that much later.
+// What changed between the caller's read and from is the caller's to read
+// again. It fails with ctx's error, or the watch's if it ended.
+func (s *Store) watchPkg(ctx, wctx context.Context, id string) (pkgWatch, error) {
+	w := pkgWatch{
+		avail: s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithCreatedNotify()),
+		build: s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithCreatedNotify()),
+	}
+	for _, ch := range []clientv3.WatchChan{w.avail, w.build} {
+		select {
+		case wr, ok := <-ch:
+			if !ok || wr.Err() != nil || !wr.Created {
+				return w, cmp.Or(wr.Err(), errWatchClosed)
+			}
+			// etcd reads the revision after registering the watch.
+			w.from = max(w.from, wr.Header.Revision)
+		case <-ctx.Done():
+			return w, ctx.Err()
+		}
+	}
+	return w, nil
+}
+
+// errWatchClosed is a watch that ended without saying why.
+var errWatchClosed = errors.New("watch closed")
+
+// watchBuildEnd waits until the attempt a read at revision rev saw
+// running ends: until id's avail or build key changes after rev (the one
+// wait for an attempt to end: WaitBuildEnd's and IncRef's). It reports
+// false when the wait broke off without seeing a change, with ctx's
+// error, ErrClosed if the store closed, or nil (the caller reads again).
 func (s *Store) watchBuildEnd(ctx context.Context, id string, rev int64) (bool, error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	defer context.AfterFunc(s.ctx, cancel)() // Close ends the wait
-	// One watch over the package's keys of both kinds is not possible (they
-	// share no prefix); two watches from the same revision see every change.
-	availCh := s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithRev(rev+1))
-	buildCh := s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithRev(rev+1))
+	w, err := s.watchPkg(ctx, wctx, id)
+	if err != nil {
+		return false, s.watchBroke(ctx, wctx, id, err)
+	}
+	if w.from > rev {
+		// Changes between rev and the watches' start are not in them.
+		if ended, err := s.changedSince(ctx, id, rev); err != nil || ended {
+			return ended, s.watchBroke(ctx, wctx, id, err)
+		}
+	}
 	for {
 		var wr clientv3.WatchResponse
 		var ok bool
 		select {
-		case wr, ok = <-availCh:
-		case wr, ok = <-buildCh:
+		case wr, ok = <-w.avail:
+		case wr, ok = <-w.build:
 		case <-wctx.Done():
 			return false, wctxErr(ctx, wctx)
 		}
 		if !ok || wr.Err() != nil {
-			if err := wctxErr(ctx, wctx); err != nil {
-				return false, err
-			}
-			if wr.Err() != nil && !errors.Is(wr.Err(), context.Canceled) {
-				s.opt.logger.Debug("watch ended; reading state again", "id", id, "err", wr.Err())
-			}
-			return false, nil
+			return false, s.watchBroke(ctx, wctx, id, wr.Err())
 		}
 		if len(wr.Events) > 0 {
 			return true, nil
 		}
 	}
+}
+
+// changedSince reports whether id's avail or build key changed after rev,
+// when a running attempt's record was there: the package is published, or
+// the record is gone or was written again (failed).
+func (s *Store) changedSince(ctx context.Context, id string, rev int64) (bool, error) {
+	cctx, cancel := s.opCtx(ctx)
+	defer cancel()
+	resp, err := s.cli.Txn(cctx).Then(
+		clientv3.OpGet(s.keys.AvailKey(id), clientv3.WithCountOnly()),
+		clientv3.OpGet(s.keys.BuildKey(id), clientv3.WithKeysOnly())).Commit()
+	if err != nil {
+		return false, err
+	}
+	build := resp.Responses[1].GetResponseRange().Kvs
+	return resp.Responses[0].GetResponseRange().Count > 0 || len(build) == 0 || build[0].ModRevision > rev, nil
+}
+
+// watchBroke says what a wait whose watch (or read) failed with err
+// returns: ctx's error or ErrClosed if they ended it, else nil (the caller
+// reads again), logged.
+func (s *Store) watchBroke(ctx, wctx context.Context, id string, err error) error {
+	if err := wctxErr(ctx, wctx); err != nil {
+		return err
+	}
+	if err != nil && !errors.Is(err, context.Canceled) {
+		s.opt.logger.Debug("watch ended; reading state again", "id", id, "err", err)
+	}
+	return nil
 }
