@@ -18,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/agent"
+	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/internal/etcdtest"
 	"github.com/granary-build/granary/internal/jobrun"
@@ -367,4 +368,61 @@ func TestKilledBuilderCallerAbandons(t *testing.T) {
 	}); err != nil || !ran {
 		t.Fatalf("Build after the killed caller = %v (ran %v), want a fresh successful attempt", err, ran)
 	}
+}
+
+// A node killed mid-build leaves its build record, lock and references on
+// its lease until the TTL (which an etcd leader election starts over).
+// The node started next on the same state directory holds the directory's
+// lock, so the old one is dead: before it serves, it deletes the dead
+// node's build records and locks, so another host's build of the package
+// need not wait; the references stay until the TTL (their jobs are
+// reconnecting and take them again).
+func TestRestartedNodeEndsPreviousRun(t *testing.T) {
+	srv := etcdtest.Start(t)
+	root, state := t.TempDir(), shortDir(t)
+	cli := srv.Client(t)
+	build(t, observer(t, srv, root), "held")
+	nodeEnv := []string{"ENDPOINT=" + srv.Endpoint, "ROOT=" + root, "STATE=" + state, "TTL=60s"}
+	child := startChild(t, "node", "ready", nodeEnv...)
+	c, err := agent.Connect(context.Background(), state)
+	if err != nil {
+		t.Fatalf("Connect: %v", err)
+	}
+	defer c.Close()
+	if err := c.Handle("held").IncRefContext(context.Background()); err != nil {
+		t.Fatalf("IncRef: %v", err)
+	}
+	started := make(chan struct{})
+	go c.Handle("p").BuildContext(context.Background(), func(ctx context.Context) error { //nolint:errcheck // ends with the node
+		close(started)
+		<-ctx.Done()
+		return ctx.Err()
+	})
+	<-started
+	child.Process.Signal(syscall.SIGKILL)
+	child.Wait()
+	startChild(t, "node", "ready", nodeEnv...)
+	for _, k := range []string{"build/p", "lock/p/"} {
+		if got := keyCount(t, cli, etcdstore.DefaultPrefix+k); got != 0 {
+			t.Errorf("keys %s after the restart = %d, want 0", k, got)
+		}
+	}
+	if got := etcdRefs(t, cli, "held"); got != 1 {
+		t.Errorf("references on held after the restart = %d, want 1 (the dead node's, kept for its reconnecting job)", got)
+	}
+	if ok, err := observer(t, srv, root).Handle("p").TryRemove(); ok || !errors.Is(err, core.ErrPackageNotExist) {
+		t.Errorf("TryRemove(p) = %v, %v: want ErrPackageNotExist (no attempt left running)", ok, err)
+	}
+}
+
+// keyCount is how many keys start with prefix.
+func keyCount(t *testing.T, cli *clientv3.Client, prefix string) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Count
 }

@@ -83,7 +83,8 @@ type Node struct {
 	ln  net.Listener // nil without ListenMetrics
 	srv *http.Server
 
-	reg *registration // set by Run
+	reg    *registration // run by Run
+	leases leaseRecord   // LeasesFile
 
 	agent atomic.Pointer[server] // the local API; set by New
 
@@ -112,6 +113,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 		log.Warn("the lease TTL is too short to ride out a frozen etcd member", "ttl", cfg.TTL, "failover_min", FailoverMinTTL, "why", w)
 	}
 	n := &Node{cfg: cfg, log: log, started: time.Now(), reconcile: make(chan struct{}, 1)}
+	n.reg = &registration{n: n}
 	n.m = newMetrics(n)
 	defer func() {
 		if err != nil {
@@ -153,6 +155,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	if err != nil {
 		return nil, err
 	}
+	n.leases.path = filepath.Join(cfg.StateDir, LeasesFile)
+	n.endPreviousRun(ctx)
+	n.recordLeases()
 	ag, err := newAgent(n.store, n.cfg, n.log, n.BuildNeeds)
 	if err != nil {
 		return nil, err
@@ -177,6 +182,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 
 func (n *Node) event(e etcdstore.Event) {
 	n.m.event(e)
+	if e.Kind == etcdstore.EventLeaseRestored && n.store != nil {
+		n.recordLeases()
+	}
 	if e.Kind == etcdstore.EventLeaseRestored && n.reconcile != nil {
 		select {
 		case n.reconcile <- struct{}{}:
@@ -263,8 +271,7 @@ func (n *Node) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	reg := &registration{n: n}
-	n.reg = reg
+	reg := n.reg
 	goRun(reg.run)
 	goRun(n.agent.Load().serve)
 	goRun(n.reconcileLoop)
@@ -528,10 +535,14 @@ func (r *registration) run(ctx context.Context) error {
 	if err != nil {
 		return nil // Run is ending
 	}
-	sess.OnRenew(r.put)
+	sess.OnRenew(func(ctx context.Context, l *etcdstore.Lease) {
+		r.put(ctx, l)
+		n.recordLeases()
+	})
 	r.mu.Lock()
 	r.sess = sess
 	r.mu.Unlock()
+	n.recordLeases()
 	if l, err := sess.Current(ctx); err == nil {
 		r.put(ctx, l)
 	}
