@@ -7,16 +7,21 @@ import (
 	"io"
 	"math"
 	"strconv"
+	"time"
 )
 
 // The hot path's messages (incref, decref and their replies) are flat:
 // an op, a sequence number, a package ID, a flag, perhaps an error.
 // encoding/json spends ~4 µs decoding one of them by reflection on a
 // 2-core machine, and an IncRef+DecRef pair through the node decodes
-// four: a quarter of the pair. AppendMsg and DecodeMsg handle flat
-// messages by hand and leave everything else to encoding/json, byte for
-// byte the same on the wire (FuzzCodec checks both directions against
-// encoding/json).
+// four: a quarter of the pair. The handshake's reply (a flat message
+// with a Hello) is coded by hand too: it is the first message a new
+// process decodes, and encoding/json's first decode of a Msg builds its
+// reflection caches for every type Msg can hold, ~0.2 ms of a warm
+// granary-run job's ~3 ms. AppendMsg and DecodeMsg handle those by hand
+// and leave everything else to encoding/json, byte for byte the same on
+// the wire (FuzzAppendMsg and FuzzDecodeMsg check both directions
+// against encoding/json).
 
 // MaxLine bounds one message: a peer that sends a longer line is cut off.
 // The longest legitimate message is an inspection with a reference per
@@ -67,10 +72,13 @@ func Decode(line []byte, m *Msg) error {
 }
 
 // flat reports whether AppendMsg encodes m by hand: it has no nested
-// values, and its strings need no escaping.
+// values but a Hello, and its strings need no escaping.
 func flat(m *Msg) bool {
-	if m.Hello != nil || m.Holders != nil || m.Info != nil || m.Event != nil || m.Outcome != nil ||
+	if m.Holders != nil || m.Info != nil || m.Event != nil || m.Outcome != nil ||
 		m.Note != "" || m.For != 0 || m.Pin != nil || m.Report != nil || m.Why != nil {
+		return false
+	}
+	if h := m.Hello; h != nil && !(plain(h.Host) && plain(h.Root) && plain(h.Prefix)) {
 		return false
 	}
 	for _, s := range m.Codes {
@@ -113,6 +121,16 @@ func AppendMsg(b []byte, m *Msg) []byte {
 	b = appendString(b, "err", m.Err)
 	b = appendStrings(b, "codes", m.Codes)
 	b = appendStrings(b, "needs", m.Needs)
+	if h := m.Hello; h != nil {
+		b = strconv.AppendInt(append(b, `,"hello":{"version":`...), int64(h.Version), 10)
+		b = append(append(append(b, `,"host":"`...), h.Host...), '"')
+		b = strconv.AppendInt(append(b, `,"pid":`...), int64(h.PID), 10)
+		b = append(append(append(b, `,"root":"`...), h.Root...), '"')
+		b = append(append(append(b, `,"prefix":"`...), h.Prefix...), '"')
+		b = strconv.AppendInt(append(b, `,"uid":`...), int64(h.UID), 10)
+		b = strconv.AppendInt(append(b, `,"linger":`...), int64(h.Linger), 10)
+		b = append(b, '}')
+	}
 	return append(b, "}\n"...)
 }
 
@@ -154,9 +172,9 @@ func plain(s string) bool {
 // DecodeMsg decodes a flat message (as AppendMsg writes it, in any field
 // order, with any whitespace) into m and reports whether it could. It
 // refuses anything it does not know for certain to decode as
-// encoding/json would (an escape, a nested value, an unknown key, a key
-// in another case, null, a number with a fraction), leaving the line to
-// encoding/json.
+// encoding/json would (an escape, a nested value other than one Hello,
+// an unknown key, a key in another case, null, a number with a
+// fraction), leaving the line to encoding/json.
 func DecodeMsg(line []byte, m *Msg) bool {
 	*m = Msg{}
 	p := parser{b: line}
@@ -190,6 +208,12 @@ func DecodeMsg(line []byte, m *Msg) bool {
 			m.Codes, ok = p.strs()
 		case "needs":
 			m.Needs, ok = p.strs()
+		case "hello":
+			// encoding/json would decode a second one into the first
+			ok = m.Hello == nil
+			if ok {
+				m.Hello, ok = p.hello()
+			}
 		default:
 			return false
 		}
@@ -305,6 +329,14 @@ func (p *parser) digits() (uint64, bool) {
 }
 
 func (p *parser) int() (int, bool) {
+	n, ok := p.int64()
+	if !ok || n < math.MinInt || n > math.MaxInt {
+		return 0, false
+	}
+	return int(n), true
+}
+
+func (p *parser) int64() (int64, bool) {
 	p.space()
 	neg := p.i < len(p.b) && p.b[p.i] == '-'
 	if neg {
@@ -317,12 +349,59 @@ func (p *parser) int() (int, bool) {
 	switch {
 	case !ok:
 		return 0, false
-	case neg && n <= -math.MinInt:
-		return int(-n), true // -math.MinInt: the uint64 wraps to itself
-	case !neg && n <= math.MaxInt:
-		return int(n), true
+	case neg && n <= -math.MinInt64:
+		return int64(-n), true // -math.MinInt64: the uint64 wraps to itself
+	case !neg && n <= math.MaxInt64:
+		return int64(n), true
 	}
 	return 0, false
+}
+
+// hello reads a Hello object whose keys are all Hello's own, in any order
+// (missing ones stay zero, as encoding/json leaves them).
+func (p *parser) hello() (*Hello, bool) {
+	h := &Hello{}
+	if !p.byte('{') {
+		return nil, false
+	}
+	if p.byte('}') {
+		return h, true
+	}
+	for {
+		key, ok := p.raw()
+		if !ok || !p.byte(':') {
+			return nil, false
+		}
+		switch string(key) {
+		case "version":
+			h.Version, ok = p.int()
+		case "host":
+			h.Host, ok = p.str()
+		case "pid":
+			h.PID, ok = p.int()
+		case "root":
+			h.Root, ok = p.str()
+		case "prefix":
+			h.Prefix, ok = p.str()
+		case "uid":
+			h.UID, ok = p.int()
+		case "linger":
+			var n int64
+			n, ok = p.int64()
+			h.Linger = time.Duration(n)
+		default:
+			return nil, false
+		}
+		if !ok {
+			return nil, false
+		}
+		if p.byte('}') {
+			return h, true
+		}
+		if !p.byte(',') {
+			return nil, false
+		}
+	}
 }
 
 func (p *parser) bool() (bool, bool) {

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 var codecSeeds = []Msg{
@@ -18,6 +19,8 @@ var codecSeeds = []Msg{
 	{Op: OpReply, Codes: []string{}},
 	{Op: OpReply, Err: "<html> & \"quotes\" \\ é \x01"},
 	{Op: OpReply, Hello: &Hello{Version: 1, Host: "h"}},
+	{Op: OpReply, Seq: 1, OK: true, Hello: &Hello{Version: Version, Host: "vm", PID: 4242, Root: "/srv/granary", Prefix: "/granary/", UID: 1000, Linger: 10 * time.Minute}},
+	{Op: OpReply, Hello: &Hello{Version: -1, PID: -2, UID: -3, Linger: -4, Root: "/a b/<c>"}},
 	{Op: OpReply, Holders: []Holder{{UID: 1, PID: 2}}},
 	{Op: OpBuild, Seq: 9, ID: "py-env", Needs: []string{"cpython-3.12", "zlib"}},
 	{Op: OpBuild, Seq: 9, ID: "x", Needs: []string{}},
@@ -27,15 +30,24 @@ var codecSeeds = []Msg{
 // AppendMsg writes what json.Encoder writes, for every message.
 func FuzzAppendMsg(f *testing.F) {
 	for _, m := range codecSeeds {
-		f.Add(m.Op, m.Seq, m.ID, m.Purpose, m.PID, m.OK, m.Err, strings.Join(m.Codes, "\x00"), len(m.Codes) > 0, strings.Join(m.Needs, "\x00"), len(m.Needs) > 0)
+		h := m.Hello
+		if h == nil {
+			h = &Hello{}
+		}
+		f.Add(m.Op, m.Seq, m.ID, m.Purpose, m.PID, m.OK, m.Err, strings.Join(m.Codes, "\x00"), len(m.Codes) > 0, strings.Join(m.Needs, "\x00"), len(m.Needs) > 0,
+			m.Hello != nil, h.Version, h.Host, h.PID, h.Root, h.Prefix, h.UID, int64(h.Linger))
 	}
-	f.Fuzz(func(t *testing.T, op string, seq uint64, id, purpose string, pid int, ok bool, errMsg, codes string, hasCodes bool, needs string, hasNeeds bool) {
+	f.Fuzz(func(t *testing.T, op string, seq uint64, id, purpose string, pid int, ok bool, errMsg, codes string, hasCodes bool, needs string, hasNeeds bool,
+		hasHello bool, version int, host string, hpid int, root, prefix string, uid int, linger int64) {
 		m := Msg{Op: op, Seq: seq, ID: id, Purpose: purpose, PID: pid, OK: ok, Err: errMsg}
 		if hasCodes {
 			m.Codes = strings.Split(codes, "\x00")
 		}
 		if hasNeeds {
 			m.Needs = strings.Split(needs, "\x00")
+		}
+		if hasHello {
+			m.Hello = &Hello{Version: version, Host: host, PID: hpid, Root: root, Prefix: prefix, UID: uid, Linger: time.Duration(linger)}
 		}
 		var want bytes.Buffer
 		if err := json.NewEncoder(&want).Encode(&m); err != nil {
@@ -56,6 +68,9 @@ func FuzzDecodeMsg(f *testing.F) {
 	for _, s := range []string{
 		`{}`, ` { "seq" : 5 , "op":"x" } `, `{"seq":05}`, `{"seq":5.0}`, `{"seq":-1}`, `{"OP":"x"}`,
 		`{"op":"a","op":"b"}`, `{"ok":null}`, `{"codes":null}`, `{"pid":-0}`, `{"id":"a\u0062"}`, `{"seq":1}x`,
+		`{"hello":{}}`, `{"hello":null}`, `{"hello":{"pid":1},"hello":{"uid":2}}`, `{"hello":{"Root":"/r"}}`,
+		`{"hello":{"linger":-9223372036854775808,"version":1,"version":2}}`, `{"hello":{"linger":9223372036854775808}}`,
+		`{"hello":{"host":"a\u0062"}}`, `{"hello":{"linger":1.5}}`, `{"hello":{"uid":1},"op":"reply"}`, `{"hello":[]}`,
 	} {
 		f.Add([]byte(s))
 	}

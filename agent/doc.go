@@ -14,8 +14,8 @@
 // direction (proto.go); the operations (Op*); the records, events and
 // outcomes of the node's store in their wire form (types.go); the error
 // codes and the sentinels they stand for (errors.go); and a hand codec for
-// the hot path's flat messages, byte for byte what encoding/json writes
-// (codec.go). The node serves the protocol from these definitions.
+// the hot path's flat messages and the handshake's reply, byte for byte
+// what encoding/json writes (codec.go). The node serves the protocol from these definitions.
 //
 // This package imports only the standard library and core (a test holds
 // it to that), so that a program that only connects stays small, and

@@ -47,8 +47,9 @@ const (
 // carries a sequence number chosen by the client; the node answers it with
 // OpReply and the same number, in any order (slow requests do not hold up
 // fast ones). Unused fields are omitted. The hot path's messages are flat
-// (no Note, For, Hello, Holders, Info, Event, Outcome, Pin, Report or Why)
-// and take the hand codec (codec.go).
+// (no Note, For, Holders, Info, Event, Outcome, Pin, Report or Why) and
+// take the hand codec (codec.go), as does the handshake's reply (a flat
+// message with a Hello).
 type Msg struct {
 	Op      string   `json:"op"`
 	Seq     uint64   `json:"seq,omitempty"`
