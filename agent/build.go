@@ -159,7 +159,7 @@ func (c *Conn) runBuilder(seq uint64) {
 	if b == nil || b.ran || c.err != nil {
 		c.mu.Unlock()
 		if b == nil {
-			c.write(&Msg{Op: OpBuilt, Seq: seq, Err: "granary: no such build", Codes: []string{CodeAbandon}}, true) //nolint:errcheck
+			c.write(&Msg{Op: OpBuilt, Seq: seq, Err: "no such build", Codes: []string{CodeAbandon}}, true) //nolint:errcheck
 		}
 		return
 	}

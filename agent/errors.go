@@ -7,46 +7,51 @@ import (
 	"github.com/granary-build/granary/core"
 )
 
+// The agent's sentinels, the codes that carry sentinels across the socket,
+// and Error. Messages read as core/errors.go says: no package prefix; an
+// error of the node names its operation already, and one made on this
+// side of the socket is named once, by Handle.fail or named.
+
 var (
 	// ErrNoLocalNode is wrapped by the error of Connect when no node
 	// listens on the state directory's socket.
-	ErrNoLocalNode = errors.New("granary: no local node is running")
+	ErrNoLocalNode = errors.New("no local node is running")
 
 	// ErrNodeGone is wrapped by the errors of a connection whose node
 	// closed it (it stopped, crashed or was killed) or that was closed.
-	ErrNodeGone = errors.New("granary: connection to the local node ended")
+	ErrNodeGone = errors.New("connection to the local node ended")
 
 	// ErrWaiting is returned by ConnectHold with noWait when the node
 	// reports that the reference waits for a build in progress.
-	ErrWaiting = errors.New("granary: the reference waits for a build in progress")
+	ErrWaiting = errors.New("the reference waits for a build in progress")
 
 	// ErrLeaseLost is wrapped by the error of an operation that the node's
 	// lease ended (the node's store lost its lease with etcd).
-	ErrLeaseLost = errors.New("granary: lease lost")
+	ErrLeaseLost = errors.New("lease lost")
 
 	// ErrFenced is wrapped by the error of a build whose attempt lost the
 	// build lock before it could publish.
-	ErrFenced = errors.New("granary: build lock lost before publishing")
+	ErrFenced = errors.New("build lock lost before publishing")
 
 	// ErrAbandoned, wrapped by a builder's error, gives the attempt up as
 	// if every caller had cancelled: nothing is published and hosts
 	// waiting on it try themselves. The node also wraps it when the
 	// process running the builder went away mid-build.
-	ErrAbandoned = errors.New("granary: attempt abandoned")
+	ErrAbandoned = errors.New("attempt abandoned")
 
 	// ErrClosed is wrapped by the error of an operation that the node's
 	// store refused because it is shutting down.
-	ErrClosed = errors.New("granary: the node's store is closed")
+	ErrClosed = errors.New("the node's store is closed")
 
 	// ErrUnknownOp is the node's answer to an operation it does not know
 	// (a client newer than the node).
-	ErrUnknownOp = errors.New("granary: unknown operation")
+	ErrUnknownOp = errors.New("unknown operation")
 
 	// ErrNotAllowed is wrapped by the node's refusal of a privileged
 	// operation (remove, pin, unpin, invalidate) to a caller that is not
 	// root, the node's user or a member of its admin group; the message
 	// names who may.
-	ErrNotAllowed = errors.New("granary: not allowed through the node")
+	ErrNotAllowed = errors.New("not allowed through the node")
 )
 
 // Codes: the names of the sentinels that cross the socket in Msg.Codes.

@@ -23,11 +23,11 @@ func (c *Conn) Handle(id string) *Handle {
 // references held through the node, oldest first.
 func (c *Conn) Inspect(ctx context.Context, id string) (Info, []Holder, error) {
 	if err := core.ValidateID(id); err != nil {
-		return Info{}, nil, fmt.Errorf("granary: inspect: %w", err)
+		return Info{}, nil, fmt.Errorf("inspect: %w", err)
 	}
 	r, err := c.request(ctx, Msg{Op: OpInspect, ID: id})
 	if err == nil && r.Info == nil {
-		err = errors.New("granary: inspect: the node's answer has no record")
+		err = errors.New("the node's answer has no record")
 	}
 	if err != nil {
 		return Info{}, nil, named(OpInspect, id, err)
@@ -72,7 +72,7 @@ func named(op, id string, err error) error {
 	if errors.As(err, &remote) {
 		return err
 	}
-	return fmt.Errorf("granary: %s %q: %w", op, id, err)
+	return fmt.Errorf("%s %q: %w", op, id, err)
 }
 
 // IncRef is IncRefContext with a background context.
@@ -184,7 +184,7 @@ func (c *Conn) Pin(ctx context.Context, id string, o PinOptions) (PinRecord, err
 	}
 	r, err := c.request(ctx, Msg{Op: OpPin, ID: id, For: o.For, Note: o.Note})
 	if err == nil && r.Pin == nil {
-		err = errors.New("granary: pin: the node's answer has no pin")
+		err = errors.New("the node's answer has no pin")
 	}
 	if err != nil {
 		return PinRecord{}, named(OpPin, id, err)
@@ -218,7 +218,7 @@ func (c *Conn) Invalidate(ctx context.Context, id, reason string) (InvalidateRep
 	}
 	r, err := c.request(ctx, Msg{Op: OpInvalidate, ID: id, Note: reason})
 	if err == nil && r.Report == nil {
-		err = errors.New("granary: invalidate: the node's answer has no report")
+		err = errors.New("the node's answer has no report")
 	}
 	if err != nil {
 		return InvalidateReport{}, named(OpInvalidate, id, err)
@@ -234,7 +234,7 @@ func (c *Conn) Why(ctx context.Context, id string) (*Why, error) {
 	}
 	r, err := c.request(ctx, Msg{Op: OpWhy, ID: id})
 	if err == nil && r.Why == nil {
-		err = errors.New("granary: why: the node's answer has no explanation")
+		err = errors.New("the node's answer has no explanation")
 	}
 	if err != nil {
 		return nil, named(OpWhy, id, err)

@@ -1,9 +1,6 @@
 package core
 
-import (
-	"context"
-	"errors"
-)
+import "context"
 
 // PackageManager hands out handlers for packages by ID.
 type PackageManager interface {
@@ -68,21 +65,3 @@ type ContextHandler interface {
 	// DecRefContext is DecRef with a context.
 	DecRefContext(ctx context.Context) error
 }
-
-var (
-	// ErrPackageNotExist is returned when a package that must be available
-	// is not: IncRef, TryRemove and inspection of a missing package.
-	ErrPackageNotExist = errors.New("granary: package does not exist")
-
-	// ErrInvalidID is wrapped by every error about a malformed package ID.
-	ErrInvalidID = errors.New("granary: invalid package id")
-
-	// ErrBuildFailed is wrapped by the error that callers waiting on a
-	// failed build attempt receive, on this host or another.
-	ErrBuildFailed = errors.New("granary: build failed")
-
-	// ErrNoRef is wrapped by the error of DecRef when the caller holds no
-	// reference to the package: a DecRef without a reference is an error,
-	// never a silent no-op.
-	ErrNoRef = errors.New("granary: no reference held")
-)

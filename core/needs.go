@@ -1,21 +1,12 @@
 package core
 
-import (
-	"context"
-	"errors"
-)
+import "context"
 
 // MaxNeeds is the most packages one build may declare it needs. A
 // package's needs are checked and recorded in the one etcd transaction
 // that publishes it, and etcd allows 128 comparisons in a transaction
 // (two per need) by default.
 const MaxNeeds = 60
-
-// ErrInvalidated is wrapped, together with ErrPackageNotExist, by the error
-// a reference on an invalidated package returns: an operator marked it bad,
-// it is removed once its last holder leaves, and its next build starts
-// afresh.
-var ErrInvalidated = errors.New("granary: package invalidated")
 
 // Need is one package a build needs, as its builder finds it.
 type Need struct {

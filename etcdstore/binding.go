@@ -50,32 +50,6 @@ type RootRecord struct {
 	BoundAt time.Time `json:"bound_at"`
 }
 
-// NotSharedRootError is the ErrNotSharedRoot that New returns: what is
-// wrong with Root, and which root etcd knows for the prefix.
-type NotSharedRootError struct {
-	Root    string        // the root New was given
-	What    string        // what is wrong with it ("… does not exist")
-	Cluster string        // etcd's cluster ID, hexadecimal
-	Prefix  string        // the key prefix
-	Shared  RootRecord    // the prefix's shared root, as etcd records it
-	Waited  time.Duration // how long New looked again for the root (0: not at all)
-}
-
-func (e *NotSharedRootError) Error() string {
-	msg := fmt.Sprintf("%v: %s; the shared root of etcd cluster %s prefix %q has root ID %s (bound by %s at %s as %s), "+
-		"so this root is not the shared root of cluster %s prefix %q: is the shared volume mounted? "+
-		"To make this the prefix's new shared root instead, initialise it explicitly (granary init-root, or WithInitRoot)",
-		ErrNotSharedRoot, e.What, e.Cluster, e.Prefix, e.Shared.RootID, e.Shared.Host,
-		e.Shared.BoundAt.Format(time.RFC3339), e.Shared.Path, e.Cluster, e.Prefix)
-	if e.Waited > 0 {
-		msg = fmt.Sprintf("%s. This host looked for it again for %v. %s", msg, e.Waited, staleViewHint)
-	}
-	return msg
-}
-
-// Unwrap returns ErrNotSharedRoot.
-func (e *NotSharedRootError) Unwrap() error { return ErrNotSharedRoot }
-
 // WithInitRoot(true) lets New make the root the prefix's shared root even
 // though the prefix already has another one (a new, empty volume replacing
 // the old). Without it, New refuses such a root with ErrNotSharedRoot. It
@@ -132,7 +106,7 @@ func (s *Store) openRoot(ctx context.Context) error {
 	}
 	for _, d := range []string{s.pkgsDir(), s.trashDir()} {
 		if err := os.Mkdir(d, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-			return fmt.Errorf("etcdstore: prepare root: %w", err)
+			return fmt.Errorf("prepare root: %w", err)
 		}
 	}
 	s.checkMount()
@@ -146,12 +120,12 @@ func (s *Store) sharedRoot(ctx context.Context) (cluster string, shared *RootRec
 	resp, err := s.cli.Get(cctx, s.keys.RootKey())
 	cancel()
 	if err != nil {
-		return "", nil, 0, fmt.Errorf("etcdstore: cannot reach etcd at %v within %v: %w", s.cli.Endpoints(), s.opt.opTimeout, err)
+		return "", nil, 0, fmt.Errorf("cannot reach etcd at %v within %v: %w", s.cli.Endpoints(), s.opt.opTimeout, err)
 	}
 	cluster = strconv.FormatUint(resp.Header.ClusterId, 16)
 	if len(resp.Kvs) > 0 {
 		if shared, err = decode[RootRecord](resp.Kvs[0].Value); err != nil {
-			return "", nil, 0, fmt.Errorf("etcdstore: %s: %w", s.keys.RootKey(), err)
+			return "", nil, 0, fmt.Errorf("shared root record %s: %w", s.keys.RootKey(), err)
 		}
 		rev = resp.Kvs[0].ModRevision
 	}
@@ -168,13 +142,13 @@ func (s *Store) makeRoot(mustBeShared bool, notShared func(string, time.Duration
 		}
 		s.opt.logger.Warn("the shared root does not exist; creating it", "root", s.root)
 		if err := os.MkdirAll(s.root, 0o755); err != nil {
-			return fmt.Errorf("etcdstore: create root: %w", err)
+			return fmt.Errorf("create root: %w", err)
 		}
 		s.created = true
 	case err != nil:
-		return fmt.Errorf("etcdstore: root: %w", err)
+		return fmt.Errorf("root: %w", err)
 	case !fi.IsDir():
-		return fmt.Errorf("etcdstore: root %s is not a directory", s.root)
+		return fmt.Errorf("root %s is not a directory", s.root)
 	}
 	return nil
 }
@@ -190,7 +164,7 @@ func (s *Store) openBinding(cluster string, mustBeShared bool, notShared func(st
 		}
 		return s.createBinding(cluster)
 	case err != nil:
-		return nil, fmt.Errorf("etcdstore: root binding: %w", err)
+		return nil, fmt.Errorf("root binding: %w", err)
 	default:
 		// Older bindings were 0600: a job running as another user could
 		// not open the store. Widen it if it is ours.
@@ -266,7 +240,7 @@ func (s *Store) awaitRoot(ctx context.Context, shared *RootRecord) error {
 	})
 	switch {
 	case err != nil:
-		return fmt.Errorf("etcdstore: waiting for the shared root %s to become visible (%v): %w", s.root, why, err)
+		return fmt.Errorf("waiting for the shared root %s to become visible (%v): %w", s.root, why, err)
 	case why != nil:
 		var miss *rootMissing
 		if errors.As(why, &miss) {
@@ -291,7 +265,7 @@ func (s *Store) claimPrefix(ctx context.Context, b *binding, rev int64) error {
 		Else(clientv3.OpGet(s.keys.RootKey())).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("etcdstore: record the shared root in etcd: %w", err)
+		return fmt.Errorf("record the shared root in etcd: %w", err)
 	}
 	if resp.Succeeded {
 		if rev != 0 {
@@ -315,7 +289,7 @@ func (s *Store) claimPrefix(ctx context.Context, b *binding, rev int64) error {
 // one another host wrote first.
 func (s *Store) createBinding(cluster string) (*binding, error) {
 	if err := os.Mkdir(filepath.Dir(s.bindingPath()), 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-		return nil, fmt.Errorf("etcdstore: bind root: %w", err)
+		return nil, fmt.Errorf("bind root: %w", err)
 	}
 	var rnd [16]byte
 	rand.Read(rnd[:])
@@ -325,19 +299,19 @@ func (s *Store) createBinding(cluster string) (*binding, error) {
 	if errors.Is(err, fs.ErrExist) {
 		got, err := readBinding(s.bindingPath())
 		if err != nil {
-			return nil, fmt.Errorf("etcdstore: root binding: %w", err)
+			return nil, fmt.Errorf("root binding: %w", err)
 		}
 		return got, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: bind root: %w", err)
+		return nil, fmt.Errorf("bind root: %w", err)
 	}
 	_, werr := f.Write(append(data, '\n'))
 	serr := f.Sync()
 	cerr := f.Close()
 	if err := errors.Join(werr, serr, cerr); err != nil {
 		os.Remove(s.bindingPath())
-		return nil, fmt.Errorf("etcdstore: bind root: %w", err)
+		return nil, fmt.Errorf("bind root: %w", err)
 	}
 	// Readable by every user who can read the root, whatever the umask.
 	os.Chmod(s.bindingPath(), 0o644) //nolint:errcheck // a stricter mode is reported by the readers that cannot read it

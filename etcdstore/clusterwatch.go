@@ -98,7 +98,7 @@ func (s *Store) WatchCluster(ctx context.Context, fromRev int64, ready func(rev 
 		}
 		return fmt.Errorf("%w: %d (the current revision is %d)", ErrFutureRevision, fromRev, now.Header.Revision)
 	case err != nil:
-		return fmt.Errorf("etcdstore: watch: %w", err)
+		return fmt.Errorf("watch: %w", err)
 	}
 	for _, kv := range resp.Kvs {
 		if b, err := decode[BuildRecord](kv.Value); err == nil && b.State == BuildRunning {

@@ -168,11 +168,11 @@ func attemptLogs(dir string, started time.Time) []string {
 // still within its retention, or nil when there is none.
 func (s *Store) LastFailure(ctx context.Context, id string) (*FailureRecord, error) {
 	if err := core.ValidateID(id); err != nil {
-		return nil, fmt.Errorf("etcdstore: last failure: %w", err)
+		return nil, fmt.Errorf("last failure: %w", err)
 	}
 	fr, _, err := s.lastFailure(ctx, id)
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: last failure of %q: %w", id, err)
+		return nil, fmt.Errorf("last failure of %q: %w", id, err)
 	}
 	return fr, nil
 }
@@ -204,7 +204,7 @@ func (s *Store) Failures(ctx context.Context) (map[string]*FailureRecord, error)
 		return nil // a corrupt record is skipped, not fatal to a listing
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: failures: %w", err)
+		return nil, fmt.Errorf("failures: %w", err)
 	}
 	return out, nil
 }
@@ -224,11 +224,11 @@ func (s *Store) DropFailures(ctx context.Context, olderThan time.Duration, dryRu
 	now := time.Now()
 	vs, err := s.oldFailures(ctx, now, olderThan)
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+		return nil, fmt.Errorf("drop failures: %w", err)
 	}
 	attempts, err := s.oldFailedAttempts(ctx, now, olderThan, vs)
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: drop failures: %w", err)
+		return nil, fmt.Errorf("drop failures: %w", err)
 	}
 	ids, err := s.dropFailureRecords(ctx, vs, dryRun)
 	if err != nil {
@@ -312,7 +312,7 @@ func (s *Store) dropFailureRecords(ctx context.Context, vs []failureVictim, dryR
 			}
 			cancel()
 			if err != nil {
-				return ids, fmt.Errorf("etcdstore: drop failure of %q: %w", v.id, err)
+				return ids, fmt.Errorf("drop failure of %q: %w", v.id, err)
 			}
 			if !resp.Succeeded {
 				continue
@@ -335,7 +335,7 @@ func (s *Store) dropFailedAttempts(ctx context.Context, attempts []failureVictim
 				Commit()
 			cancel()
 			if err != nil {
-				return ids, fmt.Errorf("etcdstore: drop the failed attempt of %q: %w", v.id, err)
+				return ids, fmt.Errorf("drop the failed attempt of %q: %w", v.id, err)
 			}
 			if !resp.Succeeded {
 				continue

@@ -31,5 +31,5 @@ func (h *Handle) LoggingDirectory() string {
 }
 
 func (h *Handle) fail(op string, err error) error {
-	return fmt.Errorf("etcdstore: %s %q: %w", op, h.id, err)
+	return fmt.Errorf("%s %q: %w", op, h.id, err)
 }

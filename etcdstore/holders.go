@@ -27,7 +27,7 @@ const DefaultHoldersWait = time.Second
 // nothing when no cached reference holds the package.
 func (s *Store) AskHolders(ctx context.Context, id string, wait time.Duration) (Info, error) {
 	if err := core.ValidateID(id); err != nil {
-		return Info{}, fmt.Errorf("etcdstore: inspect: %w", err)
+		return Info{}, fmt.Errorf("inspect: %w", err)
 	}
 	if err := s.askHolders(ctx, id, wait); err != nil {
 		s.opt.logger.Warn("asking nodes for their holders failed", "id", id, "err", err)

@@ -70,7 +70,7 @@ type RefInfo struct {
 // Inspect describes package id from one consistent read.
 func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 	if err := core.ValidateID(id); err != nil {
-		return Info{}, fmt.Errorf("etcdstore: inspect: %w", err)
+		return Info{}, fmt.Errorf("inspect: %w", err)
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
@@ -85,7 +85,7 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 		clientv3.OpGet(s.keys.InvalidatedKey(id)),
 	).Commit()
 	if err != nil {
-		return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
+		return Info{}, fmt.Errorf("inspect %q: %w", id, err)
 	}
 	info := Info{ID: id, State: StateAbsent, OutputDir: s.outputDir(id), LogDir: s.logDir(id), Refs: []RefInfo{}, NeededBy: []string{}}
 	r := func(i int) []*mvccpb.KeyValue { return resp.Responses[i].GetResponseRange().Kvs }
@@ -118,7 +118,7 @@ func (s *Store) Inspect(ctx context.Context, id string) (Info, error) {
 	for i, dst := range []any{&info.Pin, &info.Invalid, &info.Invalidated} {
 		if kvs := r(5 + i); len(kvs) > 0 {
 			if err := json.Unmarshal(kvs[0].Value, dst); err != nil {
-				return Info{}, fmt.Errorf("etcdstore: inspect %q: %w", id, err)
+				return Info{}, fmt.Errorf("inspect %q: %w", id, err)
 			}
 		}
 	}
@@ -204,7 +204,7 @@ func (s *Store) List(ctx context.Context) ([]Summary, error) {
 		},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: list: %w", err)
+		return nil, fmt.Errorf("list: %w", err)
 	}
 	out := make([]Summary, 0, len(byID))
 	for _, x := range byID {
@@ -341,10 +341,10 @@ func (s *Store) Verify(ctx context.Context, id string) error {
 		return err
 	}
 	if info.Package == nil {
-		return fmt.Errorf("etcdstore: verify %q: %w", id, core.ErrPackageNotExist)
+		return fmt.Errorf("verify %q: %w", id, core.ErrPackageNotExist)
 	}
 	if err := s.awaitVisible(ctx, id, info.Package); err != nil {
-		return fmt.Errorf("etcdstore: verify %q: %w", id, err)
+		return fmt.Errorf("verify %q: %w", id, err)
 	}
 	want := info.Package.Digest
 	first, _, err1 := TreeDigest(info.OutputDir)
@@ -360,7 +360,7 @@ func (s *Store) Verify(ctx context.Context, id string) error {
 			"id", id, "first", first, "first_err", err1)
 		return nil
 	case err2 != nil:
-		return fmt.Errorf("etcdstore: verify %q: %w", id, err2)
+		return fmt.Errorf("verify %q: %w", id, err2)
 	case err1 == nil && first != second:
 		return fmt.Errorf("%w: %q: recorded %s, two walks of the tree differed (%s, then %s after revalidation): "+
 			"this host's view of the tree is changing (a stale cache of the shared root, or something writing to it)",

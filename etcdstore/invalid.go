@@ -74,7 +74,7 @@ type InvalidateReport struct {
 func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (InvalidateReport, error) {
 	var rep InvalidateReport
 	if err := core.ValidateID(id); err != nil {
-		return rep, fmt.Errorf("etcdstore: invalidate: %w", err)
+		return rep, fmt.Errorf("invalidate: %w", err)
 	}
 	at := time.Now().UTC()
 	for tries := 0; ; tries++ {
@@ -92,14 +92,14 @@ func (s *Store) Invalidate(ctx context.Context, id, reason, by string) (Invalida
 			continue
 		}
 		if err != nil {
-			return rep, fmt.Errorf("etcdstore: invalidate %q: %w", id, err)
+			return rep, fmt.Errorf("invalidate %q: %w", id, err)
 		}
 		if done {
 			rep.Invalidated = order
 			break
 		}
 		if tries > 20 {
-			return rep, fmt.Errorf("etcdstore: invalidate %q: its dependents keep changing", id)
+			return rep, fmt.Errorf("invalidate %q: its dependents keep changing", id)
 		}
 	}
 	for _, p := range rep.Invalidated {
@@ -273,7 +273,7 @@ func (s *Store) sweepInvalid(ctx context.Context, yield bool) ([]string, error) 
 		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: sweep invalid: %w", err)
+		return nil, fmt.Errorf("sweep invalid: %w", err)
 	}
 	var removed []string
 	for progress := true; progress && len(ids) > 0; {
@@ -288,7 +288,7 @@ func (s *Store) sweepInvalid(ctx context.Context, yield bool) ([]string, error) 
 				}
 				progress = true
 			case err != nil:
-				return removed, fmt.Errorf("etcdstore: sweep invalid %q: %w", id, err)
+				return removed, fmt.Errorf("sweep invalid %q: %w", id, err)
 			default:
 				left = append(left, id)
 			}

@@ -188,7 +188,7 @@ func (s *Store) NeededBy(ctx context.Context, id string) ([]string, error) {
 	defer cancel()
 	resp, err := s.cli.Get(cctx, s.keys.NeededBy(id), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: needed-by %q: %w", id, err)
+		return nil, fmt.Errorf("needed-by %q: %w", id, err)
 	}
 	out := make([]string, 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {

@@ -44,7 +44,7 @@ type PinOptions struct {
 // published (or is invalid).
 func (s *Store) Pin(ctx context.Context, id string, o PinOptions) (PinRecord, error) {
 	if err := core.ValidateID(id); err != nil {
-		return PinRecord{}, fmt.Errorf("etcdstore: pin: %w", err)
+		return PinRecord{}, fmt.Errorf("pin: %w", err)
 	}
 	rec := PinRecord{By: o.By, Host: s.opt.host, At: time.Now().UTC(), Note: o.Note}
 	if rec.By == "" {
@@ -67,15 +67,15 @@ func (s *Store) Pin(ctx context.Context, id string, o PinOptions) (PinRecord, er
 		Else(clientv3.OpGet(s.keys.InvalidKey(id))).
 		Commit()
 	if err != nil {
-		return PinRecord{}, fmt.Errorf("etcdstore: pin %q: %w", id, err)
+		return PinRecord{}, fmt.Errorf("pin %q: %w", id, err)
 	}
 	if !resp.Succeeded {
 		if kvs := resp.Responses[0].GetResponseRange().Kvs; len(kvs) > 0 {
 			if inv, derr := decode[InvalidRecord](kvs[0].Value); derr == nil {
-				return PinRecord{}, fmt.Errorf("etcdstore: pin: %w", inv.err(id))
+				return PinRecord{}, fmt.Errorf("pin: %w", inv.err(id))
 			}
 		}
-		return PinRecord{}, fmt.Errorf("etcdstore: pin %q: %w", id, core.ErrPackageNotExist)
+		return PinRecord{}, fmt.Errorf("pin %q: %w", id, core.ErrPackageNotExist)
 	}
 	return rec, nil
 }
@@ -83,13 +83,13 @@ func (s *Store) Pin(ctx context.Context, id string, o PinOptions) (PinRecord, er
 // Unpin removes id's pin. It reports whether there was one.
 func (s *Store) Unpin(ctx context.Context, id string) (bool, error) {
 	if err := core.ValidateID(id); err != nil {
-		return false, fmt.Errorf("etcdstore: unpin: %w", err)
+		return false, fmt.Errorf("unpin: %w", err)
 	}
 	cctx, cancel := s.opCtx(ctx)
 	defer cancel()
 	resp, err := s.cli.Delete(cctx, s.keys.PinKey(id))
 	if err != nil {
-		return false, fmt.Errorf("etcdstore: unpin %q: %w", id, err)
+		return false, fmt.Errorf("unpin %q: %w", id, err)
 	}
 	return resp.Deleted > 0, nil
 }

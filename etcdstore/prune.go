@@ -117,12 +117,12 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 	rep := PruneReport{DryRun: opts.DryRun, Removed: []PrunedPackage{}, InUse: []string{}, Kept: []KeptPackage{}, Orphans: []string{}}
 	ls, err := s.sess.Current(ctx)
 	if err != nil {
-		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+		return rep, fmt.Errorf("prune: %w", err)
 	}
 	gc := s.newLock(ls, s.keys.GCPrefix())
 	ok, err := gc.tryLock(ctx)
 	if err != nil {
-		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+		return rep, fmt.Errorf("prune: %w", err)
 	}
 	if !ok {
 		return rep, ErrCollectorBusy
@@ -131,7 +131,7 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 
 	avail, known, err := s.pruneCandidates(ctx)
 	if err != nil {
-		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+		return rep, fmt.Errorf("prune: %w", err)
 	}
 	sw := &sweep{s: s, opts: opts, rep: &rep, now: time.Now(), grace: opts.Grace, index: map[string]*candidate{}, deferred: map[string]*candidate{}}
 	if sw.grace == 0 {
@@ -150,7 +150,7 @@ func (s *Store) Prune(ctx context.Context, opts PruneOptions) (PruneReport, erro
 		return rep, err
 	}
 	if err := s.sweepDirs(ctx, known, sw.grace, &rep); err != nil {
-		return rep, fmt.Errorf("etcdstore: prune: %w", err)
+		return rep, fmt.Errorf("prune: %w", err)
 	}
 	return rep, nil
 }
@@ -224,7 +224,7 @@ func (sw *sweep) one(ctx context.Context, p *candidate) ([]*candidate, error) {
 		var err error
 		removed, err = sw.s.tryRemove(ctx, p.id, p.atimeRev, false)
 		if err != nil && !errors.Is(err, core.ErrPackageNotExist) {
-			return nil, fmt.Errorf("etcdstore: prune %q: %w", p.id, err)
+			return nil, fmt.Errorf("prune %q: %w", p.id, err)
 		}
 		if err != nil {
 			return nil, nil // gone meanwhile
@@ -265,7 +265,7 @@ func (s *Store) keep(ctx context.Context, rep *PruneReport, p PrunedPackage) err
 	rep.InUse = append(rep.InUse, p.ID)
 	info, err := s.Inspect(ctx, p.ID)
 	if err != nil {
-		return fmt.Errorf("etcdstore: prune %q: %w", p.ID, err)
+		return fmt.Errorf("prune %q: %w", p.ID, err)
 	}
 	k := KeptPackage{ID: p.ID, Size: p.Size, ATime: p.ATime, Reason: KeptTouched}
 	var held, cached []RefInfo

@@ -393,11 +393,11 @@ func (h *Handle) ConfirmRefContext(ctx context.Context) error {
 func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	l, err := s.sess.Current(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+		return 0, fmt.Errorf("reconcile references: %w", err)
 	}
 	before, onLease, err := s.refsOnLease(ctx, l)
 	if err != nil {
-		return 0, fmt.Errorf("etcdstore: reconcile references: %w", err)
+		return 0, fmt.Errorf("reconcile references: %w", err)
 	}
 	missing, strays := s.compareRefs(l, before, onLease)
 	for _, x := range missing {
@@ -408,7 +408,7 @@ func (s *Store) ReconcileRefs(ctx context.Context) (int, error) {
 	}
 	dropped, err := s.dropStrays(ctx, l, strays)
 	if err != nil {
-		return dropped, fmt.Errorf("etcdstore: reconcile references: %w", err)
+		return dropped, fmt.Errorf("reconcile references: %w", err)
 	}
 	return dropped, nil
 }

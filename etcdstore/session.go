@@ -111,7 +111,7 @@ func (l *Lease) end(cause error) {
 // must Close the Session before closing cli.
 func NewSession(ctx context.Context, cli *clientv3.Client, cfg SessionConfig) (*Session, error) {
 	if err := cfg.validate(); err != nil {
-		return nil, fmt.Errorf("etcdstore: session: %w", err)
+		return nil, fmt.Errorf("session: %w", err)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -121,7 +121,7 @@ func NewSession(ctx context.Context, cli *clientv3.Client, cfg SessionConfig) (*
 	l, err := s.grant(ctx)
 	if err != nil {
 		s.cancel()
-		return nil, fmt.Errorf("etcdstore: create lease: %w", err)
+		return nil, fmt.Errorf("create lease: %w", err)
 	}
 	s.install(l)
 	return s, nil
@@ -243,7 +243,7 @@ func (s *Session) revoke(id clientv3.LeaseID) error {
 	// A lease etcd no longer knows (expired, or revoked by someone else)
 	// is as gone as Close wants it.
 	if _, err := s.cli.Revoke(ctx, id); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		return fmt.Errorf("etcdstore: revoke lease %x (it expires within %v): %w", int64(id), s.cfg.TTL, err)
+		return fmt.Errorf("revoke lease %x (it expires within %v): %w", int64(id), s.cfg.TTL, err)
 	}
 	return nil
 }

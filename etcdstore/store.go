@@ -88,11 +88,11 @@ func New(ctx context.Context, cli *clientv3.Client, root string, opts ...Option)
 		fn(&o)
 	}
 	if err := o.validate(); err != nil {
-		return nil, fmt.Errorf("etcdstore: %w", err)
+		return nil, fmt.Errorf("store options: %w", err)
 	}
 	abs, err := filepath.Abs(root)
 	if err != nil {
-		return nil, fmt.Errorf("etcdstore: root %q: %w", root, err)
+		return nil, fmt.Errorf("root %q: %w", root, err)
 	}
 	s := &Store{
 		cli:     cli,

@@ -55,7 +55,7 @@ func (s *Store) awaitVisible(ctx context.Context, id string, rec *PackageRecord)
 	})
 	switch {
 	case err != nil:
-		return fmt.Errorf("etcdstore: waiting for %q to become visible (%v): %w", id, why, err)
+		return fmt.Errorf("waiting for %q to become visible (%v): %w", id, why, err)
 	case why != nil:
 		return fmt.Errorf("%w: %q was published by %s at %s, but after %v here %v. %s",
 			ErrNotVisible, id, rec.BuiltBy, rec.BuiltAt.Format(time.RFC3339), s.visibleWait(), why, staleViewHint)

@@ -20,19 +20,19 @@ import (
 // the revision of its first read, so no change is missed between the two.
 func (s *Store) WaitBuildEnd(ctx context.Context, id string) (State, error) {
 	if err := core.ValidateID(id); err != nil {
-		return "", fmt.Errorf("etcdstore: wait for build: %w", err)
+		return "", fmt.Errorf("wait for build: %w", err)
 	}
 	for {
 		st, err := s.readState(ctx, id)
 		if err != nil {
-			return "", fmt.Errorf("etcdstore: wait for build of %q: %w", id, err)
+			return "", fmt.Errorf("wait for build of %q: %w", id, err)
 		}
 		if state, done := s.settled(ctx, id, st); done {
 			return state, nil
 		}
 		ended, err := s.watchBuildEnd(ctx, id, st.rev)
 		if err != nil {
-			return "", fmt.Errorf("etcdstore: wait for build of %q: %w", id, err)
+			return "", fmt.Errorf("wait for build of %q: %w", id, err)
 		}
 		if !ended {
 			continue // the watch was cut (compaction, no leader): read again

@@ -41,7 +41,7 @@ type Why struct {
 // build in progress and the gc grace period.
 func (s *Store) Why(ctx context.Context, id string, wait time.Duration) (*Why, error) {
 	if err := core.ValidateID(id); err != nil {
-		return nil, fmt.Errorf("etcdstore: why: %w", err)
+		return nil, fmt.Errorf("why: %w", err)
 	}
 	return s.why(ctx, id, wait, map[string]bool{})
 }

@@ -73,17 +73,17 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 	}
 	path := cfg.AgentSocketPath()
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("granary: state directory: %w", err)
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	os.Remove(path)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
-		return nil, fmt.Errorf("granary: agent socket: %w", err)
+		return nil, fmt.Errorf("agent socket: %w", err)
 	}
 	ln.SetUnlinkOnClose(true)
 	if err := os.Chmod(path, cfg.SocketMode.Perm()); err != nil {
 		ln.Close()
-		return nil, fmt.Errorf("granary: agent socket mode: %w", err)
+		return nil, fmt.Errorf("agent socket mode: %w", err)
 	}
 	if cfg.SocketGroup != "" {
 		gid, err := lookupGroup(cfg.SocketGroup)
@@ -92,7 +92,7 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 		}
 		if err != nil {
 			ln.Close()
-			return nil, fmt.Errorf("granary: agent socket group %q: %w", cfg.SocketGroup, err)
+			return nil, fmt.Errorf("agent socket group %q: %w", cfg.SocketGroup, err)
 		}
 	}
 	if cfg.SocketMode.Perm()&0o077 != 0 {
@@ -101,7 +101,7 @@ func newAgent(store *etcdstore.Store, cfg Config, log *slog.Logger, build buildF
 		if st, err := os.Stat(cfg.StateDir); err == nil && st.Mode().Perm()&0o011 != 0o011 {
 			if err := os.Chmod(cfg.StateDir, st.Mode().Perm()|0o011); err != nil {
 				ln.Close()
-				return nil, fmt.Errorf("granary: state directory mode: %w", err)
+				return nil, fmt.Errorf("state directory mode: %w", err)
 			}
 		}
 	}
@@ -145,7 +145,7 @@ func (a *server) serve(ctx context.Context) error {
 		c, aerr := a.ln.AcceptUnix()
 		if aerr != nil {
 			if ctx.Err() == nil {
-				err = fmt.Errorf("granary: agent socket: %w", aerr)
+				err = fmt.Errorf("agent socket: %w", aerr)
 			}
 			break
 		}

@@ -224,11 +224,11 @@ func (c *agentConn) take(id string) error {
 // for etcd (in the background).
 func (c *agentConn) decRef(m *agent.Msg) {
 	if err := core.ValidateID(m.ID); err != nil {
-		c.reply(m.Seq, fmt.Errorf("granary: decref: %w", err), nil)
+		c.reply(m.Seq, fmt.Errorf("decref: %w", err), nil)
 		return
 	}
 	if !c.dropRef(m.ID) {
-		c.reply(m.Seq, fmt.Errorf("granary: decref %q: %w", m.ID, core.ErrNoRef), nil)
+		c.reply(m.Seq, fmt.Errorf("decref %q: %w", m.ID, core.ErrNoRef), nil)
 		return
 	}
 	if c.a.linger > 0 {
@@ -447,7 +447,7 @@ func (c *agentConn) giveDirs(id string) error {
 	h := c.a.store.Handle(id)
 	for _, dir := range []string{h.OutputDirectory(), h.LoggingDirectory()} {
 		if err := os.Lchown(dir, c.uid, -1); err != nil {
-			return fmt.Errorf("granary: give the build's directory to uid %d: %w", c.uid, err)
+			return fmt.Errorf("give the build's directory to uid %d: %w", c.uid, err)
 		}
 	}
 	return nil

@@ -30,7 +30,7 @@ import (
 func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
 	password, err := c.password()
 	if err != nil {
-		return clientv3.Config{}, fmt.Errorf("granary: %w", err)
+		return clientv3.Config{}, err
 	}
 	cc := clientv3.Config{
 		Endpoints:            endpoints,
@@ -45,7 +45,7 @@ func (c *Config) ClientConfig(endpoints []string) (clientv3.Config, error) {
 		ti := transport.TLSInfo{CertFile: c.Cert, KeyFile: c.Key, TrustedCAFile: c.CACert}
 		tc, err := ti.ClientConfig()
 		if err != nil {
-			return cc, fmt.Errorf("granary: TLS configuration: %w", err)
+			return cc, fmt.Errorf("TLS configuration: %w", err)
 		}
 		cc.TLS = tc
 	}
@@ -84,7 +84,7 @@ func dial(ctx context.Context, c *Config, log *slog.Logger) (*clientv3.Client, *
 	}
 	cli, err := clientv3.New(cc)
 	if err != nil {
-		return nil, nil, fmt.Errorf("granary: etcd client for %v: %w", eps, err)
+		return nil, nil, fmt.Errorf("etcd client for %v: %w", eps, err)
 	}
 	if watch != nil {
 		watch.start(cli, eps)

@@ -435,7 +435,7 @@ func (c *Config) Validate() error {
 		bad("negative interval, or non-positive timeout")
 	}
 	if len(errs) > 0 {
-		return fmt.Errorf("granary: bad configuration: %w", errors.Join(errs...))
+		return fmt.Errorf("bad configuration: %w", errors.Join(errs...))
 	}
 	return nil
 }

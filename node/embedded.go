@@ -27,7 +27,7 @@ type Embedded struct {
 // shared root is bound to). The caller must Close it.
 func StartEmbedded(ctx context.Context, dir string) (*Embedded, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("granary: state directory: %w", err)
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	cfg := embed.NewConfig()
 	cfg.Name = "granary"
@@ -35,7 +35,7 @@ func StartEmbedded(ctx context.Context, dir string) (*Embedded, error) {
 	client := url.URL{Scheme: "unix", Path: filepath.Join(dir, "etcd.sock")}
 	peer := url.URL{Scheme: "unix", Path: filepath.Join(dir, "peer.sock")}
 	if len(client.Path) >= MaxSocketPath {
-		return nil, fmt.Errorf("granary: socket path %s too long for a unix socket: use a shorter state directory", client.Path)
+		return nil, fmt.Errorf("socket path %s too long for a unix socket: use a shorter state directory", client.Path)
 	}
 	cfg.ListenClientUrls = []url.URL{client}
 	cfg.AdvertiseClientUrls = []url.URL{client}
@@ -56,13 +56,13 @@ func StartEmbedded(ctx context.Context, dir string) (*Embedded, error) {
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("granary: start embedded etcd in %s: %w", dir, err)
+		return nil, fmt.Errorf("start embedded etcd in %s: %w", dir, err)
 	}
 	select {
 	case <-e.Server.ReadyNotify():
 	case err := <-e.Err():
 		e.Close()
-		return nil, fmt.Errorf("granary: embedded etcd failed: %w", err)
+		return nil, fmt.Errorf("embedded etcd failed: %w", err)
 	case <-ctx.Done():
 		e.Close()
 		return nil, ctx.Err()

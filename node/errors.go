@@ -6,6 +6,10 @@ import (
 	"github.com/granary-build/granary/agent"
 )
 
+// The node's sentinels. Messages read as core/errors.go says: no package
+// prefix, and a store error the node passes on is not named again (it
+// names its operation and package).
+
 var (
 	// ErrNoLocalNode is returned by ReadLocal, and wrapped by the error of
 	// agent.Connect, when no local node serves the state directory. It is
@@ -19,13 +23,13 @@ var (
 	// ErrNoQuorum means the etcd members that answered have no leader: too
 	// few members are up for a quorum (for example 2 of 3 down), so nothing
 	// can be read or written until enough come back.
-	ErrNoQuorum = errors.New("granary: etcd has no leader: quorum lost")
+	ErrNoQuorum = errors.New("etcd has no leader: quorum lost")
 
 	// ErrUnreachable wraps a failure to reach etcd.
-	ErrUnreachable = errors.New("granary: cannot reach etcd")
+	ErrUnreachable = errors.New("cannot reach etcd")
 
 	// ErrPermission means etcd answered but refused the credentials.
-	ErrPermission = errors.New("granary: etcd refused access")
+	ErrPermission = errors.New("etcd refused access")
 
 	// ErrNegative is wrapped by the error for a negative duration where only
 	// zero or more makes sense.
@@ -33,5 +37,5 @@ var (
 
 	// ErrNodeRunning is returned by New when another local node holds the state
 	// directory.
-	ErrNodeRunning = errors.New("granary: a local node already runs for this state directory")
+	ErrNodeRunning = errors.New("a local node already runs for this state directory")
 )

@@ -338,7 +338,7 @@ func dialAddr(ep string) string {
 const leaseKeepAliveMethod = "/etcdserverpb.Lease/LeaseKeepAlive"
 
 // errKeepAliveStalled cancels a keep-alive stream that stopped answering.
-var errKeepAliveStalled = errors.New("granary: lease keep-alive unanswered; moving to another etcd member")
+var errKeepAliveStalled = errors.New("lease keep-alive unanswered; moving to another etcd member")
 
 // interceptStream watches lease keep-alive streams; other streams pass
 // through.

@@ -96,7 +96,7 @@ func (n *Node) HoldFor(ctx context.Context, id, purpose string) (*Hold, error) {
 func (n *Node) HoldForPod(ctx context.Context, id, pod, purpose string) (*Hold, error) {
 	a := n.agent.Load()
 	if a == nil {
-		return nil, fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
+		return nil, fmt.Errorf("incref %q: %w", id, ErrNodeGone)
 	}
 	// The path of a Conn's IncRef (agent.go, opIncRef).
 	if !a.refs.tryFast(id) {
@@ -124,7 +124,7 @@ func (h *Hold) Release() error {
 	h.freed = true
 	h.mu.Unlock()
 	if freed {
-		return fmt.Errorf("granary: decref %q: %w", h.id, etcdstore.ErrNoRef)
+		return fmt.Errorf("decref %q: %w", h.id, etcdstore.ErrNoRef)
 	}
 	h.a.held.remove(h)
 	if h.pod != "" {

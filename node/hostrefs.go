@@ -200,13 +200,13 @@ func (h *hostRefs) tryFast(id string) bool {
 // meanwhile; it may wait for a build).
 func (h *hostRefs) take(ctx context.Context, id string) error {
 	if err := core.ValidateID(id); err != nil {
-		return fmt.Errorf("granary: incref %q: %w", id, err)
+		return fmt.Errorf("incref %q: %w", id, err)
 	}
 	for {
 		h.mu.Lock()
 		if h.closed {
 			h.mu.Unlock()
-			return fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
+			return fmt.Errorf("incref %q: %w", id, ErrNodeGone)
 		}
 		p := h.ref(id)
 		if p.busy != nil {
@@ -216,7 +216,7 @@ func (h *hostRefs) take(ctx context.Context, id string) error {
 			case <-ch:
 				continue
 			case <-ctx.Done():
-				return fmt.Errorf("granary: incref %q: %w", id, ctx.Err())
+				return fmt.Errorf("incref %q: %w", id, ctx.Err())
 			}
 		}
 		if p.etcd && h.store.Proven(id) {
@@ -280,10 +280,7 @@ func (h *hostRefs) confirm(ctx context.Context, id string, p *hostRef) error {
 	}
 	h.settle(id, p)
 	h.mu.Unlock()
-	if lost {
-		return fmt.Errorf("granary: incref %q: %w", id, err)
-	}
-	return err
+	return err // the store's error names the operation and the package
 }
 
 // drop drops a local reference. The last one starts the linger, after
@@ -293,7 +290,7 @@ func (h *hostRefs) drop(id string) error {
 	p := h.pkgs[id]
 	if p == nil || p.holders == 0 {
 		h.mu.Unlock()
-		return fmt.Errorf("granary: decref %q: %w", id, etcdstore.ErrNoRef)
+		return fmt.Errorf("decref %q: %w", id, etcdstore.ErrNoRef)
 	}
 	p.holders--
 	if p.holders > 0 || !p.etcd || h.closed {
@@ -424,7 +421,7 @@ func (h *hostRefs) release(id string, p *hostRef) error {
 // the node sees only real references.
 func (h *hostRefs) remove(ctx context.Context, id string) (bool, error) {
 	if err := core.ValidateID(id); err != nil {
-		return false, fmt.Errorf("granary: remove %q: %w", id, err)
+		return false, fmt.Errorf("remove %q: %w", id, err)
 	}
 	h.mu.Lock()
 	if p := h.pkgs[id]; p != nil && (p.holders > 0 || p.taking) {
@@ -436,7 +433,7 @@ func (h *hostRefs) remove(ctx context.Context, id string) (bool, error) {
 	h.mu.Unlock()
 	p, err := h.acquire(ctx, id)
 	if err != nil {
-		return false, fmt.Errorf("granary: remove %q: %w", id, err)
+		return false, fmt.Errorf("remove %q: %w", id, err)
 	}
 	if p.holders > 0 {
 		h.settle(id, p)

@@ -44,7 +44,7 @@ func (r *LocalRefs) IncRef(ctx context.Context, id string) error {
 	closed := r.held == nil
 	r.mu.Unlock()
 	if closed {
-		return fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
+		return fmt.Errorf("incref %q: %w", id, ErrNodeGone)
 	}
 	if !r.a.refs.tryFast(id) {
 		if err := r.a.refs.take(ctx, id); err != nil {
@@ -56,7 +56,7 @@ func (r *LocalRefs) IncRef(ctx context.Context, id string) error {
 	if r.held == nil {
 		// Closed meanwhile: Close did not see this reference.
 		r.a.refs.drop(id) //nolint:errcheck // only fails if not held, and it is
-		return fmt.Errorf("granary: incref %q: %w", id, ErrNodeGone)
+		return fmt.Errorf("incref %q: %w", id, ErrNodeGone)
 	}
 	r.held[id]++
 	return nil
@@ -71,7 +71,7 @@ func (r *LocalRefs) DecRef(id string) error {
 	r.mu.Lock()
 	if r.held[id] == 0 {
 		r.mu.Unlock()
-		return fmt.Errorf("granary: decref %q: %w", id, etcdstore.ErrNoRef)
+		return fmt.Errorf("decref %q: %w", id, etcdstore.ErrNoRef)
 	}
 	if r.held[id]--; r.held[id] == 0 {
 		delete(r.held, id)

@@ -124,12 +124,12 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	// One node per state directory, embedded or not: it owns the agent
 	// socket there.
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("granary: state directory: %w", err)
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
 	n.flock = flock.New(filepath.Join(cfg.StateDir, LockFile))
 	ok, err := n.flock.TryLock()
 	if err != nil {
-		return nil, fmt.Errorf("granary: lock state directory: %w", err)
+		return nil, fmt.Errorf("lock state directory: %w", err)
 	}
 	if !ok {
 		n.flock = nil
@@ -165,7 +165,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 	n.agent.Store(ag)
 	if cfg.ListenMetrics != "" {
 		if n.ln, err = net.Listen("tcp", cfg.ListenMetrics); err != nil {
-			return nil, fmt.Errorf("granary: metrics listener: %w", err)
+			return nil, fmt.Errorf("metrics listener: %w", err)
 		}
 		n.srv = &http.Server{Handler: n.handler(), ReadHeaderTimeout: 5 * time.Second}
 	}
@@ -174,7 +174,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (_ *Node, err error)
 		l := Local{PID: os.Getpid(), Socket: cfg.SocketPath(), Agent: cfg.AgentSocketPath(), StateDir: cfg.StateDir, Root: n.store.Root(), Metrics: n.MetricsAddr(), Started: n.started,
 			CreatedRoot: n.store.CreatedRoot()}
 		if err := writeLocal(l); err != nil {
-			return nil, fmt.Errorf("granary: write node info: %w", err)
+			return nil, fmt.Errorf("write node info: %w", err)
 		}
 	}
 	return n, nil
@@ -291,7 +291,7 @@ func (n *Node) Run(ctx context.Context) error {
 		goRun(func(ctx context.Context) error {
 			select {
 			case <-n.emb.Done():
-				return errors.New("granary: embedded etcd stopped")
+				return errors.New("embedded etcd stopped")
 			case <-ctx.Done():
 				return nil
 			}
@@ -306,7 +306,7 @@ func (n *Node) Run(ctx context.Context) error {
 	select {
 	case <-rctx.Done():
 	case err := <-httpErr:
-		stop(fmt.Errorf("granary: metrics server: %w", err))
+		stop(fmt.Errorf("metrics server: %w", err))
 	}
 	cause := context.Cause(rctx)
 	stop(nil)
@@ -603,7 +603,7 @@ func (r *registration) revoke() error {
 		return nil
 	}
 	if err := sess.Close(); err != nil {
-		return fmt.Errorf("granary: revoke node registration (it expires within %v): %w", r.n.cfg.TTL, err)
+		return fmt.Errorf("revoke node registration (it expires within %v): %w", r.n.cfg.TTL, err)
 	}
 	return nil
 }

@@ -394,9 +394,9 @@ func TestConfigValidate(t *testing.T) {
 		{"sign key missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheSignKey = "/no/such/key" }, "signing key"},
 		{"trusted keys without cache", func(c *node.Config) { c.CacheTrustedKeys = trustedKey }, "without a cache URL"},
 		{"negative fetch budget", func(c *node.Config) { c.Cache = "https://c/"; c.CacheFetchBudget = -time.Second }, "fetch budget"},
-		{"cache dir missing", func(c *node.Config) { c.Cache = "file:///definitely/not/there" }, "cache: directory"},
+		{"cache dir missing", func(c *node.Config) { c.Cache = "file:///definitely/not/there" }, "cache directory"},
 		{"cache token without cache", func(c *node.Config) { c.CacheToken = "t" }, "without a cache URL"},
-		{"cache CA missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheCACert = "/no/such/ca.pem" }, "cache: CA file"},
+		{"cache CA missing", func(c *node.Config) { c.Cache = "https://c/"; c.CacheCACert = "/no/such/ca.pem" }, "cache CA file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

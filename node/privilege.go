@@ -40,7 +40,7 @@ func newPrivilege(adminGroup string) (*privilege, error) {
 	if adminGroup != "" {
 		gid, err := lookupGroup(adminGroup)
 		if err != nil {
-			return nil, fmt.Errorf("granary: admin group %q: %w", adminGroup, err)
+			return nil, fmt.Errorf("admin group %q: %w", adminGroup, err)
 		}
 		p.gid = gid
 	}
@@ -108,5 +108,5 @@ func (p *privilege) refuse(op, id, what string) error {
 	if p.group != "" {
 		who = fmt.Sprintf("only root, the node's user (%s) and members of group %s may %s through the node", p.user, p.group, what)
 	}
-	return &notAllowed{fmt.Sprintf("granary: %s %s: refused: %s", op, id, who)}
+	return &notAllowed{fmt.Sprintf("%s %s: refused: %s", op, id, who)}
 }

@@ -55,11 +55,6 @@ func (l Limits) validate() error {
 	return nil
 }
 
-// ErrUnsafeArchive is wrapped by Unpack's error when an archive breaks a
-// safety rule (path outside the tree, link out of it, unsupported entry
-// type, duplicate, over a limit).
-var ErrUnsafeArchive = errors.New("cache: unsafe archive")
-
 // PackStats says what Pack wrote.
 type PackStats struct {
 	Entries int   // files, directories and symlinks
@@ -114,18 +109,18 @@ func Pack(w io.Writer, dir string) (PackStats, error) {
 				return err
 			}
 			if !linkInside(rel, target) {
-				return fmt.Errorf("cache: symlink %s -> %s leads out of the package; such a package cannot be cached", rel, target)
+				return fmt.Errorf("symlink %s -> %s leads out of the package; such a package cannot be cached", rel, target)
 			}
 			// The check Unpack makes after extraction: resolved for real
 			// (through other links), it must stay inside. A loop or a
 			// chained escape would otherwise upload an archive every
 			// fetch refuses.
 			if _, err := root.Stat(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return fmt.Errorf("cache: symlink %s -> %s does not resolve inside the package (%v); such a package cannot be cached", rel, target, err)
+				return fmt.Errorf("symlink %s -> %s does not resolve inside the package (%v); such a package cannot be cached", rel, target, err)
 			}
 			hdr.Typeflag, hdr.Linkname, hdr.Mode = tar.TypeSymlink, target, 0o777
 		default:
-			return fmt.Errorf("cache: %s: unsupported file type %v", rel, mode.Type())
+			return fmt.Errorf("%s: unsupported file type %v", rel, mode.Type())
 		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return err
@@ -141,7 +136,7 @@ func Pack(w io.Writer, dir string) (PackStats, error) {
 		defer f.Close()
 		n, err := io.Copy(tw, f) // tar refuses to write more than hdr.Size
 		if err == nil && n != hdr.Size {
-			err = fmt.Errorf("cache: %s changed while it was packed (%d bytes, then %d)", rel, hdr.Size, n)
+			err = fmt.Errorf("%s changed while it was packed (%d bytes, then %d)", rel, hdr.Size, n)
 		}
 		st.Bytes += n
 		return err
@@ -188,7 +183,7 @@ func Unpack(r io.Reader, dir string, lim Limits) (st PackStats, err error) {
 	if ents, err := os.ReadDir(dir); err != nil {
 		return st, err
 	} else if len(ents) > 0 {
-		return st, fmt.Errorf("cache: unpack into %s: directory is not empty", dir)
+		return st, fmt.Errorf("unpack into %s: directory is not empty", dir)
 	}
 	root, err := os.OpenRoot(dir)
 	if err != nil {
@@ -213,7 +208,7 @@ func Unpack(r io.Reader, dir string, lim Limits) (st PackStats, err error) {
 			break
 		}
 		if err != nil {
-			return u.st, fmt.Errorf("cache: read archive: %w", err)
+			return u.st, fmt.Errorf("read archive: %w", err)
 		}
 		if err := u.entry(hdr); err != nil {
 			return u.st, err
@@ -380,7 +375,7 @@ func writeFile(dir *os.Root, name, base string, perm fs.FileMode, r io.Reader, s
 		err = io.ErrUnexpectedEOF
 	}
 	if err != nil {
-		err = fmt.Errorf("cache: unpack %q (%d of %d bytes): %w", name, n, size, err)
+		err = fmt.Errorf("unpack %q (%d of %d bytes): %w", name, n, size, err)
 	}
 	if err == nil {
 		err = f.Chmod(perm) // by the handle: never through a path

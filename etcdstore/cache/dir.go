@@ -21,12 +21,12 @@ func NewDir(base string, opts ...Option) (*Remote, error) {
 	}
 	abs, err := filepath.Abs(base)
 	if err != nil {
-		return nil, fmt.Errorf("cache: directory %q: %w", base, err)
+		return nil, fmt.Errorf("cache directory %q: %w", base, err)
 	}
 	if fi, err := os.Stat(abs); err != nil {
-		return nil, fmt.Errorf("cache: directory %q: %w", base, err)
+		return nil, fmt.Errorf("cache directory %q: %w", base, err)
 	} else if !fi.IsDir() {
-		return nil, fmt.Errorf("cache: %s is not a directory", abs)
+		return nil, fmt.Errorf("cache directory %s is not a directory", abs)
 	}
 	return newRemote(dirBackend(abs), o), nil
 }

@@ -37,17 +37,17 @@ func NewHTTP(baseURL string, opts ...Option) (*Remote, error) {
 	}
 	u, err := url.Parse(baseURL)
 	if err != nil {
-		return nil, fmt.Errorf("cache: URL %q: %w", redact(baseURL), err)
+		return nil, fmt.Errorf("cache URL %q: %w", redact(baseURL), err)
 	}
 	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
-		return nil, fmt.Errorf("cache: URL %q: want http(s)://host[/path]", redact(baseURL))
+		return nil, fmt.Errorf("cache URL %q: want http(s)://host[/path]", redact(baseURL))
 	}
 	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("cache: URL %q: no query or fragment allowed", redact(baseURL))
+		return nil, fmt.Errorf("cache URL %q: no query or fragment allowed", redact(baseURL))
 	}
 	if u.User != nil {
 		if o.token != "" {
-			return nil, fmt.Errorf("cache: URL %q has credentials and a bearer token is set; use one", redact(baseURL))
+			return nil, fmt.Errorf("cache URL %q has credentials and a bearer token is set; use one", redact(baseURL))
 		}
 		if !o.hasBasic {
 			p, _ := u.User.Password()
@@ -284,11 +284,11 @@ func (o *options) transport() (*http.Transport, error) {
 	if o.caFile != "" {
 		pem, err := os.ReadFile(o.caFile)
 		if err != nil {
-			return nil, fmt.Errorf("cache: CA file: %w", err)
+			return nil, fmt.Errorf("cache CA file: %w", err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("cache: CA file %s holds no PEM certificate", o.caFile)
+			return nil, fmt.Errorf("cache CA file %s holds no PEM certificate", o.caFile)
 		}
 		tlsCfg.RootCAs = pool
 	}

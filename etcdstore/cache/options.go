@@ -76,7 +76,7 @@ func newOptions(opts []Option) (options, error) {
 		errs = append(errs, errors.New("both a bearer token and basic auth given; use one"))
 	}
 	if len(errs) > 0 {
-		return o, fmt.Errorf("cache: %w", errors.Join(errs...))
+		return o, fmt.Errorf("cache options: %w", errors.Join(errs...))
 	}
 	return o, nil
 }
@@ -153,25 +153,25 @@ func WithPartSize(n uint64) Option { return func(o *options) { o.partSize = n } 
 func Open(rawURL string, opts ...Option) (*Remote, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
-		return nil, fmt.Errorf("cache: URL %q: %w", redact(rawURL), err)
+		return nil, fmt.Errorf("cache URL %q: %w", redact(rawURL), err)
 	}
 	switch strings.ToLower(u.Scheme) {
 	case "http", "https":
 		return NewHTTP(rawURL, opts...)
 	case "file":
 		if u.Host != "" && u.Host != "localhost" {
-			return nil, fmt.Errorf("cache: URL %q: a file URL names no host (file:///path)", redact(rawURL))
+			return nil, fmt.Errorf("cache URL %q: a file URL names no host (file:///path)", redact(rawURL))
 		}
 		if u.Path == "" || !filepath.IsAbs(u.Path) {
-			return nil, fmt.Errorf("cache: URL %q: want an absolute path (file:///path)", redact(rawURL))
+			return nil, fmt.Errorf("cache URL %q: want an absolute path (file:///path)", redact(rawURL))
 		}
 		return NewDir(u.Path, opts...)
 	case "s3":
 		return NewS3(rawURL, opts...)
 	case "":
-		return nil, fmt.Errorf("cache: URL %q has no scheme; want http://, https://, s3://bucket/prefix or file:///path", redact(rawURL))
+		return nil, fmt.Errorf("cache URL %q has no scheme; want http://, https://, s3://bucket/prefix or file:///path", redact(rawURL))
 	default:
-		return nil, fmt.Errorf("cache: URL %q: unsupported scheme %q; want http://, https://, s3://bucket/prefix or file:///path", redact(rawURL), u.Scheme)
+		return nil, fmt.Errorf("cache URL %q: unsupported scheme %q; want http://, https://, s3://bucket/prefix or file:///path", redact(rawURL), u.Scheme)
 	}
 }
 

@@ -53,13 +53,6 @@ func indexName(id string) string   { return id + ".json" }
 // errNotFound is what a backend returns for a missing object.
 var errNotFound = errors.New("not found")
 
-// ErrNotCached is returned by Verify for an entry the cache does not have.
-var ErrNotCached = errors.New("cache: no such entry")
-
-// ErrFetchBudget is matched (errors.Is) by the error of a Fetch that ran
-// out of its budget (WithFetchBudget).
-var ErrFetchBudget = errors.New("cache: fetch budget spent")
-
 // backend stores named objects: a directory or an HTTP file server.
 type backend interface {
 	// open returns the object, or errNotFound.
@@ -186,10 +179,10 @@ func (r *Remote) Fetch(ctx context.Context, id, dir string) (bool, error) {
 	switch {
 	case errors.As(err, &rej):
 		r.c.rejected[rej.Reason].Add(1)
-		return false, fmt.Errorf("cache: fetch %q from %s: %w", id, r.b, err)
+		return false, fmt.Errorf("fetch %q from cache %s: %w", id, r.b, err)
 	case err != nil:
 		r.c.fetchErrors.Add(1)
-		return false, fmt.Errorf("cache: fetch %q from %s: %w", id, r.b, err)
+		return false, fmt.Errorf("fetch %q from cache %s: %w", id, r.b, err)
 	case ok:
 		r.c.hits.Add(1)
 	default:
@@ -374,7 +367,7 @@ func (r *Remote) Contains(ctx context.Context, id string) (bool, error) {
 	}
 	ok, err := r.b.exists(ctx, indexName(id))
 	if err != nil {
-		return false, fmt.Errorf("cache: look up %q in %s: %w", id, r.b, err)
+		return false, fmt.Errorf("look up %q in cache %s: %w", id, r.b, err)
 	}
 	return ok, nil
 }
@@ -389,7 +382,7 @@ func (r *Remote) Store(ctx context.Context, id, dir string, rec etcdstore.Packag
 	err := r.store(ctx, id, dir, rec)
 	if err != nil {
 		r.c.uploadFailures.Add(1)
-		return fmt.Errorf("cache: store %q in %s: %w", id, r.b, err)
+		return fmt.Errorf("store %q in cache %s: %w", id, r.b, err)
 	}
 	r.c.uploads.Add(1)
 	return nil
@@ -487,7 +480,7 @@ func (r *Remote) Verify(ctx context.Context, id string) (*EntryCheck, error) {
 	if err := core.ValidateID(id); err != nil {
 		return nil, err
 	}
-	wrap := func(err error) error { return fmt.Errorf("cache: verify %q in %s: %w", id, r.b, err) }
+	wrap := func(err error) error { return fmt.Errorf("verify %q in cache %s: %w", id, r.b, err) }
 	idx, err := r.index(ctx, id)
 	if errors.Is(err, errNotFound) {
 		return nil, wrap(ErrNotCached)

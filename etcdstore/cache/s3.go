@@ -59,15 +59,15 @@ func NewS3(rawURL string, opts ...Option) (*Remote, error) {
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil {
-		return nil, fmt.Errorf("cache: URL %q: %w", redact(rawURL), err)
+		return nil, fmt.Errorf("cache URL %q: %w", redact(rawURL), err)
 	}
 	if u.Scheme != "s3" || u.Host == "" || u.User != nil || u.Fragment != "" {
-		return nil, fmt.Errorf("cache: URL %q: want s3://bucket/prefix", redact(rawURL))
+		return nil, fmt.Errorf("cache URL %q: want s3://bucket/prefix", redact(rawURL))
 	}
 	q := u.Query()
 	for k := range q {
 		if k != "endpoint" && k != "region" {
-			return nil, fmt.Errorf("cache: URL %q: unknown parameter %q (want endpoint or region)", redact(rawURL), k)
+			return nil, fmt.Errorf("cache URL %q: unknown parameter %q (want endpoint or region)", redact(rawURL), k)
 		}
 	}
 	endpoint := firstNonEmpty(q.Get("endpoint"), os.Getenv(EnvS3Endpoint), os.Getenv(EnvEndpoint))
@@ -77,7 +77,7 @@ func NewS3(rawURL string, opts ...Option) (*Remote, error) {
 	}
 	ep, err := url.Parse(endpoint)
 	if err != nil || (ep.Scheme != "http" && ep.Scheme != "https") || ep.Host == "" || strings.Trim(ep.Path, "/") != "" {
-		return nil, fmt.Errorf("cache: S3 endpoint %q: want http(s)://host[:port]", endpoint)
+		return nil, fmt.Errorf("cache S3 endpoint %q: want http(s)://host[:port]", endpoint)
 	}
 	region := firstNonEmpty(q.Get("region"), os.Getenv(EnvRegion), os.Getenv(EnvDefaultRegion))
 	if region == "" && custom {
@@ -108,7 +108,7 @@ func NewS3(rawURL string, opts ...Option) (*Remote, error) {
 		MaxRetries:   o.retries + 1, // minio-go counts the first try
 	})
 	if err != nil {
-		return nil, fmt.Errorf("cache: S3 client for %s: %w", redact(rawURL), err)
+		return nil, fmt.Errorf("cache S3 client for %s: %w", redact(rawURL), err)
 	}
 	prefix := strings.Trim(u.Path, "/")
 	if prefix != "" {

@@ -4,7 +4,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -17,9 +16,6 @@ import (
 // "ci.example.org-1"), BASE64 is the standard base64 of the raw ed25519 key
 // (64 bytes for a secret key, 32 for a public one). A signature in an index
 // has the same shape, NAME:BASE64 of the 64-byte ed25519 signature.
-
-// ErrBadKey is returned for a key that cannot be parsed.
-var ErrBadKey = errors.New("cache: bad key")
 
 // SecretKey is an ed25519 key that signs the entries a host uploads.
 type SecretKey struct {
@@ -60,7 +56,7 @@ func GenerateKey(name string, rnd io.Reader) (*SecretKey, error) {
 	}
 	_, priv, err := ed25519.GenerateKey(rnd)
 	if err != nil {
-		return nil, fmt.Errorf("cache: generate key: %w", err)
+		return nil, fmt.Errorf("generate key: %w", err)
 	}
 	return &SecretKey{Name: name, key: priv}, nil
 }
@@ -113,7 +109,7 @@ func ParseSecretKey(s string) (*SecretKey, error) {
 func ReadSecretKeyFile(path string) (*SecretKey, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("cache: signing key: %w", err)
+		return nil, fmt.Errorf("signing key: %w", err)
 	}
 	k, err := ParseSecretKey(string(b))
 	if err != nil {
@@ -226,27 +222,3 @@ const (
 
 // Reasons lists every Reason, for metrics.
 var Reasons = []Reason{ReasonUnsigned, ReasonUnknownKey, ReasonBadSignature, ReasonArchiveMismatch, ReasonDigestMismatch}
-
-// ErrRejected is matched (errors.Is) by the error of a Fetch that refused
-// an entry; errors.As with *RejectedError gives the reason.
-var ErrRejected = errors.New("cache: entry rejected")
-
-// RejectedError is a Fetch error for an entry that failed the signature
-// checks. Nothing of it was unpacked, except for ReasonDigestMismatch,
-// whose tree Build clears.
-type RejectedError struct {
-	ID     string
-	Reason Reason
-	Detail string
-}
-
-func (e *RejectedError) Error() string {
-	s := fmt.Sprintf("cache: entry %q rejected: %s", e.ID, e.Reason)
-	if e.Detail != "" {
-		s += " (" + e.Detail + ")"
-	}
-	return s
-}
-
-// Is makes errors.Is(err, ErrRejected) true.
-func (e *RejectedError) Is(target error) bool { return target == ErrRejected }

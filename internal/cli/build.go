@@ -142,13 +142,15 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, needs, 
 	case ctx.Err() != nil:
 		err = &ExitErr{Code: 130, Err: fmt.Errorf("granary: build %q interrupted; the builder was stopped and nothing was published", id)}
 	case errors.Is(err, node.ErrNodeGone):
-		err = fmt.Errorf("granary: build %q abandoned, nothing published: the local node went away: %w", id, err)
+		// err names the build already (the store's, the node's and the
+		// agent's errors do): add only what became of it.
+		err = fmt.Errorf("granary: %w; the local node went away, so the build was abandoned and nothing published", err)
 	case errors.Is(err, etcdstore.ErrLeaseLost), errors.Is(err, etcdstore.ErrFenced):
 		// Not the builder's fault: say why it was stopped or refused.
-		err = fmt.Errorf("granary: build %q abandoned, nothing published: %w (log: %s)", id, err, logPath)
+		err = fmt.Errorf("granary: %w; the build was abandoned and nothing published (log: %s)", err, logPath)
 	case errors.As(err, &se) && ran:
 		// run's rule: 127 when the command cannot start.
-		err = &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], plainErr(se.err), logPath)}
+		err = &ExitErr{Code: 127, Err: fmt.Errorf("granary: build %q failed: cannot start %s: %v (log: %s)", id, argv[0], se.err, logPath)}
 	case errors.As(err, &be) && ran:
 		// How the builder ended, as its guard saw it (the guard's own exit
 		// is only a code).
@@ -159,7 +161,7 @@ func (e *env) buildWith(ctx context.Context, h builderHandle, id string, needs, 
 		code, how := jobrun.ExitStatus(xe)
 		err = &ExitErr{Code: code, Err: fmt.Errorf("granary: build %q failed: %s %s (log: %s)", id, argv[0], how, logPath)}
 	case ran && logPath != "":
-		err = fmt.Errorf("granary: build %q failed: %w (log: %s)", id, err, logPath)
+		err = fmt.Errorf("granary: %w (log: %s)", err, logPath)
 	}
 	return out, ran, err
 }
@@ -216,13 +218,6 @@ func runBuilder(ctx context.Context, argv, env []string, logPath string, stdout,
 	}
 	return cmd.Wait()
 }
-
-// startError is the error of a builder that could not be started (not
-// found, not executable): `build` exits 127 for it, as `run` does.
-type startError struct{ err error }
-
-func (e *startError) Error() string { return "cannot start builder: " + e.err.Error() }
-func (e *startError) Unwrap() error { return e.err }
 
 type lockedWriter struct {
 	mu *sync.Mutex

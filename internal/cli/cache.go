@@ -122,7 +122,7 @@ func cachePull(ctx context.Context, e *env, c *conn, id string, ev *eventLog) er
 		return &ExitErr{Code: 130, Err: fmt.Errorf("granary: cache pull %q interrupted; nothing was published", id)}
 	case errors.Is(err, etcdstore.ErrAbandon):
 		if miss := ev.last(etcdstore.EventCacheMiss); miss != nil && miss.Err != nil {
-			return fmt.Errorf("granary: cache pull: %q: %w", id, miss.Err)
+			return fmt.Errorf("granary: cache pull: %w", miss.Err) // it names the fetch and the package
 		}
 		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: cache pull: %q is not in the remote cache %s", id, c.cache)}
 	}

@@ -12,67 +12,11 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/granary-build/granary/agent"
 	"github.com/granary-build/granary/core"
 	"github.com/granary-build/granary/etcdstore"
 	"github.com/granary-build/granary/etcdstore/cache"
-	"github.com/granary-build/granary/internal/jobrun"
 	"github.com/granary-build/granary/node"
 )
-
-// Exit codes (jobrun's, shared with cmd/granary-run).
-const (
-	ExitOK       = jobrun.ExitOK       // success
-	ExitError    = jobrun.ExitError    // any other failure
-	ExitUsage    = jobrun.ExitUsage    // bad command line or configuration
-	ExitNotExist = jobrun.ExitNotExist // the package does not exist (or is invalidated)
-	// ExitNotAllowed: the local node refused a privileged operation (rm,
-	// pin, unpin, invalidate) to a caller outside its admin group.
-	ExitNotAllowed = 4
-)
-
-// ExitErr carries an exit code. A nil Err means the reason was already
-// printed (or there is none to print, as when `run` passes on its child's
-// code).
-type ExitErr = jobrun.ExitErr
-
-// ErrUsage is wrapped by every command-line error.
-var ErrUsage = errors.New("usage")
-
-// ExitCode maps an error of Run to the process exit code: 0 for nil, an
-// ExitErr's own code, 2 for usage and configuration errors, 3 when a
-// package does not exist, 4 when the local node refused a privileged
-// operation, 1 otherwise.
-func ExitCode(err error) int {
-	var ee *ExitErr
-	switch {
-	case err == nil:
-		return ExitOK
-	case errors.As(err, &ee):
-		return ee.Code
-	case errors.Is(err, ErrUsage), errors.Is(err, core.ErrInvalidID):
-		return ExitUsage
-	case errors.Is(err, core.ErrPackageNotExist):
-		return ExitNotExist
-	case errors.Is(err, agent.ErrNotAllowed):
-		return ExitNotAllowed
-	}
-	return ExitError
-}
-
-// Message is what main prints for err ("" for nothing): one line, starting
-// with "granary".
-func Message(err error) string {
-	var ee *ExitErr
-	if err == nil || (errors.As(err, &ee) && ee.Err == nil) {
-		return ""
-	}
-	msg := plainErr(err)
-	if !strings.HasPrefix(msg, "granary") {
-		msg = "granary: " + msg
-	}
-	return msg
-}
 
 // usageErr is a command-line error of command cmd.
 func usageErr(cmd string, format string, args ...any) error {
@@ -94,9 +38,6 @@ type env struct {
 	// (how 'granary completion' learns each command's flags).
 	describe func(*flags)
 }
-
-// errDescribed ends a command run for its flags only (env.describe).
-var errDescribed = errors.New("granary: flags described")
 
 type command struct {
 	usage string

@@ -567,7 +567,7 @@ func failureStatus(fr *etcdstore.FailureRecord) string {
 	}
 	// A failure recorded by the node (the builder ran in the CLI) has no
 	// exit code of its own; its error, when short, says it.
-	msg, _, _ := strings.Cut(plainErr(errors.New(fr.Error)), "\n")
+	msg, _, _ := strings.Cut(fr.Error, "\n")
 	if msg == "" || len(msg) > 40 {
 		return "error"
 	}
@@ -581,7 +581,7 @@ func printFailure(e *env, fr *etcdstore.FailureRecord) {
 	w := e.stdout
 	fmt.Fprintf(w, "last failure: %s on %s (pid %d), %s after %s\n",
 		fr.Ended.Format(time.RFC3339), fr.Host, fr.PID, failureStatus(fr), fr.Ended.Sub(fr.Started).Round(time.Millisecond))
-	fmt.Fprintf(w, "  error:  %s\n", plainErr(errors.New(fr.Error)))
+	fmt.Fprintf(w, "  error:  %s\n", fr.Error)
 	for _, l := range fr.Logs {
 		fmt.Fprintf(w, "  log:    %s\n", l)
 	}

@@ -90,7 +90,7 @@ func eventLine(ev etcdstore.ClusterEvent) string {
 		kv("purpose", fmt.Sprintf("%q", ev.Purpose))
 	}
 	if ev.Error != "" {
-		kv("error", fmt.Sprintf("%q", plainErr(errors.New(ev.Error))))
+		kv("error", fmt.Sprintf("%q", ev.Error))
 	}
 	if ev.LogDir != "" && ev.Kind != etcdstore.ClusterBuilding {
 		kv("logs", ev.LogDir)

@@ -131,10 +131,12 @@ func (e *env) openGraphID(ctx context.Context, f *flags, args []string) (string,
 	return id, g, nil
 }
 
-// notExist is a command's error for a package that is not published.
+// notExist is a command's error for a package that is not published: the
+// store's error for an invalidated one (it names the operation, who
+// invalidated the package and why).
 func notExist(cmd, id string, err error) error {
 	if errors.Is(err, core.ErrInvalidated) {
-		return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: %s: %w", cmd, err)}
+		return &ExitErr{Code: ExitNotExist, Err: err}
 	}
 	return &ExitErr{Code: ExitNotExist, Err: fmt.Errorf("granary: %s: package %q does not exist", cmd, id)}
 }

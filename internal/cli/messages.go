@@ -5,56 +5,78 @@ import (
 	"fmt"
 	"strings"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+
 	"github.com/granary-build/granary/etcdstore"
 )
 
-// plainErr renders err for a person at a terminal: the store's errors
-// mapped to plain sentences, and no package prefixes ("etcdstore: ",
-// a second "granary: ") in the middle of the line. The error values
-// themselves keep their prefixes for programs that log them.
+// Message is what main prints for err ("" for nothing): one line, starting
+// with "granary".
+func Message(err error) string {
+	var ee *ExitErr
+	if err == nil || (errors.As(err, &ee) && ee.Err == nil) {
+		return ""
+	}
+	msg := plainErr(err)
+	if !strings.HasPrefix(msg, "granary") {
+		msg = "granary: " + msg
+	}
+	return msg
+}
+
+// plainErr renders err for a person at a terminal: its message, with the
+// text of each error of sentences that it wraps said in plain words.
+// Errors carry no package prefixes (core/errors.go), so nothing else
+// changes.
 func plainErr(err error) string {
 	if err == nil {
 		return ""
 	}
 	msg := err.Error()
-	var be *etcdstore.BuildError
-	if errors.As(err, &be) {
-		msg = strings.Replace(msg, be.Error(), plainBuildError(be), 1)
-	}
-	var nsr *etcdstore.NotSharedRootError
-	if errors.As(err, &nsr) {
-		msg = strings.Replace(msg, nsr.Error(), plainNotShared(nsr), 1)
-	}
-	var pe *etcdstore.PanicError
-	if errors.As(err, &pe) {
-		// Whatever wrapped it quoted it in one line; keep it so.
-		msg = strings.Replace(msg, pe.Error(), pe.Error()+" (stack in the log)", 1)
-	}
-	for _, known := range []struct {
-		err  error
-		said string
-	}{
-		{etcdstore.ErrLeaseLost, "the lease with etcd was lost"},
-		{etcdstore.ErrFenced, "the build lock was lost before publishing"},
-		{etcdstore.ErrClosed, "the store was closed"},
-		{etcdstore.ErrCollectorBusy, "another collector is sweeping"},
-	} {
-		if errors.Is(err, known.err) {
-			msg = strings.ReplaceAll(msg, known.err.Error(), known.said)
+	for _, s := range sentences {
+		if text, said, ok := s(err); ok {
+			msg = strings.ReplaceAll(msg, text, said)
 		}
 	}
+	return msg
+}
+
+// A sentence finds one error in err's chain and returns its text and what
+// a person is told instead.
+type sentence func(err error) (text, said string, ok bool)
+
+// sentences are the errors people meet, in plain words. A BuildError comes
+// before the PanicError it may wrap: its sentence quotes its cause's text.
+var sentences = []sentence{
+	typed(plainBuildError),
+	typed(plainNotShared),
+	// Whatever wrapped it quoted it in one line; keep it so.
+	typed(func(pe *etcdstore.PanicError) string { return pe.Error() + " (stack in the log)" }),
+	sentinel(etcdstore.ErrLeaseLost, "the lease with etcd was lost"),
+	sentinel(etcdstore.ErrFenced, "the build lock was lost before publishing"),
+	sentinel(etcdstore.ErrClosed, "the store was closed"),
+	sentinel(etcdstore.ErrCollectorBusy, "another collector is sweeping"),
 	// etcd's own words for a lost quorum, met in the middle of a command
 	// (at the start, node.Dial names it and the member that answered).
-	msg = strings.ReplaceAll(msg, "etcdserver: no leader", "etcd has no leader: quorum lost (a majority of the etcd members must be up)")
-	msg = strings.ReplaceAll(msg, "etcdstore: ", "")
-	// One "granary: " at the start at most.
-	rest, had := strings.CutPrefix(msg, "granary: ")
-	rest = strings.ReplaceAll(rest, ": granary: ", ": ")
-	rest = strings.ReplaceAll(rest, "granary: ", "")
-	if had {
-		return "granary: " + rest
+	sentinel(rpctypes.ErrNoLeader, "etcd has no leader: quorum lost (a majority of the etcd members must be up)"),
+}
+
+// sentinel is the sentence for the errors that wrap target.
+func sentinel(target error, said string) sentence {
+	return func(err error) (string, string, bool) {
+		return target.Error(), said, errors.Is(err, target)
 	}
-	return rest
+}
+
+// typed is the sentence for the errors of type E, said by say.
+func typed[E error](say func(E) string) sentence {
+	return func(err error) (string, string, bool) {
+		e, ok := errors.AsType[E](err)
+		if !ok {
+			return "", "", false
+		}
+		return e.Error(), say(e), true
+	}
 }
 
 // plainBuildError says who failed and where the logs are.

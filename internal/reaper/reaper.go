@@ -111,11 +111,11 @@ type Cmd struct {
 // once (after WaitDelay, exec kills the guard).
 func Command(ctx context.Context, argv ...string) (*Cmd, error) {
 	if len(argv) == 0 {
-		return nil, errors.New("reaper: empty command")
+		return nil, errors.New("empty command")
 	}
 	exe, err := os.Executable()
 	if err != nil {
-		return nil, fmt.Errorf("reaper: cannot re-execute this program as the guard: %w", err)
+		return nil, fmt.Errorf("cannot re-execute this program as the builder's guard: %w", err)
 	}
 	c := &Cmd{Cmd: exec.CommandContext(ctx, exe, argv...)}
 	c.Env = os.Environ()
@@ -141,13 +141,13 @@ func (c *Cmd) closeLifeline() {
 func (c *Cmd) Start() error {
 	lr, lw, err := os.Pipe()
 	if err != nil {
-		return fmt.Errorf("reaper: %w", err)
+		return fmt.Errorf("pipe to the builder's guard: %w", err)
 	}
 	sr, sw, err := os.Pipe()
 	if err != nil {
 		lr.Close()
 		lw.Close()
-		return fmt.Errorf("reaper: %w", err)
+		return fmt.Errorf("pipe to the builder's guard: %w", err)
 	}
 	c.lifeline, c.status = lw, sr
 	c.ExtraFiles = []*os.File{lr, sw} // fdLifeline and fdStatus in the guard

@@ -20,7 +20,7 @@ func Main() {}
 // Command returns a plain command for argv.
 func Command(ctx context.Context, argv ...string) (*Cmd, error) {
 	if len(argv) == 0 {
-		return nil, errors.New("reaper: empty command")
+		return nil, errors.New("empty command")
 	}
 	c := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	c.WaitDelay = 5 * time.Second
