@@ -308,32 +308,38 @@ func (s *Store) WatchInvalid(ctx context.Context) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
 	for ctx.Err() == nil {
-		if _, err := s.SweepInvalid(ctx); err != nil {
-			s.opt.logger.Warn("sweep of invalid packages failed; trying again", "err", err)
+		// The invalid packages before the sweep; the watches start from
+		// that read, so a change the sweep could not see yet (a removal
+		// under way elsewhere, which it found locked; an edge deleted
+		// after it tried the need) brings another sweep.
+		cctx, cancel := s.opCtx(wctx)
+		before, err := s.cli.Get(cctx, s.keys.Kind(keys.Invalid), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+		cancel()
+		if err == nil {
+			if _, err := s.SweepInvalid(ctx); err != nil {
+				s.opt.logger.Warn("sweep of invalid packages failed; trying again", "err", err)
+			}
+			// One watch on the whole prefix would carry every reference
+			// of the farm; invalid packages are few, so watch what
+			// concerns them.
+			err = s.awaitInvalidChange(wctx, before)
 		}
-		// One watch on the whole prefix would carry every reference of the
-		// farm; invalid packages are few, so watch what concerns them.
-		if err := s.awaitInvalidChange(wctx); err != nil {
+		if err != nil {
 			sleepCtx(ctx, time.Second)
 		}
 	}
 	return ctx.Err()
 }
 
-// awaitInvalidChange returns when an invalidation is put, or a reference
-// or need edge of an invalid package is deleted, or after a minute.
-func (s *Store) awaitInvalidChange(ctx context.Context) error {
-	cctx, cancel := s.opCtx(ctx)
-	resp, err := s.cli.Get(cctx, s.keys.Kind(keys.Invalid), clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	cancel()
-	if err != nil {
-		return err
-	}
+// awaitInvalidChange returns when, after the read before, an invalidation
+// is put, or a reference or need edge of a package invalid in that read is
+// deleted, or after a minute.
+func (s *Store) awaitInvalidChange(ctx context.Context, before *clientv3.GetResponse) error {
 	wctx, stop := context.WithTimeout(ctx, time.Minute)
 	defer stop()
-	from := clientv3.WithRev(resp.Header.Revision + 1)
+	from := clientv3.WithRev(before.Header.Revision + 1)
 	chans := []clientv3.WatchChan{s.cli.Watch(wctx, s.keys.Kind(keys.Invalid), clientv3.WithPrefix(), from, clientv3.WithFilterDelete())}
-	for _, kv := range resp.Kvs {
+	for _, kv := range before.Kvs {
 		id := s.keys.Parse(string(kv.Key)).ID
 		chans = append(chans,
 			s.cli.Watch(wctx, s.keys.RefPrefix(id), clientv3.WithPrefix(), from, clientv3.WithFilterPut()),
@@ -351,7 +357,7 @@ func (s *Store) awaitInvalidChange(ctx context.Context) error {
 			got <- nil
 		}()
 	}
-	err = <-got
+	err := <-got
 	stop() // ends the other watches; their goroutines drain into got
 	return err
 }
