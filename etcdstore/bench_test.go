@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -106,6 +107,7 @@ func BenchmarkIncRefDecRefParallel(b *testing.B) {
 	s := newStoreB(b, srv)
 	buildB(b, s, "hot")
 	h := s.Handle("hot")
+	cpu0 := processCPU()
 	b.SetParallelism(16)
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -120,6 +122,7 @@ func BenchmarkIncRefDecRefParallel(b *testing.B) {
 			}
 		}
 	})
+	b.ReportMetric(float64((processCPU()-cpu0).Microseconds())/float64(b.N), "cpu-µs/op")
 }
 
 // BenchmarkRawTxnPairParallel is RawTxnPair from 16 goroutines per CPU.
@@ -145,6 +148,95 @@ func BenchmarkRawTxnPairParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkRawRequestShapes splits what a reference pair asks of etcd
+// beyond the bare minimum: raw pairs from 16 goroutines per CPU, each
+// shape adding one element of the store's requests to the minimal pair (a
+// Txn guarded by one compare putting a leased key and an access time,
+// then a Delete); "store" is all of them, as a warm IncRef+DecRef sends
+// them. Besides ns/op it reports the whole process's CPU per pair (etcd
+// included: it is embedded), which a busy machine disturbs less:
+//
+//	go test -run '^$' -bench RawRequestShapes -benchtime 4000x -count 5 ./etcdstore/
+func BenchmarkRawRequestShapes(b *testing.B) {
+	type shape struct{ cmp2, val, get, txnDel, cmpDel bool }
+	for _, c := range []struct {
+		name string
+		sh   shape
+	}{
+		{"min", shape{}},
+		{"compare-invalid", shape{cmp2: true}},
+		{"ref-value", shape{val: true}},
+		{"get-record", shape{get: true}},
+		{"delete-in-txn-with-range", shape{txnDel: true}},
+		{"delete-in-txn-with-compare", shape{cmpDel: true}},
+		{"store", shape{cmp2: true, val: true, cmpDel: true}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			srv := etcdtest.Start(b)
+			cli := srv.Client(b)
+			ctx := context.Background()
+			record := `{"built_by":"host-01","pid":1234,"built_at":"2026-12-06T19:00:00Z","attempt":"0123456789abcdef","entries":3,"digest":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}`
+			cli.Put(ctx, "/raw/avail", record)
+			lease, err := cli.Grant(ctx, 60)
+			if err != nil {
+				b.Fatal(err)
+			}
+			val := "x"
+			if c.sh.val {
+				val = `{"host":"buildhost-01.example.com","pid":123456,"since":"2026-12-06T19:33:23.123456789Z","purpose":"granary run"}`
+			}
+			var n atomic.Int64
+			cpu0 := processCPU()
+			b.SetParallelism(16)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if err := rawShapePair(ctx, cli, "/raw/ref/"+strconv.FormatInt(n.Add(1), 10), val, lease.ID, c.sh.cmp2, c.sh.get, c.sh.txnDel, c.sh.cmpDel); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.ReportMetric(float64((processCPU()-cpu0).Microseconds())/float64(b.N), "cpu-µs/op")
+		})
+	}
+}
+
+// rawShapePair is one pair of BenchmarkRawRequestShapes.
+func rawShapePair(ctx context.Context, cli *clientv3.Client, k, val string, lease clientv3.LeaseID, cmp2, get, txnDel, cmpDel bool) error {
+	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision("/raw/avail"), ">", 0)}
+	if cmp2 {
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision("/raw/invalid"), "=", 0))
+	}
+	ops := []clientv3.Op{clientv3.OpPut(k, val, clientv3.WithLease(lease)), clientv3.OpPut("/raw/atime", "1765049603123456789")}
+	if get {
+		ops = append(ops, clientv3.OpGet("/raw/avail"))
+	}
+	if _, err := cli.Txn(ctx).If(cmps...).Then(ops...).Commit(); err != nil {
+		return err
+	}
+	var err error
+	switch {
+	case txnDel:
+		_, err = cli.Txn(ctx).Then(clientv3.OpDelete(k), clientv3.OpGet("/raw/invalid", clientv3.WithCountOnly())).Commit()
+	case cmpDel:
+		_, err = cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision("/raw/invalid"), "=", 0)).
+			Then(clientv3.OpDelete(k)).Else(clientv3.OpDelete(k)).Commit()
+	default:
+		_, err = cli.Delete(ctx, k)
+	}
+	return err
+}
+
+// processCPU is the user+system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkWaitersRelease is one build awaited by 50 goroutines of a
