@@ -1,7 +1,7 @@
 package agent
 
 import (
-	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -28,37 +28,67 @@ import (
 // host of a large farm (~150 bytes each).
 const MaxLine = 16 << 20
 
-// LineReader reads the protocol's messages, one per line.
+// LineReader reads the protocol's messages, one per line. Unlike a
+// bufio.Reader's ReadSlice, it keeps a partial line when a read fails (a
+// read deadline that interrupts a reader, agent's Conn uses them): the
+// next call goes on where it stopped.
 type LineReader struct {
-	br   *bufio.Reader
-	long []byte
+	r          io.Reader
+	buf        []byte
+	start, end int // the unread bytes are buf[start:end]
+	scanned    int // buf[start:scanned] holds no newline
 }
 
+// lineBuf is a LineReader's initial (and usual) buffer size.
+const lineBuf = 4096
+
 // NewLineReader reads lines from r.
-func NewLineReader(r io.Reader) *LineReader { return &LineReader{br: bufio.NewReader(r)} }
+func NewLineReader(r io.Reader) *LineReader { return &LineReader{r: r, buf: make([]byte, lineBuf)} }
 
 // Next returns the next line, newline included. It is valid until the
-// next call.
+// next call. After an error other than io.EOF the next call reads on from
+// where it stopped; at io.EOF a partial last line is dropped
+// (io.ErrUnexpectedEOF).
 func (l *LineReader) Next() ([]byte, error) {
-	line, err := l.br.ReadSlice('\n')
-	if err != bufio.ErrBufferFull {
-		if err == io.EOF && len(line) > 0 {
-			err = io.ErrUnexpectedEOF
+	for {
+		if i := bytes.IndexByte(l.buf[l.scanned:l.end], '\n'); i >= 0 {
+			line := l.buf[l.start : l.scanned+i+1]
+			l.start = l.scanned + i + 1
+			l.scanned = l.start
+			return line, nil
 		}
-		return line, err
-	}
-	l.long = append(l.long[:0], line...)
-	for err == bufio.ErrBufferFull {
-		if len(l.long) > MaxLine {
-			return nil, fmt.Errorf("agent: message longer than %d bytes", MaxLine)
+		l.scanned = l.end
+		if l.end-l.start > MaxLine {
+			return nil, fmt.Errorf("message from the local node longer than %d bytes", MaxLine)
 		}
-		line, err = l.br.ReadSlice('\n')
-		l.long = append(l.long, line...)
+		l.room()
+		n, err := l.r.Read(l.buf[l.end:])
+		l.end += n
+		switch {
+		case err == io.EOF && n == 0 && l.end > l.start:
+			l.start, l.end, l.scanned = 0, 0, 0
+			return nil, io.ErrUnexpectedEOF
+		case err != nil && n == 0:
+			return nil, err
+		}
 	}
-	if err == io.EOF {
-		err = io.ErrUnexpectedEOF
+}
+
+// room makes space to read into: the unread bytes move to the front of
+// the buffer, which doubles if they fill it and shrinks back to lineBuf
+// once a long line has gone.
+func (l *LineReader) room() {
+	if l.start == l.end && len(l.buf) > 16*lineBuf {
+		l.buf = make([]byte, lineBuf)
 	}
-	return l.long, err
+	if l.start > 0 {
+		n := copy(l.buf, l.buf[l.start:l.end])
+		l.scanned -= l.start
+		l.start, l.end = 0, n
+	}
+	if l.end == len(l.buf) {
+		l.buf = append(l.buf, make([]byte, len(l.buf))...)
+	}
 }
 
 // Decode decodes one line into m: by hand if it is flat (DecodeMsg), else
@@ -67,8 +97,10 @@ func Decode(line []byte, m *Msg) error {
 	if DecodeMsg(line, m) {
 		return nil
 	}
-	*m = Msg{}
-	return json.Unmarshal(line, m)
+	var slow Msg // on the heap, for encoding/json; m stays where its caller has it
+	err := json.Unmarshal(line, &slow)
+	*m = slow
+	return err
 }
 
 // flat reports whether AppendMsg encodes m by hand: it has no nested
@@ -98,7 +130,8 @@ func flat(m *Msg) bool {
 // it.
 func AppendMsg(b []byte, m *Msg) []byte {
 	if !flat(m) {
-		j, err := json.Marshal(m)
+		slow := *m // on the heap, for encoding/json; m stays where its caller has it
+		j, err := json.Marshal(&slow)
 		if err != nil { // cannot happen: Msg has only marshalable fields
 			panic("agent: cannot encode a message: " + err.Error())
 		}

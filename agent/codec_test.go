@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"reflect"
 	"strings"
@@ -121,6 +122,40 @@ func TestLineReaderLongLines(t *testing.T) {
 	}
 	if _, err := r.Next(); err != io.EOF {
 		t.Fatalf("after the end: %v, want io.EOF", err)
+	}
+}
+
+// chunks returns its chunks one per Read, and err instead of an empty one.
+type chunks struct {
+	parts []string
+	err   error
+}
+
+func (c *chunks) Read(p []byte) (int, error) {
+	if len(c.parts) == 0 {
+		return 0, io.EOF
+	}
+	s := c.parts[0]
+	c.parts = c.parts[1:]
+	if s == "" {
+		return 0, c.err
+	}
+	return copy(p, s), nil
+}
+
+// A read that fails mid-line (a read deadline, for Conn) loses nothing:
+// the next call goes on with the partial line.
+func TestLineReaderKeepsPartialLine(t *testing.T) {
+	cut := errors.New("cut")
+	r := NewLineReader(&chunks{parts: []string{`{"op":"a"}` + "\n" + `{"op":`, "", `"b"}` + "\n"}, err: cut})
+	if got, err := r.Next(); err != nil || string(got) != `{"op":"a"}`+"\n" {
+		t.Fatalf("first line: %q, %v", got, err)
+	}
+	if _, err := r.Next(); err != cut {
+		t.Fatalf("mid-line: %v, want the reader's error", err)
+	}
+	if got, err := r.Next(); err != nil || string(got) != `{"op":"b"}`+"\n" {
+		t.Fatalf("after the error: %q, %v; want the whole second line", got, err)
 	}
 }
 

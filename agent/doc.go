@@ -8,7 +8,8 @@
 // reference per package for the whole host, and whose builds run one
 // attempt per package on the host, with the builder in the caller's
 // process. The node owns the connections and their references; a Conn owns
-// only its socket, its reader goroutine and the builders it runs.
+// only its socket, its idle watcher (a timer that reads the socket when
+// no caller does) and the builders it runs.
 //
 // The protocol is defined here once: JSON lines, one Msg per line in each
 // direction (proto.go); the operations (Op*); the records, events and

@@ -92,14 +92,23 @@ func (c *agentConn) send(m *agent.Msg) {
 // in Codes); fill, if not nil, adds to the answer.
 func (c *agentConn) reply(seq uint64, err error, fill func(*agent.Msg)) {
 	err = c.a.explain(err)
+	if fill != nil {
+		m := answer(seq, err)
+		fill(&m)
+		c.send(&m)
+		return
+	}
+	m := answer(seq, err) // not filled: it stays on the stack (the hot path's replies)
+	c.send(&m)
+}
+
+// answer is the reply to request seq with err.
+func answer(seq uint64, err error) agent.Msg {
 	m := agent.Msg{Op: agent.OpReply, Seq: seq, OK: err == nil}
 	if err != nil {
 		m.Err, m.Codes = err.Error(), wireCodes(err)
 	}
-	if fill != nil {
-		fill(&m)
-	}
-	c.send(&m)
+	return m
 }
 
 // async runs a request's handler in a goroutine of its own.
@@ -118,16 +127,16 @@ func (c *agentConn) async(f func()) {
 func (c *agentConn) run() {
 	defer c.finish()
 	lr := agent.NewLineReader(c.c)
+	var m agent.Msg // each request in turn; handlers that outlive handle copy it
 	for {
-		m := new(agent.Msg)
 		line, err := lr.Next()
 		if err == nil {
-			err = agent.Decode(line, m)
+			err = agent.Decode(line, &m)
 		}
 		if err != nil {
 			return
 		}
-		c.handle(m)
+		c.handle(&m)
 	}
 }
 
@@ -142,13 +151,24 @@ func (c *agentConn) finish() {
 	c.a.mu.Unlock()
 }
 
-// handle dispatches one request: one handler per operation.
+// handle dispatches one request: one handler per operation. m is valid
+// until handle returns.
 func (c *agentConn) handle(m *agent.Msg) {
 	switch m.Op {
 	case agent.OpIncRef:
-		c.incRef(m)
+		c.incRef(m.Seq, m.ID)
 	case agent.OpDecRef:
-		c.decRef(m)
+		c.decRef(m.Seq, m.ID)
+	default:
+		c.handleOther(*m)
+	}
+}
+
+// handleOther is handle for the operations off the hot path, on a copy of
+// the request that their goroutines may keep.
+func (c *agentConn) handleOther(msg agent.Msg) {
+	m := &msg
+	switch m.Op {
 	case agent.OpHello:
 		c.hello(m)
 	case agent.OpTryRemove:
@@ -193,16 +213,16 @@ func (c *agentConn) hello(m *agent.Msg) {
 // incRef grants a local reference: from memory when the host's etcd
 // reference is proven, else after taking or confirming it (in the
 // background: it may wait for a build).
-func (c *agentConn) incRef(m *agent.Msg) {
-	if c.a.refs.tryFast(m.ID) {
-		c.addRef(m.ID)
-		c.reply(m.Seq, nil, nil)
+func (c *agentConn) incRef(seq uint64, id string) {
+	if c.a.refs.tryFast(id) {
+		c.addRef(id)
+		c.reply(seq, nil, nil)
 		return
 	}
 	c.mu.Lock()
-	c.increfs[m.ID]++
+	c.increfs[id]++
 	c.mu.Unlock()
-	c.async(func() { c.reply(m.Seq, c.take(m.ID), nil) })
+	c.async(func() { c.reply(seq, c.take(id), nil) })
 }
 
 // take takes the host's reference to id for a local one of c.
@@ -222,21 +242,21 @@ func (c *agentConn) take(id string) error {
 // decRef drops c's newest reference to id. With a linger it only counts
 // down in memory; without one, the last local reference's release waits
 // for etcd (in the background).
-func (c *agentConn) decRef(m *agent.Msg) {
-	if err := core.ValidateID(m.ID); err != nil {
-		c.reply(m.Seq, fmt.Errorf("decref: %w", err), nil)
+func (c *agentConn) decRef(seq uint64, id string) {
+	if err := core.ValidateID(id); err != nil {
+		c.reply(seq, fmt.Errorf("decref: %w", err), nil)
 		return
 	}
-	if !c.dropRef(m.ID) {
-		c.reply(m.Seq, fmt.Errorf("decref %q: %w", m.ID, core.ErrNoRef), nil)
+	if !c.dropRef(id) {
+		c.reply(seq, fmt.Errorf("decref %q: %w", id, core.ErrNoRef), nil)
 		return
 	}
 	if c.a.linger > 0 {
-		c.a.refs.drop(m.ID) //nolint:errcheck // in memory only; held, so it cannot fail
-		c.reply(m.Seq, nil, nil)
+		c.a.refs.drop(id) //nolint:errcheck // in memory only; held, so it cannot fail
+		c.reply(seq, nil, nil)
 		return
 	}
-	c.async(func() { c.reply(m.Seq, c.a.refs.drop(m.ID), nil) })
+	c.async(func() { c.reply(seq, c.a.refs.drop(id), nil) })
 }
 
 // tryRemove removes the package unless something holds it (privileged).

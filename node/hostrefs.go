@@ -75,10 +75,16 @@ func (r storeRefs) Invalid(id string) bool { return r.s.RefInvalid(id) }
 //     at most one Take per package at a time, however many jobs ask.
 //  3. While holders > 0 the etcd reference is not released by this node:
 //     linger expiry and yield check holders under mu before they start a
-//     release, and a grant cancels a pending linger release (gen).
+//     release.
 //  4. Once holders reaches 0 with p.etcd set, exactly one linger timer is
 //     pending (or the linger is 0 and the release is under way), so the
 //     etcd reference always goes unless a job takes the package again.
+//     The timer is lazy: a grant leaves it armed, and a drop to 0 holders
+//     only records when (idle) if it is; when it fires it retires if
+//     holders > 0 (the next drop to 0 arms a new one), waits out the rest
+//     if the package has not been idle for the whole linger, and releases
+//     otherwise. So a warm pair (a grant, then its drop) arms, stops or
+//     resets no timer.
 //  5. A hostRef with no holders, no etcd reference, no timer and not busy
 //     is deleted from pkgs.
 //
@@ -110,6 +116,7 @@ type hostRef struct {
 	taking bool        // the busy owner is a Take (it may wait for a build)
 	timer  *time.Timer // linger: releases the etcd reference when it fires
 	gen    uint64      // bumped whenever a pending linger release must not happen
+	idle   time.Time   // when holders last reached 0 (the linger runs from there)
 }
 
 func newHostRefs(store refStore, linger, opTimeout time.Duration, log *slog.Logger, lost func(string, error)) *hostRefs {
@@ -141,12 +148,24 @@ func (h *hostRefs) settle(id string, p *hostRef) {
 	}
 }
 
-// startLinger arms p's linger timer (with no linger, it fires at once and
-// the release runs in the background). mu must be held.
+// startLinger arms p's linger timer, the linger running from now (with no
+// linger, it fires at once and the release runs in the background). mu
+// must be held.
 func (h *hostRefs) startLinger(id string, p *hostRef) {
 	p.gen++
 	gen := p.gen
+	p.idle = time.Now()
 	p.timer = time.AfterFunc(h.linger, func() { h.expire(id, p, gen) })
+}
+
+// stopLinger disarms p's linger timer: the release it would make must not
+// happen. mu must be held.
+func (h *hostRefs) stopLinger(p *hostRef) {
+	p.gen++
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
 }
 
 // acquire waits until nobody else changes id's hostRef, then makes the
@@ -170,15 +189,10 @@ func (h *hostRefs) acquire(ctx context.Context, id string) (*hostRef, error) {
 	}
 }
 
-// hold adds a local holder to p and cancels a pending linger release.
-// mu must be held.
+// hold adds a local holder to p. A pending linger timer stays armed: it
+// retires when it finds holders (invariant 4). mu must be held.
 func (h *hostRefs) hold(p *hostRef) {
 	p.holders++
-	p.gen++
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
 }
 
 // tryFast grants a local reference to id without I/O if the host holds
@@ -272,11 +286,7 @@ func (h *hostRefs) confirm(ctx context.Context, id string, p *hostRef) error {
 		h.hold(p)
 	case lost:
 		p.etcd = false
-		p.gen++ // no linger release of a reference that is gone
-		if p.timer != nil {
-			p.timer.Stop()
-			p.timer = nil
-		}
+		h.stopLinger(p) // no linger release of a reference that is gone
 	}
 	h.settle(id, p)
 	h.mu.Unlock()
@@ -302,10 +312,15 @@ func (h *hostRefs) drop(id string) error {
 		return nil
 	}
 	if h.linger > 0 && !h.store.Invalid(id) {
-		h.startLinger(id, p)
+		if p.timer == nil {
+			h.startLinger(id, p)
+		} else {
+			p.idle = time.Now() // the armed timer waits out the linger from here
+		}
 		h.mu.Unlock()
 		return nil
 	}
+	h.stopLinger(p)
 	h.mu.Unlock()
 	// No linger: release now, unless someone took it again meanwhile.
 	p, err := h.acquire(context.Background(), id)
@@ -322,9 +337,16 @@ func (h *hostRefs) drop(id string) error {
 }
 
 // expire is the linger timer of p: it releases the etcd reference unless a
-// local holder came back meanwhile.
+// local holder has it, or had it less than the linger ago (then it fires
+// again when the linger from the last drop has passed).
 func (h *hostRefs) expire(id string, p *hostRef, gen uint64) {
 	h.mu.Lock()
+	if wait := h.linger - time.Since(p.idle); wait > 0 && !h.closed && h.pkgs[id] == p && p.gen == gen &&
+		p.holders == 0 && p.etcd && p.busy == nil {
+		p.timer.Reset(wait)
+		h.mu.Unlock()
+		return
+	}
 	if h.closed || h.pkgs[id] != p || p.gen != gen || p.holders > 0 || !p.etcd || p.busy != nil {
 		if p.gen == gen {
 			p.timer = nil
@@ -363,11 +385,7 @@ func (h *hostRefs) yield(id, by string) {
 		h.census(id)
 		return
 	}
-	p.gen++ // the linger release must not happen as well
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
+	h.stopLinger(p) // the linger release must not happen as well
 	p.busy = make(chan struct{})
 	h.wg.Add(1)
 	h.mu.Unlock()
@@ -440,11 +458,7 @@ func (h *hostRefs) remove(ctx context.Context, id string) (bool, error) {
 		h.mu.Unlock()
 		return false, nil
 	}
-	p.gen++
-	if p.timer != nil {
-		p.timer.Stop()
-		p.timer = nil
-	}
+	h.stopLinger(p)
 	held := p.etcd
 	h.mu.Unlock()
 	if held {
@@ -490,11 +504,7 @@ func (h *hostRefs) refLost(id string, cause error) {
 		}
 		h.mu.Lock()
 		p.etcd = false
-		p.gen++
-		if p.timer != nil {
-			p.timer.Stop()
-			p.timer = nil
-		}
+		h.stopLinger(p)
 		h.settle(id, p)
 		h.mu.Unlock()
 		h.lost(id, cause)

@@ -219,6 +219,58 @@ func TestHostRefsLinger(t *testing.T) {
 	})
 }
 
+// A warm pair (a grant, then its drop) arms no timer of its own: the
+// linger timer the first drop armed stays armed through the pairs, and
+// releases the linger after the last drop, not after the first.
+func TestHostRefsWarmPairsKeepOneTimer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeStore(t, "a")
+		h := newTestRefs(f, nil)
+		defer h.close()
+		mustTake(t, h, "a")
+		if err := h.drop("a"); err != nil {
+			t.Fatal(err)
+		}
+		timer := func() *time.Timer {
+			h.mu.Lock()
+			defer h.mu.Unlock()
+			return h.pkgs["a"].timer
+		}
+		armed := timer()
+		if armed == nil {
+			t.Fatal("no linger timer after the last drop")
+		}
+		for range 3 {
+			time.Sleep(testLinger / 2)
+			for range 100 {
+				if !h.tryFast("a") {
+					t.Fatal("tryFast of a held, proven package = false")
+				}
+				if err := h.drop("a"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if timer() != armed {
+				t.Fatal("warm pairs armed a timer of their own")
+			}
+		}
+		time.Sleep(testLinger - time.Second)
+		synctest.Wait()
+		f.get(func() {
+			if f.refs["a"] != 1 || f.releases != 0 {
+				t.Errorf("within the linger from the last drop: refs %d, releases %d; want 1, 0", f.refs["a"], f.releases)
+			}
+		})
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		f.get(func() {
+			if f.refs["a"] != 0 || f.releases != 1 {
+				t.Errorf("after the linger from the last drop: refs %d, releases %d; want 0, 1", f.refs["a"], f.releases)
+			}
+		})
+	})
+}
+
 func TestHostRefsConcurrentTakesShareOne(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeStore(t, "a")

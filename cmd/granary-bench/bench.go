@@ -255,7 +255,8 @@ func splitOnly(s string) []string {
 }
 
 // cmdChild is `granary-bench child [flags] -- ROLE ROOT PREFIX [ARGS...]`,
-// the child process of the memory scenarios.
+// the child process of the memory scenarios and of the agent scenario's
+// servers (the echo floor, a node).
 func cmdChild(ctx context.Context, e *env, args []string) error {
 	f, err := e.newFlags("granary-bench child", true)
 	if err != nil {
@@ -264,10 +265,12 @@ func cmdChild(ctx context.Context, e *env, args []string) error {
 	if err := f.Parse(args); err != nil {
 		return f.usageErr("%v", err)
 	}
-	cli, err := node.Dial(ctx, &f.cfg)
-	if err != nil {
-		return err
+	var cli *clientv3.Client
+	if bench.ChildNeedsEtcd(f.Args()) { // the echo floor does not: nothing but the echo in its process
+		if cli, err = node.Dial(ctx, &f.cfg); err != nil {
+			return err
+		}
+		defer cli.Close()
 	}
-	defer cli.Close()
 	return bench.ChildMain(ctx, f.Args(), cli, e.stdout)
 }

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,13 +17,16 @@ import (
 	"github.com/granary-build/granary/node"
 )
 
-// agent measures the host agent: IncRef+DecRef pairs through node.Conns
+// agent measures the host agent: IncRef+DecRef pairs through agent.Conns
 // (one Conn per caller, as processes would hold them) on a package the
-// host already holds, at each hot-path concurrency, next to the direct
-// store's figures of the hot path scenario in the same run; then, if
-// Config.Run is set, the wall time of a warm `granary run ID -- true` (the
-// process start included) and the etcd revisions it costs, through the
-// agent and with a direct store ($GRANARY_AGENT=off), and, if
+// host already holds, at each hot-path concurrency, against a node in this
+// process and against a node of its own process (`granary serve`), each
+// next to the floor of two bare round trips on a unix socket to an echo
+// server in the same place (this process; a process of its own), and next
+// to the direct store's figures of the hot path scenario in the same run;
+// then, if Config.Run is set, the wall time of a warm `granary run ID --
+// true` (the process start included) and the etcd revisions it costs,
+// through the agent and with a direct store ($GRANARY_AGENT=off), and, if
 // Config.RunLight is set, of `granary-run ID -- true` through the agent;
 // next to the floors of process start: `granary help`, `granary-run
 // --version` and `true`.
@@ -43,22 +47,18 @@ func (r *run) agent(ctx context.Context) error {
 		stop()
 		s.Close() //nolint:errcheck // revokes the lease: the host's lingering reference goes with it
 	}()
-
-	// Warm: the host takes its etcd reference once; it lingers (5 s)
-	// between the pairs below.
-	warm, err := agent.Connect(ctx, state)
+	targets, stopProcs, err := r.agentTargets(ctx, cli, state, id)
 	if err != nil {
 		return err
 	}
-	defer warm.Close()
-	if err := warm.Handle(id).IncRefContext(ctx); err != nil {
-		return err
-	}
-
 	for _, c := range r.z.HotConcurrency {
-		if err := r.agentPairs(ctx, state, id, c, "agent"); err != nil {
+		if err := r.agentLevel(ctx, c, targets); err != nil {
+			stopProcs() //nolint:errcheck // the level's error is the cause
 			return err
 		}
+	}
+	if err := stopProcs(); err != nil {
+		return err
 	}
 	if r.cfg.Run == nil {
 		return nil
@@ -67,6 +67,179 @@ func (r *run) agent(ctx context.Context) error {
 		return err
 	}
 	return r.runJobs(ctx, cli, state, id)
+}
+
+// pairTarget is one of the agent scenario's pair measurements: where the
+// callers connect, and how its etcd writes are counted.
+type pairTarget struct {
+	key  string // results' prefix
+	what string // for the progress lines
+	open opener
+	// writes, if set, counts etcd writes so far (its difference over the
+	// pairs is the target's writes), named writesKey in the results.
+	writes    func(context.Context) (int64, error)
+	writesKey string
+}
+
+// agentTargets warms the agent scenario's nodes on id (each takes the
+// host's etcd reference once, then holds it through a Conn that stays
+// open) and returns its pair measurements: the node in this process on
+// state, the floor in this process, and, with a way to start processes
+// (Config.Run, Config.Child), a node and a floor of their own processes.
+// stop ends those processes and the warm Conns.
+func (r *run) agentTargets(ctx context.Context, cli *clientv3.Client, state, id string) (ts []pairTarget, stop func() error, err error) {
+	var stops []func() error
+	stop = func() error {
+		var errs []error
+		for i := len(stops) - 1; i >= 0; i-- {
+			errs = append(errs, stops[i]())
+		}
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if err != nil {
+			stop() //nolint:errcheck // err is the cause
+		}
+	}()
+	warm := func(state string) error {
+		c, err := agent.Connect(ctx, state)
+		if err == nil {
+			stops = append(stops, c.Close)
+			err = c.Handle(id).IncRefContext(ctx)
+		}
+		return err
+	}
+	if err := warm(state); err != nil {
+		return nil, nil, err
+	}
+	floor, stopFloor, err := echoInProcess()
+	if err != nil {
+		return nil, nil, err
+	}
+	stops = append(stops, func() error { stopFloor(); return nil })
+	counted := func(context.Context) (int64, error) { return r.cnt.Snapshot().Writes, nil }
+	ts = append(ts,
+		pairTarget{key: "agent", what: "through a node in this process", open: agentOpener(state, id), writes: counted, writesKey: "etcd_writes_per_pair"},
+		pairTarget{key: "socket_floor", what: "the floor in this process, two bare round trips on a unix socket", open: floorOpener(floor)})
+
+	nstate, np, serve, err := r.nodeProcess(ctx, "agent-proc")
+	if err != nil || np == nil {
+		return ts, stop, err
+	}
+	stops = append(stops, np.stop)
+	r.res["agent_proc_granary_serve"] = 0 // 1: the node is `granary serve`; 0: a bench child
+	if serve {
+		r.res["agent_proc_granary_serve"] = 1
+	}
+	if err := warm(nstate); err != nil {
+		return nil, nil, err
+	}
+	echo, ep, err := r.echoProcess(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	revs := func(ctx context.Context) (int64, error) { return revision(ctx, r, cli) }
+	ts = append(ts, pairTarget{key: "agent_proc", what: "through " + np.what + " (a process of its own)", open: agentOpener(nstate, id), writes: revs, writesKey: "etcd_revisions_per_pair"})
+	if ep != nil {
+		stops = append(stops, ep.stop)
+		ts = append(ts, pairTarget{key: "socket_floor_proc", what: "the floor in a process of its own", open: floorOpener(echo)})
+	}
+	return ts, stop, nil
+}
+
+// agentOpener returns the connections of pairs through the node serving
+// state: an agent.Conn each, whose pair is IncRef then DecRef of id.
+func agentOpener(state, id string) opener {
+	return func(ctx context.Context) (connPair, func(), error) {
+		cn, err := agent.Connect(ctx, state)
+		if err != nil {
+			return nil, nil, err
+		}
+		h := cn.Handle(id)
+		pair := func(ctx context.Context) error {
+			if err := h.IncRefContext(ctx); err != nil {
+				return err
+			}
+			return h.DecRefContext(ctx)
+		}
+		return pair, func() { cn.Close() }, nil
+	}
+}
+
+// agentLevel measures the targets at c callers over HotRounds rounds,
+// alternating them within each round (HotPairs pairs each) so that load
+// from other processes hits them alike, and records each target's rate,
+// latency quantiles and etcd writes per pair, the ratio of the agent to
+// the floor in the same place, and the agent's to the direct store's.
+func (r *run) agentLevel(ctx context.Context, c int, ts []pairTarget) error {
+	type acc struct {
+		wall   time.Duration
+		lats   []time.Duration
+		writes int64
+	}
+	accs := make([]acc, len(ts))
+	for range r.z.HotRounds {
+		for i, t := range ts {
+			var w0 int64
+			var err error
+			if t.writes != nil {
+				if w0, err = t.writes(ctx); err != nil {
+					return err
+				}
+			}
+			wall, lats, err := pairs(ctx, c, r.z.HotPairs, t.open)
+			if err != nil {
+				return fmt.Errorf("%s: %w", t.what, err)
+			}
+			if t.writes != nil {
+				w1, err := t.writes(ctx)
+				if err != nil {
+					return err
+				}
+				accs[i].writes += w1 - w0
+			}
+			accs[i].wall += wall
+			accs[i].lats = append(accs[i].lats, lats...)
+		}
+	}
+	for i, t := range ts {
+		n := len(accs[i].lats)
+		r.recordPairs(t.key, c, n, accs[i].wall, accs[i].lats)
+		line := fmt.Sprintf("  c=%d: %s: %.0f pairs/s, p50 %.0f µs", c, t.what, r.res[fmt.Sprintf("%s_ops_per_s_c%d", t.key, c)], r.res[fmt.Sprintf("%s_pair_p50_us_c%d", t.key, c)])
+		if t.writes != nil {
+			r.res[fmt.Sprintf("%s_%s_c%d", t.key, t.writesKey, c)] = float64(accs[i].writes) / float64(n)
+			line += fmt.Sprintf(", %s %.3f", strings.ReplaceAll(t.writesKey, "_", " "), float64(accs[i].writes)/float64(n))
+		}
+		r.logf("%s", line)
+	}
+	r.agentRatios(c)
+	return nil
+}
+
+// recordPairs records a pair measurement as results key_…_cC.
+func (r *run) recordPairs(key string, c, n int, wall time.Duration, lats []time.Duration) {
+	r.res[fmt.Sprintf("%s_ops_per_s_c%d", key, c)] = float64(n) / wall.Seconds()
+	r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
+	r.res[fmt.Sprintf("%s_pair_p99_us_c%d", key, c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
+}
+
+// agentRatios records the agent's rate at c callers over the floor's in
+// the same place (agent_floor_ratio: both in processes of their own, the
+// headline; agent_inproc_floor_ratio: both in this process) and over the
+// direct store's.
+func (r *run) agentRatios(c int) {
+	at := func(key string) float64 { return r.res[fmt.Sprintf("%s_ops_per_s_c%d", key, c)] }
+	for _, q := range []struct{ ratio, agent, floor string }{
+		{"agent_inproc_floor_ratio", "agent", "socket_floor"},
+		{"agent_floor_ratio", "agent_proc", "socket_floor_proc"},
+		{"agent_vs_direct", "agent", "hotpath"},
+	} {
+		if a, f := at(q.agent), at(q.floor); a > 0 && f > 0 {
+			r.res[fmt.Sprintf("%s_c%d", q.ratio, c)] = a / f
+		}
+	}
+	r.logf("  c=%d: the agent reaches %.2f× the floor in this process, %.2f× the floor between processes",
+		c, r.res[fmt.Sprintf("agent_inproc_floor_ratio_c%d", c)], r.res[fmt.Sprintf("agent_floor_ratio_c%d", c)])
 }
 
 // localAPI serves the host agent's socket for s, as a node named name
@@ -90,65 +263,21 @@ func (r *run) localAPI(ctx context.Context, s *etcdstore.Store, name string) (st
 	return state, func() { cancel(); <-served; os.RemoveAll(state) }, nil
 }
 
-// agentPairs measures warm IncRef+DecRef pairs through the node at c
-// callers, each with a Conn of its own, as results named key_…; for the
-// agent scenario (key "agent") next to the floor of two bare round trips
-// on a unix socket.
+// agentPairs measures warm IncRef+DecRef pairs through the node serving
+// state at c callers, each with a Conn of its own, as results named
+// key_…_cC, with the etcd writes per pair.
 func (r *run) agentPairs(ctx context.Context, state, id string, c int, key string) error {
 	n := r.z.HotPairs * r.z.HotRounds
-	var err error
-	conns := make([]*agent.Conn, c)
-	for i := range conns {
-		if conns[i], err = agent.Connect(ctx, state); err != nil {
-			return err
-		}
-	}
-	free := make(chan *agent.Conn, c)
-	for _, cn := range conns {
-		free <- cn
-	}
-	pair := func(ctx context.Context, i int) (time.Duration, error) {
-		cn := <-free // one caller at a time per Conn, as a process's
-		defer func() { free <- cn }()
-		h := cn.Handle(id)
-		t := time.Now()
-		if err := h.IncRefContext(ctx); err != nil {
-			return 0, err
-		}
-		err := h.DecRefContext(ctx)
-		return time.Since(t), err
-	}
 	before := r.cnt.Snapshot()
-	wall, lats, err := parallel(ctx, c, n, pair)
-	for _, cn := range conns {
-		cn.Close()
-	}
+	wall, lats, err := pairs(ctx, c, n, agentOpener(state, id))
 	if err != nil {
 		return err
 	}
 	cnt := r.cnt.Snapshot().Sub(before)
-	rate := float64(n) / wall.Seconds()
-	r.res[fmt.Sprintf("%s_ops_per_s_c%d", key, c)] = rate
-	r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)] = float64(quantile(lats, 0.5)) / float64(time.Microsecond)
-	r.res[fmt.Sprintf("%s_pair_p99_us_c%d", key, c)] = float64(quantile(lats, 0.99)) / float64(time.Microsecond)
+	r.recordPairs(key, c, n, wall, lats)
 	r.res[fmt.Sprintf("%s_etcd_writes_per_pair_c%d", key, c)] = float64(cnt.Writes) / float64(n)
-	direct := r.res[fmt.Sprintf("hotpath_ops_per_s_c%d", c)]
-	if direct > 0 {
-		r.res[fmt.Sprintf("%s_vs_direct_c%d", key, c)] = rate / direct
-	}
-	r.logf("  c=%d: through the agent %.0f pairs/s (direct store %.0f), p50 %.0f µs, etcd writes per pair %.3f",
-		c, rate, direct, r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)], r.res[fmt.Sprintf("%s_etcd_writes_per_pair_c%d", key, c)])
-	if key != "agent" {
-		return nil
-	}
-	floor, floorP50, err := r.socketFloor(ctx, c, n)
-	if err != nil {
-		return err
-	}
-	r.res[fmt.Sprintf("socket_floor_ops_per_s_c%d", c)] = floor
-	r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)] = float64(floorP50) / float64(time.Microsecond)
-	r.logf("  c=%d: the floor, two bare round trips on a unix socket: %.0f pairs/s, p50 %.0f µs (the agent reaches %.0f %% of it)",
-		c, floor, r.res[fmt.Sprintf("socket_floor_pair_p50_us_c%d", c)], 100*rate/floor)
+	r.logf("  c=%d: through the agent %.0f pairs/s, p50 %.0f µs, etcd writes per pair %.3f",
+		c, r.res[fmt.Sprintf("%s_ops_per_s_c%d", key, c)], r.res[fmt.Sprintf("%s_pair_p50_us_c%d", key, c)], float64(cnt.Writes)/float64(n))
 	return nil
 }
 

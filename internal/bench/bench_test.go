@@ -3,6 +3,7 @@ package bench_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"testing"
@@ -103,6 +104,32 @@ func TestRunTiny(t *testing.T) {
 		if got := rep.Results[c.key]; got < c.want || got > c.want+1 {
 			t.Errorf("%s = %v, want %v (at most %v with stray requests)", c.key, got, c.want, c.want+1)
 		}
+	}
+	// The agent's pairs and their floors, in this process and between
+	// processes (the node here is the test binary's child: no granary
+	// program), at every level; a warm pair writes nothing to etcd.
+	for _, c := range z.HotConcurrency {
+		for _, key := range []string{"agent", "socket_floor", "agent_proc", "socket_floor_proc"} {
+			for _, m := range []string{"ops_per_s", "pair_p50_us", "pair_p99_us"} {
+				if k := fmt.Sprintf("%s_%s_c%d", key, m, c); rep.Results[k] <= 0 {
+					t.Errorf("%s = %v, want > 0", k, rep.Results[k])
+				}
+			}
+		}
+		for _, k := range []string{"agent_floor_ratio", "agent_inproc_floor_ratio"} {
+			if k := fmt.Sprintf("%s_c%d", k, c); rep.Results[k] <= 0 {
+				t.Errorf("%s = %v, want > 0", k, rep.Results[k])
+			}
+		}
+		for _, k := range []string{"agent_etcd_writes_per_pair", "agent_proc_etcd_revisions_per_pair"} {
+			k = fmt.Sprintf("%s_c%d", k, c)
+			if v, ok := rep.Results[k]; !ok || v != 0 {
+				t.Errorf("%s = %v (measured: %v), want 0", k, v, ok)
+			}
+		}
+	}
+	if v, ok := rep.Results["agent_proc_granary_serve"]; !ok || v != 0 {
+		t.Errorf("agent_proc_granary_serve = %v (%v), want 0: no granary program here", v, ok)
 	}
 	if rep.Results["node_rss_mb_50_refs"] <= 0 || rep.Results["prune_peak_rss_mb"] <= 0 {
 		t.Errorf("RSS not measured in the child: %v, %v", rep.Results["node_rss_mb_50_refs"], rep.Results["prune_peak_rss_mb"])

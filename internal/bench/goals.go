@@ -18,6 +18,9 @@ func goals(res map[string]float64) []Goal {
 	// at one caller is ≤ 46 µs per pair, its rate at 64 callers ≥ 43k/s.
 	add("agent_pair_p50_us_c1", "≤ 46 µs (half of cipkg's rate)", func(v float64) bool { return v <= 46 })
 	add("agent_ops_per_s_c64", "≥ 43,000 pairs/s (cipkg's rate)", func(v float64) bool { return v >= 43000 })
+	// Issue 19: a warm pair through a node of its own process at one
+	// caller, against two bare round trips to an echo process.
+	add("agent_floor_ratio_c1", "≥ 0.8 × the socket floor between processes", func(v float64) bool { return v >= 0.8 })
 	add("run_agent_wall_p50_ms", "≤ 10 ms", func(v float64) bool { return v <= 10 })
 	add("run_agent_etcd_revisions_per_job", "0", func(v float64) bool { return v == 0 })
 	add("run_light_wall_p50_ms", "≤ 10 ms", func(v float64) bool { return v <= 10 })

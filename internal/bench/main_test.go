@@ -31,12 +31,15 @@ func childMain(argsJSON string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
-	cli, err := clientv3.New(etcdtest.ClientConfig(os.Getenv("BENCH_ENDPOINT")))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+	var cli *clientv3.Client
+	if bench.ChildNeedsEtcd(args) {
+		var err error
+		if cli, err = clientv3.New(etcdtest.ClientConfig(os.Getenv("BENCH_ENDPOINT"))); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer cli.Close()
 	}
-	defer cli.Close()
 	if err := bench.ChildMain(context.Background(), args, cli, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

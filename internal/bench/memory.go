@@ -196,11 +196,15 @@ func (r *run) child(ctx context.Context, role string, args ...string) (childResu
 	return out, nil
 }
 
-// ChildMain runs one memory scenario in its own process and prints its
-// result as JSON to stdout. args are ROLE ROOT PREFIX [ARGS...]:
+// ChildMain runs one role of the bench's child process: a memory
+// scenario, which prints its result as JSON to stdout, or a server of the
+// agent scenario, which serves until stdin ends. args are ROLE ROOT PREFIX
+// [ARGS...]:
 //
 //	prune ROOT PREFIX MAX            one Prune sweep (older than 1h, at most MAX removals)
 //	refs ROOT PREFIX N PKGS TTL      take N references on refd-0…refd-(PKGS-1) through one store
+//	echo ROOT PREFIX SOCKET          the echo floor on SOCKET (no etcd: cli may be nil)
+//	node ROOT PREFIX STATE HOST TTL  node's local API in STATE for a store on ROOT and PREFIX
 //
 // cli is the child's etcd client; ChildMain does not close it.
 func ChildMain(ctx context.Context, args []string, cli *clientv3.Client, stdout io.Writer) error {
@@ -208,80 +212,109 @@ func ChildMain(ctx context.Context, args []string, cli *clientv3.Client, stdout 
 		return errors.New("bench child: want ROLE ROOT PREFIX [ARGS...]")
 	}
 	role, root, prefix, rest := args[0], args[1], args[2], args[3:]
-	ints := func(want int) ([]int, error) {
-		if len(rest) < want {
-			return nil, fmt.Errorf("bench child %s: want %d numbers, got %q", role, want, rest)
-		}
-		var out []int
-		for _, a := range rest[:want] {
-			n, err := strconv.Atoi(a)
-			if err != nil {
-				return nil, fmt.Errorf("bench child %s: %w", role, err)
-			}
-			out = append(out, n)
-		}
-		return out, nil
-	}
-	opts := []etcdstore.Option{etcdstore.WithPrefix(prefix), etcdstore.WithHost("bench-child")}
 	var res childResult
+	var err error
 	switch role {
 	case "prune":
-		n, err := ints(1)
-		if err != nil {
-			return err
-		}
-		s, err := etcdstore.New(ctx, cli, root, opts...)
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		t := time.Now()
-		rep, err := s.Prune(ctx, etcdstore.PruneOptions{OlderThan: time.Hour, MaxRemovals: n[0]})
-		if err != nil {
-			return err
-		}
-		res.Seconds, res.Count = time.Since(t).Seconds(), len(rep.Removed)
+		res, err = childPrune(ctx, cli, root, prefix, rest)
 	case "refs":
-		n, err := ints(2)
-		if err != nil {
-			return err
-		}
-		if len(rest) < 3 {
-			return errors.New("bench child refs: want N PKGS TTL")
-		}
-		ttl, err := time.ParseDuration(rest[2])
-		if err != nil {
-			return err
-		}
-		s, err := etcdstore.New(ctx, cli, root, append(opts, etcdstore.WithTTL(ttl))...)
-		if err != nil {
-			return err
-		}
-		defer s.Close()
-		t := time.Now()
-		_, _, err = parallel(ctx, 32, n[0], func(ctx context.Context, i int) (time.Duration, error) {
-			return 0, s.Handle(fmt.Sprintf("refd-%d", i%n[1])).IncRefContext(ctx)
-		})
-		if err != nil {
-			return err
-		}
-		res.Seconds = time.Since(t).Seconds()
-
-		cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), etcdstore.DefaultOpTimeout)
-		got, err := cli.Get(cctx, prefix+"ref/", clientv3.WithPrefix(), clientv3.WithCountOnly())
-		cancel()
-		if err != nil {
-			return err
-		}
-		res.Count = int(got.Count)
+		res, err = childRefs(ctx, cli, root, prefix, rest)
+	case "echo":
+		return childEcho(ctx, rest)
+	case "node":
+		return childNode(ctx, cli, root, prefix, rest)
 	default:
 		return fmt.Errorf("bench child: unknown role %q", role)
+	}
+	if err != nil {
+		return err
 	}
 	runtime.GC()
 	res.RSSMB, res.PeakRSSMB = procStatusMB("VmRSS"), procStatusMB("VmHWM")
 	res.HeapMB = heapMB()
 	res.Memory = "child process: VmRSS and VmHWM from /proc/<pid>/status (whole process: store, etcd client, Go runtime); Go heap from runtime/metrics"
 	return json.NewEncoder(stdout).Encode(res)
+}
+
+// childInts parses the first want arguments of a child role as integers.
+func childInts(role string, rest []string, want int) ([]int, error) {
+	if len(rest) < want {
+		return nil, fmt.Errorf("bench child %s: want %d numbers, got %q", role, want, rest)
+	}
+	var out []int
+	for _, a := range rest[:want] {
+		n, err := strconv.Atoi(a)
+		if err != nil {
+			return nil, fmt.Errorf("bench child %s: %w", role, err)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// childOptions are the store options of a memory child.
+func childOptions(prefix string) []etcdstore.Option {
+	return []etcdstore.Option{etcdstore.WithPrefix(prefix), etcdstore.WithHost("bench-child")}
+}
+
+// childPrune is ChildMain's prune role: one sweep.
+func childPrune(ctx context.Context, cli *clientv3.Client, root, prefix string, rest []string) (childResult, error) {
+	var res childResult
+	n, err := childInts("prune", rest, 1)
+	if err != nil {
+		return res, err
+	}
+	s, err := etcdstore.New(ctx, cli, root, childOptions(prefix)...)
+	if err != nil {
+		return res, err
+	}
+	defer s.Close()
+	t := time.Now()
+	rep, err := s.Prune(ctx, etcdstore.PruneOptions{OlderThan: time.Hour, MaxRemovals: n[0]})
+	if err != nil {
+		return res, err
+	}
+	res.Seconds, res.Count = time.Since(t).Seconds(), len(rep.Removed)
+	return res, nil
+}
+
+// childRefs is ChildMain's refs role: N references through one store,
+// then the count of reference keys in etcd.
+func childRefs(ctx context.Context, cli *clientv3.Client, root, prefix string, rest []string) (childResult, error) {
+	var res childResult
+	n, err := childInts("refs", rest, 2)
+	if err != nil {
+		return res, err
+	}
+	if len(rest) < 3 {
+		return res, errors.New("bench child refs: want N PKGS TTL")
+	}
+	ttl, err := time.ParseDuration(rest[2])
+	if err != nil {
+		return res, err
+	}
+	s, err := etcdstore.New(ctx, cli, root, append(childOptions(prefix), etcdstore.WithTTL(ttl))...)
+	if err != nil {
+		return res, err
+	}
+	defer s.Close()
+	t := time.Now()
+	_, _, err = parallel(ctx, 32, n[0], func(ctx context.Context, i int) (time.Duration, error) {
+		return 0, s.Handle(fmt.Sprintf("refd-%d", i%n[1])).IncRefContext(ctx)
+	})
+	if err != nil {
+		return res, err
+	}
+	res.Seconds = time.Since(t).Seconds()
+
+	cctx, cancel := context.WithTimeout(clientv3.WithRequireLeader(ctx), etcdstore.DefaultOpTimeout)
+	got, err := cli.Get(cctx, prefix+"ref/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	cancel()
+	if err != nil {
+		return res, err
+	}
+	res.Count = int(got.Count)
+	return res, nil
 }
 
 // procStatusMB reads a "kB" field of /proc/self/status in MB (0 if absent).
