@@ -160,7 +160,7 @@ func BenchmarkRawTxnPairParallel(b *testing.B) {
 //
 //	go test -run '^$' -bench RawRequestShapes -benchtime 4000x -count 5 ./etcdstore/
 func BenchmarkRawRequestShapes(b *testing.B) {
-	type shape struct{ cmp2, val, get, txnDel, cmpDel bool }
+	type shape struct{ cmp2, val, get, txnDel, cmpDel, leader bool }
 	for _, c := range []struct {
 		name string
 		sh   shape
@@ -171,7 +171,8 @@ func BenchmarkRawRequestShapes(b *testing.B) {
 		{"get-record", shape{get: true}},
 		{"delete-in-txn-with-range", shape{txnDel: true}},
 		{"delete-in-txn-with-compare", shape{cmpDel: true}},
-		{"store", shape{cmp2: true, val: true, cmpDel: true}},
+		{"require-leader", shape{leader: true}},
+		{"store", shape{cmp2: true, val: true, cmpDel: true, leader: true}},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			srv := etcdtest.Start(b)
@@ -193,6 +194,10 @@ func BenchmarkRawRequestShapes(b *testing.B) {
 			b.ResetTimer()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
+					ctx := ctx
+					if c.sh.leader { // as every call of the store's
+						ctx = clientv3.WithRequireLeader(ctx)
+					}
 					if err := rawShapePair(ctx, cli, "/raw/ref/"+strconv.FormatInt(n.Add(1), 10), val, lease.ID, c.sh.cmp2, c.sh.get, c.sh.txnDel, c.sh.cmpDel); err != nil {
 						b.Error(err)
 						return
