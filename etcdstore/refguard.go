@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/cenkalti/backoff/v4"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/granary-build/granary/core"
@@ -56,17 +57,13 @@ import (
 func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev int64) {
 	b := refRetry()
 	for ctx.Err() == nil {
-		for wr := range s.cli.Watch(ctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterPut()) {
-			if wr.Err() != nil {
-				break // compacted, no leader, cancelled: look again below
-			}
-			b.Reset()
-			for _, ev := range wr.Events {
-				if ev.Type == clientv3.EventTypeDelete {
-					s.refDeleted(id, r, key, "its key was deleted in etcd (lease revoked or expired, or the key deleted)")
-					return
-				}
-			}
+		gone := s.followKey(ctx, key, rev,
+			func(kvs []*mvccpb.KeyValue) bool { return len(kvs) == 0 },
+			func(ev *clientv3.Event) bool { return ev.Type == clientv3.EventTypeDelete },
+			b.Reset, clientv3.WithFilterPut())
+		if gone {
+			s.refDeleted(id, r, key, "its key was deleted in etcd (lease revoked or expired, or the key deleted)")
+			return
 		}
 		if ctx.Err() != nil {
 			return
@@ -108,18 +105,19 @@ func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev
 func (s *Store) watchInvalid(ctx context.Context, id string, r *ref, rev int64) {
 	b := refRetry()
 	key := s.keys.InvalidKey(id)
+	var inv *InvalidRecord
+	invalid := func(v []byte) bool {
+		rec, err := decode[InvalidRecord](v)
+		inv = rec
+		return err == nil
+	}
 	for ctx.Err() == nil {
-		for wr := range s.cli.Watch(ctx, key, clientv3.WithRev(rev+1), clientv3.WithFilterDelete()) {
-			if wr.Err() != nil {
-				break
-			}
-			b.Reset()
-			for _, ev := range wr.Events {
-				if inv, err := decode[InvalidRecord](ev.Kv.Value); err == nil {
-					s.refInvalid(id, r, inv)
-					return
-				}
-			}
+		if s.followKey(ctx, key, rev,
+			func(kvs []*mvccpb.KeyValue) bool { return len(kvs) > 0 && invalid(kvs[0].Value) },
+			func(ev *clientv3.Event) bool { return invalid(ev.Kv.Value) },
+			b.Reset, clientv3.WithFilterDelete()) {
+			s.refInvalid(id, r, inv)
+			return
 		}
 		if ctx.Err() != nil {
 			return
@@ -143,6 +141,45 @@ func (s *Store) watchInvalid(ctx context.Context, id string, r *ref, rev int64) 
 		rev = resp.Header.Revision
 		s.setInvalidUnwatched(r, false)
 	}
+}
+
+// followKey watches key, for the events opts let through, after revision
+// rev: from the current revision (watchNow: a watch started in the past is
+// served late), after reading key if the revision moved since rev. It
+// reports true as soon as found says so of what that read saw, or event of
+// an event; false when the watch ended (ctx ended, compaction, no leader)
+// or the read failed. alive is called at each response of the watch.
+func (s *Store) followKey(ctx context.Context, key string, rev int64, found func([]*mvccpb.KeyValue) bool,
+	event func(*clientv3.Event) bool, alive func(), opts ...clientv3.OpOption) bool {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	wch, from, err := s.watchNow(ctx, wctx, key, opts...)
+	if err != nil {
+		return false
+	}
+	if from > rev {
+		gctx, gcancel := s.opCtx(ctx)
+		resp, err := s.cli.Get(gctx, key)
+		gcancel()
+		if err != nil {
+			return false
+		}
+		if found(resp.Kvs) {
+			return true
+		}
+	}
+	for wr := range wch {
+		if wr.Err() != nil {
+			return false
+		}
+		alive()
+		for _, ev := range wr.Events {
+			if event(ev) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (s *Store) setInvalidUnwatched(r *ref, v bool) {

@@ -73,23 +73,35 @@ type pkgWatch struct {
 // What changed between the caller's read and from is the caller's to read
 // again. It fails with ctx's error, or the watch's if it ended.
 func (s *Store) watchPkg(ctx, wctx context.Context, id string) (pkgWatch, error) {
-	w := pkgWatch{
-		avail: s.cli.Watch(wctx, s.keys.AvailKey(id), clientv3.WithCreatedNotify()),
-		build: s.cli.Watch(wctx, s.keys.BuildKey(id), clientv3.WithCreatedNotify()),
+	var w pkgWatch
+	var err error
+	var from int64
+	if w.avail, w.from, err = s.watchNow(ctx, wctx, s.keys.AvailKey(id)); err != nil {
+		return w, err
 	}
-	for _, ch := range []clientv3.WatchChan{w.avail, w.build} {
-		select {
-		case wr, ok := <-ch:
-			if !ok || wr.Err() != nil || !wr.Created {
-				return w, cmp.Or(wr.Err(), errWatchClosed)
-			}
-			// etcd reads the revision after registering the watch.
-			w.from = max(w.from, wr.Header.Revision)
-		case <-ctx.Done():
-			return w, ctx.Err()
-		}
+	if w.build, from, err = s.watchNow(ctx, wctx, s.keys.BuildKey(id)); err != nil {
+		return w, err
 	}
+	w.from = max(w.from, from)
 	return w, nil
+}
+
+// watchNow starts a watch on key (with opts) under wctx at the current
+// revision and returns it once etcd has registered it, with the revision
+// from which every change reaches it (see watchPkg for why not from an
+// older one). It fails with ctx's error, or the watch's if it ended.
+func (s *Store) watchNow(ctx, wctx context.Context, key string, opts ...clientv3.OpOption) (clientv3.WatchChan, int64, error) {
+	ch := s.cli.Watch(wctx, key, append(opts, clientv3.WithCreatedNotify())...)
+	select {
+	case wr, ok := <-ch:
+		if !ok || wr.Err() != nil || !wr.Created {
+			return ch, 0, cmp.Or(wr.Err(), errWatchClosed)
+		}
+		// etcd reads the revision after registering the watch.
+		return ch, wr.Header.Revision, nil
+	case <-ctx.Done():
+		return ch, 0, ctx.Err()
+	}
 }
 
 // errWatchClosed is a watch that ended without saying why.
