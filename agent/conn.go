@@ -31,7 +31,7 @@ var (
 // Done is closed, and a Notice sent, when the node goes away: at once if a
 // caller is waiting for a reply, else when the idle watcher reads (see
 // idleMin: for a process that made a few requests, within tens of
-// milliseconds of the last; after a busy spell, at most 2 s).
+// milliseconds of the last; after a busy spell, at most 0.2 s).
 type Conn struct {
 	f     *os.File // the connected socket
 	hello Hello
@@ -77,10 +77,11 @@ type Conn struct {
 // between two messages, the runtime's poller then sleeps with a timeout,
 // whose timer the kernel arms and disarms (measured on a 2-vCPU VM, an
 // IncRef+DecRef pair to another process took ~10 µs longer, of ~40, with a
-// 5 ms timer pending; nothing measurable with a 1 s one).
+// 5 ms timer pending; +3 µs, within the noise, with a 100 ms one, as with
+// 1 s).
 const (
 	idleMin = 5 * time.Millisecond
-	idleMax = time.Second
+	idleMax = 100 * time.Millisecond
 )
 
 // maxFree bounds a Conn's calls kept for reuse.
