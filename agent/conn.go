@@ -52,6 +52,7 @@ type Conn struct {
 	turns atomic.Uint64 // turns callers gave back: activity, for the idle watcher
 	seen  atomic.Uint64 // turns as the idle watcher last saw it
 	idle  *time.Timer   // the idle watcher
+	armed chan struct{} // closed once idle is set: its first run may come first
 	every atomic.Int64  // the idle watcher's period (watch)
 
 	mu      sync.Mutex
@@ -184,7 +185,9 @@ func dial(stateDir string) (*Conn, error) {
 	}
 	c.turn <- struct{}{}
 	c.every.Store(int64(idleMin))
+	c.armed = make(chan struct{})
 	c.idle = time.AfterFunc(idleMin, c.watch)
+	close(c.armed)
 	return c, nil
 }
 
@@ -404,6 +407,7 @@ func (c *Conn) readFor(ctx context.Context, cl *call, waiting chan struct{}) err
 // from then on) or the connection ends; else it looks again later (see
 // idleMin).
 func (c *Conn) watch() {
+	<-c.armed
 	select {
 	case <-c.done:
 		return
