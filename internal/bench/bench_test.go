@@ -80,9 +80,6 @@ func TestRunTiny(t *testing.T) {
 		{"prune_300_removed", rep.Results["prune_300_removed"], float64(z.PruneMaxRemovals)},
 		{"waiters_count", rep.Results["waiters_count"], float64(z.WaiterStores * z.WaiterCounts[0])},
 		{"ttl_s", rep.Results["ttl_s"], z.TTL.Seconds()},
-		// Needs change nothing in a reference's cost: no etcd write
-		// through a warm agent (direct and removals, below).
-		{"needs_20_agent_etcd_writes_per_pair_c4", rep.Results["needs_20_agent_etcd_writes_per_pair_c4"], 0},
 		{"prune_300_needs_removed", rep.Results["prune_300_needs_removed"], float64(z.PruneMaxRemovals)},
 	}
 	for _, c := range checks {
@@ -104,6 +101,14 @@ func TestRunTiny(t *testing.T) {
 		if got := rep.Results[c.key]; got < c.want || got > c.want+1 {
 			t.Errorf("%s = %v, want %v (at most %v with stray requests)", c.key, got, c.want, c.want+1)
 		}
+	}
+	// Needs change nothing in a reference's cost: no etcd write through a
+	// warm agent (direct and removals, above). The counter sees the whole
+	// store, so one stray background write of the setup (a deferred
+	// delete on a loaded machine) is let through; a write per pair is not.
+	pairs := float64(z.HotPairs * z.HotRounds)
+	if got := rep.Results["needs_20_agent_etcd_writes_per_pair_c4"] * pairs; got > 1 {
+		t.Errorf("etcd writes of %v warm pairs with 20 needs through the agent = %v, want 0 (at most 1 stray)", pairs, got)
 	}
 	// The agent's pairs and their floors, in this process and between
 	// processes (the node here is the test binary's child: no granary
