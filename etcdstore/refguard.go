@@ -22,8 +22,8 @@ import (
 // asking etcd. That is only sound while the reference's key is in etcd:
 // once it is gone (its lease revoked by an operator or a thawed leader,
 // expired, or the key deleted), any host may remove the package. So the
-// store watches the key of every cached reference from the revision that
-// put it, and RefProven holds only while
+// store watches the key of every cached reference after the revision that
+// put it (followKey), and RefProven holds only while
 //
 //  1. the watch has not reported the key's deletion (nor failed: while it
 //     is set up again, a deletion could go unheard),
