@@ -594,9 +594,19 @@ func TestInspectCountsOtherHostsHolders(t *testing.T) {
 			t.Errorf("%s: host-a's holders = %d at %v; want %d, answered", via, r.Holders, r.HoldersAt, want)
 		}
 	}
-	winfo, _, err := connect(t, nb).Inspect(ctx, "n")
-	if err != nil {
-		t.Fatal(err)
+	// The node asks for at most etcdstore.DefaultHoldersWait (a second): on
+	// a loaded machine host-a may answer later, and the inspection then
+	// shows no count, as designed; ask again a few times before failing.
+	cb := connect(t, nb)
+	var winfo agent.Info
+	for try := 0; ; try++ {
+		var err error
+		if winfo, _, err = cb.Inspect(ctx, "n"); err != nil {
+			t.Fatal(err)
+		}
+		if rs := node.StoreInfo(winfo).Refs; try == 4 || len(rs) != 1 || !rs[0].HoldersAt.IsZero() {
+			break
+		}
 	}
 	count(3, "through host-b's node", node.StoreInfo(winfo))
 	for _, c := range jobs {
