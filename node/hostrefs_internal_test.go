@@ -240,8 +240,12 @@ func TestHostRefsWarmPairsKeepOneTimer(t *testing.T) {
 		if armed == nil {
 			t.Fatal("no linger timer after the last drop")
 		}
+		// Pairs at 0.4, 0.8 and 1.2 lingers: never at the instant the
+		// first drop's timer fires (1 linger), where which of the two
+		// runs first is not decided (a timer that finds the package held
+		// retires, and the next drop arms a new one).
 		for range 3 {
-			time.Sleep(testLinger / 2)
+			time.Sleep(testLinger * 2 / 5)
 			for range 100 {
 				if !h.tryFast("a") {
 					t.Fatal("tryFast of a held, proven package = false")
