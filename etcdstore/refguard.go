@@ -56,46 +56,32 @@ import (
 // revision rev, until ctx ends (r released or moved, or the store closed).
 func (s *Store) watchRef(ctx context.Context, id string, r *ref, key string, rev int64) {
 	b := refRetry()
+	setUnwatched := func(v bool) {
+		s.refs.mu.Lock()
+		if r.key == key {
+			r.unwatched = v
+		}
+		s.refs.mu.Unlock()
+	}
 	for ctx.Err() == nil {
 		gone := s.followKey(ctx, key, rev,
 			func(kvs []*mvccpb.KeyValue) bool { return len(kvs) == 0 },
 			func(ev *clientv3.Event) bool { return ev.Type == clientv3.EventTypeDelete },
-			b.Reset, clientv3.WithFilterPut())
+			func() { b.Reset(); setUnwatched(false) }, clientv3.WithFilterPut())
 		if gone {
 			s.refDeleted(id, r, key, "its key was deleted in etcd (lease revoked or expired, or the key deleted)")
 			return
 		}
 		if ctx.Err() != nil {
+			return // r released or moved to another key: not ours to mark
+		}
+		// The watch ended (or could not start) without the deletion. Until
+		// it is back, the reference is not proven; followKey reads the key
+		// again when it starts the next one.
+		setUnwatched(true)
+		if !sleepCtx(ctx, b.NextBackOff()) {
 			return
 		}
-		// The watch ended without the deletion. Until it is back, the
-		// reference is not proven; read the key to know where to resume.
-		s.refs.mu.Lock()
-		if r.key == key {
-			r.unwatched = true
-		}
-		s.refs.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(b.NextBackOff()):
-		}
-		gctx, cancel := s.opCtx(ctx)
-		resp, err := s.cli.Get(gctx, key)
-		cancel()
-		switch {
-		case err != nil:
-			continue
-		case len(resp.Kvs) == 0:
-			s.refDeleted(id, r, key, "its key is gone from etcd (found after its watch ended)")
-			return
-		}
-		rev = resp.Header.Revision
-		s.refs.mu.Lock()
-		if r.key == key {
-			r.unwatched = false
-		}
-		s.refs.mu.Unlock()
 	}
 }
 
@@ -115,31 +101,19 @@ func (s *Store) watchInvalid(ctx context.Context, id string, r *ref, rev int64) 
 		if s.followKey(ctx, key, rev,
 			func(kvs []*mvccpb.KeyValue) bool { return len(kvs) > 0 && invalid(kvs[0].Value) },
 			func(ev *clientv3.Event) bool { return invalid(ev.Kv.Value) },
-			b.Reset, clientv3.WithFilterDelete()) {
+			func() { b.Reset(); s.setInvalidUnwatched(r, false) }, clientv3.WithFilterDelete()) {
 			s.refInvalid(id, r, inv)
 			return
 		}
 		if ctx.Err() != nil {
-			return
+			return // r released or moved to another key: not ours to mark
 		}
+		// Not proven until the next watch is up (followKey reads the key
+		// again when it starts it).
 		s.setInvalidUnwatched(r, true)
-		if !s.sleep(b.NextBackOff()) {
+		if !sleepCtx(ctx, b.NextBackOff()) {
 			return
 		}
-		gctx, cancel := s.opCtx(ctx)
-		resp, err := s.cli.Get(gctx, key)
-		cancel()
-		switch {
-		case err != nil:
-			continue
-		case len(resp.Kvs) > 0:
-			if inv, err := decode[InvalidRecord](resp.Kvs[0].Value); err == nil {
-				s.refInvalid(id, r, inv)
-				return
-			}
-		}
-		rev = resp.Header.Revision
-		s.setInvalidUnwatched(r, false)
 	}
 }
 
@@ -148,9 +122,10 @@ func (s *Store) watchInvalid(ctx context.Context, id string, r *ref, rev int64) 
 // served late), after reading key if the revision moved since rev. It
 // reports true as soon as found says so of what that read saw, or event of
 // an event; false when the watch ended (ctx ended, compaction, no leader)
-// or the read failed. alive is called at each response of the watch.
+// or could not start. watching is called once the watch covers every
+// revision after rev.
 func (s *Store) followKey(ctx context.Context, key string, rev int64, found func([]*mvccpb.KeyValue) bool,
-	event func(*clientv3.Event) bool, alive func(), opts ...clientv3.OpOption) bool {
+	event func(*clientv3.Event) bool, watching func(), opts ...clientv3.OpOption) bool {
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	wch, from, err := s.watchNow(ctx, wctx, key, opts...)
@@ -168,11 +143,11 @@ func (s *Store) followKey(ctx context.Context, key string, rev int64, found func
 			return true
 		}
 	}
+	watching()
 	for wr := range wch {
 		if wr.Err() != nil {
 			return false
 		}
-		alive()
 		for _, ev := range wr.Events {
 			if event(ev) {
 				return true
