@@ -243,9 +243,9 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 	s.refs.mu.Unlock()
 	val := mustJSON(rec)
 	for attempt, republished := 0, 0; ; attempt++ {
-		txn, known := s.refTxn(id, key, val, l.ID, add)
 		cctx, cancel := s.opCtx(ctx)
-		resp, err := txn(s.cli.Txn(cctx)).Commit()
+		txn, known := s.refTxn(cctx, id, key, val, l.ID, add)
+		resp, err := txn.Commit()
 		cancel()
 		switch {
 		case err == nil && resp.Succeeded:
@@ -290,8 +290,8 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 	}
 }
 
-// refTxn builds the Txn that puts reference key (value val, on lease) on a
-// published package id; with add, only if the package is not invalidated.
+// refTxn builds, on ctx, the Txn that puts reference key (value val, on
+// lease) on a published package id; with add, only if the package is not invalidated.
 // It reports the published record it relies on, if the store knows it.
 //
 // When the store has seen the package's published record (recordMemo),
@@ -301,7 +301,7 @@ func (s *Store) putRef(ctx context.Context, l *Lease, id string, r *ref, add boo
 // published and reads the record in the same Txn. Either way a failed
 // Txn reads the build record, the invalidation and the avail key, in that
 // order, to say why.
-func (s *Store) refTxn(id, key, val string, lease clientv3.LeaseID, add bool) (func(clientv3.Txn) clientv3.Txn, memoRecord) {
+func (s *Store) refTxn(ctx context.Context, id, key, val string, lease clientv3.LeaseID, add bool) (clientv3.Txn, memoRecord) {
 	avail := s.keys.AvailKey(id)
 	known := s.records.known(id)
 	// Only a published package can be referenced. TryRemove deletes the
@@ -329,12 +329,10 @@ func (s *Store) refTxn(id, key, val string, lease clientv3.LeaseID, add bool) (f
 		// What was published: this host checks it can see it.
 		then = append(then, clientv3.OpGet(avail))
 	}
-	return func(t clientv3.Txn) clientv3.Txn {
-		// Not referenced: is it being built (IncRef then waits), invalid,
-		// or published anew?
-		return t.If(cmps...).Then(then...).
-			Else(clientv3.OpGet(s.keys.BuildKey(id)), clientv3.OpGet(s.keys.InvalidKey(id)), clientv3.OpGet(avail))
-	}, known
+	// Not referenced: is it being built (IncRef then waits), invalid, or
+	// published anew?
+	return s.cli.Txn(ctx).If(cmps...).Then(then...).
+		Else(clientv3.OpGet(s.keys.BuildKey(id)), clientv3.OpGet(s.keys.InvalidKey(id)), clientv3.OpGet(avail)), known
 }
 
 // took records that r's reference on id is key on lease, put at revision
