@@ -68,11 +68,17 @@ func SocketAlive(path string) bool {
 
 func writeLocal(l Local) error {
 	b, _ := json.MarshalIndent(l, "", "  ")
-	tmp := filepath.Join(l.StateDir, infoFile+".tmp")
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+	return writeStateFile(filepath.Join(l.StateDir, infoFile), append(b, '\n'), 0o644)
+}
+
+// writeStateFile replaces path with b whole (a reader sees the old file or
+// the new one, never part of it).
+func writeStateFile(path string, b []byte, perm os.FileMode) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, perm); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(l.StateDir, infoFile))
+	return os.Rename(tmp, path)
 }
 
 func removeLocal(stateDir string) { os.Remove(filepath.Join(stateDir, infoFile)) }

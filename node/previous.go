@@ -119,12 +119,7 @@ func (n *Node) recordLeases() {
 		return
 	}
 	b, _ := json.Marshal(now)
-	tmp := r.path + ".tmp"
-	err := os.WriteFile(tmp, b, 0o600)
-	if err == nil {
-		err = os.Rename(tmp, r.path)
-	}
-	if err != nil {
+	if err := writeStateFile(r.path, b, 0o600); err != nil {
 		n.log.Warn("could not record the node's leases; after a crash the next node waits for their TTL", "err", err)
 		return
 	}
