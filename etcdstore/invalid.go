@@ -275,6 +275,13 @@ func (s *Store) sweepInvalid(ctx context.Context, yield bool) ([]string, error) 
 	if err != nil {
 		return nil, fmt.Errorf("sweep invalid: %w", err)
 	}
+	return s.removeInvalidIDs(ctx, ids, yield)
+}
+
+// removeInvalidIDs tries to remove the invalid packages ids until a pass
+// removes none (a dependent's removal may free its needs), and returns
+// those it removed.
+func (s *Store) removeInvalidIDs(ctx context.Context, ids []string, yield bool) ([]string, error) {
 	var removed []string
 	for progress := true; progress && len(ids) > 0; {
 		progress = false
@@ -316,7 +323,11 @@ func (s *Store) WatchInvalid(ctx context.Context) error {
 		before, err := s.cli.Get(cctx, s.keys.Kind(keys.Invalid), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		cancel()
 		if err == nil {
-			if _, err := s.SweepInvalid(ctx); err != nil {
+			var ids []string
+			for _, kv := range before.Kvs {
+				ids = append(ids, s.keys.Parse(string(kv.Key)).ID)
+			}
+			if _, err := s.removeInvalidIDs(ctx, ids, true); err != nil {
 				s.opt.logger.Warn("sweep of invalid packages failed; trying again", "err", err)
 			}
 			// One watch on the whole prefix would carry every reference
